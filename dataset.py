@@ -1,0 +1,457 @@
+"""Data sources, splits, transforms, the decoded-image cache and the demo data.
+
+Two layouts are read:
+  mask   DATA/train/images/{id}_{gender}_{race}_{age}/{mask1..5,incorrect_mask,normal}.jpg
+         (+ DATA/train/train.csv) and DATA/eval/info.csv + DATA/eval/images/
+  folder DATA/<class>/<image>, eval = every image under a folder (nested allowed)
+
+Images are decoded, centre-cropped and resized once into a uint8 array
+(N, H, W, 3). With the cache on (the default) that array is a memory-mapped
+.npy file shared by every trial on the machine; augmentations then work on
+uint8 tensors and normalisation happens on the device, in the training loop.
+
+    python dataset.py --demo data/demo --profiles 300   # write the demo data set
+"""
+import argparse
+import csv
+import fcntl
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
+MASK_FILES = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
+GENDERS = {"male": 0, "female": 1}
+MASK_NAMES, GENDER_NAMES, AGE_NAMES = ("wear", "incorrect", "not_worn"), ("male", "female"), ("young", "middle", "old")
+HEAD_SIZES = (3, 2, 3)  # mask, gender, age: class = mask * 6 + gender * 3 + age
+DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
+DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nni-image-classification"
+
+
+class DataError(Exception):
+    """Bad input data: main() prints the message as one line and exits non-zero."""
+
+
+# ----------------------------------------------------------------------------- labels
+def encode_class(mask, gender, age_band):
+    return mask * 6 + gender * 3 + age_band
+
+
+def decode_class(label):
+    """18-class index (int or array) -> (mask, gender, age_band)."""
+    return label // 6, (label // 3) % 2, label % 3
+
+
+def age_band(age, age_bounds=(30, 60)):
+    return int(age >= age_bounds[0]) + int(age >= age_bounds[1])
+
+
+def mask_class_names():
+    return [f"{m}_{g}_{a}" for m in MASK_NAMES for g in GENDER_NAMES for a in AGE_NAMES]
+
+
+def natural_key(text):
+    """Sort key that puts "2" before "10"."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", str(text))]
+
+
+def is_image(path):
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def parse_profile(name, age_bounds):
+    """'000123_female_Asian_45' -> (gender, age_band); DataError if malformed."""
+    parts = name.split("_")
+    if len(parts) != 4 or parts[1] not in GENDERS or not parts[3].isdigit():
+        raise DataError(f"malformed profile folder name {name!r}: expected {{id}}_{{male|female}}_{{race}}_{{age}}")
+    age = int(parts[3])
+    if not 0 < age < 130:
+        raise DataError(f"profile folder {name!r}: age {age} out of range")
+    return GENDERS[parts[1]], age_band(age, age_bounds)
+
+
+# ----------------------------------------------------------------------------- readers
+def check_dir(path, what):
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{what} {path} does not exist or is not a directory")
+    return path
+
+
+def read_mask_train(data_dir, age_bounds=(30, 60)):
+    """Mask layout -> dict(paths, labels, groups, strata, classes). Accepts DATA/train or DATA/train/images."""
+    root = check_dir(data_dir, "data dir")
+    image_root = root / "images" if (root / "images").is_dir() else root
+    paths, labels, groups, strata = [], [], [], []
+    profiles = sorted((p for p in image_root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: natural_key(p.name))
+    for group, profile in enumerate(profiles):
+        gender, band = parse_profile(profile.name, age_bounds)
+        for file in sorted(profile.iterdir()):
+            if not is_image(file) or file.stem not in MASK_FILES:
+                continue
+            paths.append(str(file))
+            labels.append(encode_class(MASK_FILES[file.stem], gender, band))
+            groups.append(group)
+            strata.append(gender * 3 + band)
+    if not paths:
+        raise DataError(f"no images found in {image_root} (expected {{id}}_{{gender}}_{{race}}_{{age}}/mask1.jpg ...)")
+    return dict(paths=paths, labels=np.array(labels), groups=np.array(groups), strata=np.array(strata), classes=mask_class_names())
+
+
+def read_folder_train(data_dir, age_bounds=None):
+    """Class-per-folder layout; classes in natural order."""
+    root = check_dir(data_dir, "data dir")
+    classes = sorted((p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=natural_key)
+    paths, labels = [], []
+    for index, name in enumerate(classes):
+        files = sorted((f for f in (root / name).rglob("*") if is_image(f)), key=lambda f: natural_key(f.name))
+        paths += [str(f) for f in files]
+        labels += [index] * len(files)
+    if not paths:
+        raise DataError(f"no images found in {root} (expected {root}/<class>/<image>.jpg)")
+    labels = np.array(labels)
+    return dict(paths=paths, labels=labels, groups=np.arange(len(paths)), strata=labels, classes=classes)
+
+
+def read_eval(eval_dir, layout):
+    """-> (image_ids, paths). Mask layout keeps info.csv order; folder layout ids are relative paths."""
+    root = check_dir(eval_dir, "eval dir")
+    if layout == "mask":
+        info = root / "info.csv"
+        if not info.is_file():
+            raise DataError(f"eval dir {root} has no info.csv")
+        with open(info, newline="") as f:
+            ids = [row["ImageID"] for row in csv.DictReader(f)]
+        paths = [str(root / "images" / i) for i in ids]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise DataError(f"{len(missing)} images listed in {info} are missing, e.g. {missing[0]}")
+    else:
+        files = sorted((f for f in root.rglob("*") if is_image(f)), key=lambda f: natural_key(f.relative_to(root).as_posix()))
+        ids, paths = [f.relative_to(root).as_posix() for f in files], [str(f) for f in files]
+    if not ids:
+        raise DataError(f"eval dir {root} holds no images")
+    return ids, paths
+
+
+# ----------------------------------------------------------------------------- splits
+def split_random(data, val_ratio, seed, kfold=0, fold=0):
+    """Image-level split (a person's photos may straddle train and validation)."""
+    index = np.arange(len(data["labels"]))
+    if kfold:
+        return list(StratifiedKFold(kfold, shuffle=True, random_state=seed).split(index, data["labels"]))[fold]
+    counts = np.bincount(data["labels"])
+    stratify = data["labels"] if counts[counts > 0].min() >= 2 else None
+    return train_test_split(index, test_size=val_ratio, random_state=seed, stratify=stratify)
+
+
+def split_by_profile(data, val_ratio, seed, kfold=0, fold=0):
+    """No person in both train and validation; validation profiles drawn without
+    replacement, stratified by gender x age band (or StratifiedGroupKFold)."""
+    groups, strata = data["groups"], data["strata"]
+    if kfold:
+        splitter = StratifiedGroupKFold(kfold, shuffle=True, random_state=seed)
+        return list(splitter.split(groups, strata, groups))[fold]
+    rng = np.random.default_rng(seed)
+    profile_ids = np.unique(groups)
+    profile_strata = np.array([strata[groups == g][0] for g in profile_ids])
+    val_profiles = []
+    for s in np.unique(profile_strata):
+        members = profile_ids[profile_strata == s]
+        take = int(round(len(members) * val_ratio))
+        val_profiles += list(rng.choice(members, size=take, replace=False))
+    is_val = np.isin(groups, val_profiles)
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+# name -> (layout, reader, splitter)
+DATASETS = {
+    "MaskSplitByProfileDataset": ("mask", read_mask_train, split_by_profile),
+    "MaskBaseDataset": ("mask", read_mask_train, split_random),
+    "ImageFolderDataset": ("folder", read_folder_train, split_random),
+}
+
+
+def create_dataset(name, data_dir, age_bounds=(30, 60)):
+    """-> (layout, data dict, splitter)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+    layout, reader, splitter = DATASETS[name]
+    return layout, reader(data_dir, age_bounds), splitter
+
+
+# ----------------------------------------------------------------------------- decoding + cache
+def decode_image(path, size):
+    """File -> uint8 (H, W, 3): centre crop to the target aspect ratio, then resize."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            img.load()
+    except Exception as e:  # PIL raises many types for broken files
+        raise DataError(f"cannot read image {path}: {e}") from None
+    h, w = size
+    scale = min(img.width / w, img.height / h)
+    cw, ch = round(w * scale), round(h * scale)
+    left, top = (img.width - cw) // 2, (img.height - ch) // 2
+    img = img.resize((w, h), Image.BILINEAR, box=(left, top, left + cw, top + ch))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def cache_key(paths, size):
+    digest = hashlib.sha1(f"{size[0]}x{size[1]}".encode())
+    for p in paths:
+        st = os.stat(p)
+        digest.update(f"\0{p}\0{st.st_mtime_ns}\0{st.st_size}".encode())
+    return digest.hexdigest()[:20]
+
+
+def _valid_cache(path, shape):
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    if array.shape != shape or array.dtype != np.uint8:
+        return None
+    expected = array.offset + array.nbytes
+    return array if os.path.getsize(path) == expected else None
+
+
+def load_images(paths, size, cache_dir=DEFAULT_CACHE_DIR, use_cache=True, progress=None):
+    """Decoded images as uint8 (N, H, W, 3): a shared memory-mapped cache file,
+    or, with use_cache=False, None (the dataset then decodes on the fly)."""
+    if not use_cache:
+        return None
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = cache_key(paths, size)
+    target, shape = cache_dir / f"{key}.npy", (len(paths), size[0], size[1], 3)
+    array = _valid_cache(target, shape)
+    if array is not None:
+        return array
+    # Trials that start together: one builds while the others wait on the lock.
+    with open(cache_dir / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        array = _valid_cache(target, shape)
+        if array is None:
+            fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npy.tmp")
+            os.close(fd)
+            try:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+                items = progress(paths) if progress else paths
+                for i, p in enumerate(items):
+                    out[i] = decode_image(p, size)
+                out.flush()
+                del out
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            array = _valid_cache(target, shape)
+    return array
+
+
+def mean_std(images, paths, size, limit=2000):
+    """Per-channel mean/std in [0, 1] over up to `limit` evenly spaced images."""
+    picks = np.linspace(0, len(paths) - 1, min(limit, len(paths))).astype(int)
+    sample = images[picks] if images is not None else np.stack([decode_image(paths[i], size) for i in picks])
+    pixels = sample.reshape(-1, 3).astype(np.float64) / 255
+    return pixels.mean(0).tolist(), np.maximum(pixels.std(0), 1e-3).tolist()
+
+
+class ImageDataset(Dataset):
+    """uint8 CHW tensors (+ label). Reads from the decoded array when there is one, else decodes the file."""
+
+    def __init__(self, paths, size, images=None, labels=None, transform=None, indices=None):
+        self.paths, self.size, self.images, self.labels, self.transform = paths, size, images, labels, transform
+        self.indices = np.arange(len(paths)) if indices is None else np.asarray(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        j = int(self.indices[i])
+        image = self.images[j] if self.images is not None else decode_image(self.paths[j], self.size)
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a copy: the cache is read-only
+        if self.transform is not None:
+            x = self.transform(x)
+        return (x, int(self.labels[j])) if self.labels is not None else x
+
+
+# ----------------------------------------------------------------------------- transforms
+class GaussianNoise(torch.nn.Module):
+    def __init__(self, sigma=8.0):
+        super().__init__()
+        self.sigma = sigma
+
+    def forward(self, x):
+        return (x.float() + torch.randn(x.shape) * self.sigma).clamp_(0, 255).to(torch.uint8)
+
+
+def flip_affine():
+    return [v2.RandomHorizontalFlip(), v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1))]
+
+
+def color_jitter():
+    return [v2.RandomHorizontalFlip(), v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05)]
+
+
+def gaussian_noise():
+    return [v2.RandomHorizontalFlip(), GaussianNoise()]
+
+
+# Training augmentations on uint8 CHW tensors. Every name also includes the base
+# transform: centre crop + resize happen at decode time, normalisation on the device.
+TRANSFORMS = {
+    "base": lambda: [],
+    "flip": lambda: [v2.RandomHorizontalFlip()],
+    "flip_affine": flip_affine,
+    "color_jitter": color_jitter,
+    "gaussian_noise": gaussian_noise,
+    "strong": lambda: flip_affine() + color_jitter()[1:] + gaussian_noise()[1:],
+}
+
+
+def create_transform(name):
+    if name not in TRANSFORMS:
+        raise ValueError(f"unknown augmentation {name!r}; valid: {', '.join(TRANSFORMS)}")
+    steps = TRANSFORMS[name]()
+    return v2.Compose(steps) if steps else None
+
+
+class Normalize(torch.nn.Module):
+    """uint8 NCHW batch -> normalised float, run on the device."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1) * 255)
+
+    def forward(self, x):
+        return (x.float() - self.mean) / self.std
+
+
+# ----------------------------------------------------------------------------- demo data
+SKIN = [(241, 204, 170), (224, 172, 128), (198, 134, 94), (141, 85, 56)]
+HAIR = [(40, 30, 25), (90, 60, 30), (150, 110, 60), (20, 20, 20)]
+MASK_COLOURS = [(235, 235, 240), (70, 110, 200), (30, 30, 30), (120, 190, 160)]
+
+
+def draw_person(rng, mask, gender, age, size=(128, 96)):
+    """One photo: gender through hair length and face shape, age through hair
+    colour, wrinkles and skin tone, mask state through the mask's position."""
+    h, w = size
+    bg = tuple(int(c) for c in rng.integers(60, 220, 3))
+    img = Image.new("RGB", (w, h), bg)
+    d = ImageDraw.Draw(img)
+    cx, cy = w / 2 + rng.normal(0, w * 0.04), h * 0.48 + rng.normal(0, h * 0.03)
+    fw = w * (0.27 if gender else 0.31) * rng.uniform(0.92, 1.08)
+    fh = h * (0.33 if gender else 0.31) * rng.uniform(0.92, 1.08)
+    grey = min(1.0, max(0.0, (age - 40) / 30)) * rng.uniform(0.7, 1.0)
+    hair = tuple(int(c * (1 - grey) + 215 * grey) for c in HAIR[rng.integers(len(HAIR))])
+    skin = SKIN[rng.integers(len(SKIN))]
+    if gender:  # long hair behind the face down to the shoulders
+        d.rounded_rectangle([cx - fw * 1.35, cy - fh * 1.15, cx + fw * 1.35, cy + fh * 1.5], radius=fw * 0.6, fill=hair)
+    d.rectangle([cx - fw * 1.2, min(cy + fh * 1.25, h - 2), cx + fw * 1.2, h], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    d.ellipse([cx - fw, cy - fh, cx + fw, cy + fh], fill=skin)
+    d.chord([cx - fw * 1.05, cy - fh * 1.12, cx + fw * 1.05, cy + fh * (0.1 if gender else -0.2)], 180, 360, fill=hair)
+    eye_y, nose_y, mouth_y = cy - fh * 0.1, cy + fh * 0.25, cy + fh * 0.55
+    for ex in (cx - fw * 0.4, cx + fw * 0.4):
+        d.ellipse([ex - fw * 0.12, eye_y - fh * 0.06, ex + fw * 0.12, eye_y + fh * 0.06], fill=(30, 30, 30))
+    if age >= 30:  # forehead wrinkles, more with age
+        for k in range(1 + (age >= 45) + (age >= 60)):
+            y = cy - fh * (0.45 - 0.1 * k)
+            d.arc([cx - fw * 0.5, y - fh * 0.05, cx + fw * 0.5, y + fh * 0.15], 200, 340, fill=(110, 70, 50), width=1)
+    d.line([cx, eye_y + fh * 0.1, cx - fw * 0.08, nose_y], fill=(120, 80, 60), width=2)
+    d.line([cx - fw * 0.3, mouth_y, cx + fw * 0.3, mouth_y], fill=(150, 50, 50), width=2)
+    colour = MASK_COLOURS[rng.integers(len(MASK_COLOURS))]
+    if mask == 0:  # worn: covers nose and mouth
+        d.rounded_rectangle([cx - fw * 0.85, nose_y - fh * 0.25, cx + fw * 0.85, cy + fh * 0.9], radius=6, fill=colour)
+    elif mask == 1:  # worn wrongly: below the nose, on the chin
+        d.rounded_rectangle([cx - fw * 0.8, mouth_y + fh * 0.05, cx + fw * 0.8, cy + fh * 1.05], radius=6, fill=colour)
+    if mask != 2:
+        d.line([cx - fw * 0.85, nose_y, cx - fw * 1.05, eye_y], fill=colour, width=1)
+        d.line([cx + fw * 0.85, nose_y, cx + fw * 1.05, eye_y], fill=colour, width=1)
+    img = img.rotate(rng.normal(0, 6), resample=Image.BILINEAR, fillcolor=bg)
+    img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8)))
+    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, rng.uniform(3, 12), (h, w, 3))
+    return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
+
+
+def _random_person(rng):
+    return int(rng.integers(2)), int(rng.choice([rng.integers(18, 30), rng.integers(30, 60), rng.integers(60, 80)]))
+
+
+def make_demo_data(root, profiles=300, eval_profiles=60, size=(128, 96), seed=0):
+    """Deterministic mask-layout demo set: root/train (images + train.csv) and
+    root/eval (images + info.csv with empty ans) + root/eval/truth.csv. Written
+    to a temp dir and renamed, so concurrent trials never see half a data set."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
+    try:
+        rows = []
+        for pid in range(profiles):
+            gender, age = _random_person(rng)
+            name = f"{pid:06d}_{('male', 'female')[gender]}_Asian_{age}"
+            folder = tmp / "train" / "images" / name
+            folder.mkdir(parents=True)
+            for stem, mask in MASK_FILES.items():
+                draw_person(rng, mask, gender, age, size).save(folder / f"{stem}.jpg", quality=90)
+            rows.append([f"{pid:06d}", ("male", "female")[gender], "Asian", age, name])
+        with open(tmp / "train" / "train.csv", "w", newline="") as f:
+            csv.writer(f).writerows([["id", "gender", "race", "age", "path"]] + rows)
+        (tmp / "eval" / "images").mkdir(parents=True)
+        truth = []
+        for k in range(eval_profiles * len(MASK_FILES)):
+            gender, age = _random_person(rng)
+            mask = int(rng.choice([0, 0, 0, 0, 0, 1, 2]))
+            image_id = f"{hashlib.sha1(f'{seed}-{k}'.encode()).hexdigest()[:16]}.jpg"
+            draw_person(rng, mask, gender, age, size).save(tmp / "eval" / "images" / image_id, quality=90)
+            truth.append((image_id, encode_class(mask, gender, age_band(age))))
+        with open(tmp / "eval" / "info.csv", "w", newline="") as f:
+            csv.writer(f).writerows([["ImageID", "ans"]] + [[i, 0] for i, _ in truth])
+        with open(tmp / "eval" / "truth.csv", "w", newline="") as f:
+            csv.writer(f).writerows([["ImageID", "ans"]] + truth)
+        try:
+            os.rename(tmp, root)
+        except OSError:  # another process won the race: its copy is identical
+            if not (root / "train").is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def ensure_demo_data(root=DEMO_DIR, **kwargs):
+    root = Path(root)
+    if not (root / "train").is_dir():
+        print(f"making demo data in {root} (first use)", flush=True)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        make_demo_data(root, **kwargs)
+    return root
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Write the deterministic demo data set (mask layout).")
+    parser.add_argument("--demo", type=Path, default=DEMO_DIR, help=f"output dir (default: {DEMO_DIR})")
+    parser.add_argument("--profiles", type=int, default=300, help="people in train (default: 300)")
+    parser.add_argument("--eval_profiles", type=int, default=60, help="eval images / 7 (default: 60)")
+    parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    cli = parser.parse_args()
+    if cli.demo.exists():
+        parser.error(f"{cli.demo} exists; remove it first")
+    cli.demo.parent.mkdir(parents=True, exist_ok=True)
+    make_demo_data(cli.demo, cli.profiles, cli.eval_profiles, seed=cli.seed)
+    print(f"wrote {cli.demo}")

@@ -1,0 +1,174 @@
+"""Model registry: a backbone that yields features, then a head.
+
+    model = create_model("efficientnet_b0", num_outputs=18, head="512-256")
+
+`classification="multi_head"` asks for 3 + 2 + 3 outputs (mask, gender, age);
+`class_log_probs` turns either design into 18-class (or C-class) log-probabilities.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from efficientnet_pytorch import EfficientNet
+
+from dataset import HEAD_SIZES
+
+
+class WeightsError(RuntimeError):
+    """ImageNet weights could not be downloaded: the user needs --weights."""
+
+
+class BaseModel(nn.Module):
+    """A small CNN that trains in minutes on a CPU."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        layers, cin = [], 3
+        for cout in (width, width * 2, width * 4, width * 8):
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                       nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            cin = cout
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.num_features = cin
+
+    def forward(self, x):
+        return self.features(x)
+
+
+def efficientnet(variant):
+    def build(pretrained=False):
+        name = f"efficientnet-{variant}"
+        if pretrained:
+            try:
+                net = EfficientNet.from_pretrained(name)
+            except Exception as e:  # no network, proxy, HTTP error...
+                raise WeightsError(f"could not download ImageNet weights for {name} ({type(e).__name__}); "
+                                   f"download them elsewhere and pass --weights PATH") from None
+        else:
+            net = EfficientNet.from_name(name)
+        net.num_features = net._fc.in_features
+        net._fc = nn.Identity()
+        return net
+    return build
+
+
+RESNETS = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34, 50: torchvision.models.resnet50}
+
+
+def resnet(depth):
+    def build(pretrained=False):
+        weights = "DEFAULT" if pretrained else None
+        try:
+            net = RESNETS[depth](weights=weights)
+        except Exception as e:
+            raise WeightsError(f"could not download ImageNet weights for resnet{depth} ({type(e).__name__}); "
+                               f"download them elsewhere and pass --weights PATH") from None
+        net.num_features = net.fc.in_features
+        net.fc = nn.Identity()
+        return net
+    return build
+
+
+MODELS = {
+    "BaseModel": lambda pretrained=False: BaseModel(),
+    **{f"efficientnet_b{i}": efficientnet(f"b{i}") for i in range(8)},
+    **{f"resnet{d}": resnet(d) for d in (18, 34, 50)},
+}
+
+
+class Classifier(nn.Module):
+    def __init__(self, backbone, num_outputs, head=(), dropout=0.0):
+        super().__init__()
+        self.backbone = backbone
+        layers, width = [], backbone.num_features
+        for hidden in head:
+            layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            width = hidden
+        if not head and dropout:
+            layers.append(nn.Dropout(dropout))
+        self.head = nn.Sequential(*layers, nn.Linear(width, num_outputs))
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def parse_head(spec):
+    """'512-256' -> (512, 256); '' or 'none' -> ()."""
+    if spec in ("", "none", None):
+        return ()
+    try:
+        sizes = tuple(int(s) for s in str(spec).split("-"))
+    except ValueError:
+        raise ValueError(f"bad --head {spec!r}: expected sizes joined by '-', e.g. 512-256, or 'none'") from None
+    if any(s <= 0 for s in sizes):
+        raise ValueError(f"bad --head {spec!r}: sizes must be positive")
+    return sizes
+
+
+def init_weights(module, init):
+    if init == "default":
+        return
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if init == "xavier":
+                nn.init.xavier_uniform_(m.weight)
+            else:
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def load_weights(backbone, path):
+    """Offline ImageNet weights: a state_dict (or {'state_dict': ...}) for the backbone;
+    classifier keys (_fc., fc.) are ignored because our head replaces them."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"--weights {path}: no such file") from None
+    except Exception as e:
+        raise ValueError(f"--weights {path}: not a PyTorch weights file ({e})") from None
+    state = state.get("state_dict", state)
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(("_fc.", "fc."))}
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    if unexpected or len(missing) == len(backbone.state_dict()):
+        raise ValueError(f"--weights {path} does not fit this backbone ({len(unexpected)} unexpected keys, e.g. {unexpected[:2]})")
+
+
+def create_model(name, num_outputs, head="", dropout=0.0, init="default", pretrained=False, weights=None, freeze_backbone=False):
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
+    backbone = MODELS[name](pretrained=pretrained and not weights)
+    if not (pretrained or weights):
+        init_weights(backbone, init)
+    if weights:
+        load_weights(backbone, weights)
+    model = Classifier(backbone, num_outputs, parse_head(head), dropout)
+    init_weights(model.head, init)
+    if freeze_backbone:
+        for p in model.backbone.parameters():
+            p.requires_grad = False
+    return model
+
+
+INITS = ("default", "xavier", "kaiming")
+CLASSIFICATIONS = ("single", "multi_head")
+
+
+def num_outputs(classification, num_classes):
+    return sum(HEAD_SIZES) if classification == "multi_head" else num_classes
+
+
+def split_heads(logits):
+    """multi_head logits (N, 8) -> mask (N, 3), gender (N, 2), age (N, 3)."""
+    return torch.split(logits, HEAD_SIZES, dim=1)
+
+
+def class_log_probs(logits, classification):
+    """Either head design -> (N, C) class log-probabilities. For multi_head the
+    18-class probability is p(mask) * p(gender) * p(age)."""
+    if classification != "multi_head":
+        return F.log_softmax(logits.float(), dim=1)
+    mask, gender, age = (F.log_softmax(t.float(), dim=1) for t in split_heads(logits))
+    return (mask[:, :, None, None] + gender[:, None, :, None] + age[:, None, None, :]).flatten(1)
