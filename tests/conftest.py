@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny demo data set written once per session, and a way to run train.py."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import dataset  # noqa: E402
+
+# Small and fast: 24 people x 7 photos at 64x48 trains for an epoch in about a second.
+TINY = ["--resize", "64", "48", "--batch_size", "32", "--num_workers", "0"]
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "demo"
+    return dataset.make_demo_data(root, profiles=24, eval_profiles=2, size=(64, 48), seed=1)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def train_env():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NNI_")}
+    env["OMP_NUM_THREADS"] = "2"
+    return env
+
+
+@pytest.fixture
+def run_train(demo_dir, cache_dir, tmp_path):
+    """Run train.py in a subprocess on the tiny demo data; extra args win over the defaults given here."""
+    def run(*args, data=True, check=True, timeout=300):
+        base = ["--model_dir", str(tmp_path / "runs"), "--cache_dir", str(cache_dir), *TINY]
+        if data:
+            base += ["--data_dir", str(demo_dir / "train"), "--eval_dir", str(demo_dir / "eval")]
+        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *base, *map(str, args)], cwd=tmp_path,
+                              env=train_env(), capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+    return run

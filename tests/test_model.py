@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+import model as M
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("classification", M.CLASSIFICATIONS)
+@pytest.mark.parametrize("name", list(M.MODELS))
+def test_forward_shape_and_finite(name, classification):
+    outputs = M.num_outputs(classification, 18)
+    net = M.create_model(name, outputs, head="32").eval()
+    with torch.no_grad():
+        logits = net(torch.randn(2, 3, 64, 48))
+    assert logits.shape == (2, 8 if classification == "multi_head" else 18)
+    assert torch.isfinite(logits).all()
+    probs = M.class_log_probs(logits, classification).exp()
+    assert probs.shape == (2, 18)
+    assert torch.allclose(probs.sum(1), torch.ones(2), atol=1e-5)
+
+
+def test_multi_head_product_matches_heads():
+    logits = torch.randn(4, 8)
+    probs = M.class_log_probs(logits, "multi_head").exp()
+    mask, gender, age = (t.softmax(1) for t in M.split_heads(logits))
+    # class 11 = incorrect(1) * 6 + female(1) * 3 + old(2)
+    assert torch.allclose(probs[:, 11], mask[:, 1] * gender[:, 1] * age[:, 2])
+
+
+def test_head_spec_builds_bn_relu_dropout():
+    net = M.create_model("BaseModel", 5, head="64-32", dropout=0.3)
+    kinds = [type(m).__name__ for m in net.head]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Dropout"] * 2 + ["Linear"]
+    assert net.head[0].out_features == 64 and net.head[4].out_features == 32 and net.head[-1].out_features == 5
+    assert net.head[3].p == 0.3
+
+
+@pytest.mark.parametrize("spec", ["512-abc", "0", "-5"])
+def test_bad_head_spec(spec):
+    with pytest.raises(ValueError, match="--head"):
+        M.create_model("BaseModel", 5, head=spec)
+
+
+def test_freeze_backbone_really_freezes():
+    net = M.create_model("resnet18", 18, freeze_backbone=True)
+    assert all(not p.requires_grad for p in net.backbone.parameters())
+    assert all(p.requires_grad for p in net.head.parameters())
+    before = [p.clone() for p in net.backbone.parameters()]
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    net(torch.randn(2, 3, 64, 64)).sum().backward()
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, net.backbone.parameters()))
+
+
+@pytest.mark.parametrize("init", ["xavier", "kaiming"])
+def test_init_changes_weights(init):
+    torch.manual_seed(0)
+    default = M.create_model("BaseModel", 3)
+    torch.manual_seed(0)
+    custom = M.create_model("BaseModel", 3, init=init)
+    assert not torch.equal(default.head[-1].weight, custom.head[-1].weight)
+    assert torch.count_nonzero(custom.head[-1].bias) == 0
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "resnet18"])
+def test_offline_weights_file_is_loaded(tmp_path, name):
+    source = M.MODELS[name]()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.fill_(0.125)
+    path = tmp_path / "imagenet.pth"
+    torch.save(source.state_dict(), path)
+    net = M.create_model(name, 18, pretrained=True, weights=str(path))
+    assert all(torch.all(p == 0.125) for p in net.backbone.parameters())
+    assert not torch.all(net.head[-1].weight == 0.125)
+
+
+def test_weights_file_errors(tmp_path):
+    with pytest.raises(ValueError, match="no such file"):
+        M.create_model("efficientnet_b0", 18, weights=str(tmp_path / "nowhere.pth"))
+    torch.save(M.MODELS["resnet18"]().state_dict(), tmp_path / "resnet.pth")
+    with pytest.raises(ValueError, match="does not fit"):
+        M.create_model("efficientnet_b0", 18, weights=str(tmp_path / "resnet.pth"))
+
+
+def test_failed_download_names_weights_flag(monkeypatch, tmp_path):
+    # a dead proxy stands in for a machine without internet, whatever the machine has
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(M.WeightsError, match="--weights"):
+        M.create_model("efficientnet_b0", 18, pretrained=True)
+
+
+def test_unknown_names_list_valid_ones():
+    with pytest.raises(ValueError, match="BaseModel.*efficientnet_b7.*resnet50"):
+        M.create_model("vgg16", 18)
+    with pytest.raises(ValueError, match="xavier"):
+        M.create_model("BaseModel", 18, init="orthogonal")
