@@ -172,3 +172,17 @@ def class_log_probs(logits, classification):
         return F.log_softmax(logits.float(), dim=1)
     mask, gender, age = (F.log_softmax(t.float(), dim=1) for t in split_heads(logits))
     return (mask[:, :, None, None] + gender[:, None, :, None] + age[:, None, None, :]).flatten(1)
+
+
+def load_checkpoint(path, device="cpu"):
+    """best.pth/last.pth -> (model in eval mode, checkpoint dict with classes, resize, mean, std, ...)."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {path}: no such file") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "classes" not in ckpt:
+        raise ValueError(f"checkpoint {path}: not a train.py checkpoint")
+    model = create_model(ckpt["model"], num_outputs(ckpt["classification"], len(ckpt["classes"])),
+                         head=ckpt["head"], dropout=ckpt["dropout"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval(), ckpt
