@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
@@ -149,6 +148,8 @@ def read_eval(eval_dir, layout):
 # ----------------------------------------------------------------------------- splits
 def split_random(data, val_ratio, seed, kfold=0, fold=0):
     """Image-level split (a person's photos may straddle train and validation)."""
+    from sklearn.model_selection import StratifiedKFold, train_test_split  # lazy: 1 s of start-up
+
     index = np.arange(len(data["labels"]))
     if kfold:
         return list(StratifiedKFold(kfold, shuffle=True, random_state=seed).split(index, data["labels"]))[fold]
@@ -162,6 +163,7 @@ def split_by_profile(data, val_ratio, seed, kfold=0, fold=0):
     replacement, stratified by gender x age band (or StratifiedGroupKFold)."""
     groups, strata = data["groups"], data["strata"]
     if kfold:
+        from sklearn.model_selection import StratifiedGroupKFold
         splitter = StratifiedGroupKFold(kfold, shuffle=True, random_state=seed)
         return list(splitter.split(groups, strata, groups))[fold]
     rng = np.random.default_rng(seed)

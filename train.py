@@ -315,13 +315,14 @@ def main(args):
     for epoch in range(start_epoch, args.epochs + 1):
         t0 = time.time()
         train_stats = train_one_epoch(model, train_loader, normalize, criterion, optimizer, scaler, device, args.classification, amp_dtype,
-                                      args.channels_last, make_progress(f"epoch {epoch}/{args.epochs}"))
+                                      args.channels_last, make_progress(f"epoch {epoch}/{args.epochs}"), epoch == start_epoch)
         val = evaluate(model, val_loader, normalize, criterion, device, args.classification, amp_dtype)
         scores = score(val["labels"], val["preds"], len(classes), per_task=layout == "mask")
         metric = scores[args.metric]
         if scheduler is not None:
             scheduler.step(metric) if args.scheduler == "plateau" else scheduler.step()
-        row = dict(epoch=epoch, train_loss=train_stats["loss"], train_accuracy=train_stats["accuracy"], val_loss=val["loss"],
+        row = dict(epoch=epoch, train_loss=train_stats["loss"], train_accuracy=train_stats["accuracy"],
+                   train_images_per_s=train_stats["images_per_s"], val_loss=val["loss"],
                    **{f"val_{k}": v for k, v in scores.items()}, lr=optimizer.param_groups[0]["lr"], seconds=time.time() - t0)
         history.append(row)
         for key, value in row.items():
@@ -361,9 +362,9 @@ def main(args):
 
 
 def train_one_epoch(model, loader, normalize, criterion, optimizer, scaler, device, classification,
-                    amp_dtype=None, channels_last=False, progress=None):
+                    amp_dtype=None, channels_last=False, progress=None, first_step_log=False):
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss, correct, seen, start = 0.0, 0, 0, time.time()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for x, y in (progress(loader) if progress else loader):
         x = normalize(x.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
@@ -377,8 +378,10 @@ def train_one_epoch(model, loader, normalize, criterion, optimizer, scaler, devi
         scaler.update()
         total_loss += loss.item() * len(y)
         correct += (class_log_probs(logits.detach(), classification).argmax(1) == y).sum().item()
+        if not seen and first_step_log:
+            print(f"first step {time.time() - process_start():.1f}s after process start", flush=True)
         seen += len(y)
-    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1)}
+    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "images_per_s": seen / (time.time() - start)}
 
 
 @torch.no_grad()
@@ -416,6 +419,13 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def process_start():
+    """Wall-clock start of this process (start-up time is what many short trials pay)."""
+    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def worker_init(worker_id):

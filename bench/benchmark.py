@@ -1,0 +1,207 @@
+"""Is the data path the bottleneck? Measures, side by side in one run, on the same data and model:
+
+  (a) the bare model step (forward, backward, optimizer step) on preloaded tensors: the limit
+  (b) train.py's end-to-end training images/s with the decoded-image cache
+  (c) the same with --no_cache (decode + resize every image every epoch)
+  (d) trial start-up, process start to first step, with a warm cache, beside `python -c "import torch"`
+  (e) peak memory of 1 and of 3 concurrent trials (RSS, and PSS, which splits shared pages
+      such as the memory-mapped cache between the processes that map them)
+
+    python bench/benchmark.py                                  # BaseModel and efficientnet_b0, demo data
+    python bench/benchmark.py --models BaseModel --epochs 2
+    python bench/benchmark.py --models efficientnet_b0 --resize 224 224 --device cuda --amp --channels_last
+
+Prints b/a and c/a. Not a test: numbers depend on the machine and its load.
+"""
+import argparse
+import csv
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import dataset  # noqa: E402
+from model import create_model  # noqa: E402
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["BaseModel", "efficientnet_b0"], help="models to measure")
+    p.add_argument("--data_dir", default=None, help="mask-layout train dir (default: the demo data)")
+    p.add_argument("--resize", nargs=2, type=int, default=[128, 96], metavar=("H", "W"), help="input size")
+    p.add_argument("--batch_size", type=int, default=64, help="batch size")
+    p.add_argument("--epochs", type=int, default=3, help="train.py epochs for (b) and (c); the first is warm-up")
+    p.add_argument("--steps", type=int, default=20, help="timed steps for (a)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device")
+    p.add_argument("--amp", action="store_true", help="pass --amp (CUDA)")
+    p.add_argument("--channels_last", action="store_true", help="pass --channels_last (CUDA)")
+    p.add_argument("--skip_memory", action="store_true", help="skip (e)")
+    return p.parse_args()
+
+
+def bare_step(model_name, size, batch_size, steps, device, amp, channels_last):
+    """(a): images/s of forward + backward + AdamW step on tensors already on the device."""
+    torch.manual_seed(0)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = create_model(model_name, 18).to(device, memory_format=memory_format).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    criterion = torch.nn.CrossEntropyLoss()
+    x = torch.randn(batch_size, 3, *size, device=device).contiguous(memory_format=memory_format)
+    y = torch.randint(0, 18, (batch_size,), device=device)
+    amp_dtype = torch.bfloat16 if amp and device == "cuda" else None
+
+    def step():
+        with torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = criterion(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(3):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def train_cmd(cli, data_dir, model_name, cache_dir, run_dir, epochs, *extra):
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data_dir", str(data_dir), "--model", model_name,
+           "--resize", *map(str, cli.resize), "--batch_size", str(cli.batch_size), "--epochs", str(epochs),
+           "--cache_dir", str(cache_dir), "--model_dir", str(run_dir.parent), "--name", run_dir.name,
+           "--device", cli.device, *extra]
+    return cmd + ["--amp"] * cli.amp + ["--channels_last"] * cli.channels_last
+
+
+def run_train(cmd):
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"train.py failed:\n{proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def train_throughput(cmd, run_dir):
+    """(b)/(c): median train images/s of train.py's epochs after the first (worker start-up, warm-up)."""
+    out = run_train(cmd)
+    with open(run_dir / "history.csv") as f:
+        rates = [float(r["train_images_per_s"]) for r in csv.DictReader(f)]
+    return statistics.median(rates[1:] or rates), out
+
+
+def first_step_seconds(stdout):
+    for line in stdout.splitlines():
+        if line.startswith("first step"):
+            return float(line.split()[2].rstrip("s"))
+    return float("nan")
+
+
+def process_tree(pid):
+    """pid and its descendants (loader workers)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def memory_kib(pid, cache_dir):
+    """(rss, pss, pss of the cache mapping) of one trial's process tree, KiB."""
+    rss = pss = cache_pss = 0
+    for p in process_tree(pid):
+        try:
+            lines = Path(f"/proc/{p}/smaps").read_text().splitlines()
+        except OSError:
+            continue
+        in_cache = False
+        for line in lines:
+            parts = line.split()
+            if not parts[0].endswith(":"):  # a mapping's header line: address range ... path
+                in_cache = str(cache_dir) in line
+                continue
+            if parts[0] == "Rss:":
+                rss += int(parts[1])
+            elif parts[0] == "Pss:":
+                pss += int(parts[1])
+                cache_pss += int(parts[1]) if in_cache else 0
+    return rss, pss, cache_pss
+
+
+def peak_memory(cmds, cache_dir):
+    """(e): start the trials together; peak RSS per trial, peak summed PSS, peak cache PSS per trial."""
+    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for c in cmds]
+    peak_rss, peak_pss, peak_cache = 0, 0, 0
+    while any(p.poll() is None for p in procs):
+        samples = [memory_kib(p.pid, cache_dir) for p in procs if p.poll() is None]
+        peak_rss = max([peak_rss] + [s[0] for s in samples])
+        peak_pss = max(peak_pss, sum(s[1] for s in samples))
+        peak_cache = max([peak_cache] + [s[2] for s in samples])
+        time.sleep(0.2)
+    if any(p.returncode for p in procs):
+        sys.exit("a trial failed during the memory measurement")
+    return peak_rss / 1024, peak_pss / 1024, peak_cache / 1024
+
+
+def main():
+    cli = parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    data_dir = Path(cli.data_dir) if cli.data_dir else dataset.ensure_demo_data() / "train"
+    work = Path(tempfile.mkdtemp(prefix="bench."))
+    cache_dir = work / "cache"
+    data = dataset.read_mask_train(data_dir)
+    size = tuple(cli.resize)
+    dataset.load_images(data["paths"], size, cache_dir)  # warm: (b) and (d) measure a warm cache
+    cache_mib = len(data["paths"]) * size[0] * size[1] * 3 / 2**20
+    print(f"{len(data['paths'])} images at {size[0]}x{size[1]} (cache {cache_mib:.0f} MiB), batch {cli.batch_size}, "
+          f"device {cli.device}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}", flush=True)
+
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    import_torch = time.perf_counter() - start
+
+    rows = []
+    for name in cli.models:
+        a = bare_step(name, size, cli.batch_size, cli.steps, cli.device, cli.amp, cli.channels_last)
+        b, out = train_throughput(train_cmd(cli, data_dir, name, cache_dir, work / f"{name}_cache", cli.epochs), work / f"{name}_cache")
+        c, _ = train_throughput(train_cmd(cli, data_dir, name, cache_dir, work / f"{name}_nocache", cli.epochs, "--no_cache"),
+                                work / f"{name}_nocache")
+        rows.append((name, a, b, c, first_step_seconds(out)))
+        print(f"{name}: (a) {a:.1f} img/s  (b) {b:.1f} img/s  (c) {c:.1f} img/s  b/a {b / a:.2f}  c/a {c / a:.2f}", flush=True)
+
+    print("\nmodel            (a) bare step   (b) train.py   (c) no cache    b/a    c/a   (d) first step")
+    for name, a, b, c, d in rows:
+        print(f"{name:<16} {a:>9.1f} img/s {b:>9.1f} img/s {c:>9.1f} img/s  {b / a:5.2f}  {c / a:5.2f}  {d:6.1f} s")
+    print(f"(d) python -c 'import torch': {import_torch:.1f} s")
+
+    if not cli.skip_memory:
+        one = [train_cmd(cli, data_dir, "BaseModel", cache_dir, work / "mem1", 1)]
+        three = [train_cmd(cli, data_dir, "BaseModel", cache_dir, work / f"mem3_{i}", 1) for i in range(3)]
+        rss1, pss1, cache1 = peak_memory(one, cache_dir)
+        rss3, pss3, cache3 = peak_memory(three, cache_dir)
+        print(f"(e) 1 trial : peak RSS {rss1:.0f} MiB, PSS {pss1:.0f} MiB (cache mapping PSS {cache1:.0f} MiB)")
+        print(f"(e) 3 trials: peak RSS {rss3:.0f} MiB per trial, summed PSS {pss3:.0f} MiB = {pss3 / pss1:.2f} x one trial "
+              f"(cache mapping PSS {cache3:.0f} MiB per trial: the {cache_mib:.0f} MiB of images are shared)")
+    print(f"work dir {work}")
+
+
+if __name__ == "__main__":
+    main()
