@@ -16,9 +16,8 @@ import argparse
 import csv
 import fcntl
 import hashlib
-import json
+import math
 import os
-import random
 import re
 import shutil
 import tempfile
@@ -28,7 +27,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
 MASK_FILES = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
@@ -292,36 +290,66 @@ class ImageDataset(Dataset):
 
 
 # ----------------------------------------------------------------------------- transforms
+# Training augmentations on uint8 CHW tensors, written against torch alone: torchvision's
+# import costs two seconds of every trial's start-up. Each takes and returns uint8.
+class RandomHorizontalFlip(torch.nn.Module):
+    def forward(self, x):
+        return x.flip(-1) if torch.rand(()) < 0.5 else x
+
+
+class RandomAffine(torch.nn.Module):
+    """Rotation, shift and zoom in one bilinear resample; corners are filled with edge pixels."""
+
+    def __init__(self, degrees=10.0, translate=0.05, scale=(0.9, 1.1)):
+        super().__init__()
+        self.degrees, self.translate, self.scale = degrees, translate, scale
+
+    def forward(self, x):
+        angle = math.radians(float(torch.empty(()).uniform_(-self.degrees, self.degrees)))
+        zoom = float(torch.empty(()).uniform_(*self.scale))
+        tx, ty = (float(t) for t in torch.empty(2).uniform_(-2 * self.translate, 2 * self.translate))
+        cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom
+        theta = torch.tensor([[cos, -sin, tx], [sin, cos, ty]], dtype=torch.float32)[None]
+        grid = torch.nn.functional.affine_grid(theta, (1, *x.shape), align_corners=False)
+        out = torch.nn.functional.grid_sample(x[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return out[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+class ColorJitter(torch.nn.Module):
+    """Random brightness, contrast and saturation factors in [1 - strength, 1 + strength]."""
+
+    def __init__(self, strength=0.3):
+        super().__init__()
+        self.strength = strength
+
+    def forward(self, x):
+        b, c, s = (1 + torch.empty(3).uniform_(-self.strength, self.strength)).tolist()
+        x = x.float() * b
+        grey = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+        x = (x - grey.mean()) * c + grey.mean()
+        grey = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+        x = (x - grey) * s + grey
+        return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
 class GaussianNoise(torch.nn.Module):
     def __init__(self, sigma=8.0):
         super().__init__()
         self.sigma = sigma
 
     def forward(self, x):
-        return (x.float() + torch.randn(x.shape) * self.sigma).clamp_(0, 255).to(torch.uint8)
+        return (x.float() + torch.randn(x.shape) * self.sigma).round_().clamp_(0, 255).to(torch.uint8)
 
 
-def flip_affine():
-    return [v2.RandomHorizontalFlip(), v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1))]
-
-
-def color_jitter():
-    return [v2.RandomHorizontalFlip(), v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05)]
-
-
-def gaussian_noise():
-    return [v2.RandomHorizontalFlip(), GaussianNoise()]
-
-
-# Training augmentations on uint8 CHW tensors. Every name also includes the base
-# transform: centre crop + resize happen at decode time, normalisation on the device.
+# Every name includes the base transform: centre crop + resize happen at decode time
+# (so the cache holds them), normalisation with the data's mean/std on the device.
 TRANSFORMS = {
     "base": lambda: [],
-    "flip": lambda: [v2.RandomHorizontalFlip()],
-    "flip_affine": flip_affine,
-    "color_jitter": color_jitter,
-    "gaussian_noise": gaussian_noise,
-    "strong": lambda: flip_affine() + color_jitter()[1:] + gaussian_noise()[1:],
+    "flip": lambda: [RandomHorizontalFlip()],
+    "flip_affine": lambda: [RandomHorizontalFlip(), RandomAffine()],
+    "color_jitter": lambda: [RandomHorizontalFlip(), ColorJitter()],
+    "gaussian_noise": lambda: [RandomHorizontalFlip(), GaussianNoise()],
+    "strong": lambda: [RandomHorizontalFlip(), RandomAffine(), ColorJitter(), GaussianNoise()],
 }
 
 
@@ -329,7 +357,7 @@ def create_transform(name):
     if name not in TRANSFORMS:
         raise ValueError(f"unknown augmentation {name!r}; valid: {', '.join(TRANSFORMS)}")
     steps = TRANSFORMS[name]()
-    return v2.Compose(steps) if steps else None
+    return torch.nn.Sequential(*steps) if steps else None
 
 
 class Normalize(torch.nn.Module):

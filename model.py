@@ -8,7 +8,6 @@
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 from efficientnet_pytorch import EfficientNet
 
 from dataset import HEAD_SIZES
@@ -52,14 +51,13 @@ def efficientnet(variant):
     return build
 
 
-RESNETS = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34, 50: torchvision.models.resnet50}
-
-
 def resnet(depth):
     def build(pretrained=False):
+        import torchvision  # lazy: two seconds of start-up that only ResNet trials need
+
         weights = "DEFAULT" if pretrained else None
         try:
-            net = RESNETS[depth](weights=weights)
+            net = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34, 50: torchvision.models.resnet50}[depth](weights=weights)
         except Exception as e:
             raise WeightsError(f"could not download ImageNet weights for resnet{depth} ({type(e).__name__}); "
                                f"download them elsewhere and pass --weights PATH") from None
