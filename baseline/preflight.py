@@ -1,0 +1,409 @@
+"""Check every machine of an NNI remote config before `nnictl create`.
+
+    python baseline/preflight.py config_remote.yml [--port 8080]
+
+For each machine in trainingService.machineList it prints one line, OK or FAIL:
+
+  ssh       key login with the configured user/port/key (the `ssh` client,
+            BatchMode, no known_hosts written)
+  python    the interpreter NNI will use (pythonPath/python, else python3)
+  nni       importable there, same version as here (the trial keeper needs it)
+  torch     importable there
+  trial     the interpreter of trialCommand ("python3 train.py ...") as NNI
+            runs it: bash -c with pythonPath first on PATH, *after* the remote
+            ~/.bashrc (bash reads it for SSH sessions; pyenv/conda lines there
+            can put another python3 first): it must be the same environment
+  gpu       GPU count (torch.cuda.device_count(), else nvidia-smi -L), and
+            whether trialGpuNumber/maxTrialNumberPerGpu can schedule on it
+  data      the --data_dir of trialCommand exists on that machine
+  callback  a TCP connection from the machine back to nniManagerIp:port
+            (preflight listens there itself for the duration of the check)
+
+Exits 1 if any check fails, naming machine and check.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import importlib.metadata
+import json
+import math
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+# Runs on the remote machine, fed to `python -` over SSH; prints one JSON line.
+PROBE = r'''
+import json, os, platform, shutil, socket, subprocess, sys
+a = json.loads(sys.argv[1])
+out = {"executable": sys.executable, "version": platform.python_version(), "prefix": sys.prefix}
+try:
+    import nni
+    out["nni"] = nni.__version__
+except Exception as e:
+    out["nni_error"] = "%s: %s" % (type(e).__name__, e)
+try:
+    import torch
+    out["torch"] = torch.__version__
+    out["gpus"] = torch.cuda.device_count()
+except Exception as e:
+    out["torch_error"] = "%s: %s" % (type(e).__name__, e)
+if not out.get("gpus") and shutil.which("nvidia-smi"):
+    try:
+        r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+        out["nvidia_smi_gpus"] = sum(1 for l in r.stdout.splitlines() if l.startswith("GPU "))
+    except Exception as e:
+        out["nvidia_smi_error"] = str(e)
+if a.get("data_dir"):
+    d = os.path.expanduser(a["data_dir"])
+    out["data"] = {"path": os.path.abspath(d), "is_dir": os.path.isdir(d),
+                   "entries": len(os.listdir(d)) if os.path.isdir(d) else 0}
+if a.get("interpreter"):
+    env = dict(os.environ)
+    if a.get("python_path"):
+        env["PATH"] = a["python_path"] + os.pathsep + env.get("PATH", "")
+    code = "import sys; print(sys.prefix)"
+    try:
+        r = subprocess.run(["/bin/bash", "-c", a["interpreter"] + " -c " + repr(code) + "; echo $?"],
+                           env=env, capture_output=True, text=True, timeout=120)
+        lines = r.stdout.split()
+        out["trial"] = {"prefix": lines[0] if len(lines) > 1 else None,
+                        "which": subprocess.run(["/bin/bash", "-c", "command -v " + a["interpreter"].split()[0]],
+                                                env=env, capture_output=True, text=True).stdout.strip(),
+                        "error": r.stderr.strip()[-300:]}
+    except Exception as e:
+        out["trial"] = {"prefix": None, "which": "", "error": str(e)}
+if a.get("callback"):
+    host, port = a["callback"]
+    try:
+        with socket.create_connection((host, port), timeout=a.get("timeout", 10)):
+            out["callback"] = "ok"
+    except Exception as e:
+        out["callback"] = "%s: %s" % (type(e).__name__, e)
+print("PREFLIGHT " + json.dumps(out))
+'''
+
+CHECKS = ("config", "ssh", "python", "nni", "torch", "trial", "gpu", "data", "callback")
+
+
+@dataclass
+class Machine:
+    host: str
+    port: int = 22
+    user: str = ""
+    ssh_key_file: str | None = "~/.ssh/id_rsa"
+    password: str | None = None
+    python_path: str | None = None
+    max_trial_number_per_gpu: int = 1
+    gpu_indices: list[int] | None = None
+    use_active_gpu: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}"
+
+
+@dataclass
+class Result:
+    machine: Machine
+    ok: list[str] = field(default_factory=list)      # "check detail" fragments, in order
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    def good(self, check: str, detail: str) -> None:
+        self.ok.append(f"{check} {detail}")
+
+    def bad(self, check: str, message: str) -> None:
+        self.failed.append((check, message))
+
+    def line(self) -> str:
+        if self.failed:
+            msg = "; ".join(f"{c}: {m}" for c, m in self.failed)
+            return f"FAIL {self.machine.name} {msg}"
+        return f"OK   {self.machine.name} " + " | ".join(self.ok)
+
+
+# ----------------------------------------------------------------------------- config
+def load_config(path: Path) -> dict:
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a YAML mapping")
+    return data
+
+
+def _parse_gpu_indices(value) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, str):
+        return [int(v) for v in value.split(",") if v.strip()]
+    return [int(v) for v in value]
+
+
+def machines_of(config: dict) -> list[Machine]:
+    ts = config.get("trainingService")
+    services = ts if isinstance(ts, list) else [ts]
+    remote = [s for s in services if isinstance(s, dict) and s.get("platform") == "remote"]
+    if not remote:
+        raise ValueError("trainingService has no 'platform: remote' entry")
+    machines = []
+    for svc in remote:
+        for m in svc.get("machineList") or []:
+            machines.append(Machine(
+                host=str(m["host"]), port=int(m.get("port", 22)), user=str(m.get("user", "")),
+                ssh_key_file=m.get("sshKeyFile", "~/.ssh/id_rsa"), password=m.get("password"),
+                python_path=m.get("pythonPath"), max_trial_number_per_gpu=int(m.get("maxTrialNumberPerGpu", 1)),
+                gpu_indices=_parse_gpu_indices(m.get("gpuIndices")), use_active_gpu=bool(m.get("useActiveGpu", False)),
+            ))
+    if not machines:
+        raise ValueError("trainingService.machineList is empty")
+    return machines
+
+
+def trial_command(config: dict) -> str:
+    ts = config.get("trainingService")
+    cmd = config.get("trialCommand")
+    if not cmd and isinstance(ts, dict):
+        cmd = ts.get("trialCommand")
+    return cmd or ""
+
+
+def flag_value(command: str, flag: str) -> str | None:
+    """`--flag X` or `--flag=X` in a shell command line."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        words = command.split()
+    for i, w in enumerate(words):
+        if w == flag and i + 1 < len(words):
+            return words[i + 1]
+        if w.startswith(flag + "="):
+            return w.split("=", 1)[1]
+    return None
+
+
+def interpreter_of(command: str) -> str | None:
+    """First word of trialCommand after VAR=value assignments, if it looks like python."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return None
+    words = [w for w in words if not ("=" in w and not w.startswith("-") and "/" not in w.split("=")[0])]
+    if words and "python" in Path(words[0]).name:
+        return words[0]
+    return None
+
+
+def trial_gpu_number(config: dict) -> int | None:
+    ts = config.get("trainingService")
+    value = config.get("trialGpuNumber")
+    if value is None and isinstance(ts, dict):
+        value = ts.get("trialGpuNumber")
+    return None if value is None else int(value)
+
+
+# ----------------------------------------------------------------------------- checks
+def ssh_base(m: Machine, timeout: int) -> list[str]:
+    cmd = ["ssh", "-p", str(m.port), "-o", "BatchMode=yes", "-o", f"ConnectTimeout={timeout}",
+           "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+    if m.ssh_key_file:
+        cmd += ["-i", str(Path(m.ssh_key_file).expanduser()), "-o", "IdentitiesOnly=yes"]
+    return cmd + [f"{m.user}@{m.host}" if m.user else m.host]
+
+
+def _last_line(text: str) -> str:
+    lines = [l for l in text.strip().splitlines() if l.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+@contextlib.contextmanager
+def callback_listener(ip: str, port: int):
+    """Listen on ip:port here, so that the remote side has something to connect to."""
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((ip, port))
+        sock.listen(64)  # the kernel completes handshakes from the backlog; nothing needs accept()
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise RuntimeError(f"port {port} on {ip} is already in use here (an experiment running? "
+                               f"pick another --port for preflight and nnictl create)") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise RuntimeError(f"nniManagerIp {ip} is not an address of this machine") from None
+        raise RuntimeError(f"cannot listen on {ip}:{port}: {e}") from None
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def gpu_problem(gpus: int, trial_gpus: int | None, per_gpu: int = 1, indices: list[int] | None = None) -> str | None:
+    """Why NNI 3.0 would never start a trial on a host with `gpus` GPUs, or None.
+
+    The trial keeper asks for trialGpuNumber / maxTrialNumberPerGpu GPUs and its
+    scheduler (nni_node/common/trial_keeper/task_scheduler/scheduler.js) refuses
+    `if (gpuNumber >= this.gpus.length)`: a request for all GPUs of a host, so
+    trialGpuNumber: 1 on a 1-GPU host waits forever unless maxTrialNumberPerGpu >= 2.
+    """
+    if not trial_gpus:
+        return None  # no GPU scheduling: trials see every GPU (CUDA_VISIBLE_DEVICES unset)
+    per_trial = trial_gpus / per_gpu
+    if gpus == 0:
+        return f"trialGpuNumber {trial_gpus} but no GPU found there (NNI's scheduler stops: 'No GPU found')"
+    if per_trial >= gpus:
+        return (f"{gpus} GPU(s) and trialGpuNumber/maxTrialNumberPerGpu = {trial_gpus}/{per_gpu}: NNI 3.0 never "
+                f"schedules a trial that asks for all GPUs of a host; set maxTrialNumberPerGpu: 2 "
+                f"(or leave trialGpuNumber out)")
+    usable = [i for i in (indices if indices is not None else range(gpus)) if i < gpus]
+    if len(usable) < math.ceil(per_trial):
+        return f"gpuIndices {indices} leave {len(usable)} usable GPU(s), a trial needs {math.ceil(per_trial)}"
+    return None
+
+
+def check_machine(m: Machine, config: dict, port: int, callback: bool, local_nni: str, timeout: int) -> Result:
+    res = Result(m)
+    # -- ssh
+    if m.password is not None and not m.ssh_key_file:
+        res.bad("ssh", "password login is not checked (BatchMode); use sshKeyFile with a key in authorized_keys")
+        return res
+    key = Path(m.ssh_key_file).expanduser() if m.ssh_key_file else None
+    if key is not None and not key.is_file():
+        res.bad("ssh", f"sshKeyFile {key} not found on this machine")
+        return res
+    base = ssh_base(m, timeout)
+    try:
+        r = subprocess.run(base + ["exit 0"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           timeout=timeout + 20)
+    except subprocess.TimeoutExpired:
+        res.bad("ssh", f"no answer within {timeout + 20} s")
+        return res
+    if r.returncode != 0:
+        res.bad("ssh", f"login failed (ssh exit {r.returncode}): {_last_line(r.stderr) or 'no message'}")
+        return res
+    res.good("ssh", "ok")
+
+    # -- one probe run with the interpreter NNI uses
+    command = trial_command(config)
+    args = {"data_dir": flag_value(command, "--data_dir"), "python_path": m.python_path,
+            "interpreter": interpreter_of(command), "timeout": timeout,
+            "callback": [config.get("nniManagerIp"), port] if callback else None}
+    if m.python_path:
+        pp = shlex.quote(m.python_path.rstrip("/"))
+        launcher = (f'for p in {pp}/python {pp}/python3; do [ -x "$p" ] && exec "$p" - {shlex.quote(json.dumps(args))}; '
+                    f'done; echo "no python or python3 in {m.python_path}" >&2; exit 127')
+    else:
+        launcher = f"exec python3 - {shlex.quote(json.dumps(args))}"
+    try:
+        r = subprocess.run(base + [launcher], input=PROBE, capture_output=True, text=True, timeout=timeout + 300)
+    except subprocess.TimeoutExpired:
+        res.bad("python", "probe did not finish within the time limit")
+        return res
+    found = [l for l in r.stdout.splitlines() if l.startswith("PREFLIGHT ")]
+    if r.returncode != 0 or not found:
+        where = f"pythonPath {m.python_path}" if m.python_path else "python3 on PATH"
+        res.bad("python", f"cannot run python ({where}): {_last_line(r.stderr) or f'exit {r.returncode}'}")
+        return res
+    info = json.loads(found[-1][len("PREFLIGHT "):])
+    res.good("python", f"{info['executable']} {info['version']}")
+
+    if "nni" in info:
+        if info["nni"] != local_nni:
+            res.bad("nni", f"nni {info['nni']} there, {local_nni} here: install nni=={local_nni} in {info['prefix']}")
+        else:
+            res.good("nni", info["nni"])
+    else:
+        res.bad("nni", f"not importable by {info['executable']} ({info['nni_error']}): pip install nni=={local_nni}")
+    if "torch" in info:
+        res.good("torch", info["torch"])
+    else:
+        res.bad("torch", f"not importable by {info['executable']} ({info['torch_error']})")
+
+    trial = info.get("trial")
+    if trial is not None:
+        if trial["prefix"] is None:
+            res.bad("trial", f"trialCommand's {args['interpreter']!r} does not run there: {trial['error'] or 'no output'}")
+        elif os.path.realpath(trial["prefix"]) != os.path.realpath(info["prefix"]):
+            res.bad("trial", f"trialCommand's {args['interpreter']!r} is {trial['which'] or '?'} (env {trial['prefix']}), "
+                             f"not the pythonPath env {info['prefix']}: the remote ~/.bashrc puts it first on PATH; "
+                             f"use the absolute interpreter in trialCommand or fix ~/.bashrc")
+        else:
+            res.good("trial", "same env")
+
+    gpus = info.get("gpus") or info.get("nvidia_smi_gpus") or 0
+    problem = gpu_problem(gpus, trial_gpu_number(config), m.max_trial_number_per_gpu, m.gpu_indices)
+    if problem:
+        res.bad("gpu", problem)
+    else:
+        res.good("gpu", f"{gpus}" + ("" if gpus else " (CPU)"))
+
+    data = info.get("data")
+    if data is not None:
+        if not data["is_dir"]:
+            res.bad("data", f"--data_dir {args['data_dir']} is not a directory there")
+        elif data["entries"] == 0:
+            res.bad("data", f"--data_dir {data['path']} is empty there")
+        else:
+            res.good("data", data["path"])
+    if callback:
+        if info.get("callback") == "ok":
+            res.good("callback", f"{config['nniManagerIp']}:{port}")
+        else:
+            res.bad("callback", f"cannot connect back to nniManagerIp {config['nniManagerIp']}:{port} "
+                                f"({info.get('callback')}): firewall, wrong nniManagerIp or port")
+    return res
+
+
+def preflight(config_path: Path, port: int, timeout: int = 10, out=sys.stdout) -> int:
+    try:
+        config = load_config(config_path)
+        machines = machines_of(config)
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:
+        print(f"FAIL config {config_path}: {e}", file=out)
+        return 1
+    local_nni = importlib.metadata.version("nni")
+    failed = 0
+    ip = config.get("nniManagerIp")
+    if not ip:
+        print(f"FAIL config: nniManagerIp is not set in {config_path}: remote trial keepers cannot call back", file=out)
+        failed += 1
+    listener = contextlib.nullcontext()
+    if ip:
+        try:
+            listener = callback_listener(str(ip), port)
+            listener.__enter__()
+        except RuntimeError as e:
+            print(f"FAIL config callback: {e}", file=out)
+            failed += 1
+            listener, ip = contextlib.nullcontext(), None
+    try:
+        for m in machines:
+            res = check_machine(m, config, port, bool(ip), local_nni, timeout)
+            print(res.line(), file=out, flush=True)
+            failed += bool(res.failed)
+    finally:
+        listener.__exit__(None, None, None)
+    summary = f"all {len(machines)} machine(s) ready" if not failed else f"{failed} failed, see FAIL lines"
+    print(f"preflight: {summary}", file=out)
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("config", type=Path, help="NNI v3 YAML with trainingService.platform remote")
+    p.add_argument("--port", type=int, default=8080, help="the port of `nnictl create --port` (default: 8080)")
+    p.add_argument("--timeout", type=int, default=10, help="SSH connect timeout in seconds (default: 10)")
+    a = p.parse_args(argv)
+    return preflight(a.config, a.port, a.timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
