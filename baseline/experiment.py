@@ -1,0 +1,339 @@
+"""Summarise an NNI experiment: trials sorted by metric, and the best one as a command.
+
+    python baseline/experiment.py --port 8080            # a running experiment (REST API)
+    python baseline/experiment.py --id EXP_ID            # by id: REST if it runs, else its nni.sqlite
+    python baseline/experiment.py --port 8080 --csv trials.csv
+
+The table lists every trial with its status, final metric ("default"), best
+intermediate metric, epochs reported and parameters. The best trial's
+parameters are printed as a ready `python3 train.py ...` command: the
+experiment's trialCommand with the searched flags put in (lists as space
+separated values, True booleans as bare flags, nested choices flattened).
+
+Parameters are taken from the parameter id that the trial itself reported
+with its metrics: in NNI 3.0 the REST trial list can show another trial's
+parameters (the training service hands parameter sets out in request order).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shlex
+import sqlite3
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STATUS_ORDER = {"SUCCEEDED": 0, "EARLY_STOPPED": 1, "USER_CANCELED": 2, "RUNNING": 3, "WAITING": 4,
+                "FAILED": 5, "SYS_CANCELED": 6, "UNKNOWN": 7}
+
+
+@dataclass
+class Trial:
+    id: str
+    status: str
+    sequence: int = -1
+    params: dict = field(default_factory=dict)
+    parameter_id: int | None = None
+    intermediates: list[dict] = field(default_factory=list)   # in the order reported
+    final: dict | None = None
+    log_path: str = ""
+
+    @property
+    def metric(self) -> float | None:
+        return None if self.final is None else self.final.get("default")
+
+    def best_intermediate_for(self, maximize: bool) -> float | None:
+        values = [m["default"] for m in self.intermediates if _is_number(m.get("default"))]
+        return None if not values else (max(values) if maximize else min(values))
+
+
+@dataclass
+class Experiment:
+    id: str
+    status: str
+    params: dict
+    trials: list[Trial]
+    source: str
+
+    @property
+    def maximize(self) -> bool:
+        tuner = self.params.get("tuner") or {}
+        mode = ((tuner.get("classArgs") or {}).get("optimize_mode") or "maximize").lower()
+        return mode != "minimize"
+
+    @property
+    def trial_command(self) -> str:
+        ts = self.params.get("trainingService")
+        ts = ts[0] if isinstance(ts, list) and ts else ts
+        return self.params.get("trialCommand") or (ts or {}).get("trialCommand") or "python3 train.py"
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _metric(data) -> dict:
+    """NNI stores a metric as a JSON string of a JSON string of a number or a dict."""
+    value = data
+    for _ in range(3):
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                break
+    if isinstance(value, dict):
+        return value
+    return {"default": value}
+
+
+def _hyper(value) -> dict | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return None
+    return value if isinstance(value, dict) and "parameters" in value else None
+
+
+def _assemble(exp_id, status, params, trial_rows, metric_rows, source) -> Experiment:
+    """trial_rows: (id, status, sequence, [hyperparameter dicts], log_path); metric_rows: (trial, param_id, type, data)."""
+    by_param: dict[int, dict] = {}
+    trials: dict[str, Trial] = {}
+    for tid, tstatus, seq, hypers, log_path in trial_rows:
+        t = Trial(tid, tstatus or "UNKNOWN", seq if seq is not None else -1, log_path=log_path or "")
+        for h in hypers:
+            by_param[int(h["parameter_id"])] = h["parameters"]
+            if t.parameter_id is None:
+                t.parameter_id, t.params = int(h["parameter_id"]), h["parameters"]
+        trials[tid] = t
+    reported: dict[str, int] = {}
+    for tid, pid, mtype, data in metric_rows:
+        t = trials.setdefault(tid, Trial(tid, "UNKNOWN"))
+        if pid not in (None, ""):
+            reported.setdefault(tid, int(pid))
+        if mtype == "FINAL":
+            t.final = _metric(data)
+        elif mtype == "PERIODICAL":
+            t.intermediates.append(_metric(data))
+    for tid, pid in reported.items():  # what the trial really ran (see module doc)
+        if pid in by_param:
+            trials[tid].parameter_id, trials[tid].params = pid, by_param[pid]
+    return Experiment(exp_id, status, params, list(trials.values()), source)
+
+
+# ----------------------------------------------------------------------------- sources
+def _get(base: str, path: str, timeout: float):
+    with urllib.request.urlopen(f"{base}/api/v1/nni/{path}", timeout=timeout) as r:
+        return json.loads(r.read().decode())
+
+
+def from_rest(port: int, host: str = "127.0.0.1", timeout: float = 10) -> Experiment:
+    base = f"http://{host}:{port}"
+    profile = _get(base, "experiment", timeout)
+    status = _get(base, "check-status", timeout).get("status", "UNKNOWN")
+    jobs = _get(base, "trial-jobs", timeout)
+    metrics = _get(base, "metric-data", timeout)
+    rows = []
+    for j in jobs:
+        hypers = [h for h in (_hyper(x) for x in j.get("hyperParameters") or []) if h]
+        rows.append((j["trialJobId"], j.get("status"), j.get("sequenceId"), hypers, j.get("logPath")))
+    mrows = [(m["trialJobId"], m.get("parameterId"), m.get("type"), m.get("data")) for m in metrics]
+    return _assemble(profile.get("id", "?"), status, profile.get("params", {}), rows, mrows, f"{base} (REST)")
+
+
+def from_sqlite(db: Path, exp_id: str, status: str = "STOPPED") -> Experiment:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        prof = con.execute("SELECT params FROM ExperimentProfile ORDER BY revision DESC LIMIT 1").fetchone()
+        params = json.loads(prof[0]) if prof else {}
+        events = con.execute("SELECT timestamp, trialJobId, event, data, logPath, sequenceId FROM TrialJobEvent "
+                             "ORDER BY timestamp, rowid").fetchall()
+        metrics = con.execute("SELECT trialJobId, parameterId, type, data FROM MetricData "
+                              "ORDER BY timestamp, sequence").fetchall()
+    finally:
+        con.close()
+    state: dict[str, list] = {}
+    for _ts, tid, event, data, log_path, seq in events:
+        row = state.setdefault(tid, [tid, event, seq, [], log_path])
+        row[1] = event
+        row[2] = seq if seq is not None else row[2]
+        row[4] = log_path or row[4]
+        h = _hyper(data)
+        if h and all(h["parameter_id"] != x["parameter_id"] for x in row[3]):
+            row[3].append(h)
+    return _assemble(exp_id, status, params, [tuple(r) for r in state.values()], metrics, str(db))
+
+
+def registry(home: Path | None = None) -> dict:
+    path = (home or Path.home()) / "nni-experiments" / ".experiment"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def from_id(exp_id: str, timeout: float = 10) -> Experiment:
+    reg = registry()
+    info = reg.get(exp_id)
+    if info is None:
+        known = ", ".join(sorted(reg)) or "none"
+        raise LookupError(f"experiment {exp_id!r} is not in nnictl's registry "
+                          f"({Path.home() / 'nni-experiments' / '.experiment'}; known: {known})")
+    if info.get("status") != "STOPPED" and info.get("port"):
+        try:
+            exp = from_rest(int(info["port"]), timeout=timeout)
+            if exp.id == exp_id:
+                return exp
+        except (OSError, urllib.error.URLError, ValueError):
+            pass  # not answering: read its database
+    log_dir = Path(info.get("logDir") or Path.home() / "nni-experiments")
+    db = log_dir / exp_id / "db" / "nni.sqlite"
+    if not db.is_file():
+        raise LookupError(f"experiment {exp_id}: not running and no database at {db}")
+    return from_sqlite(db, exp_id, info.get("status", "STOPPED"))
+
+
+# ----------------------------------------------------------------------------- output
+def flatten(params: dict) -> dict:
+    """{"criterion": {"_name": "focal", "focal_gamma": 2}} -> {"criterion": "focal", "focal_gamma": 2}."""
+    flat = {}
+    for k, v in params.items():
+        if isinstance(v, dict) and "_name" in v:
+            flat[k] = v["_name"]
+            flat.update(flatten({kk: vv for kk, vv in v.items() if kk != "_name"}))
+        else:
+            flat[k] = v
+    return flat
+
+
+def flag_words(params: dict) -> list[str]:
+    words = []
+    for k, v in flatten(params).items():
+        if v is None or v is False:
+            continue
+        if v is True:
+            words.append(f"--{k}")
+        elif isinstance(v, (list, tuple)):
+            words += [f"--{k}", *(_fmt(x) for x in v)]
+        else:
+            words += [f"--{k}", _fmt(v)]
+    return words
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
+        return str(int(v))  # quniform's 32.0: "32" parses as an int flag and as a float flag
+    return str(v)
+
+
+def best_command(trial_command: str, params: dict) -> str:
+    """trialCommand with the trial's flags replacing any given there."""
+    words = shlex.split(trial_command)
+    keys = {f"--{k}" for k in flatten(params)}
+    kept, skip = [], False
+    for w in words:
+        if w.startswith("--"):
+            skip = w.split("=", 1)[0] in keys
+            if skip:
+                continue
+        elif skip:
+            continue
+        kept.append(w)
+    return shlex.join(kept + flag_words(params))
+
+
+def ranked(exp: Experiment) -> list[Trial]:
+    sign = -1 if exp.maximize else 1
+
+    def key(t: Trial):
+        m = t.metric if _is_number(t.metric) else t.best_intermediate_for(exp.maximize)
+        return (0 if _is_number(t.metric) else 1 if m is not None else 2,
+                sign * m if m is not None else 0, STATUS_ORDER.get(t.status, 9), t.sequence)
+    return sorted(exp.trials, key=key)
+
+
+def best_trial(exp: Experiment) -> Trial | None:
+    order = ranked(exp)
+    if order and (_is_number(order[0].metric) or order[0].best_intermediate_for(exp.maximize) is not None):
+        return order[0]
+    return None
+
+
+def _num(v) -> str:
+    return f"{v:.4f}" if _is_number(v) else "-"
+
+
+def report(exp: Experiment, out=sys.stdout) -> None:
+    mode = "maximize" if exp.maximize else "minimize"
+    tuner = (exp.params.get("tuner") or {}).get("name", "?")
+    print(f"experiment {exp.id} [{exp.status}] from {exp.source}: {len(exp.trials)} trials, {tuner} {mode}", file=out)
+    rows = [("rank", "trial", "status", "metric", "best_int", "epochs", "parameters")]
+    for i, t in enumerate(ranked(exp), 1):
+        p = " ".join(f"{k}={v}" for k, v in sorted(flatten(t.params).items()))
+        rows.append((str(i), t.id, t.status, _num(t.metric), _num(t.best_intermediate_for(exp.maximize)),
+                     str(len(t.intermediates)), p))
+    widths = [max(len(r[c]) for r in rows) for c in range(6)]
+    for r in rows:
+        print("  ".join(r[c].ljust(widths[c]) for c in range(6)) + "  " + r[6], file=out)
+    best = best_trial(exp)
+    if best is None:
+        print("no trial has reported a metric yet", file=out)
+        return
+    print(f"\nbest trial {best.id}: metric {_num(best.metric)}, output {best.log_path or '?'}", file=out)
+    print(best_command(exp.trial_command, best.params), file=out)
+
+
+def write_csv(exp: Experiment, path: Path) -> None:
+    order = ranked(exp)
+    keys = sorted({k for t in order for k in flatten(t.params)})
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["rank", "trial", "status", "sequence", "parameter_id", "metric", "best_intermediate",
+                     "epochs", *keys, "output"])
+        for i, t in enumerate(order, 1):
+            flat = flatten(t.params)
+            w.writerow([i, t.id, t.status, t.sequence, t.parameter_id, t.metric if _is_number(t.metric) else "",
+                        t.best_intermediate_for(exp.maximize) or "", len(t.intermediates),
+                        *(json.dumps(flat[k]) if isinstance(flat.get(k), (list, dict)) else flat.get(k, "") for k in keys),
+                        t.log_path])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="List an NNI experiment's trials by metric and print the best as a command.")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--port", type=int, help="port of a running experiment (nnictl create --port)")
+    g.add_argument("--id", help="experiment id (nnictl experiment list); a stopped one is read from its nni.sqlite")
+    p.add_argument("--host", default="127.0.0.1", help="host of the NNI manager with --port (default: 127.0.0.1)")
+    p.add_argument("--csv", type=Path, help="also write the table to this CSV file")
+    p.add_argument("--json", action="store_true", help="print the best trial as JSON instead of the table")
+    a = p.parse_args(argv)
+    try:
+        exp = from_rest(a.port, a.host) if a.port else from_id(a.id)
+    except (urllib.error.URLError, OSError) as e:
+        print(f"experiment.py: error: no NNI experiment answers on {a.host}:{a.port} ({e})", file=sys.stderr)
+        return 1
+    except LookupError as e:
+        print(f"experiment.py: error: {e}", file=sys.stderr)
+        return 1
+    if a.json:
+        best = best_trial(exp)
+        print(json.dumps(None if best is None else {
+            "trial": best.id, "metric": best.metric, "params": best.params, "output": best.log_path,
+            "command": best_command(exp.trial_command, best.params)}, indent=2))
+    else:
+        report(exp)
+    if a.csv:
+        write_csv(exp, a.csv)
+        print(f"wrote {a.csv}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
