@@ -16,7 +16,6 @@ import argparse
 import csv
 import fcntl
 import hashlib
-import math
 import os
 import re
 import shutil
@@ -263,18 +262,20 @@ def load_images(paths, size, cache_dir=DEFAULT_CACHE_DIR, use_cache=True, progre
 
 
 def mean_std(images, paths, size, limit=2000):
-    """Per-channel mean/std in [0, 1] over up to `limit` evenly spaced images."""
-    picks = np.linspace(0, len(paths) - 1, min(limit, len(paths))).astype(int)
+    """Per-channel mean/std in [0, 1] over up to `limit` evenly spaced images, every 4th
+    pixel each way: plenty for the statistics, and it keeps trial start-up short."""
+    picks = np.linspace(0, len(paths) - 1, min(limit if images is not None else 200, len(paths))).astype(int)
     sample = images[picks] if images is not None else np.stack([decode_image(paths[i], size) for i in picks])
-    pixels = sample.reshape(-1, 3).astype(np.float64) / 255
-    return pixels.mean(0).tolist(), np.maximum(pixels.std(0), 1e-3).tolist()
+    pixels = sample[:, ::4, ::4].reshape(-1, 3).astype(np.float32) / 255
+    return pixels.mean(0, dtype=np.float64).tolist(), np.maximum(pixels.std(0, dtype=np.float64), 1e-3).tolist()
 
 
 class ImageDataset(Dataset):
-    """uint8 CHW tensors (+ label). Reads from the decoded array when there is one, else decodes the file."""
+    """uint8 CHW tensors (+ label). Reads from the decoded array when there is one, else decodes
+    the file. Augmentation happens later, on whole batches on the device (see TRANSFORMS)."""
 
-    def __init__(self, paths, size, images=None, labels=None, transform=None, indices=None):
-        self.paths, self.size, self.images, self.labels, self.transform = paths, size, images, labels, transform
+    def __init__(self, paths, size, images=None, labels=None, indices=None):
+        self.paths, self.size, self.images, self.labels = paths, size, images, labels
         self.indices = np.arange(len(paths)) if indices is None else np.asarray(indices)
 
     def __len__(self):
@@ -284,52 +285,56 @@ class ImageDataset(Dataset):
         j = int(self.indices[i])
         image = self.images[j] if self.images is not None else decode_image(self.paths[j], self.size)
         x = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a copy: the cache is read-only
-        if self.transform is not None:
-            x = self.transform(x)
         return (x, int(self.labels[j])) if self.labels is not None else x
 
 
 # ----------------------------------------------------------------------------- transforms
-# Training augmentations on uint8 CHW tensors, written against torch alone: torchvision's
-# import costs two seconds of every trial's start-up. Each takes and returns uint8.
-class RandomHorizontalFlip(torch.nn.Module):
+# Training augmentations run on whole batches on the training device, after the loader:
+# the loader then only gathers uint8 images from the cache, and no CPU worker stands
+# between the data and a GPU. Each takes and returns a float NCHW batch in [0, 255],
+# with its own random draw per image.
+class RandomFlip(torch.nn.Module):
     def forward(self, x):
-        return x.flip(-1) if torch.rand(()) < 0.5 else x
+        flip = torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5
+        return torch.where(flip, x.flip(3), x)
 
 
 class RandomAffine(torch.nn.Module):
-    """Rotation, shift and zoom in one bilinear resample; corners are filled with edge pixels."""
+    """Rotation, shift, zoom (and the horizontal flip, which is one more affine map)
+    in a single bilinear resample; edges are filled with edge pixels."""
 
-    def __init__(self, degrees=10.0, translate=0.05, scale=(0.9, 1.1)):
+    def __init__(self, degrees=10.0, translate=0.05, scale=(0.9, 1.1), flip=True):
         super().__init__()
-        self.degrees, self.translate, self.scale = degrees, translate, scale
+        self.degrees, self.translate, self.scale, self.flip = degrees, translate, scale, flip
 
     def forward(self, x):
-        angle = math.radians(float(torch.empty(()).uniform_(-self.degrees, self.degrees)))
-        zoom = float(torch.empty(()).uniform_(*self.scale))
-        tx, ty = (float(t) for t in torch.empty(2).uniform_(-2 * self.translate, 2 * self.translate))
-        cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom
-        theta = torch.tensor([[cos, -sin, tx], [sin, cos, ty]], dtype=torch.float32)[None]
-        grid = torch.nn.functional.affine_grid(theta, (1, *x.shape), align_corners=False)
-        out = torch.nn.functional.grid_sample(x[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return out[0].round_().clamp_(0, 255).to(torch.uint8)
+        n, device = len(x), x.device
+        angle = torch.empty(n, device=device).uniform_(-self.degrees, self.degrees).deg2rad()
+        zoom = torch.empty(n, device=device).uniform_(*self.scale)
+        shift = torch.empty(n, 2, device=device).uniform_(-2 * self.translate, 2 * self.translate)
+        mirror = torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0) if self.flip else torch.ones(n, device=device)
+        cos, sin = angle.cos() / zoom, angle.sin() / zoom
+        theta = torch.stack([torch.stack([cos * mirror, -sin, shift[:, 0]], 1),
+                             torch.stack([sin * mirror, cos, shift[:, 1]], 1)], 1)
+        grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+        return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 class ColorJitter(torch.nn.Module):
-    """Random brightness, contrast and saturation factors in [1 - strength, 1 + strength]."""
+    """Brightness, contrast and saturation, each scaled by a factor in [1 - strength, 1 + strength]."""
 
     def __init__(self, strength=0.3):
         super().__init__()
         self.strength = strength
 
     def forward(self, x):
-        b, c, s = (1 + torch.empty(3).uniform_(-self.strength, self.strength)).tolist()
-        x = x.float() * b
-        grey = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
-        x = (x - grey.mean()) * c + grey.mean()
-        grey = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
-        x = (x - grey) * s + grey
-        return x.round_().clamp_(0, 255).to(torch.uint8)
+        b, c, s = (1 + torch.empty(3, len(x), 1, 1, 1, device=x.device).uniform_(-self.strength, self.strength)).unbind(0)
+        weights = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
+        x = x * b
+        grey_mean = (x * weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+        x = (x - grey_mean) * c + grey_mean
+        grey = (x * weights).sum(1, keepdim=True)
+        return ((x - grey) * s + grey).clamp(0, 255)
 
 
 class GaussianNoise(torch.nn.Module):
@@ -338,22 +343,23 @@ class GaussianNoise(torch.nn.Module):
         self.sigma = sigma
 
     def forward(self, x):
-        return (x.float() + torch.randn(x.shape) * self.sigma).round_().clamp_(0, 255).to(torch.uint8)
+        return (x + torch.randn_like(x) * self.sigma).clamp(0, 255)
 
 
 # Every name includes the base transform: centre crop + resize happen at decode time
 # (so the cache holds them), normalisation with the data's mean/std on the device.
 TRANSFORMS = {
     "base": lambda: [],
-    "flip": lambda: [RandomHorizontalFlip()],
-    "flip_affine": lambda: [RandomHorizontalFlip(), RandomAffine()],
-    "color_jitter": lambda: [RandomHorizontalFlip(), ColorJitter()],
-    "gaussian_noise": lambda: [RandomHorizontalFlip(), GaussianNoise()],
-    "strong": lambda: [RandomHorizontalFlip(), RandomAffine(), ColorJitter(), GaussianNoise()],
+    "flip": lambda: [RandomFlip()],
+    "flip_affine": lambda: [RandomAffine(flip=True)],
+    "color_jitter": lambda: [RandomFlip(), ColorJitter()],
+    "gaussian_noise": lambda: [RandomFlip(), GaussianNoise()],
+    "strong": lambda: [RandomAffine(flip=True), ColorJitter(), GaussianNoise()],
 }
 
 
 def create_transform(name):
+    """-> a module on float NCHW batches in [0, 255], or None for no augmentation."""
     if name not in TRANSFORMS:
         raise ValueError(f"unknown augmentation {name!r}; valid: {', '.join(TRANSFORMS)}")
     steps = TRANSFORMS[name]()
@@ -361,7 +367,7 @@ def create_transform(name):
 
 
 class Normalize(torch.nn.Module):
-    """uint8 NCHW batch -> normalised float, run on the device."""
+    """uint8 or [0, 255] float NCHW batch -> normalised float, on the device."""
 
     def __init__(self, mean, std):
         super().__init__()

@@ -261,11 +261,15 @@ def main(args):
     mean, std = dataset.mean_std(images, data["paths"], size)
     normalize = Normalize(mean, std).to(device)
 
-    workers = args.num_workers if args.num_workers >= 0 else min(8, max(1, (os.cpu_count() or 2) // 2))
+    # From the cache a batch is a ~1 ms gather that workers would only slow down with
+    # inter-process copies on a CPU; decoding (--no_cache) and feeding a GPU want workers.
+    cpus = os.cpu_count() or 1
+    workers = args.num_workers if args.num_workers >= 0 else 0 if images is not None and device.type == "cpu" else min(8, cpus)
     loader_kw = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                      worker_init_fn=worker_init)
-    train_set = ImageDataset(data["paths"], size, images, data["labels"], dataset.create_transform(args.augmentation), train_idx)
-    val_set = ImageDataset(data["paths"], size, images, data["labels"], None, val_idx)
+    train_set = ImageDataset(data["paths"], size, images, data["labels"], train_idx)
+    val_set = ImageDataset(data["paths"], size, images, data["labels"], val_idx)
+    augment = dataset.create_transform(args.augmentation)
     sampler = None
     if args.sampler == "weighted":
         counts = np.bincount(data["labels"][train_idx], minlength=len(classes))
@@ -314,7 +318,7 @@ def main(args):
     stale = 0
     for epoch in range(start_epoch, args.epochs + 1):
         t0 = time.time()
-        train_stats = train_one_epoch(model, train_loader, normalize, criterion, optimizer, scaler, device, args.classification, amp_dtype,
+        train_stats = train_one_epoch(model, train_loader, augment, normalize, criterion, optimizer, scaler, device, args.classification, amp_dtype,
                                       args.channels_last, make_progress(f"epoch {epoch}/{args.epochs}"), epoch == start_epoch)
         val = evaluate(model, val_loader, normalize, criterion, device, args.classification, amp_dtype)
         scores = score(val["labels"], val["preds"], len(classes), per_task=layout == "mask")
@@ -361,13 +365,16 @@ def main(args):
     return best, run_dir
 
 
-def train_one_epoch(model, loader, normalize, criterion, optimizer, scaler, device, classification,
+def train_one_epoch(model, loader, augment, normalize, criterion, optimizer, scaler, device, classification,
                     amp_dtype=None, channels_last=False, progress=None, first_step_log=False):
     model.train()
     total_loss, correct, seen, start = 0.0, 0, 0, time.time()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for x, y in (progress(loader) if progress else loader):
-        x = normalize(x.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+        x = x.to(device, non_blocking=True).float()
+        if augment is not None:
+            x = augment(x)
+        x = normalize(x).contiguous(memory_format=memory_format)
         y = y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)

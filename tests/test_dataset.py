@@ -158,12 +158,32 @@ def test_decode_centre_crops_to_aspect(tmp_path):
 
 
 @pytest.mark.parametrize("name", list(dataset.TRANSFORMS))
-def test_transforms_keep_uint8_shape(name):
+def test_transforms_batched_keep_shape_and_range(name):
     torch.manual_seed(0)
-    x = torch.randint(0, 256, (3, 32, 24), dtype=torch.uint8)
+    x = torch.randint(0, 256, (16, 3, 32, 24), dtype=torch.uint8).float()
     transform = dataset.create_transform(name)
     y = transform(x) if transform else x
-    assert y.shape == x.shape and y.dtype == torch.uint8
+    assert y.shape == x.shape and y.dtype == torch.float32
+    assert y.min() >= 0 and y.max() <= 255
+    if name != "base":  # a random draw per image: some change, and not all in the same way
+        changed = [not torch.equal(a, b) for a, b in zip(x, y)]
+        assert any(changed)
+        assert len({round(float((a - b).abs().mean()), 3) for a, b in zip(x, y)}) > 1
+
+
+def test_flip_mirrors_about_half_the_batch():
+    torch.manual_seed(0)
+    x = torch.arange(8.0).repeat(64, 3, 4, 1)
+    y = dataset.RandomFlip()(x)
+    flipped = [torch.equal(b, a.flip(2)) for a, b in zip(x, y)]
+    assert all(f or torch.equal(a, b) for f, a, b in zip(flipped, x, y))
+    assert 16 < sum(flipped) < 48
+
+
+def test_affine_without_motion_is_identity():
+    x = torch.rand(2, 3, 16, 12) * 255
+    still = dataset.RandomAffine(degrees=0, translate=0, scale=(1, 1), flip=False)
+    assert torch.allclose(still(x), x, atol=1e-3)
 
 
 def test_unknown_names_list_valid_ones():
