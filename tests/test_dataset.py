@@ -209,3 +209,24 @@ def test_demo_data_deterministic_and_complete(tmp_path, demo_dir):
     assert len(set(first["strata"].tolist())) >= 4  # gender x age band mixed
     truth = (demo_dir / "eval" / "truth.csv").read_text().split()[1:]
     assert len(truth) == len(dataset.read_eval(demo_dir / "eval", "mask")[0]) == 14
+
+
+def build_cache(args):
+    paths, cache = args
+    images = dataset.load_images(paths, (16, 12), cache)
+    return int(images.sum()), images.filename
+
+
+def test_trials_starting_together_share_one_cache(tmp_path):
+    import multiprocessing
+
+    paths = []
+    for i in range(40):
+        write_image(tmp_path / f"{i}.png", colour=(i * 6, 255 - i * 6, 7))
+        paths.append(str(tmp_path / f"{i}.png"))
+    cache = tmp_path / "cache"
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        results = pool.map(build_cache, [(paths, cache)] * 3)
+    assert len({r[0] for r in results}) == 1 and len({r[1] for r in results}) == 1
+    assert [p.suffix for p in cache.iterdir() if p.suffix != ".lock"] == [".npy"]
+    assert results[0][0] == int(np.stack([dataset.decode_image(p, (16, 12)) for p in paths]).sum())
