@@ -230,3 +230,13 @@ def test_trials_starting_together_share_one_cache(tmp_path):
     assert len({r[0] for r in results}) == 1 and len({r[1] for r in results}) == 1
     assert [p.suffix for p in cache.iterdir() if p.suffix != ".lock"] == [".npy"]
     assert results[0][0] == int(np.stack([dataset.decode_image(p, (16, 12)) for p in paths]).sum())
+
+
+def test_demo_data_made_once_at_default_path_with_a_line(tmp_path, capsys):
+    root = tmp_path / "data" / "demo"
+    dataset.ensure_demo_data(root, profiles=3, eval_profiles=1, size=(32, 24))
+    assert "making demo data" in capsys.readouterr().out
+    assert len(dataset.read_mask_train(root / "train")["paths"]) == 21
+    dataset.ensure_demo_data(root, profiles=3, eval_profiles=1, size=(32, 24))
+    assert capsys.readouterr().out == ""
+    assert not [p for p in root.parent.iterdir() if p.name.startswith(".")]  # no temp dir left behind

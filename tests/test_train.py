@@ -222,6 +222,15 @@ def test_invalid_value_one_line(run_train):
     assert proc.returncode == 1 and proc.stderr.strip() == "train.py: error: --lr -1.0: must be positive"
 
 
+def test_yaml_config_sets_defaults_that_flags_override(tmp_path):
+    (tmp_path / "c.yml").write_text("lr: 0.01\nresize: [32, 24]\ncriterion: focal\nfocal_gamma: 3\nfreeze_backbone: true\n")
+    args = train.parse_args(["--config", str(tmp_path / "c.yml"), "--lr", "0.5"])
+    assert (args.lr, args.resize, args.criterion, args.focal_gamma, args.freeze_backbone) == (0.5, [32, 24], "focal", 3.0, True)
+    (tmp_path / "bad.yml").write_text("lr: fast\n")
+    with pytest.raises(ValueError, match="'lr' must be float"):
+        train.parse_args(["--config", str(tmp_path / "bad.yml")])
+
+
 def test_increment_path(tmp_path):
     base = tmp_path / "exp"
     assert train.increment_path(base) == base
