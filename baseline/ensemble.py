@@ -1,0 +1,203 @@
+"""Combine submissions: soft voting (mean of probabilities) or hard voting (majority of answers).
+
+    python baseline/ensemble.py runs/exp/submission_soft.csv runs/exp2/submission_soft.csv --out output/ens
+    python baseline/ensemble.py runs/*/submission_soft.csv --weights 2 1 1 --out output/ens
+    python baseline/ensemble.py --method hard runs/exp/submission.csv runs/exp2/submission.csv runs/exp3/submission.csv
+
+soft  takes submission_soft.csv files (ImageID + one probability column per class),
+      averages them (weighted by --weights) and writes submission.csv + submission_soft.csv.
+hard  takes submission.csv files (ImageID,ans); every file votes its answer. A tie goes
+      to the tied answer with the highest summed probability over the submission_soft.csv
+      files found beside the inputs (<stem>_soft.csv), and without those to the answer
+      of the earliest file listed among the tied ones: list your most trusted model first.
+      Writes submission.csv only.
+Inputs must list the same images (any order; the output keeps the first file's) and,
+for probabilities, the same classes; otherwise nothing is written.
+"""
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from dataset import mask_class_names  # noqa: E402
+from train import Parser, write_submission  # noqa: E402
+
+
+def read_table(path):
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a readable CSV ({reason})") from None
+    if "ImageID" not in table.columns:
+        raise ValueError(f"{path}: no ImageID column")
+    duplicated = table["ImageID"][table["ImageID"].duplicated()]
+    if len(duplicated):
+        raise ValueError(f"{path}: ImageID {duplicated.iloc[0]} is listed more than once")
+    return table
+
+
+def read_soft(path):
+    """submission_soft.csv -> (image_ids, probs (N, C) float64, classes)."""
+    table = read_table(path)
+    classes = [c for c in table.columns if c != "ImageID"]
+    if not classes or classes == ["ans"]:
+        raise ValueError(f"{path}: no class probability columns (a submission.csv?); soft voting needs submission_soft.csv files")
+    probs = table[classes].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    bad = ~(np.isfinite(probs) & (probs >= 0) & (probs <= 1 + 1e-6))  # logits or scores here would vote with the wrong weight
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        value, image = table[classes[col]].iloc[row], table["ImageID"].iloc[row]
+        raise ValueError(f"{path}: {value!r} in column {classes[col]} (image {image}) is not a probability")
+    return table["ImageID"].tolist(), probs, classes
+
+
+def read_hard(path):
+    """submission.csv -> (image_ids, answers as strings: class index or class name)."""
+    table = read_table(path)
+    if "ans" not in table.columns:
+        raise ValueError(f"{path}: no ans column (a submission_soft.csv?); hard voting needs submission.csv files")
+    return table["ImageID"].tolist(), table["ans"].tolist()
+
+
+def alignment(reference_ids, ids, path, reference_path):
+    """Row order that puts `ids` in the reference order; refuses a different set of images."""
+    position = {image_id: i for i, image_id in enumerate(ids)}
+    if len(ids) != len(reference_ids) or any(i not in position for i in reference_ids):
+        only_here = sorted(set(ids) - set(reference_ids))
+        only_there = sorted(set(reference_ids) - set(ids))
+        example = (f"{len(only_here)} not in {reference_path} (e.g. {only_here[0]})" if only_here
+                   else f"{len(only_there)} of {reference_path} missing (e.g. {only_there[0]})")
+        raise ValueError(f"{path} and {reference_path} list different images: {example}")
+    return np.array([position[i] for i in reference_ids])
+
+
+def align_soft(paths):
+    """Several soft CSVs -> (image_ids, probs (M, N, C), classes), rows and columns in the first file's order."""
+    ids, first, classes = read_soft(paths[0])
+    stack = [first]
+    for path in paths[1:]:
+        other_ids, probs, other_classes = read_soft(path)
+        if sorted(other_classes) != sorted(classes):
+            extra, missing = sorted(set(other_classes) - set(classes)), sorted(set(classes) - set(other_classes))
+            raise ValueError(f"{path} and {paths[0]} have different classes: {len(other_classes)} vs {len(classes)}"
+                             f"{f', only in {path}: ' + ', '.join(extra[:3]) if extra else ''}"
+                             f"{f', only in {paths[0]}: ' + ', '.join(missing[:3]) if missing else ''}")
+        rows = alignment(ids, other_ids, path, paths[0])
+        columns = [other_classes.index(c) for c in classes]  # columns are named, so a reordering is harmless
+        stack.append(probs[rows][:, columns])
+    return ids, np.stack(stack), classes
+
+
+def layout_of(classes):
+    # the mask layout's submission.csv holds class indices, every other layout class names
+    return "mask" if list(classes) == mask_class_names() else "folder"
+
+
+def soft_vote(probs, weights=None):
+    """(M, N, C) -> weighted mean (N, C)."""
+    weights = np.ones(len(probs)) if weights is None else np.asarray(weights, dtype=np.float64)
+    return np.tensordot(weights / weights.sum(), probs, axes=1)
+
+
+def answer_column(answer, classes):
+    """An ans value -> its probability column: by class name, else by class index (the mask layout's
+    submission.csv), else None. With class names like "2" or "10" an index would be ambiguous: names only."""
+    if answer in classes:
+        return classes.index(answer)
+    if answer.isdigit() and int(answer) < len(classes) and not any(str(c).isdigit() for c in classes):
+        return int(answer)
+    return None
+
+
+def hard_vote(votes, probs=None, classes=None):
+    """votes (M, N) answers -> (N,) winners. Ties: the highest summed probability (probs (K, N, C),
+    from the inputs that have soft CSVs), then the earliest voter among the tied answers."""
+    winners, tied_images = [], 0
+    for n in range(len(votes[0])):
+        column = [v[n] for v in votes]
+        counts = Counter(column)
+        top = max(counts.values())
+        tied = [a for a in counts if counts[a] == top]
+        if len(tied) > 1:
+            tied_images += 1
+            if probs is not None:
+                summed = probs[:, n].sum(0)
+                mass = {a: (summed[c] if (c := answer_column(a, classes)) is not None else -np.inf) for a in tied}
+                best = max(mass.values())
+                tied = [a for a in tied if mass[a] == best]
+            tied = [next(a for a in column if a in tied)]  # earliest voter wins what is left
+        winners.append(tied[0])
+    return winners, tied_images
+
+
+def soft_sibling(path):
+    path = Path(path)
+    sibling = path.with_name(f"{path.stem}_soft{path.suffix}")
+    return sibling if sibling.is_file() else None
+
+
+def build_parser():
+    p = Parser(prog="ensemble.py", description="Soft or hard voting over submission CSVs -> one submission.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="soft: submission_soft.csv files; hard: submission.csv files")
+    p.add_argument("--method", default="soft", choices=["soft", "hard"], help="mean of probabilities, or majority of answers")
+    p.add_argument("--weights", nargs="+", type=float, default=None, help="soft: one weight per input (default: equal)")
+    p.add_argument("--out", default="ensemble", help="where submission.csv (and submission_soft.csv for soft) go")
+    return p
+
+
+def main(args):
+    out = Path(args.out)
+    if args.method == "soft":
+        if args.weights is not None and (len(args.weights) != len(args.inputs) or min(args.weights) < 0 or sum(args.weights) <= 0):
+            raise ValueError(f"--weights: need {len(args.inputs)} non-negative numbers (one per input) with a positive sum, "
+                             f"got {' '.join(map(str, args.weights))}")
+        ids, probs, classes = align_soft(args.inputs)
+        mean = soft_vote(probs, args.weights)
+        out.mkdir(parents=True, exist_ok=True)
+        write_submission(out, ids, mean, classes, layout_of(classes))
+        weights = f", weights {' '.join(f'{w:g}' for w in args.weights)}" if args.weights else ""
+        print(f"wrote {out / 'submission.csv'} and submission_soft.csv: soft vote of {len(args.inputs)} files{weights}, "
+              f"{len(ids)} images", flush=True)
+        return
+
+    if args.weights is not None:
+        raise ValueError("--weights applies to soft voting only")
+    ids, first = read_hard(args.inputs[0])
+    votes = [first]
+    for path in args.inputs[1:]:
+        other_ids, answers = read_hard(path)
+        votes.append([answers[i] for i in alignment(ids, other_ids, path, args.inputs[0])])
+    siblings = [s for s in map(soft_sibling, args.inputs) if s is not None]
+    probs = classes = None
+    if siblings:
+        soft_ids, probs, classes = align_soft(siblings)
+        probs = probs[:, alignment(ids, soft_ids, siblings[0], args.inputs[0])]
+    winners, tied = hard_vote(votes, probs, classes)
+    out.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"ImageID": ids, "ans": winners}).to_csv(out / "submission.csv", index=False)
+    how = f"probabilities from {len(siblings)} soft CSVs" if siblings else "the earliest file (no soft CSVs beside the inputs)"
+    print(f"wrote {out / 'submission.csv'}: hard vote of {len(args.inputs)} files, {len(ids)} images; "
+          f"{tied} ties broken by {how}", flush=True)
+
+
+def cli(argv=None):
+    try:
+        main(build_parser().parse_args(argv))
+    except ValueError as e:
+        print(f"ensemble.py: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

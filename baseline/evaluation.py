@@ -1,0 +1,124 @@
+"""Score a submission against the truth: accuracy, macro F1, per task (mask, gender, age) for
+the 18-class layout, and the confusion matrix.
+
+    python baseline/evaluation.py output/submission.csv --truth data/demo/eval/truth.csv
+    python baseline/evaluation.py runs/exp/submission_soft.csv --truth data/demo/eval/truth.csv --plot confusion.png
+    python baseline/evaluation.py flowers_pred/submission.csv --truth flowers_truth.csv --layout folder
+
+Both files are CSVs with ImageID,ans and must list the same images. ans is a class
+index (mask layout) or a class name (class-per-folder layout). A submission_soft.csv
+is scored by its most probable class. The class list comes from the soft CSV (the
+submission itself or the <stem>_soft.csv beside it); without one, --layout auto
+takes an all-integer truth as the 18 mask classes and anything else as class names.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from baseline.ensemble import alignment, answer_column, read_hard, read_soft, read_table, soft_sibling  # noqa: E402
+from dataset import mask_class_names, natural_key  # noqa: E402
+from metrics import TASKS, confusion, score  # noqa: E402
+from train import Parser  # noqa: E402
+
+
+def read_submission(path):
+    """-> (image_ids, answers or None, probs or None, classes or None)."""
+    if "ans" not in read_table(path).columns:
+        ids, probs, classes = read_soft(path)
+        return ids, None, probs, classes
+    ids, answers = read_hard(path)
+    sibling = soft_sibling(path)
+    classes = read_soft(sibling)[2] if sibling else None
+    return ids, answers, None, classes
+
+
+def class_list(truth_answers, answers, layout):
+    """Classes when no soft CSV names them: integer truth = mask layout, otherwise the names seen."""
+    answers = truth_answers + answers
+    if layout == "mask" or (layout == "auto" and all(a.lstrip("-").isdigit() for a in truth_answers)):
+        bad = [a for a in answers if not (a.isdigit() and int(a) < 18)]
+        if bad:
+            raise ValueError(f"ans {bad[0]!r} is not a mask-layout class index 0..17 (class names need --layout folder)")
+        return mask_class_names()
+    return sorted(set(answers), key=natural_key)
+
+
+def to_indices(answers, classes, ids, path):
+    indices = [answer_column(a, classes) for a in answers]
+    if None in indices:
+        i = indices.index(None)
+        raise ValueError(f"{path}: ans {answers[i]!r} (image {ids[i]}) is neither a class name nor a class index "
+                         f"of the {len(classes)} classes ({', '.join(classes[:4])}, ...)")
+    return np.array(indices)
+
+
+def evaluate(submission, truth, layout="auto"):
+    """-> dict(scores, matrix, classes, images). Raises ValueError on mismatched files."""
+    ids, answers, probs, classes = read_submission(submission)
+    truth_ids, truth_answers = read_hard(truth)
+    rows = alignment(truth_ids, ids, submission, truth)
+    if classes is None:
+        classes = class_list(truth_answers, answers, layout)
+    labels = to_indices(truth_answers, classes, truth_ids, truth)
+    preds = probs.argmax(1)[rows] if probs is not None else to_indices(answers, classes, ids, submission)[rows]
+    per_task = classes == mask_class_names()
+    return dict(scores=score(labels, preds, len(classes), per_task=per_task), matrix=confusion(labels, preds, len(classes)),
+                classes=classes, images=len(labels))
+
+
+def report(result):
+    scores = result["scores"]
+    rows = [("all", scores["accuracy"], scores["f1"])]
+    rows += [(task, scores[f"{task}_accuracy"], scores[f"{task}_f1"]) for task in TASKS if f"{task}_f1" in scores]
+    lines = [f"{result['images']} images, {len(result['classes'])} classes", f"{'':8}{'accuracy':>10}{'macro F1':>10}"]
+    lines += [f"{name:8}{acc:>10.4f}{f1:>10.4f}" for name, acc, f1 in rows]
+    # columns by index keep an 18-class matrix readable in a terminal; the row labels name them
+    matrix = pd.DataFrame(result["matrix"], index=[f"{i:>2} {c}" for i, c in enumerate(result["classes"])],
+                          columns=[str(i) for i in range(len(result["classes"]))])
+    lines += ["", "confusion matrix (rows = truth, columns = predicted class index):", matrix.to_string()]
+    return "\n".join(lines)
+
+
+def save_plot(result, path, title):
+    from metrics import confusion_figure
+    fig = confusion_figure(result["matrix"], result["classes"], title=title)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def build_parser():
+    p = Parser(prog="evaluation.py", description="Score a submission against a truth CSV (ImageID,ans).",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("submission", help="submission.csv (ImageID,ans) or submission_soft.csv")
+    p.add_argument("--truth", required=True, help="CSV with ImageID,ans (the demo data writes eval/truth.csv)")
+    p.add_argument("--layout", default="auto", choices=["auto", "mask", "folder"],
+                   help="how to read ans when no soft CSV names the classes: auto = integers are mask classes")
+    p.add_argument("--plot", default=None, help="also save the confusion matrix as a picture (e.g. confusion.png)")
+    return p
+
+
+def main(args):
+    result = evaluate(args.submission, args.truth, args.layout)
+    print(report(result), flush=True)
+    if args.plot:
+        save_plot(result, args.plot, f"{Path(args.submission).name}: macro F1 {result['scores']['f1']:.4f}")
+        print(f"saved {args.plot}", flush=True)
+    return result
+
+
+def cli(argv=None):
+    try:
+        main(build_parser().parse_args(argv))
+    except ValueError as e:
+        print(f"evaluation.py: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,225 @@
+"""Train all K folds (stratified group k-fold by profile), score them out of fold, soft-vote them on the eval dir.
+
+    python baseline/kfold.py --k 5                                        # demo data -> runs/kfold
+    python baseline/kfold.py --k 5 --name effb0 --eval_dir DATA/eval --tta -- --data_dir DATA/train --model efficientnet_b0
+    python baseline/kfold.py --reuse runs/kfold --tta                     # re-score trained folds, no training
+
+Everything after `--` goes to every train.py run unchanged; kfold.py sets --kfold,
+--fold, --name and --model_dir itself. The folds land side by side in
+runs/<name>/fold{i}/ (best.pth, last.pth, history.csv, ...). Then:
+  out of fold  each fold's best.pth predicts its own validation fold (the split is
+               rebuilt from the checkpoint's saved flags with the same split
+               function); the K parts cover every training image once, and their
+               macro F1 is printed and saved with the probabilities in oof_soft.csv
+  ensemble     the K best.pth files are soft-voted on the eval dir ->
+               runs/<name>/submission.csv + submission_soft.csv
+The eval dir is --eval_dir, else the one passed to train.py, else the demo eval split
+when training on the demo data.
+The out-of-fold score is slightly optimistic: each fold's validation part also picked its best epoch.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+import dataset  # noqa: E402
+from baseline.inference import predict_checkpoints, read_meta, resolve_device, resolve_workers  # noqa: E402
+from dataset import DataError, ImageDataset, Normalize  # noqa: E402
+from metrics import TASKS, score  # noqa: E402
+from model import load_checkpoint  # noqa: E402
+from train import Parser, increment_path, make_progress, predict, write_submission  # noqa: E402
+
+OWNED = ("--kfold", "--fold", "--name", "--model_dir", "--resume")  # flags this script sets for train.py
+
+
+def split_argv(argv):
+    """kfold.py's own flags | train.py's flags (after the first `--`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def check_train_args(train_args):
+    for arg in train_args:
+        flag = arg.split("=", 1)[0]
+        if flag in OWNED:
+            raise ValueError(f"{flag} is set by kfold.py for every fold; remove it after --")
+
+
+def train_folds(run_dir, k, train_args):
+    """One train.py subprocess per fold; its log goes straight to this terminal."""
+    for fold in range(k):
+        print(f"=== fold {fold}/{k - 1}: train.py --kfold {k} --fold {fold} {' '.join(train_args)}", flush=True)
+        cmd = [sys.executable, str(ROOT / "train.py"), *train_args,
+               "--kfold", str(k), "--fold", str(fold), "--model_dir", str(run_dir), "--name", f"fold{fold}"]
+        code = subprocess.call(cmd)
+        if code != 0:
+            raise ValueError(f"fold {fold}: train.py exited with code {code} (its message is above); "
+                             f"the folds trained so far are in {run_dir}")
+
+
+def fold_checkpoints(run_dir):
+    paths = sorted(Path(run_dir).glob("fold*/best.pth"), key=lambda p: dataset.natural_key(p.parent.name))
+    if not paths:
+        raise ValueError(f"{run_dir}: no fold*/best.pth")
+    return paths
+
+
+def out_of_fold(checkpoints, device, tta=False, batch_size=256, num_workers=0, log=print):
+    """Each fold's model on its own validation part -> dict(labels, probs, fold, paths, classes, layout, folds=[scores]).
+    The split is rebuilt from the flags saved in the checkpoint, with the split function train.py used."""
+    reference = oof = None
+    folds = []
+    for path in checkpoints:
+        model, ckpt = load_checkpoint(path, device)
+        a = ckpt["args"]
+        if not a.get("kfold"):
+            raise ValueError(f"{path}: not trained with --kfold, so it has no out-of-fold part")
+        data_dir = a["data_dir"] or dataset.DEMO_DIR / "train"  # train.py's default: the demo data
+        layout, data, splitter = dataset.create_dataset(a["dataset"], data_dir, tuple(a["age_bounds"]))
+        _, val_idx = splitter(data, a["val_ratio"], a["seed"], a["kfold"], a["fold"])
+        if reference is None:
+            reference = dict(paths=data["paths"], labels=data["labels"], classes=ckpt["classes"], layout=layout,
+                             split=(a["dataset"], a["kfold"], a["seed"]))
+            oof = np.full((len(data["paths"]), len(ckpt["classes"])), np.nan, dtype=np.float32)
+            fold_of = np.full(len(data["paths"]), -1)
+        elif data["paths"] != reference["paths"] or (a["dataset"], a["kfold"], a["seed"]) != reference["split"]:
+            raise ValueError(f"{path}: trained on other data or another split (dataset, K, seed) than {checkpoints[0]}; "
+                             f"out-of-fold parts would not line up")
+        if (fold_of[val_idx] >= 0).any():
+            raise ValueError(f"{path}: fold {a['fold']} overlaps an earlier fold (the same fold twice?)")
+        size = tuple(ckpt["resize"])
+        # the whole training set, as train.py cached it, so the cache file is reused instead of rebuilt per fold
+        images = dataset.load_images(data["paths"], size, a["cache_dir"], not a["no_cache"], make_progress("decoding images"))
+        loader = DataLoader(ImageDataset(data["paths"], size, images, indices=val_idx), batch_size, num_workers=num_workers)
+        probs = predict(model, loader, Normalize(ckpt["mean"], ckpt["std"]).to(device), device, ckpt["classification"],
+                        tta=tta, progress=make_progress(f"fold {a['fold']}"))
+        oof[val_idx], fold_of[val_idx] = probs, a["fold"]
+        scores = score(data["labels"][val_idx], probs.argmax(1), len(ckpt["classes"]), per_task=layout == "mask")
+        folds.append(dict(fold=a["fold"], images=len(val_idx), epoch=ckpt["epoch"], **scores))
+        log(f"fold {a['fold']}: {len(val_idx)} validation images, best epoch {ckpt['epoch']}, "
+            f"accuracy {scores['accuracy']:.4f}, macro F1 {scores['f1']:.4f}")
+        del model
+    missing = int((fold_of < 0).sum())
+    if missing:
+        raise ValueError(f"{missing} of {len(fold_of)} training images belong to no given fold "
+                         f"(expected all {reference['split'][1]} folds)")
+    return dict(reference, probs=oof, fold=fold_of, folds=folds,
+                scores=score(reference["labels"], oof.argmax(1), len(reference["classes"]), per_task=reference["layout"] == "mask"))
+
+
+def write_oof(path, result):
+    table = pd.DataFrame(result["probs"], columns=result["classes"])
+    table.insert(0, "label", result["labels"])
+    table.insert(0, "fold", result["fold"])
+    table.insert(0, "path", result["paths"])
+    table.to_csv(path, index=False, float_format="%.6f")
+
+
+def resolve_eval_dir(eval_dir, checkpoint):
+    if eval_dir:
+        return eval_dir
+    a = read_meta(checkpoint)["args"]
+    if a.get("eval_dir"):
+        return a["eval_dir"]
+    return dataset.DEMO_DIR / "eval" if a.get("data_dir") is None else None
+
+
+def build_parser():
+    p = Parser(prog="kfold.py", description="Train K folds, score them out of fold and soft-vote them on the eval dir. "
+                                            "train.py flags go after --.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--k", type=int, default=5, help="number of folds")
+    p.add_argument("--name", default="kfold", help="runs/<name> (incremented: kfold2, ...) holds fold0..fold{K-1}")
+    p.add_argument("--model_dir", default="runs", help="where the k-fold directory goes")
+    p.add_argument("--reuse", default=None, help="a k-fold directory already trained: score and ensemble it, train nothing")
+    p.add_argument("--eval_dir", default=None, help="eval dir for the ensemble submission (default: train.py's, or the demo eval split)")
+    p.add_argument("--tta", action="store_true", help="average the flipped view (out of fold and on the eval dir)")
+    p.add_argument("--batch_size", type=int, default=256, help="prediction batch size")
+    p.add_argument("--num_workers", type=int, default=-1, help="prediction loader workers (-1 = from the CPU count)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="prediction device (train.py has its own --device)")
+    return p
+
+
+def main(argv=None):
+    own, train_args = split_argv(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(own)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (train.py flags go after --)")
+    check_train_args(train_args)
+    if args.k < 2:
+        raise ValueError(f"--k {args.k}: need at least 2 folds")
+    if args.batch_size <= 0:
+        raise ValueError("--batch_size must be positive")
+    if args.eval_dir:
+        dataset.check_dir(args.eval_dir, "eval dir")  # fail now, not after hours of training
+    device = resolve_device(args.device)
+    workers = resolve_workers(args.num_workers)
+
+    if args.reuse:
+        if train_args:
+            raise ValueError("--reuse trains nothing: drop the train.py flags after --")
+        run_dir = Path(args.reuse)
+    else:
+        run_dir = increment_path(Path(args.model_dir) / args.name)
+        run_dir.mkdir(parents=True)
+        (run_dir / "kfold.json").write_text(json.dumps({"k": args.k, "train_args": train_args}, indent=2))
+        train_folds(run_dir, args.k, train_args)
+    checkpoints = fold_checkpoints(run_dir)
+
+    print(f"=== out of fold ({len(checkpoints)} folds{', flip TTA' if args.tta else ''})", flush=True)
+    result = out_of_fold(checkpoints, device, args.tta, args.batch_size, workers)
+    write_oof(run_dir / "oof_soft.csv", result)
+    s = result["scores"]
+    tasks = "".join(f", {t} F1 {s[f'{t}_f1']:.4f}" for t in TASKS if f"{t}_f1" in s)
+    print(f"out-of-fold ({len(result['labels'])} images): accuracy {s['accuracy']:.4f}, macro F1 {s['f1']:.4f}{tasks}", flush=True)
+    summary = {"k": len(checkpoints), "tta": args.tta, "oof": s, "folds": result["folds"]}
+
+    eval_dir = resolve_eval_dir(args.eval_dir, checkpoints[0])
+    if eval_dir is None:
+        print("no eval dir (give --eval_dir): no ensemble submission written", flush=True)
+    else:
+        print(f"=== soft vote of {len(checkpoints)} folds on {eval_dir}", flush=True)
+        ids, probs, classes, layout = predict_checkpoints(checkpoints, eval_dir, device, args.tta, args.batch_size, workers,
+                                                          *cache_of(checkpoints[0]))
+        write_submission(run_dir, ids, probs, classes, layout)
+        summary["eval_dir"] = str(eval_dir)
+        print(f"wrote {run_dir / 'submission.csv'} and submission_soft.csv ({len(ids)} images)", flush=True)
+    (run_dir / "kfold_scores.json").write_text(json.dumps(summary, indent=2))
+    return run_dir, summary
+
+
+def cache_of(checkpoint):
+    a = read_meta(checkpoint)["args"]  # eval images go to the cache the folds used
+    return a["cache_dir"], not a["no_cache"]
+
+
+def cli(argv=None):
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        print("kfold.py: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except (DataError, ValueError) as e:
+        message = str(e).strip().splitlines()[-1].removeprefix("dataset.DataError: ")
+        print(f"kfold.py: error: {message}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

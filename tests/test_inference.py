@@ -1,0 +1,170 @@
+"""baseline/inference.py on real checkpoints trained by train.py on the tiny demo data."""
+import csv
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from baseline import inference
+from conftest import ROOT, TINY, train_env
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def soft_probs(path):
+    rows = read_csv(path)
+    return [r["ImageID"] for r in rows], np.array([[float(v) for k, v in r.items() if k != "ImageID"] for r in rows])
+
+
+def train(tmp, cache_dir, name, *args):
+    """train.py as run_train runs it, once per module: these checkpoints serve every test here."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "--model_dir", str(tmp / "runs"), "--cache_dir", str(cache_dir), *TINY,
+           "--epochs", "1", "--name", name, *map(str, args)]
+    proc = subprocess.run(cmd, cwd=tmp, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return tmp / "runs" / name
+
+
+def colour_folders(root):
+    """Class-per-folder data: 4 colours, numeric names included so natural order matters."""
+    colours = {"red": (220, 20, 20), "green": (20, 200, 20), "10": (20, 20, 220), "2": (230, 230, 30)}
+    rng = np.random.default_rng(0)
+    for name, colour in colours.items():
+        (root / "train" / name).mkdir(parents=True)
+        for i in range(6):
+            pixels = np.clip(np.array(colour) + rng.integers(-20, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / "train" / name / f"{i}.png")
+    (root / "test" / "nested").mkdir(parents=True)
+    Image.new("RGB", (32, 32), colours["red"]).save(root / "test" / "a.png")
+    Image.new("RGB", (32, 32), colours["10"]).save(root / "test" / "nested" / "b.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, demo_dir, cache_dir):
+    tmp = tmp_path_factory.mktemp("inference")
+    data = ["--data_dir", demo_dir / "train", "--eval_dir", demo_dir / "eval"]
+    folder = colour_folders(tmp / "colours")
+    return {
+        "single": train(tmp, cache_dir, "single", *data),
+        "multi": train(tmp, cache_dir, "multi", *data, "--classification", "multi_head", "--resize", 48, 32, "--seed", 3),
+        "folder": train(tmp, cache_dir, "folder", "--dataset", "ImageFolderDataset", "--data_dir", folder / "train",
+                        "--eval_dir", folder / "test", "--resize", 32, 32, "--val_ratio", 0.5),
+        "colours": folder,
+    }
+
+
+def run_cli(capsys, *args):
+    try:
+        code = inference.cli([*map(str, args)])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_script_reproduces_train_submission(runs, demo_dir, cache_dir, tmp_path):
+    # the same best.pth on the same eval dir must give what train.py wrote after training
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "baseline" / "inference.py"), "--checkpoint", str(runs["single"] / "best.pth"),
+                           "--eval_dir", str(demo_dir / "eval"), "--out", str(out), "--cache_dir", str(cache_dir), "--num_workers", "0"],
+                          cwd=tmp_path, env=train_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout and "1 checkpoint" in proc.stdout
+    assert read_csv(out / "submission.csv") == read_csv(runs["single"] / "submission.csv")
+    ids, probs = soft_probs(out / "submission_soft.csv")
+    train_ids, train_probs = soft_probs(runs["single"] / "submission_soft.csv")
+    assert ids == train_ids == [r["ImageID"] for r in read_csv(demo_dir / "eval" / "info.csv")]
+    assert np.allclose(probs, train_probs, atol=2e-6)
+    assert list(read_csv(out / "submission_soft.csv")[0])[1:] == list(read_csv(runs["single"] / "submission_soft.csv")[0])[1:]
+
+
+def test_tta_is_flip_invariant(runs, demo_dir, cache_dir, tmp_path):
+    # TTA averages an image and its mirror, so a mirrored eval set must give the same probabilities
+    # (64x48 demo images at --resize 64 48: decoding involves no crop, so flipping commutes with it)
+    mirrored = tmp_path / "mirrored"
+    shutil.copytree(demo_dir / "eval", mirrored)
+    for image in (mirrored / "images").iterdir():
+        Image.open(image).transpose(Image.FLIP_LEFT_RIGHT).save(image, format="PNG")  # lossless, the name stays
+    checkpoint = [runs["single"] / "best.pth"]
+    kw = dict(cache_dir=cache_dir, log=lambda line: None)
+    _, plain, _, _ = inference.predict_checkpoints(checkpoint, demo_dir / "eval", **kw)
+    _, flipped, _, _ = inference.predict_checkpoints(checkpoint, mirrored, **kw)
+    ids, tta, classes, layout = inference.predict_checkpoints(checkpoint, demo_dir / "eval", tta=True, **kw)
+    _, tta_mirrored, _, _ = inference.predict_checkpoints(checkpoint, mirrored, tta=True, **kw)
+    assert len(classes) == 18 and layout == "mask"
+    # the same pixels go through the same batches, so equal means equal to rounding; a one-epoch net is
+    # nearly uniform but not symmetric, so the mirror does move its probabilities (the test has teeth)
+    assert np.abs(plain - flipped).max() > 1e-6
+    assert np.allclose(tta, (plain + flipped) / 2, rtol=0, atol=1e-7)
+    assert np.allclose(tta, tta_mirrored, rtol=0, atol=1e-7)
+
+
+def test_soft_vote_of_two_designs(runs, demo_dir, cache_dir, tmp_path, capsys):
+    # a single-head 64x48 model and a multi-head 48x32 model share the 18 classes: averaged per image
+    common = ["--eval_dir", demo_dir / "eval", "--cache_dir", cache_dir, "--num_workers", 0, "--tta", "--batch_size", 5]
+    for name in ("single", "multi"):
+        assert run_cli(capsys, "--checkpoint", runs[name] / "best.pth", "--out", tmp_path / name, *common)[0] == 0
+    code, out, err = run_cli(capsys, "--checkpoint", runs["single"] / "best.pth", runs["multi"] / "best.pth",
+                             "--out", tmp_path / "both", *common)
+    assert code == 0 and err == ""
+    assert "soft vote of 2 checkpoints, flip TTA" in out and "multi_head" in out and "48x32" in out
+    ids, both = soft_probs(tmp_path / "both" / "submission_soft.csv")
+    _, single = soft_probs(tmp_path / "single" / "submission_soft.csv")
+    _, multi = soft_probs(tmp_path / "multi" / "submission_soft.csv")
+    assert np.allclose(both, (single + multi) / 2, atol=2e-6)
+    assert np.allclose(both.sum(1), 1, atol=1e-4)
+    answers = [int(r["ans"]) for r in read_csv(tmp_path / "both" / "submission.csv")]
+    assert answers == both.argmax(1).tolist()
+
+
+def test_folder_layout_writes_class_names(runs, tmp_path, capsys, cache_dir):
+    code, _, err = run_cli(capsys, "--checkpoint", runs["folder"] / "best.pth", "--eval_dir", runs["colours"] / "test",
+                           "--out", tmp_path / "out", "--cache_dir", cache_dir, "--num_workers", 0, "--device", "cpu")
+    assert code == 0, err
+    rows = read_csv(tmp_path / "out" / "submission.csv")
+    assert [r["ImageID"] for r in rows] == ["a.png", "nested/b.png"]
+    assert all(r["ans"] in ("2", "10", "green", "red") for r in rows)
+    assert list(read_csv(tmp_path / "out" / "submission_soft.csv")[0]) == ["ImageID", "2", "10", "green", "red"]
+
+
+REFUSALS = {
+    "missing checkpoint": (lambda r, d, t: (["--checkpoint", t / "nope.pth", "--eval_dir", d / "eval"], "nope.pth: no such file")),
+    "missing eval dir": (lambda r, d, t: (["--checkpoint", r["single"] / "best.pth", "--eval_dir", t / "nowhere"],
+                                          "eval dir")),
+    "not a checkpoint": (lambda r, d, t: (["--checkpoint", r["single"] / "history.csv", "--eval_dir", d / "eval"],
+                                          "history.csv: not a PyTorch checkpoint")),
+    "different classes": (lambda r, d, t: (["--checkpoint", r["single"] / "best.pth", r["folder"] / "best.pth", "--eval_dir", d / "eval"],
+                                           "checkpoints disagree on classes")),
+    "eval dir without info.csv": (lambda r, d, t: (["--checkpoint", r["single"] / "best.pth", "--eval_dir", d / "train"],
+                                                   "no info.csv")),
+    "batch size": (lambda r, d, t: (["--checkpoint", r["single"] / "best.pth", "--eval_dir", d / "eval", "--batch_size", 0],
+                                    "--batch_size")),
+    "unknown flag": (lambda r, d, t: (["--checkpoint", r["single"] / "best.pth", "--eval_dir", d / "eval", "--tta_views", 3],
+                                      "--tta_views")),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refusal_is_one_line_and_writes_nothing(case, runs, demo_dir, tmp_path, capsys):
+    args, expected = REFUSALS[case](runs, demo_dir, tmp_path)
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "out", "--num_workers", 0)
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0] and str(expected) in lines[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_script_error_exit_code(runs, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "baseline" / "inference.py"), "--checkpoint", str(runs["single"] / "best.pth"),
+                           "--eval_dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")],
+                          cwd=tmp_path, env=train_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr == f"inference.py: error: eval dir {tmp_path / 'nowhere'} does not exist or is not a directory\n"
+    assert not (tmp_path / "out").exists()

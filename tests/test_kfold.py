@@ -1,0 +1,126 @@
+"""baseline/kfold.py: K real train.py runs on the tiny demo data, out-of-fold scores, the fold ensemble."""
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from baseline import ensemble, evaluation, kfold
+from conftest import ROOT, TINY, train_env
+from metrics import score
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, demo_dir, cache_dir):
+    """python baseline/kfold.py --k 3 -- <train.py flags>, as a user runs it."""
+    tmp = tmp_path_factory.mktemp("kfold")
+    cmd = [sys.executable, str(ROOT / "baseline" / "kfold.py"), "--k", "3", "--model_dir", str(tmp / "runs"), "--name", "cv",
+           "--num_workers", "0", "--", "--data_dir", str(demo_dir / "train"), "--eval_dir", str(demo_dir / "eval"),
+           "--cache_dir", str(cache_dir), *TINY, "--epochs", "2", "--seed", "7"]
+    proc = subprocess.run(cmd, cwd=tmp, env=train_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return tmp / "runs" / "cv", proc.stdout
+
+
+def test_folds_side_by_side_and_out_of_fold(trained, demo_dir):
+    run, stdout = trained
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["fold0", "fold1", "fold2"]
+    assert json.loads((run / "kfold.json").read_text())["k"] == 3
+    for fold in range(3):
+        saved = json.loads((run / f"fold{fold}" / "config.json").read_text())
+        assert (saved["kfold"], saved["fold"], saved["seed"], saved["epochs"]) == (3, fold, 7, 2)
+
+    oof = read_csv(run / "oof_soft.csv")
+    paths = sorted(str(p) for p in (demo_dir / "train" / "images").glob("*/*.jpg"))
+    assert sorted(r["path"] for r in oof) == paths  # every training image exactly once
+    folds_of_person = {}
+    for r in oof:
+        folds_of_person.setdefault(Path(r["path"]).parent.name, set()).add(r["fold"])
+    assert all(len(f) == 1 for f in folds_of_person.values())  # split by profile: a person never straddles folds
+    assert {f.pop() for f in folds_of_person.values()} == {"0", "1", "2"}
+
+    classes = list(oof[0])[3:]
+    probs = np.array([[float(r[c]) for c in classes] for r in oof])
+    labels = np.array([int(r["label"]) for r in oof])
+    summary = json.loads((run / "kfold_scores.json").read_text())
+    assert summary["oof"]["f1"] == pytest.approx(score(labels, probs.argmax(1), 18)["f1"])
+    assert f"macro F1 {summary['oof']['f1']:.4f}" in stdout
+    for fold in summary["folds"]:
+        # each fold's best.pth on its own validation part reproduces what train.py measured there
+        best = torch.load(run / f"fold{fold['fold']}" / "best.pth", weights_only=False)
+        assert fold["accuracy"] == pytest.approx(best["best_metric"], abs=1e-9) and fold["epoch"] == best["epoch"]
+
+
+def test_ensemble_submission_is_the_soft_vote_of_the_folds(trained, demo_dir, tmp_path, capsys):
+    run, stdout = trained
+    assert "soft vote of 3 folds" in stdout
+    ids = [r["ImageID"] for r in read_csv(run / "submission.csv")]
+    assert ids == [r["ImageID"] for r in read_csv(demo_dir / "eval" / "info.csv")]
+    # train.py wrote each fold's own eval submission: ensemble.py over them gives the same soft vote
+    folds = [str(run / f"fold{i}" / "submission_soft.csv") for i in range(3)]
+    assert ensemble.cli([*folds, "--out", str(tmp_path / "ens")]) == 0
+    _, mine, _ = ensemble.read_soft(run / "submission_soft.csv")
+    _, theirs, _ = ensemble.read_soft(tmp_path / "ens" / "submission_soft.csv")
+    assert np.allclose(mine, theirs, atol=3e-6)
+    result = evaluation.evaluate(run / "submission.csv", demo_dir / "eval" / "truth.csv")
+    assert result["images"] == len(ids) and 0 <= result["scores"]["f1"] <= 1
+
+
+def test_reuse_rescores_with_tta_without_training(trained, capsys, tmp_path):
+    run = tmp_path / "cv"
+    shutil.copytree(trained[0], run)  # a copy, so the other tests keep the plain ensemble
+    before = {p: p.stat().st_mtime_ns for p in run.glob("fold*/best.pth")}
+    assert kfold.cli(["--reuse", str(run), "--tta", "--num_workers", "0", "--batch_size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "=== fold" not in out and "out of fold (3 folds, flip TTA)" in out and "wrote" in out
+    assert json.loads((run / "kfold_scores.json").read_text())["tta"] is True
+    assert {p: p.stat().st_mtime_ns for p in run.glob("fold*/best.pth")} == before
+
+
+def run_cli(capsys, *args):
+    try:
+        code = kfold.cli([*map(str, args)])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--", "--fold", "1"], "--fold is set by kfold.py"),
+    (["--", "--name=x"], "--name is set by kfold.py"),
+    (["--k", "1"], "--k 1: need at least 2 folds"),
+    (["--eval_dir", "nowhere"], "eval dir nowhere does not exist"),
+    (["--reuse", "empty"], "empty: no fold*/best.pth"),
+    (["--reuse", "empty", "--", "--epochs", "3"], "--reuse trains nothing"),
+    (["--epochs", "3"], "unrecognized arguments: --epochs 3 (train.py flags go after --)"),
+])
+def test_refusal_is_one_line_and_trains_nothing(args, expected, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    code, err = run_cli(capsys, "--model_dir", tmp_path / "runs", *args)
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kfold.py: error:") and expected in lines[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_failed_fold_stops_with_its_name(tmp_path, demo_dir, cache_dir, capfd):
+    # in-process kfold.py, real train.py subprocess: capfd sees both processes' stderr
+    code = kfold.cli(["--k", "2", "--model_dir", str(tmp_path / "runs"), "--",
+                      "--data_dir", str(demo_dir / "train"), "--cache_dir", str(cache_dir), "--lr", "-1"])
+    assert code == 1
+    assert capfd.readouterr().err.strip().splitlines() == [
+        "train.py: error: --lr -1.0: must be positive",
+        f"kfold.py: error: fold 0: train.py exited with code 1 (its message is above); "
+        f"the folds trained so far are in {tmp_path / 'runs' / 'kfold'}"]
