@@ -186,6 +186,7 @@ if __name__ == "__main__":  # manual use: python tests/sshd.py [DIR]
     import sys
     import tempfile
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so `kill PID` also stops sshd
     d = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="sshd-"))
     with start_sshd(d) as srv:
         print(f"sshd on {srv.host}:{srv.port} user={srv.user} key={srv.key_file} (Ctrl-C to stop)", flush=True)

@@ -1,0 +1,379 @@
+"""Real NNI 3.0 experiments: `nnictl create` locally and over SSH (a throwaway sshd on
+127.0.0.1), train.py trials on the tiny demo data, results read back through the REST
+API, the trials' own files (checkpoints, TensorBoard events) and baseline/experiment.py.
+
+Every experiment gets its own port, working directory and HOME (so nnictl's registry
+stays out of the real ~/nni-experiments) and is stopped in a finally block.
+"""
+import contextlib
+import json
+import math
+import os
+import pwd
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import TINY
+from sshd import free_port, start_sshd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import train  # noqa: E402
+from baseline import experiment as expmod  # noqa: E402
+from baseline.preflight import gpu_problem  # noqa: E402
+
+BIN = Path(sys.executable).parent
+NNICTL = BIN / "nnictl"
+FINISHED = {"SUCCEEDED", "EARLY_STOPPED", "USER_CANCELED", "FAILED", "SYS_CANCELED"}
+
+
+# ----------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module")
+def nni_home(tmp_path_factory):
+    """HOME for nnictl: its experiment registry lands here, not in the real ~/nni-experiments."""
+    home = tmp_path_factory.mktemp("home")
+    (home / "mpl").mkdir()
+    return home
+
+
+def nni_env(home):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NNI_")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["HOME"] = str(home)
+    env["MPLCONFIGDIR"] = str(Path(home) / "mpl")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def load_yaml(name):
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def derive_command(command, demo_dir, cache_dir, epochs, extra=()):
+    """config's trialCommand -> the venv's absolute python (login shells here put pyenv
+    shims first on PATH), --epochs replaced, the tiny demo data and cache appended."""
+    words = shlex.split(command)
+    assert words[:2] == ["python3", "train.py"], command
+    words = [sys.executable] + words[1:]
+    if "--epochs" in words:
+        i = words.index("--epochs")
+        del words[i:i + 2]
+    words += ["--epochs", str(epochs), *TINY, "--data_dir", str(demo_dir / "train"),
+              "--eval_dir", str(demo_dir / "eval"), "--cache_dir", str(cache_dir), *extra]
+    return shlex.join(words)
+
+
+def rest(port, path):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/nni/{path}", timeout=10) as r:
+        return json.loads(r.read().decode())
+
+
+class Running:
+    def __init__(self, port, exp_id, workdir, env):
+        self.port, self.id, self.workdir, self.env = port, exp_id, workdir, env
+
+    @property
+    def log_dir(self):
+        return self.workdir / "exps" / self.id / "log"
+
+    def manager_log(self):
+        try:
+            return (self.log_dir / "nnimanager.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def diagnose(self, trial_dirs=()):
+        parts = [f"--- nnimanager.log (tail)\n{self.manager_log()[-4000:]}"]
+        for d in trial_dirs:
+            for name in ("trial.stderr", "trial.log", "trial.stdout"):
+                f = Path(d) / name
+                if f.is_file():
+                    parts.append(f"--- {f}\n{f.read_text(errors='replace')[-1500:]}")
+        return "\n".join(parts)
+
+    def wait_done(self, timeout):
+        deadline = time.monotonic() + timeout
+        status = None
+        while time.monotonic() < deadline:
+            status = rest(self.port, "check-status")
+            if status["status"] in ("DONE", "ERROR", "STOPPED"):
+                break
+            time.sleep(2)
+        assert status and status["status"] == "DONE", f"experiment not DONE in {timeout} s: {status}\n{self.diagnose()}"
+        return status
+
+
+@contextlib.contextmanager
+def nni_experiment(config, workdir, home):
+    """nnictl create on a free port; always nnictl stop at the end."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = dict(config, experimentWorkingDirectory=str(workdir / "exps"))
+    path = workdir / "config.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    env = nni_env(home)
+    port = free_port()
+    proc = subprocess.run([str(NNICTL), "create", "--config", str(path), "--port", str(port)], env=env,
+                          capture_output=True, text=True, timeout=180)
+    out = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr)
+    found = re.search(r"Experiment ID: (\w+)", out)
+    try:
+        assert proc.returncode == 0 and found, f"nnictl create failed ({proc.returncode}):\n{out}"
+        yield Running(port, found.group(1), workdir, env)
+    finally:
+        stop = [str(NNICTL), "stop", found.group(1)] if found else [str(NNICTL), "stop", "--port", str(port)]
+        subprocess.run(stop, env=env, capture_output=True, timeout=120)
+
+
+def in_space(space, params):
+    """Whether a parameter dict lies in an NNI search space (nested choices included)."""
+    problems = []
+    for key, spec in space.items():
+        if key not in params:
+            problems.append(f"{key} missing")
+            continue
+        value, kind, bounds = params[key], spec["_type"], spec["_value"]
+        if kind == "choice":
+            if isinstance(value, dict) and "_name" in value:
+                match = [c for c in bounds if isinstance(c, dict) and c.get("_name") == value["_name"]]
+                if not match:
+                    problems.append(f"{key}={value['_name']} not a choice")
+                else:
+                    sub = {k: v for k, v in match[0].items() if k != "_name"}
+                    problems += in_space(sub, {k: v for k, v in value.items() if k != "_name"})
+            elif value not in bounds:
+                problems.append(f"{key}={value!r} not in {bounds}")
+        elif kind in ("uniform", "loguniform", "quniform", "qloguniform"):
+            if not bounds[0] - 1e-12 <= value <= bounds[1] + 1e-12:
+                problems.append(f"{key}={value} outside {bounds}")
+        elif kind == "randint":
+            if not bounds[0] <= value < bounds[1]:
+                problems.append(f"{key}={value} outside {bounds}")
+    for key in params:
+        if key not in space:
+            problems.append(f"{key} not in the search space")
+    return problems
+
+
+def assessor_kills(manager_log):
+    """Trials the assessor stopped (nnimanager logs KILL_TRIAL_JOB as `cancelTrialJob: "ID"`)."""
+    return set(re.findall(r'cancelTrialJob: "(\w+)"', manager_log))
+
+
+def check_trials(run, exp, out_dir_of, epochs, space):
+    """The shared assertions of the local and the remote experiment."""
+    killed = assessor_kills(run.manager_log())
+    dirs = [out_dir_of(t) for t in exp.trials]
+    diag = lambda: run.diagnose(dirs)  # noqa: E731
+    assert exp.trials, diag()
+    for t in exp.trials:
+        out = out_dir_of(t)
+        stderr = (out / "trial.stderr").read_text(errors="replace") if (out / "trial.stderr").is_file() else ""
+        assert "Traceback" not in stderr, f"{t.id}: {stderr}"
+        # NNI 3.0 reports an assessor stop as USER_CANCELED (compat.js sets isEarlyStopped after the
+        # trial-end event); an interrupted train.py must exit by the signal, not with a code (= FAILED)
+        allowed = {"SUCCEEDED", "EARLY_STOPPED"} | ({"USER_CANCELED"} if t.id in killed else set())
+        assert t.status in allowed, f"{t.id} {t.status} (assessor-stopped: {t.id in killed})\n{diag()}"
+        assert not in_space(space, t.params), f"{t.id}: {in_space(space, t.params)}"
+
+        saved = json.loads((out / "config.json").read_text())  # what train.py really ran with
+        for key, value in expmod.flatten(t.params).items():
+            assert saved[key] == pytest.approx(value) if isinstance(value, float) else saved[key] == value, (
+                f"{t.id}: {key}={saved[key]!r} in config.json, NNI parameter {value!r}")
+
+        values = [m["default"] for m in t.intermediates]
+        assert all(isinstance(m, dict) and {"default", "accuracy", "f1", "loss"} <= set(m) for m in t.intermediates)
+        history = (out / "history.csv").read_text().strip().splitlines()[1:] if (out / "history.csv").is_file() else []
+        if t.status == "SUCCEEDED":
+            assert len(values) == epochs, f"{t.id}: {len(values)} intermediate results for {epochs} epochs"
+            assert len(history) == epochs
+            assert t.metric == pytest.approx(max(values)), f"{t.id}: final {t.metric} != best intermediate {max(values)}"
+            for name in ("best.pth", "last.pth"):
+                ckpt = torch.load(out / name, map_location="cpu", weights_only=False)
+                assert "state_dict" in ckpt, name
+            assert torch.load(out / "last.pth", map_location="cpu", weights_only=False)["epoch"] == epochs
+            check_tensorboard(out / "tensorboard", epochs)
+        else:
+            assert len(values) == len(history) <= epochs, f"{t.id}: {len(values)} reported, {len(history)} in history.csv"
+
+
+def check_tensorboard(tb_dir, epochs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = list(tb_dir.glob("events.out.tfevents.*"))
+    assert events, f"no TensorBoard events in {tb_dir}"
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert "val/accuracy" in tags, tags
+    assert [e.step for e in acc.Scalars("val/accuracy")] == list(range(1, epochs + 1))
+    assert all(0.0 <= e.value <= 1.0 for e in acc.Scalars("val/accuracy"))
+
+
+def local_config(demo_dir, cache_dir, trials, epochs, concurrency=2):
+    config = load_yaml("config_local.yml")
+    config["trialCommand"] = derive_command(config["trialCommand"], demo_dir, cache_dir, epochs)
+    config.update(trialCodeDirectory=str(ROOT), maxTrialNumber=trials, trialConcurrency=concurrency,
+                  maxExperimentDuration="10m")
+    config["assessor"]["classArgs"]["start_step"] = 1
+    return config
+
+
+# ----------------------------------------------------------------------------- static checks
+def _values_to_try(spec):
+    kind, bounds = spec["_type"], spec["_value"]
+    if kind == "choice":
+        return bounds
+    return [bounds[0], bounds[1]]
+
+
+@pytest.mark.parametrize("where", ["search_space.json", "config_local.yml"])
+def test_search_space_keys_and_values_are_train_flags(where):
+    space = json.loads((ROOT / where).read_text()) if where.endswith(".json") else load_yaml(where)["searchSpace"]
+    parser = train.build_parser()
+    base = parser.parse_args([])
+    assert {"lr", "batch_size", "optimizer", "weight_decay", "augmentation", "head", "criterion"} <= set(space)
+    assert space["lr"]["_type"] == "loguniform"
+    assert any(isinstance(c, dict) and c["_name"] == "focal" and "focal_gamma" in c for c in space["criterion"]["_value"])
+    for key, spec in space.items():
+        for value in _values_to_try(spec):
+            if isinstance(value, dict):  # nested choice: its own hyperparameters at both ends
+                for sub, sub_spec in (kv for kv in value.items() if kv[0] != "_name"):
+                    for v in _values_to_try(sub_spec):
+                        train.apply_params(parser, base, {key: {"_name": value["_name"], sub: v}}, where)
+                train.apply_params(parser, base, {key: {"_name": value["_name"]}}, where)
+            else:
+                train.apply_params(parser, base, {key: value}, where)  # raises on unknown key / bad value
+    if where == "search_space.json":
+        assert len(space["model"]["_value"]) >= 3
+
+
+def test_config_remote_is_valid_and_schedules_on_one_gpu_hosts(tmp_path):
+    from nni.experiment.config import ExperimentConfig
+    raw = load_yaml("config_remote.yml")
+    assert raw["nniManagerIp"] and raw["trainingService"]["platform"] == "remote"
+    assert "--data_dir" in shlex.split(raw["trialCommand"])
+    machines = raw["trainingService"]["machineList"]
+    assert len(machines) == 2
+    key = tmp_path / "key"
+    key.write_text("placeholder")
+    for m in machines:
+        assert m["pythonPath"].endswith("/bin") and "password" not in m and m["sshKeyFile"]
+        # a 1-GPU host must be able to take a trial (NNI 3.0 refuses requests for all of a host's GPUs)
+        assert gpu_problem(1, raw.get("trialGpuNumber"), m.get("maxTrialNumberPerGpu", 1), m.get("gpuIndices")) is None
+        m["sshKeyFile"] = str(key)
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # relative paths in the config are relative to it
+    try:
+        ExperimentConfig(**raw).validate()
+        ExperimentConfig.load(str(ROOT / "config_local.yml")).validate()
+    finally:
+        os.chdir(cwd)
+
+
+def test_nniignore_keeps_data_and_envs_out():
+    lines = {l.strip() for l in (ROOT / ".nniignore").read_text().splitlines() if l.strip() and not l.startswith("#")}
+    assert {"data/", "runs/", ".git/", ".venv/", "venv*/", "__pycache__/"} <= lines
+
+
+def test_best_command_from_params():
+    params = {"lr": 0.001, "batch_size": 64.0, "criterion": {"_name": "focal", "focal_gamma": 2.5},
+              "resize": [64, 48], "freeze_backbone": True, "pretrained": False, "head": "512-256"}
+    cmd = expmod.best_command("python3 train.py --data_dir '/data/my set' --lr 0.1 --epochs 20 --freeze_backbone", params)
+    assert shlex.split(cmd) == ["python3", "train.py", "--data_dir", "/data/my set", "--epochs", "20",
+                                "--lr", "0.001", "--batch_size", "64", "--criterion", "focal", "--focal_gamma", "2.5",
+                                "--resize", "64", "48", "--freeze_backbone", "--head", "512-256"]
+    args = train.build_parser().parse_args(shlex.split(cmd)[2:])
+    assert args.criterion == "focal" and args.focal_gamma == 2.5 and args.batch_size == 64 and args.resize == [64, 48]
+
+
+# ----------------------------------------------------------------------------- real experiments
+def test_local_experiment(tmp_path, demo_dir, cache_dir, nni_home):
+    epochs, trials = 2, 4
+    config = local_config(demo_dir, cache_dir, trials, epochs)
+    with nni_experiment(config, tmp_path / "local", nni_home) as run:
+        run.wait_done(300)
+        exp = expmod.from_rest(run.port)
+        assert len(exp.trials) == trials
+        check_trials(run, exp, lambda t: Path(t.log_path), epochs, config["searchSpace"])
+        assert any(t.status == "SUCCEEDED" for t in exp.trials)
+
+        # the summary tool against the live REST API
+        out = subprocess.run([sys.executable, str(ROOT / "baseline" / "experiment.py"), "--port", str(run.port),
+                              "--csv", str(tmp_path / "trials.csv")], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        best = expmod.best_trial(exp)
+        assert f"best trial {best.id}" in out.stdout
+        command = out.stdout.strip().splitlines()[-1]
+        assert command.startswith(shlex.quote(sys.executable) + " train.py") and "--criterion" in command
+        args = train.build_parser().parse_args(shlex.split(command)[2:])
+        assert args.epochs == epochs and args.lr == pytest.approx(best.params["lr"])
+        rows = (tmp_path / "trials.csv").read_text().strip().splitlines()
+        assert len(rows) == trials + 1 and rows[1].split(",")[1] == best.id
+
+    # stopped: the same table from nnictl's registry and the experiment's nni.sqlite
+    out = subprocess.run([sys.executable, str(ROOT / "baseline" / "experiment.py"), "--id", run.id],
+                         env=nni_env(nni_home), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "nni.sqlite" in out.stdout and f"best trial {best.id}" in out.stdout
+
+
+def test_remote_experiment_over_ssh(tmp_path, demo_dir, cache_dir, nni_home):
+    epochs, trials = 2, 3
+    config = local_config(demo_dir, cache_dir, trials, epochs)
+    with start_sshd(tmp_path / "sshd") as sshd:
+        config["nniManagerIp"] = "127.0.0.1"
+        config["trainingService"] = {"platform": "remote", "machineList": [{
+            "host": sshd.host, "port": sshd.port, "user": sshd.user, "sshKeyFile": str(sshd.key_file),
+            "pythonPath": str(BIN)}]}
+        remote_home = Path(pwd.getpwnam(sshd.user).pw_dir)
+        exp_id = None
+        try:
+            with nni_experiment(config, tmp_path / "remote", nni_home) as run:
+                exp_id = run.id
+                run.wait_done(420)
+                exp = expmod.from_rest(run.port)
+                assert len(exp.trials) == trials
+                # logPath is "host:~/nni-experiments/<exp>/environments/<env>/trials/<id>" on the server
+                for t in exp.trials:
+                    assert t.log_path.startswith(f"{sshd.host}:~/nni-experiments/{run.id}/"), t.log_path
+
+                def out_dir(t):
+                    return remote_home / t.log_path.split(":~/", 1)[1]
+                check_trials(run, exp, out_dir, epochs, config["searchSpace"])
+                assert "Installed nni v3.0" in run.manager_log()  # the remote `pip install nni --upgrade` kept 3.0
+                # the code went up as a tarball without what .nniignore excludes
+                code = remote_home / "nni-experiments" / run.id / "environments" / "remote-worker1" / "upload" / "trial_code"
+                assert (code / "train.py").is_file() and not (code / ".git").exists() and not (code / ".venv").exists()
+        finally:
+            if exp_id:
+                shutil.rmtree(remote_home / "nni-experiments" / exp_id, ignore_errors=True)
+
+
+def test_invalid_parameter_fails_its_trial_only(tmp_path, demo_dir, cache_dir, nni_home):
+    config = local_config(demo_dir, cache_dir, 3, 1)
+    config["searchSpace"] = {"optimizer": {"_type": "choice", "_value": ["AdamW", "NoSuchOptimizer", "SGD"]}}
+    config["tuner"] = {"name": "GridSearch"}
+    del config["assessor"]
+    with nni_experiment(config, tmp_path / "invalid", nni_home) as run:
+        run.wait_done(240)
+        exp = expmod.from_rest(run.port)
+        by_opt = {t.params["optimizer"]: t for t in exp.trials}
+        assert set(by_opt) == {"AdamW", "NoSuchOptimizer", "SGD"}, run.diagnose()
+        bad = by_opt.pop("NoSuchOptimizer")
+        assert bad.status == "FAILED" and not bad.intermediates and bad.final is None
+        stderr = (Path(bad.log_path) / "trial.stderr").read_text()
+        lines = [l for l in stderr.splitlines() if l.strip()]
+        assert lines and lines[-1].startswith("train.py: error: NNI parameters: parameter 'optimizer'"), stderr
+        assert "NoSuchOptimizer" in lines[-1] and "AdamW" in lines[-1] and "Traceback" not in stderr
+        for t in by_opt.values():
+            assert t.status == "SUCCEEDED" and len(t.intermediates) == 1 and math.isfinite(t.metric), run.diagnose()
