@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import dataset  # noqa: E402
-from baseline.inference import predict_checkpoints, read_meta, resolve_device, resolve_workers  # noqa: E402
+from baseline.inference import predict_checkpoints, read_meta, resolve_device, resolve_workers, say  # noqa: E402
 from dataset import DataError, ImageDataset, Normalize  # noqa: E402
 from metrics import TASKS, score  # noqa: E402
 from model import load_checkpoint  # noqa: E402
@@ -77,7 +77,7 @@ def fold_checkpoints(run_dir):
     return paths
 
 
-def out_of_fold(checkpoints, device, tta=False, batch_size=256, num_workers=0, log=print):
+def out_of_fold(checkpoints, device, tta=False, batch_size=256, num_workers=0, log=say):
     """Each fold's model on its own validation part -> dict(labels, probs, fold, paths, classes, layout, folds=[scores]).
     The split is rebuilt from the flags saved in the checkpoint, with the split function train.py used."""
     reference = oof = None
@@ -145,7 +145,7 @@ def build_parser():
     p.add_argument("--name", default="kfold", help="runs/<name> (incremented: kfold2, ...) holds fold0..fold{K-1}")
     p.add_argument("--model_dir", default="runs", help="where the k-fold directory goes")
     p.add_argument("--reuse", default=None, help="a k-fold directory already trained: score and ensemble it, train nothing")
-    p.add_argument("--eval_dir", default=None, help="eval dir for the ensemble submission (default: train.py's, or the demo eval split)")
+    p.add_argument("--eval_dir", default=None, help="eval dir for the ensemble submission; unset = the one given to train.py, or the demo eval split")
     p.add_argument("--tta", action="store_true", help="average the flipped view (out of fold and on the eval dir)")
     p.add_argument("--batch_size", type=int, default=256, help="prediction batch size")
     p.add_argument("--num_workers", type=int, default=-1, help="prediction loader workers (-1 = from the CPU count)")

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from baseline import inference
@@ -22,13 +23,18 @@ def soft_probs(path):
     return [r["ImageID"] for r in rows], np.array([[float(v) for k, v in r.items() if k != "ImageID"] for r in rows])
 
 
-def train(tmp, cache_dir, name, *args):
-    """train.py as run_train runs it, once per module: these checkpoints serve every test here."""
-    cmd = [sys.executable, str(ROOT / "train.py"), "--model_dir", str(tmp / "runs"), "--cache_dir", str(cache_dir), *TINY,
-           "--epochs", "1", "--name", name, *map(str, args)]
-    proc = subprocess.run(cmd, cwd=tmp, env=train_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return tmp / "runs" / name
+def train(tmp, cache_dir, runs):
+    """train.py as run_train runs it, once per module (the three at once: mostly start-up, which
+    overlaps well): these checkpoints serve every test here."""
+    procs = {}
+    for name, args in runs.items():
+        cmd = [sys.executable, str(ROOT / "train.py"), "--model_dir", str(tmp / "runs"), "--cache_dir", str(cache_dir), *TINY,
+               "--epochs", "1", "--name", name, *map(str, args)]
+        procs[name] = subprocess.Popen(cmd, cwd=tmp, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+    return {name: tmp / "runs" / name for name in runs}
 
 
 def colour_folders(root):
@@ -51,13 +57,12 @@ def runs(tmp_path_factory, demo_dir, cache_dir):
     tmp = tmp_path_factory.mktemp("inference")
     data = ["--data_dir", demo_dir / "train", "--eval_dir", demo_dir / "eval"]
     folder = colour_folders(tmp / "colours")
-    return {
-        "single": train(tmp, cache_dir, "single", *data),
-        "multi": train(tmp, cache_dir, "multi", *data, "--classification", "multi_head", "--resize", 48, 32, "--seed", 3),
-        "folder": train(tmp, cache_dir, "folder", "--dataset", "ImageFolderDataset", "--data_dir", folder / "train",
-                        "--eval_dir", folder / "test", "--resize", 32, 32, "--val_ratio", 0.5),
-        "colours": folder,
-    }
+    return dict(train(tmp, cache_dir, {
+        "single": data,
+        "multi": [*data, "--classification", "multi_head", "--resize", 48, 32, "--seed", 3],
+        "folder": ["--dataset", "ImageFolderDataset", "--data_dir", folder / "train", "--eval_dir", folder / "test",
+                   "--resize", 32, 32, "--val_ratio", 0.5],
+    }), colours=folder)
 
 
 def run_cli(capsys, *args):
@@ -158,6 +163,14 @@ def test_refusal_is_one_line_and_writes_nothing(case, runs, demo_dir, tmp_path, 
     assert code != 0
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "error" in lines[0] and str(expected) in lines[0], err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_without_cuda(runs, demo_dir, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "--checkpoint", runs["single"] / "best.pth", "--eval_dir", demo_dir / "eval",
+                           "--device", "cuda", "--out", tmp_path / "out")
+    assert code == 1 and err == "inference.py: error: --device cuda: no CUDA device available\n"
     assert not (tmp_path / "out").exists()
 
 
