@@ -1,7 +1,7 @@
 """Combine submissions: soft voting (mean of probabilities) or hard voting (majority of answers).
 
-    python baseline/ensemble.py runs/exp/submission_soft.csv runs/exp2/submission_soft.csv --out output/ens
-    python baseline/ensemble.py runs/*/submission_soft.csv --weights 2 1 1 --out output/ens
+    python baseline/ensemble.py runs/exp/submission_soft.csv runs/exp2/submission_soft.csv --out runs/ensemble
+    python baseline/ensemble.py runs/exp/submission_soft.csv runs/exp2/submission_soft.csv runs/exp3/submission_soft.csv --weights 2 1 1
     python baseline/ensemble.py --method hard runs/exp/submission.csv runs/exp2/submission.csv runs/exp3/submission.csv
 
 soft  takes submission_soft.csv files (ImageID + one probability column per class),
@@ -151,7 +151,7 @@ def build_parser():
     p.add_argument("inputs", nargs="+", help="soft: submission_soft.csv files; hard: submission.csv files")
     p.add_argument("--method", default="soft", choices=["soft", "hard"], help="mean of probabilities, or majority of answers")
     p.add_argument("--weights", nargs="+", type=float, default=None, help="soft: one weight per input (default: equal)")
-    p.add_argument("--out", default="ensemble", help="where submission.csv (and submission_soft.csv for soft) go")
+    p.add_argument("--out", default="runs/ensemble", help="where submission.csv (and submission_soft.csv for soft) go")
     return p
 
 

@@ -1,8 +1,8 @@
 """Score a submission against the truth: accuracy, macro F1, per task (mask, gender, age) for
 the 18-class layout, and the confusion matrix.
 
-    python baseline/evaluation.py output/submission.csv --truth data/demo/eval/truth.csv
-    python baseline/evaluation.py runs/exp/submission_soft.csv --truth data/demo/eval/truth.csv --plot confusion.png
+    python baseline/evaluation.py runs/inference/submission.csv --truth data/demo/eval/truth.csv
+    python baseline/evaluation.py runs/exp/submission_soft.csv --truth data/demo/eval/truth.csv --plot runs/confusion.png
     python baseline/evaluation.py flowers_pred/submission.csv --truth flowers_truth.csv --layout folder
 
 Both files are CSVs with ImageID,ans and must list the same images. ans is a class

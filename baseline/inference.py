@@ -1,8 +1,8 @@
 """Predict an eval dir with one or more train.py checkpoints -> submission.csv + submission_soft.csv.
 
-    python baseline/inference.py --checkpoint runs/exp/best.pth --eval_dir data/demo/eval --out output
+    python baseline/inference.py --checkpoint runs/exp/best.pth --eval_dir data/demo/eval --out runs/inference
     python baseline/inference.py --checkpoint runs/exp/best.pth --eval_dir DATA/eval --tta --device cuda
-    python baseline/inference.py --checkpoint runs/kfold/fold*/best.pth --eval_dir DATA/eval --out output/kfold
+    python baseline/inference.py --checkpoint runs/kfold/fold*/best.pth --eval_dir DATA/eval --out runs/kfold_tta --tta
 
 Everything the model needs (backbone, head design, classes, input size, mean/std,
 layout) is read from the checkpoint, so no training flag is repeated here.
@@ -110,7 +110,7 @@ def build_parser():
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", nargs="+", required=True, help="best.pth / last.pth files; several are soft-voted")
     p.add_argument("--eval_dir", required=True, help="mask layout: DATA/eval (info.csv + images/); folder layout: a folder of images")
-    p.add_argument("--out", default="output", help="where submission.csv and submission_soft.csv go")
+    p.add_argument("--out", default="runs/inference", help="where submission.csv and submission_soft.csv go")
     p.add_argument("--tta", action="store_true", help="also average the horizontally flipped view")
     p.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
     p.add_argument("--num_workers", type=int, default=-1, help="loader workers (-1 = from the CPU count)")
