@@ -10,9 +10,11 @@ parameters are printed as a ready `python3 train.py ...` command: the
 experiment's trialCommand with the searched flags put in (lists as space
 separated values, True booleans as bare flags, nested choices flattened).
 
-Parameters are taken from the parameter id that the trial itself reported
-with its metrics: in NNI 3.0 the REST trial list can show another trial's
-parameters (the training service hands parameter sets out in request order).
+In NNI 3.0 the REST trial list can show another trial's parameters: the
+training service hands parameter sets out in the order trials ask for them.
+So a trial's parameters are taken from nnimanager.log's "Trial parameter: ID
+{...}" line when the experiment's log is on this machine, else from the
+parameter id the trial reported with its metrics.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import shlex
 import sqlite3
 import sys
@@ -102,7 +105,26 @@ def _hyper(value) -> dict | None:
     return value if isinstance(value, dict) and "parameters" in value else None
 
 
-def _assemble(exp_id, status, params, trial_rows, metric_rows, source) -> Experiment:
+SENT = re.compile(r"Trial parameter: (\w+) (\{.*\})\s*$")
+
+
+def sent_parameters(log_dir: Path | None) -> dict[str, dict]:
+    """trial id -> the parameter set the training service sent it, from nnimanager.log
+    ("Trial parameter: ID {...}", logged by NNI 3.0's local and remote services), when
+    that log is on this machine."""
+    sent: dict[str, dict] = {}
+    path = Path(log_dir) / "nnimanager.log" if log_dir else None
+    if not path or not path.is_file():
+        return sent
+    with open(path, errors="replace") as f:
+        for line in f:
+            m = SENT.search(line)
+            if m and (h := _hyper(m.group(2))):
+                sent[m.group(1)] = h
+    return sent
+
+
+def _assemble(exp_id, status, params, trial_rows, metric_rows, source, sent=None) -> Experiment:
     """trial_rows: (id, status, sequence, [hyperparameter dicts], log_path); metric_rows: (trial, param_id, type, data)."""
     by_param: dict[int, dict] = {}
     trials: dict[str, Trial] = {}
@@ -122,7 +144,21 @@ def _assemble(exp_id, status, params, trial_rows, metric_rows, source) -> Experi
             t.final = _metric(data)
         elif mtype == "PERIODICAL":
             t.intermediates.append(_metric(data))
-    for tid, pid in reported.items():  # what the trial really ran (see module doc)
+    # What each trial really ran (see module doc): the parameter set sent to it, else the
+    # parameter id it reported with its metrics, else (a trial that reported nothing)
+    # the one set no other trial ran if it is the only such trial, else its own listing.
+    known = {}
+    for tid, h in (sent or {}).items():
+        if tid in trials:
+            by_param.setdefault(int(h["parameter_id"]), h["parameters"])
+            known[tid] = int(h["parameter_id"])
+    for tid, pid in reported.items():
+        known.setdefault(tid, pid)
+    unknown = [t for t in trials.values() if t.id not in known]
+    free = set(by_param) - set(known.values())
+    if len(unknown) == 1 and len(free) == 1:
+        known[unknown[0].id] = free.pop()
+    for tid, pid in known.items():
         if pid in by_param:
             trials[tid].parameter_id, trials[tid].params = pid, by_param[pid]
     return Experiment(exp_id, status, params, list(trials.values()), source)
@@ -145,7 +181,9 @@ def from_rest(port: int, host: str = "127.0.0.1", timeout: float = 10) -> Experi
         hypers = [h for h in (_hyper(x) for x in j.get("hyperParameters") or []) if h]
         rows.append((j["trialJobId"], j.get("status"), j.get("sequenceId"), hypers, j.get("logPath")))
     mrows = [(m["trialJobId"], m.get("parameterId"), m.get("type"), m.get("data")) for m in metrics]
-    return _assemble(profile.get("id", "?"), status, profile.get("params", {}), rows, mrows, f"{base} (REST)")
+    log_dir = Path(profile["logDir"]) / "log" if profile.get("logDir") else None
+    return _assemble(profile.get("id", "?"), status, profile.get("params", {}), rows, mrows, f"{base} (REST)",
+                     sent_parameters(log_dir))
 
 
 def from_sqlite(db: Path, exp_id: str, status: str = "STOPPED") -> Experiment:
@@ -168,7 +206,8 @@ def from_sqlite(db: Path, exp_id: str, status: str = "STOPPED") -> Experiment:
         h = _hyper(data)
         if h and all(h["parameter_id"] != x["parameter_id"] for x in row[3]):
             row[3].append(h)
-    return _assemble(exp_id, status, params, [tuple(r) for r in state.values()], metrics, str(db))
+    return _assemble(exp_id, status, params, [tuple(r) for r in state.values()], metrics, str(db),
+                     sent_parameters(Path(db).parent.parent / "log"))
 
 
 def registry(home: Path | None = None) -> dict:
