@@ -219,13 +219,20 @@ def check_tensorboard(tb_dir, epochs):
     assert all(0.0 <= e.value <= 1.0 for e in acc.Scalars("val/accuracy"))
 
 
-def local_config(demo_dir, cache_dir, trials, epochs, concurrency=2):
+def local_config(demo_dir, cache_dir, trials, epochs):
     config = load_yaml("config_local.yml")
     config["trialCommand"] = derive_command(config["trialCommand"], demo_dir, cache_dir, epochs)
-    config.update(trialCodeDirectory=str(ROOT), maxTrialNumber=trials, trialConcurrency=concurrency,
-                  maxExperimentDuration="10m")
-    config["assessor"]["classArgs"]["start_step"] = 1
+    config.update(trialCodeDirectory=str(ROOT), maxTrialNumber=trials, maxExperimentDuration="10m")
+    config["assessor"]["classArgs"]["start_step"] = 1  # let Medianstop act within 2 epochs
     return config
+
+
+def remote_tuner():
+    """config_remote.yml's tuner (SafeTPE from the repository), its codeDirectory made absolute."""
+    tuner = load_yaml("config_remote.yml")["tuner"]
+    if "codeDirectory" in tuner:
+        tuner["codeDirectory"] = str((ROOT / tuner["codeDirectory"]).resolve())
+    return tuner
 
 
 # ----------------------------------------------------------------------------- static checks
@@ -296,6 +303,19 @@ def test_best_command_from_params():
     assert args.criterion == "focal" and args.focal_gamma == 2.5 and args.batch_size == 64 and args.resize == [64, 48]
 
 
+def test_safe_tpe_survives_swapped_parameters():
+    """NNI 3.0 (concurrency > 1): the trial that ran parameter id 1 is listed, and ends, as id 0."""
+    from baseline.nni_tuner import SafeTPE
+    tuner = SafeTPE(optimize_mode="maximize")
+    tuner.update_search_space({"lr": {"_type": "loguniform", "_value": [1e-4, 1e-2]}})
+    p0, p1 = tuner.generate_parameters(0), tuner.generate_parameters(1)
+    tuner.receive_trial_result(1, p1, 0.5)
+    tuner.trial_end(0, True)                 # the dispatcher's (wrong) id from the trial list
+    tuner.receive_trial_result(0, p0, 0.7)   # stock TpeTuner: KeyError 0, the dispatcher dies
+    tuner.trial_end(1, True)
+    assert 1e-4 <= tuner.generate_parameters(2)["lr"] <= 1e-2
+
+
 # ----------------------------------------------------------------------------- real experiments
 def test_local_experiment(tmp_path, demo_dir, cache_dir, nni_home):
     epochs, trials = 2, 4
@@ -328,8 +348,10 @@ def test_local_experiment(tmp_path, demo_dir, cache_dir, nni_home):
 
 
 def test_remote_experiment_over_ssh(tmp_path, demo_dir, cache_dir, nni_home):
-    epochs, trials = 2, 3
+    epochs, trials = 2, 4
     config = local_config(demo_dir, cache_dir, trials, epochs)
+    # as config_remote.yml: two trials at once, with its tuner (SafeTPE: see baseline/nni_tuner.py)
+    config.update(trialConcurrency=2, tuner=remote_tuner())
     with start_sshd(tmp_path / "sshd") as sshd:
         config["nniManagerIp"] = "127.0.0.1"
         config["trainingService"] = {"platform": "remote", "machineList": [{
@@ -361,6 +383,7 @@ def test_remote_experiment_over_ssh(tmp_path, demo_dir, cache_dir, nni_home):
 
 def test_invalid_parameter_fails_its_trial_only(tmp_path, demo_dir, cache_dir, nni_home):
     config = local_config(demo_dir, cache_dir, 3, 1)
+    config["trialConcurrency"] = 2
     config["searchSpace"] = {"optimizer": {"_type": "choice", "_value": ["AdamW", "NoSuchOptimizer", "SGD"]}}
     config["tuner"] = {"name": "GridSearch"}
     del config["assessor"]
