@@ -147,14 +147,15 @@ def memory_kib(pid, cache_dir):
 
 
 def peak_memory(cmds, cache_dir):
-    """(e): start the trials together; peak RSS per trial, peak summed PSS, peak cache PSS per trial."""
+    """(e): start the trials together; peak RSS per trial, peak summed PSS, peak summed PSS of the
+    cache mapping (one copy if the trials share it, one per trial if they did not)."""
     procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for c in cmds]
     peak_rss, peak_pss, peak_cache = 0, 0, 0
     while any(p.poll() is None for p in procs):
         samples = [memory_kib(p.pid, cache_dir) for p in procs if p.poll() is None]
         peak_rss = max([peak_rss] + [s[0] for s in samples])
         peak_pss = max(peak_pss, sum(s[1] for s in samples))
-        peak_cache = max([peak_cache] + [s[2] for s in samples])
+        peak_cache = max(peak_cache, sum(s[2] for s in samples))
         time.sleep(0.2)
     if any(p.returncode for p in procs):
         sys.exit("a trial failed during the memory measurement")
@@ -197,9 +198,9 @@ def main():
         three = [train_cmd(cli, data_dir, "BaseModel", cache_dir, work / f"mem3_{i}", 1) for i in range(3)]
         rss1, pss1, cache1 = peak_memory(one, cache_dir)
         rss3, pss3, cache3 = peak_memory(three, cache_dir)
-        print(f"(e) 1 trial : peak RSS {rss1:.0f} MiB, PSS {pss1:.0f} MiB (cache mapping PSS {cache1:.0f} MiB)")
-        print(f"(e) 3 trials: peak RSS {rss3:.0f} MiB per trial, summed PSS {pss3:.0f} MiB = {pss3 / pss1:.2f} x one trial "
-              f"(cache mapping PSS {cache3:.0f} MiB per trial: the {cache_mib:.0f} MiB of images are shared)")
+        print(f"(e) 1 trial : peak RSS {rss1:.0f} MiB, PSS {pss1:.0f} MiB, of which the image cache {cache1:.0f} MiB")
+        print(f"(e) 3 trials: peak RSS {rss3:.0f} MiB per trial, summed PSS {pss3:.0f} MiB = {pss3 / pss1:.2f} x one trial, "
+              f"of which the image cache {cache3:.0f} MiB = {cache3 / max(cache1, 1e-9):.2f} x one trial's")
     print(f"work dir {work}")
 
 
