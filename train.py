@@ -344,6 +344,7 @@ def main(args):
         save_checkpoint(run_dir / "last.pth", model, meta, epoch=epoch, best_metric=best, history=history,
                         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler else None)
         write_history(run_dir / "history.csv", history)
+        writer.flush()  # a stopped trial keeps its curves: dying by the signal skips writer.close()
         if under_nni:
             nni.report_intermediate_result({"default": metric, "accuracy": scores["accuracy"], "f1": scores["f1"], "loss": val["loss"]})
         if args.early_stopping and stale >= args.early_stopping:
@@ -509,7 +510,7 @@ def log_figures(writer, val, val_set, classes, epoch, n=16):
 
 
 def raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise KeyboardInterrupt(signum)
 
 
 def cli(argv=None):
@@ -518,9 +519,15 @@ def cli(argv=None):
     torch.set_num_threads(os.cpu_count() or 1)
     try:
         main(parse_args(argv))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("train.py: interrupted; last.pth holds the last finished epoch", file=sys.stderr, flush=True)
-        return 130
+        # Die by the signal, as Python does for an uncaught Ctrl-C: NNI's trial keeper (remote mode)
+        # calls any exit code a FAILED trial, and only an exit by signal a cancelled/early-stopped one.
+        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        sys.stdout.flush()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return 128 + signum  # not reached unless the signal is blocked
     except (DataError, ValueError, WeightsError, FloatingPointError, torch.OutOfMemoryError) as e:
         # a DataError raised in a loader worker arrives wrapped in the worker's traceback: keep its last line
         message = str(e).strip().splitlines()[-1].removeprefix("dataset.DataError: ")

@@ -129,7 +129,7 @@ def test_sigterm_ends_run_promptly_keeping_last(demo_dir, cache_dir, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=30)
     assert time.time() - sent < 10
-    assert proc.returncode == 130
+    assert proc.returncode == -signal.SIGTERM  # ends by the signal: NNI tells a cancel from a failure by it
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert torch.load(run / "last.pth", weights_only=False)["epoch"] >= 1
 
