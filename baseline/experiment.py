@@ -106,29 +106,38 @@ def _hyper(value) -> dict | None:
 
 
 SENT = re.compile(r"Trial parameter: (\w+) (\{.*\})\s*$")
+ASSESSOR_STOP = re.compile(r'cancelTrialJob: "(\w+)"')  # the assessor's KILL_TRIAL_JOB command
 
 
-def sent_parameters(log_dir: Path | None) -> dict[str, dict]:
-    """trial id -> the parameter set the training service sent it, from nnimanager.log
-    ("Trial parameter: ID {...}", logged by NNI 3.0's local and remote services), when
-    that log is on this machine."""
+def read_manager_log(log_dir: Path | None) -> tuple[dict[str, dict], set[str]]:
+    """From nnimanager.log, when it is on this machine: trial id -> the parameter set the
+    training service sent it ("Trial parameter: ID {...}", logged by NNI 3.0's local and
+    remote services), and the ids of the trials the assessor stopped."""
     sent: dict[str, dict] = {}
+    stopped: set[str] = set()
     path = Path(log_dir) / "nnimanager.log" if log_dir else None
     if not path or not path.is_file():
-        return sent
+        return sent, stopped
     with open(path, errors="replace") as f:
         for line in f:
-            m = SENT.search(line)
-            if m and (h := _hyper(m.group(2))):
+            if (m := SENT.search(line)) and (h := _hyper(m.group(2))):
                 sent[m.group(1)] = h
-    return sent
+            elif m := ASSESSOR_STOP.search(line):
+                stopped.add(m.group(1))
+    return sent, stopped
 
 
-def _assemble(exp_id, status, params, trial_rows, metric_rows, source, sent=None) -> Experiment:
-    """trial_rows: (id, status, sequence, [hyperparameter dicts], log_path); metric_rows: (trial, param_id, type, data)."""
+def _assemble(exp_id, status, params, trial_rows, metric_rows, source, manager_log=None) -> Experiment:
+    """trial_rows: (id, status, sequence, [hyperparameter dicts], log_path); metric_rows: (trial, param_id, type, data);
+    manager_log: what read_manager_log found."""
+    sent, assessor_stopped = manager_log or ({}, set())
     by_param: dict[int, dict] = {}
     trials: dict[str, Trial] = {}
     for tid, tstatus, seq, hypers, log_path in trial_rows:
+        # NNI 3.0 lists an assessor stop as USER_CANCELED: compat.js marks the stop as early
+        # only after the stopped trial's end event has set its status
+        if tstatus == "USER_CANCELED" and tid in assessor_stopped:
+            tstatus = "EARLY_STOPPED"
         t = Trial(tid, tstatus or "UNKNOWN", seq if seq is not None else -1, log_path=log_path or "")
         for h in hypers:
             by_param[int(h["parameter_id"])] = h["parameters"]
@@ -148,7 +157,7 @@ def _assemble(exp_id, status, params, trial_rows, metric_rows, source, sent=None
     # parameter id it reported with its metrics, else (a trial that reported nothing)
     # the one set no other trial ran if it is the only such trial, else its own listing.
     known = {}
-    for tid, h in (sent or {}).items():
+    for tid, h in sent.items():
         if tid in trials:
             by_param.setdefault(int(h["parameter_id"]), h["parameters"])
             known[tid] = int(h["parameter_id"])
@@ -183,7 +192,7 @@ def from_rest(port: int, host: str = "127.0.0.1", timeout: float = 10) -> Experi
     mrows = [(m["trialJobId"], m.get("parameterId"), m.get("type"), m.get("data")) for m in metrics]
     log_dir = Path(profile["logDir"]) / "log" if profile.get("logDir") else None
     return _assemble(profile.get("id", "?"), status, profile.get("params", {}), rows, mrows, f"{base} (REST)",
-                     sent_parameters(log_dir))
+                     read_manager_log(log_dir))
 
 
 def from_sqlite(db: Path, exp_id: str, status: str = "STOPPED") -> Experiment:
@@ -207,7 +216,7 @@ def from_sqlite(db: Path, exp_id: str, status: str = "STOPPED") -> Experiment:
         if h and all(h["parameter_id"] != x["parameter_id"] for x in row[3]):
             row[3].append(h)
     return _assemble(exp_id, status, params, [tuple(r) for r in state.values()], metrics, str(db),
-                     sent_parameters(Path(db).parent.parent / "log"))
+                     read_manager_log(Path(db).parent.parent / "log"))
 
 
 def registry(home: Path | None = None) -> dict:
