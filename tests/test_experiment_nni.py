@@ -301,6 +301,20 @@ def test_best_command_from_params():
     assert args.criterion == "focal" and args.focal_gamma == 2.5 and args.batch_size == 64 and args.resize == [64, 48]
 
 
+def test_assessor_stop_is_listed_as_early_stopped(tmp_path):
+    """NNI 3.0 lists an assessor stop as USER_CANCELED; the summary tells it from a user's
+    cancel by nnimanager.log (lines as NNI 3.0 writes them)."""
+    (tmp_path / "nnimanager.log").write_text(
+        '[2026-11-24 03:59:07] INFO (LocalV3.local) Trial parameter: tl7g8 {"parameter_id": 1, '
+        '"parameter_source": "algorithm", "parameters": {"lr": 0.01}}\n'
+        '[2026-11-24 03:59:22] INFO (NNIManager) cancelTrialJob: "tl7g8"\n'
+        '[2026-11-24 04:00:01] INFO (NNIManager) User cancelTrialJob: Ab3dE\n')
+    rows = [("tl7g8", "USER_CANCELED", 1, [], ""), ("Ab3dE", "USER_CANCELED", 2, [], "")]
+    exp = expmod._assemble("x", "DONE", {}, rows, [], "test", expmod.read_manager_log(tmp_path))
+    assert {t.id: t.status for t in exp.trials} == {"tl7g8": "EARLY_STOPPED", "Ab3dE": "USER_CANCELED"}
+    assert exp.trials[0].params == {"lr": 0.01}
+
+
 def test_safe_tpe_survives_swapped_parameters():
     """NNI 3.0 (concurrency > 1): the trial that ran parameter id 1 is listed, and ends, as id 0."""
     from baseline.nni_tuner import SafeTPE
