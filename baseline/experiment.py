@@ -127,10 +127,10 @@ def read_manager_log(log_dir: Path | None) -> tuple[dict[str, dict], set[str]]:
     return sent, stopped
 
 
-def _assemble(exp_id, status, params, trial_rows, metric_rows, source, manager_log=None) -> Experiment:
+def _assemble(exp_id, status, params, trial_rows, metric_rows, source, manager_log) -> Experiment:
     """trial_rows: (id, status, sequence, [hyperparameter dicts], log_path); metric_rows: (trial, param_id, type, data);
     manager_log: what read_manager_log found."""
-    sent, assessor_stopped = manager_log or ({}, set())
+    sent, assessor_stopped = manager_log
     by_param: dict[int, dict] = {}
     trials: dict[str, Trial] = {}
     for tid, tstatus, seq, hypers, log_path in trial_rows:
