@@ -1,4 +1,4 @@
-"""Data sources, splits, transforms, the decoded-image cache and the demo data.
+"""Data sources, splits, transforms and the decoded-image cache.
 
 Two layouts are read:
   mask   DATA/train/images/{id}_{gender}_{race}_{age}/{mask1..5,incorrect_mask,normal}.jpg
@@ -9,58 +9,30 @@ Images are decoded, centre-cropped and resized once into a uint8 array
 (N, H, W, 3). With the cache on (the default) that array is a memory-mapped
 .npy file shared by every trial on the machine; augmentations then work on
 uint8 tensors and normalisation happens on the device, in the training loop.
+The label scheme lives in core/labels.py, the demo data in core/demo.py.
 
     python dataset.py --demo data/demo --profiles 300   # write the demo data set
 """
-import argparse
 import csv
 import fcntl
 import hashlib
 import os
-import re
-import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 from torch.utils.data import Dataset
 
+from core.labels import GENDERS, MASK_FILES, age_band, encode_class, mask_class_names, natural_key
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
-MASK_FILES = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
-GENDERS = {"male": 0, "female": 1}
-MASK_NAMES, GENDER_NAMES, AGE_NAMES = ("wear", "incorrect", "not_worn"), ("male", "female"), ("young", "middle", "old")
-HEAD_SIZES = (3, 2, 3)  # mask, gender, age: class = mask * 6 + gender * 3 + age
-DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nni-image-classification"
 
 
 class DataError(Exception):
     """Bad input data: main() prints the message as one line and exits non-zero."""
-
-
-# ----------------------------------------------------------------------------- labels
-def encode_class(mask, gender, age_band):
-    return mask * 6 + gender * 3 + age_band
-
-
-def decode_class(label):
-    """18-class index (int or array) -> (mask, gender, age_band)."""
-    return label // 6, (label // 3) % 2, label % 3
-
-
-def age_band(age, age_bounds=(30, 60)):
-    return int(age >= age_bounds[0]) + int(age >= age_bounds[1])
-
-
-def mask_class_names():
-    return [f"{m}_{g}_{a}" for m in MASK_NAMES for g in GENDER_NAMES for a in AGE_NAMES]
-
-
-def natural_key(text):
-    """Sort key that puts "2" before "10"."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", str(text))]
 
 
 def is_image(path):
@@ -78,7 +50,6 @@ def parse_profile(name, age_bounds):
     return GENDERS[parts[1]], age_band(age, age_bounds)
 
 
-# ----------------------------------------------------------------------------- readers
 def check_dir(path, what):
     path = Path(path)
     if not path.is_dir():
@@ -378,116 +349,6 @@ class Normalize(torch.nn.Module):
         return (x.float() - self.mean) / self.std
 
 
-# ----------------------------------------------------------------------------- demo data
-SKIN = [(241, 204, 170), (224, 172, 128), (198, 134, 94), (141, 85, 56)]
-HAIR = [(40, 30, 25), (90, 60, 30), (150, 110, 60), (20, 20, 20)]
-MASK_COLOURS = [(235, 235, 240), (70, 110, 200), (30, 30, 30), (120, 190, 160)]
-
-
-def draw_person(rng, mask, gender, age, size=(128, 96)):
-    """One photo: gender through hair length and face shape, age through hair
-    colour, wrinkles and skin tone, mask state through the mask's position."""
-    h, w = size
-    bg = tuple(int(c) for c in rng.integers(60, 220, 3))
-    img = Image.new("RGB", (w, h), bg)
-    d = ImageDraw.Draw(img)
-    cx, cy = w / 2 + rng.normal(0, w * 0.04), h * 0.48 + rng.normal(0, h * 0.03)
-    fw = w * (0.27 if gender else 0.31) * rng.uniform(0.92, 1.08)
-    fh = h * (0.33 if gender else 0.31) * rng.uniform(0.92, 1.08)
-    grey = min(1.0, max(0.0, (age - 40) / 30)) * rng.uniform(0.7, 1.0)
-    hair = tuple(int(c * (1 - grey) + 215 * grey) for c in HAIR[rng.integers(len(HAIR))])
-    skin = SKIN[rng.integers(len(SKIN))]
-    if gender:  # long hair behind the face down to the shoulders
-        d.rounded_rectangle([cx - fw * 1.35, cy - fh * 1.15, cx + fw * 1.35, cy + fh * 1.5], radius=fw * 0.6, fill=hair)
-    d.rectangle([cx - fw * 1.2, min(cy + fh * 1.25, h - 2), cx + fw * 1.2, h], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
-    d.ellipse([cx - fw, cy - fh, cx + fw, cy + fh], fill=skin)
-    d.chord([cx - fw * 1.05, cy - fh * 1.12, cx + fw * 1.05, cy + fh * (0.1 if gender else -0.2)], 180, 360, fill=hair)
-    eye_y, nose_y, mouth_y = cy - fh * 0.1, cy + fh * 0.25, cy + fh * 0.55
-    for ex in (cx - fw * 0.4, cx + fw * 0.4):
-        d.ellipse([ex - fw * 0.12, eye_y - fh * 0.06, ex + fw * 0.12, eye_y + fh * 0.06], fill=(30, 30, 30))
-    if age >= 30:  # forehead wrinkles, more with age
-        for k in range(1 + (age >= 45) + (age >= 60)):
-            y = cy - fh * (0.45 - 0.1 * k)
-            d.arc([cx - fw * 0.5, y - fh * 0.05, cx + fw * 0.5, y + fh * 0.15], 200, 340, fill=(110, 70, 50), width=1)
-    d.line([cx, eye_y + fh * 0.1, cx - fw * 0.08, nose_y], fill=(120, 80, 60), width=2)
-    d.line([cx - fw * 0.3, mouth_y, cx + fw * 0.3, mouth_y], fill=(150, 50, 50), width=2)
-    colour = MASK_COLOURS[rng.integers(len(MASK_COLOURS))]
-    if mask == 0:  # worn: covers nose and mouth
-        d.rounded_rectangle([cx - fw * 0.85, nose_y - fh * 0.25, cx + fw * 0.85, cy + fh * 0.9], radius=6, fill=colour)
-    elif mask == 1:  # worn wrongly: below the nose, on the chin
-        d.rounded_rectangle([cx - fw * 0.8, mouth_y + fh * 0.05, cx + fw * 0.8, cy + fh * 1.05], radius=6, fill=colour)
-    if mask != 2:
-        d.line([cx - fw * 0.85, nose_y, cx - fw * 1.05, eye_y], fill=colour, width=1)
-        d.line([cx + fw * 0.85, nose_y, cx + fw * 1.05, eye_y], fill=colour, width=1)
-    img = img.rotate(rng.normal(0, 6), resample=Image.BILINEAR, fillcolor=bg)
-    img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8)))
-    noisy = np.asarray(img, dtype=np.float32) + rng.normal(0, rng.uniform(3, 12), (h, w, 3))
-    return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
-
-
-def _random_person(rng):
-    return int(rng.integers(2)), int(rng.choice([rng.integers(18, 30), rng.integers(30, 60), rng.integers(60, 80)]))
-
-
-def make_demo_data(root, profiles=300, eval_profiles=60, size=(128, 96), seed=0):
-    """Deterministic mask-layout demo set: root/train (images + train.csv) and
-    root/eval (images + info.csv with empty ans) + root/eval/truth.csv. Written
-    to a temp dir and renamed, so concurrent trials never see half a data set."""
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
-    try:
-        rows = []
-        for pid in range(profiles):
-            gender, age = _random_person(rng)
-            name = f"{pid:06d}_{('male', 'female')[gender]}_Asian_{age}"
-            folder = tmp / "train" / "images" / name
-            folder.mkdir(parents=True)
-            for stem, mask in MASK_FILES.items():
-                draw_person(rng, mask, gender, age, size).save(folder / f"{stem}.jpg", quality=90)
-            rows.append([f"{pid:06d}", ("male", "female")[gender], "Asian", age, name])
-        with open(tmp / "train" / "train.csv", "w", newline="") as f:
-            csv.writer(f).writerows([["id", "gender", "race", "age", "path"]] + rows)
-        (tmp / "eval" / "images").mkdir(parents=True)
-        truth = []
-        for k in range(eval_profiles * len(MASK_FILES)):
-            gender, age = _random_person(rng)
-            mask = int(rng.choice([0, 0, 0, 0, 0, 1, 2]))
-            image_id = f"{hashlib.sha1(f'{seed}-{k}'.encode()).hexdigest()[:16]}.jpg"
-            draw_person(rng, mask, gender, age, size).save(tmp / "eval" / "images" / image_id, quality=90)
-            truth.append((image_id, encode_class(mask, gender, age_band(age))))
-        with open(tmp / "eval" / "info.csv", "w", newline="") as f:
-            csv.writer(f).writerows([["ImageID", "ans"]] + [[i, 0] for i, _ in truth])
-        with open(tmp / "eval" / "truth.csv", "w", newline="") as f:
-            csv.writer(f).writerows([["ImageID", "ans"]] + truth)
-        try:
-            os.rename(tmp, root)
-        except OSError:  # another process won the race: its copy is identical
-            if not (root / "train").is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
-
-
-def ensure_demo_data(root=DEMO_DIR, **kwargs):
-    root = Path(root)
-    if not (root / "train").is_dir():
-        print(f"making demo data in {root} (first use)", flush=True)
-        root.parent.mkdir(parents=True, exist_ok=True)
-        make_demo_data(root, **kwargs)
-    return root
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Write the deterministic demo data set (mask layout).")
-    parser.add_argument("--demo", type=Path, default=DEMO_DIR, help=f"output dir (default: {DEMO_DIR})")
-    parser.add_argument("--profiles", type=int, default=300, help="people in train (default: 300)")
-    parser.add_argument("--eval_profiles", type=int, default=60, help="eval images / 7 (default: 60)")
-    parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    cli = parser.parse_args()
-    if cli.demo.exists():
-        parser.error(f"{cli.demo} exists; remove it first")
-    cli.demo.parent.mkdir(parents=True, exist_ok=True)
-    make_demo_data(cli.demo, cli.profiles, cli.eval_profiles, seed=cli.seed)
-    print(f"wrote {cli.demo}")
+if __name__ == "__main__":  # the documented way to write the demo data by hand
+    from core import demo
+    demo.main()

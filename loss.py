@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dataset import decode_class
+from core.labels import decode_class
 from model import split_heads
 
 
@@ -40,11 +40,12 @@ class F1Loss(nn.Module):
         return 1 - f1.mean()
 
 
+# Each entry takes the loss hyperparameters it uses by keyword and ignores the rest.
 LOSSES = {
-    "cross_entropy": lambda focal_gamma, smoothing: nn.CrossEntropyLoss(),
-    "focal": lambda focal_gamma, smoothing: FocalLoss(gamma=focal_gamma),
-    "label_smoothing": lambda focal_gamma, smoothing: nn.CrossEntropyLoss(label_smoothing=smoothing),
-    "f1": lambda focal_gamma, smoothing: F1Loss(),
+    "cross_entropy": lambda **_: nn.CrossEntropyLoss(),
+    "focal": lambda focal_gamma, **_: FocalLoss(gamma=focal_gamma),
+    "label_smoothing": lambda smoothing, **_: nn.CrossEntropyLoss(label_smoothing=smoothing),
+    "f1": lambda **_: F1Loss(),
 }
 
 

@@ -1,4 +1,4 @@
-"""Model registry: a backbone that yields features, then a head.
+"""Model registry: a backbone that yields features, then a head; the two head designs' outputs.
 
     model = create_model("efficientnet_b0", num_outputs=18, head="512-256")
 
@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from efficientnet_pytorch import EfficientNet
 
-from dataset import HEAD_SIZES
+from core.labels import TASK_SIZES
 
 
 class WeightsError(RuntimeError):
@@ -155,12 +155,12 @@ CLASSIFICATIONS = ("single", "multi_head")
 
 
 def num_outputs(classification, num_classes):
-    return sum(HEAD_SIZES) if classification == "multi_head" else num_classes
+    return sum(TASK_SIZES) if classification == "multi_head" else num_classes
 
 
 def split_heads(logits):
     """multi_head logits (N, 8) -> mask (N, 3), gender (N, 2), age (N, 3)."""
-    return torch.split(logits, HEAD_SIZES, dim=1)
+    return torch.split(logits, TASK_SIZES, dim=1)
 
 
 def class_log_probs(logits, classification):
@@ -170,17 +170,3 @@ def class_log_probs(logits, classification):
         return F.log_softmax(logits.float(), dim=1)
     mask, gender, age = (F.log_softmax(t.float(), dim=1) for t in split_heads(logits))
     return (mask[:, :, None, None] + gender[:, None, :, None] + age[:, None, None, :]).flatten(1)
-
-
-def load_checkpoint(path, device="cpu"):
-    """best.pth/last.pth -> (model in eval mode, checkpoint dict with classes, resize, mean, std, ...)."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except FileNotFoundError:
-        raise ValueError(f"checkpoint {path}: no such file") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "classes" not in ckpt:
-        raise ValueError(f"checkpoint {path}: not a train.py checkpoint")
-    model = create_model(ckpt["model"], num_outputs(ckpt["classification"], len(ckpt["classes"])),
-                         head=ckpt["head"], dropout=ckpt["dropout"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.to(device).eval(), ckpt

@@ -13,46 +13,48 @@ Under NNI, nni.get_next_parameter() is merged over the flags (keys = flag dest
 names) and the run directory is $NNI_OUTPUT_DIR.
 """
 import argparse
-import csv
 import json
 import math
 import os
-import random
-import re
 import signal
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 import dataset
+from core import checkpoint, demo
+from core.cli import Parser, make_progress, run_main
+from core.engine import evaluate, loader_workers, predict, resolve_device, seed_everything, train_one_epoch, worker_init
+from core.metrics import confusion, confusion_figure, score
+from core.runs import increment_path, write_config, write_history, write_submission
 from dataset import DATASETS, TRANSFORMS, DataError, ImageDataset, Normalize
-from loss import LOSSES, create_criterion, finite_loss
-from metrics import confusion, confusion_figure, score
-from model import CLASSIFICATIONS, INITS, MODELS, WeightsError, class_log_probs, create_model, num_outputs
+from loss import LOSSES, create_criterion
+from model import CLASSIFICATIONS, INITS, MODELS, WeightsError, create_model, num_outputs
 
-OPTIMIZERS = {
-    "SGD": lambda params, lr, weight_decay, momentum: torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay),
-    "Adam": lambda params, lr, weight_decay, momentum: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay),
-    "AdamW": lambda params, lr, weight_decay, momentum: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay),
-}
+UNDER_NNI = "NNI_PLATFORM" in os.environ  # set by NNI's trial keeper: parameters come from, and metrics go to, the tuner
 
+OPTIMIZERS = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
+
+# Each entry takes the schedule settings it uses by keyword and ignores the rest.
 SCHEDULERS = {
-    "none": lambda opt, epochs, step, milestones, gamma: None,
-    "step": lambda opt, epochs, step, milestones, gamma: torch.optim.lr_scheduler.StepLR(opt, step, gamma),
-    "multistep": lambda opt, epochs, step, milestones, gamma: torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma),
-    "cosine": lambda opt, epochs, step, milestones, gamma: torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs)),
-    "plateau": lambda opt, epochs, step, milestones, gamma: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, "max", gamma, patience=step),
+    "none": lambda opt, **_: None,
+    "step": lambda opt, step, gamma, **_: torch.optim.lr_scheduler.StepLR(opt, step, gamma),
+    "multistep": lambda opt, milestones, gamma, **_: torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma),
+    "cosine": lambda opt, epochs, **_: torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs)),
+    "plateau": lambda opt, step, gamma, **_: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, "max", gamma, patience=step),
 }
 
 
 def create_optimizer(name, params, lr, weight_decay=0.0, momentum=0.9):
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[name](params, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    extra = {"momentum": momentum} if name == "SGD" else {}
+    return OPTIMIZERS[name](params, lr=lr, weight_decay=weight_decay, **extra)
 
 
 def create_scheduler(name, optimizer, epochs, lr_decay_step=20, milestones=(10, 20, 25), gamma=0.1):
@@ -62,11 +64,6 @@ def create_scheduler(name, optimizer, epochs, lr_decay_step=20, milestones=(10, 
 
 
 # ----------------------------------------------------------------------------- arguments
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + line
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser():
     p = Parser(prog="train.py", description="Train an image classifier (standalone or as an NNI trial).",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -204,12 +201,12 @@ def parse_args(argv=None):
     if args.resume:
         if not Path(args.resume).is_file():
             raise ValueError(f"--resume {args.resume}: no such file")
-        saved = torch.load(args.resume, map_location="cpu", weights_only=False)["args"]
+        saved = checkpoint.read_meta(args.resume).get("args", {})
         args = apply_params(parser, argparse.Namespace(**base), saved, f"--resume {args.resume}")
     elif args.config:
         args = apply_params(parser, argparse.Namespace(**base), read_config(args.config), f"--config {args.config}")
     vars(args).update(explicit)
-    if "NNI_PLATFORM" in os.environ:
+    if UNDER_NNI:
         import nni
         apply_params(parser, args, nni.get_next_parameter() or {}, "NNI parameters")
     check_args(args)
@@ -236,257 +233,163 @@ def check_args(args):
 
 # ----------------------------------------------------------------------------- main
 def main(args):
-    under_nni = "NNI_PLATFORM" in os.environ
-    if under_nni:
-        import nni
+    """Data, model, run directory, fit, predict. Inputs are read and checked before anything is written."""
+    device = resolve_device(args.device)
     seed_everything(args.seed)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device available")
     torch.backends.cudnn.benchmark = True
+    data = load_data(args, device)
+    model = create_model(args.model, num_outputs(args.classification, len(data.classes)), head=args.head, dropout=args.dropout,
+                         init=args.init, pretrained=args.pretrained, weights=args.weights, freeze_backbone=args.freeze_backbone)
+    model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    opt = build_optimisation(args, model, device)
+    run_dir, start = open_run_dir(args, model, opt, device)
+    best = fit(args, data, model, opt, run_dir, start, device)
+    if data.eval_ids is not None:
+        predict_eval(args, data, model, run_dir, device)
+    return best, run_dir
 
-    # -- data (read and checked before anything is written)
-    data_dir, eval_dir = args.data_dir, args.eval_dir
-    if data_dir is None:
-        if DATASETS[args.dataset][0] != "mask":
-            raise ValueError(f"--dataset {args.dataset} needs --data_dir (the demo data is in the mask layout)")
-        demo = dataset.ensure_demo_data()
-        data_dir, eval_dir = demo / "train", eval_dir or demo / "eval"
+
+def load_data(args, device):
+    """Read, split and decode the data (the demo data when no --data_dir) -> a namespace of loaders and facts."""
+    if args.data_dir is None and DATASETS[args.dataset][0] != "mask":
+        raise ValueError(f"--dataset {args.dataset} needs --data_dir (the demo data is in the mask layout)")
+    data_dir, eval_dir = demo.data_dirs(args.data_dir, args.eval_dir)
     layout, data, splitter = dataset.create_dataset(args.dataset, data_dir, tuple(args.age_bounds))
-    classes, size = data["classes"], tuple(args.resize)
+    size = tuple(args.resize)
     train_idx, val_idx = splitter(data, args.val_ratio, args.seed, args.kfold, args.fold)
     eval_ids, eval_paths = dataset.read_eval(eval_dir, layout) if eval_dir else (None, None)
-    progress = make_progress("decoding images")
-    images = dataset.load_images(data["paths"], size, args.cache_dir, not args.no_cache, progress)
+    images = dataset.load_images(data["paths"], size, args.cache_dir, not args.no_cache, make_progress("decoding images"))
     mean, std = dataset.mean_std(images, data["paths"], size)
-    normalize = Normalize(mean, std).to(device)
-
-    # From the cache a batch is a ~1 ms gather that workers would only slow down with
-    # inter-process copies on a CPU; decoding (--no_cache) and feeding a GPU want workers.
-    cpus = os.cpu_count() or 1
-    workers = args.num_workers if args.num_workers >= 0 else 0 if images is not None and device.type == "cpu" else min(8, cpus)
+    workers = loader_workers(args.num_workers, images is not None, device)
     loader_kw = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                      worker_init_fn=worker_init)
     train_set = ImageDataset(data["paths"], size, images, data["labels"], train_idx)
     val_set = ImageDataset(data["paths"], size, images, data["labels"], val_idx)
-    augment = dataset.create_transform(args.augmentation)
     sampler = None
     if args.sampler == "weighted":
-        counts = np.bincount(data["labels"][train_idx], minlength=len(classes))
+        counts = np.bincount(data["labels"][train_idx], minlength=len(data["classes"]))
         sampler = WeightedRandomSampler(1.0 / counts[data["labels"][train_idx]], len(train_idx),
                                         generator=torch.Generator().manual_seed(args.seed))
-    train_loader = DataLoader(train_set, args.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=len(train_idx) > args.batch_size,
-                              generator=torch.Generator().manual_seed(args.seed), **loader_kw)
-    val_loader = DataLoader(val_set, args.valid_batch_size, **loader_kw)
+    train_loader = DataLoader(train_set, args.batch_size, shuffle=sampler is None, sampler=sampler,
+                              drop_last=len(train_idx) > args.batch_size, generator=torch.Generator().manual_seed(args.seed), **loader_kw)
+    return SimpleNamespace(layout=layout, classes=data["classes"], size=size, mean=mean, std=std, workers=workers,
+                           normalize=Normalize(mean, std).to(device), augment=dataset.create_transform(args.augmentation),
+                           train_loader=train_loader, val_set=val_set, val_loader=DataLoader(val_set, args.valid_batch_size, **loader_kw),
+                           eval_ids=eval_ids, eval_paths=eval_paths)
 
-    # -- model, loss, optimiser
-    model = create_model(args.model, num_outputs(args.classification, len(classes)), head=args.head, dropout=args.dropout,
-                         init=args.init, pretrained=args.pretrained, weights=args.weights, freeze_backbone=args.freeze_backbone)
-    model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-    criterion = create_criterion(args.criterion, args.classification, focal_gamma=args.focal_gamma, smoothing=args.smoothing)
+
+def build_optimisation(args, model, device):
+    """Loss, optimiser, schedule and mixed precision -> a namespace."""
     optimizer = create_optimizer(args.optimizer, [p for p in model.parameters() if p.requires_grad],
                                  args.lr, args.weight_decay, args.momentum)
-    scheduler = create_scheduler(args.scheduler, optimizer, args.epochs, args.lr_decay_step, args.milestones, args.lr_gamma)
     amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if args.amp and device.type == "cuda" else None
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    return SimpleNamespace(
+        criterion=create_criterion(args.criterion, args.classification, focal_gamma=args.focal_gamma, smoothing=args.smoothing),
+        optimizer=optimizer, amp_dtype=amp_dtype, scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
+        scheduler=create_scheduler(args.scheduler, optimizer, args.epochs, args.lr_decay_step, args.milestones, args.lr_gamma))
 
-    # -- run directory
-    start_epoch, best, history = 1, -math.inf, []
+
+def open_run_dir(args, model, opt, device):
+    """The run directory (the resumed one, NNI's, or the next free runs/<name>) with config.json written,
+    and where training starts: dict(epoch, best, history); a resumed run's state is loaded into model and opt."""
+    start = dict(epoch=1, best=-math.inf, history=[])
     if args.resume:
         run_dir = Path(args.resume).parent
-        state = torch.load(args.resume, map_location=device, weights_only=False)
+        state = checkpoint.read(args.resume, device)
         model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler"):
-            scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best, history = state["epoch"] + 1, state["best_metric"], state["history"]
-        print(f"resuming {run_dir} at epoch {start_epoch}", flush=True)
-    elif under_nni:
+        opt.optimizer.load_state_dict(state["optimizer"])
+        if opt.scheduler is not None and state.get("scheduler"):
+            opt.scheduler.load_state_dict(state["scheduler"])
+        start = dict(epoch=state["epoch"] + 1, best=state["best_metric"], history=state["history"])
+        print(f"resuming {run_dir} at epoch {start['epoch']}", flush=True)
+    elif UNDER_NNI:
         run_dir = Path(os.environ["NNI_OUTPUT_DIR"])
     else:
         run_dir = increment_path(Path(args.model_dir) / args.name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k not in ("config", "resume")}
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    write_config(run_dir / "config.json", run_config(args))
+    return run_dir, start
+
+
+def run_config(args):
+    """The resolved flags, re-runnable with --config."""
+    return {k: v for k, v in vars(args).items() if k not in ("config", "resume")}
+
+
+def fit(args, data, model, opt, run_dir, start, device):
+    """Train from start['epoch'] to --epochs (or early stopping); checkpoints, history, TensorBoard and NNI
+    reports every epoch. -> the best validation metric."""
     from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(run_dir / "tensorboard", purge_step=start_epoch if args.resume else None)
-    print(f"run dir {run_dir} | {len(train_idx)} train / {len(val_idx)} val images, {len(classes)} classes | "
-          f"{args.model} on {device}", flush=True)
-
-    meta = dict(model=args.model, classification=args.classification, head=args.head, dropout=args.dropout,
-                classes=classes, layout=layout, resize=list(size), mean=mean, std=std, metric=args.metric, args=config)
-    stale = 0
-    for epoch in range(start_epoch, args.epochs + 1):
-        t0 = time.time()
-        train_stats = train_one_epoch(model, train_loader, augment, normalize, criterion, optimizer, scaler, device, args.classification, amp_dtype,
-                                      args.channels_last, make_progress(f"epoch {epoch}/{args.epochs}"), epoch == start_epoch)
-        val = evaluate(model, val_loader, normalize, criterion, device, args.classification, amp_dtype)
-        scores = score(val["labels"], val["preds"], len(classes), per_task=layout == "mask")
-        metric = scores[args.metric]
-        if scheduler is not None:
-            scheduler.step(metric) if args.scheduler == "plateau" else scheduler.step()
-        row = dict(epoch=epoch, train_loss=train_stats["loss"], train_accuracy=train_stats["accuracy"],
-                   train_images_per_s=train_stats["images_per_s"], val_loss=val["loss"],
-                   **{f"val_{k}": v for k, v in scores.items()}, lr=optimizer.param_groups[0]["lr"], seconds=time.time() - t0)
+    writer = SummaryWriter(run_dir / "tensorboard", purge_step=start["epoch"] if args.resume else None)
+    print(f"run dir {run_dir} | {len(data.train_loader.dataset)} train / {len(data.val_set)} val images, "
+          f"{len(data.classes)} classes | {args.model} on {device}", flush=True)
+    meta = dict(model=args.model, classification=args.classification, head=args.head, dropout=args.dropout, classes=data.classes,
+                layout=data.layout, resize=list(data.size), mean=data.mean, std=data.std, metric=args.metric, args=run_config(args))
+    best, history, stale = start["best"], start["history"], 0
+    if UNDER_NNI:
+        import nni
+    for epoch in range(start["epoch"], args.epochs + 1):
+        row, val = run_epoch(args, data, model, opt, epoch, device, first=epoch == start["epoch"])
         history.append(row)
-        for key, value in row.items():
-            if key != "epoch":
-                writer.add_scalar(key.replace("_", "/", 1), value, epoch)
-        print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
-
-        improved = metric > best
-        if improved:
+        log_row(writer, row)
+        metric = row[f"val_{args.metric}"]
+        if metric > best:
             best, stale = metric, 0
-            save_checkpoint(run_dir / "best.pth", model, meta, epoch=epoch, best_metric=best)
-            log_figures(writer, val, val_set, classes, epoch)
+            checkpoint.save(run_dir / "best.pth", model, meta, epoch=epoch, best_metric=best)
+            log_figures(writer, val, data.val_set, data.classes, epoch)
         else:
             stale += 1
-        save_checkpoint(run_dir / "last.pth", model, meta, epoch=epoch, best_metric=best, history=history,
-                        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict() if scheduler else None)
+        checkpoint.save(run_dir / "last.pth", model, meta, epoch=epoch, best_metric=best, history=history,
+                        optimizer=opt.optimizer.state_dict(), scheduler=opt.scheduler.state_dict() if opt.scheduler else None)
         write_history(run_dir / "history.csv", history)
         writer.flush()  # a stopped trial keeps its curves: dying by the signal skips writer.close()
-        if under_nni:
-            nni.report_intermediate_result({"default": metric, "accuracy": scores["accuracy"], "f1": scores["f1"], "loss": val["loss"]})
+        if UNDER_NNI:
+            nni.report_intermediate_result({"default": metric, "accuracy": row["val_accuracy"], "f1": row["val_f1"], "loss": row["val_loss"]})
         if args.early_stopping and stale >= args.early_stopping:
             print(f"early stopping: no better {args.metric} for {stale} epochs", flush=True)
             break
     writer.close()
-    if under_nni:
+    if UNDER_NNI:
         nni.report_final_result(best)
     print(f"best val {args.metric} {best:.4f} -> {run_dir / 'best.pth'}", flush=True)
-
-    if eval_ids is not None:
-        best_state = torch.load(run_dir / "best.pth", map_location=device, weights_only=False)
-        model.load_state_dict(best_state["state_dict"])
-        eval_images = dataset.load_images(eval_paths, size, args.cache_dir, not args.no_cache, make_progress("decoding eval images"))
-        eval_loader = DataLoader(ImageDataset(eval_paths, size, eval_images), args.valid_batch_size, num_workers=workers)
-        probs = predict(model, eval_loader, normalize, device, args.classification, progress=make_progress("predicting"))
-        write_submission(run_dir, eval_ids, probs, classes, layout)
-        print(f"wrote {run_dir / 'submission.csv'} and submission_soft.csv ({len(eval_ids)} images)", flush=True)
-    return best, run_dir
+    return best
 
 
-def train_one_epoch(model, loader, augment, normalize, criterion, optimizer, scaler, device, classification,
-                    amp_dtype=None, channels_last=False, progress=None, first_step_log=False):
-    model.train()
-    total_loss, correct, seen, start = 0.0, 0, 0, time.time()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    for x, y in (progress(loader) if progress else loader):
-        x = x.to(device, non_blocking=True).float()
-        if augment is not None:
-            x = augment(x)
-        x = normalize(x).contiguous(memory_format=memory_format)
-        y = y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x)
-            loss = finite_loss(criterion(logits.float(), y))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        total_loss += loss.item() * len(y)
-        correct += (class_log_probs(logits.detach(), classification).argmax(1) == y).sum().item()
-        if not seen and first_step_log:
-            print(f"first step {time.time() - process_start():.1f}s after process start", flush=True)
-        seen += len(y)
-    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "images_per_s": seen / (time.time() - start)}
+def run_epoch(args, data, model, opt, epoch, device, first):
+    """Train one epoch, validate, step the schedule -> (history row, validation outputs)."""
+    t0 = time.time()
+    train_stats = train_one_epoch(model, data.train_loader, device=device, augment=data.augment, normalize=data.normalize,
+                                  criterion=opt.criterion, optimizer=opt.optimizer, scaler=opt.scaler,
+                                  classification=args.classification, amp_dtype=opt.amp_dtype, channels_last=args.channels_last,
+                                  progress=make_progress(f"epoch {epoch}/{args.epochs}"), log_first_step=first)
+    val = evaluate(model, data.val_loader, device=device, normalize=data.normalize, criterion=opt.criterion,
+                   classification=args.classification, amp_dtype=opt.amp_dtype)
+    scores = score(val["labels"], val["preds"], len(data.classes), per_task=data.layout == "mask")
+    if opt.scheduler is not None:
+        opt.scheduler.step(scores[args.metric]) if args.scheduler == "plateau" else opt.scheduler.step()
+    row = dict(epoch=epoch, train_loss=train_stats["loss"], train_accuracy=train_stats["accuracy"],
+               train_images_per_s=train_stats["images_per_s"], val_loss=val["loss"], **{f"val_{k}": v for k, v in scores.items()},
+               lr=opt.optimizer.param_groups[0]["lr"], seconds=time.time() - t0)
+    return row, val
 
 
-@torch.no_grad()
-def evaluate(model, loader, normalize, criterion, device, classification, amp_dtype=None):
-    """Validation loss, predictions and class probabilities over a labelled loader."""
-    model.eval()
-    total_loss, labels, probs = 0.0, [], []
-    for x, y in loader:
-        y = y.to(device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(normalize(x.to(device))).float()
-        total_loss += criterion(logits, y).item() * len(y)
-        probs.append(class_log_probs(logits, classification).exp().cpu())
-        labels.append(y.cpu())
-    probs, labels = torch.cat(probs).numpy(), torch.cat(labels).numpy()
-    return {"loss": total_loss / max(len(labels), 1), "labels": labels, "preds": probs.argmax(1), "probs": probs}
+def predict_eval(args, data, model, run_dir, device):
+    """best.pth on the eval dir -> submission.csv and submission_soft.csv in the run directory."""
+    model.load_state_dict(checkpoint.read(run_dir / "best.pth", device)["state_dict"])
+    images = dataset.load_images(data.eval_paths, data.size, args.cache_dir, not args.no_cache, make_progress("decoding eval images"))
+    loader = DataLoader(ImageDataset(data.eval_paths, data.size, images), args.valid_batch_size, num_workers=data.workers)
+    probs = predict(model, loader, device=device, normalize=data.normalize, classification=args.classification,
+                    progress=make_progress("predicting"))
+    write_submission(run_dir, data.eval_ids, probs, data.classes)
+    print(f"wrote {run_dir / 'submission.csv'} and submission_soft.csv ({len(data.eval_ids)} images)", flush=True)
 
 
-@torch.no_grad()
-def predict(model, loader, normalize, device, classification, tta=False, progress=None):
-    """Class probabilities for an unlabelled loader; tta averages the horizontally flipped view."""
-    model.eval()
-    out = []
-    for x in (progress(loader) if progress else loader):
-        x = normalize(x.to(device))
-        p = class_log_probs(model(x), classification).exp()
-        if tta:
-            p = (p + class_log_probs(model(x.flip(3)), classification).exp()) / 2
-        out.append(p.cpu())
-    return torch.cat(out).numpy()
-
-
-# ----------------------------------------------------------------------------- helpers
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def process_start():
-    """Wall-clock start of this process (start-up time is what many short trials pay)."""
-    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-    uptime = float(Path("/proc/uptime").read_text().split()[0])
-    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
-
-
-def worker_init(worker_id):
-    torch.set_num_threads(1)  # workers only slice and augment; the cores belong to the model
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-
-
-def make_progress(desc):
-    """tqdm bars when a person watches, plain log lines (one per epoch, printed by main) otherwise."""
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-    return lambda it: tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def increment_path(path):
-    """runs/exp -> runs/exp if free, else runs/exp2, runs/exp3, ..."""
-    if not path.exists():
-        return path
-    taken = [int(m.group(1) or 1) for p in path.parent.glob(f"{path.name}*")
-             if (m := re.fullmatch(re.escape(path.name) + r"(\d*)", p.name))]
-    return path.with_name(f"{path.name}{max(taken) + 1}")
-
-
-def save_checkpoint(path, model, meta, **extra):
-    """Self-describing checkpoint, written to a temp file and renamed so a kill never leaves half a file."""
-    tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": model.state_dict(), **meta, **extra}, tmp)
-    os.replace(tmp, path)
-
-
-def write_history(path, history):
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
-
-
-def write_submission(out_dir, image_ids, probs, classes, layout):
-    """submission.csv (ImageID,ans: class index for the mask layout, class name otherwise)
-    and submission_soft.csv (ImageID + one probability column per class, named by class)."""
-    import pandas as pd
-    out_dir = Path(out_dir)
-    preds = probs.argmax(1)
-    answers = preds if layout == "mask" else [classes[i] for i in preds]
-    pd.DataFrame({"ImageID": image_ids, "ans": answers}).to_csv(out_dir / "submission.csv", index=False)
-    soft = pd.DataFrame(probs, columns=classes)
-    soft.insert(0, "ImageID", image_ids)
-    soft.to_csv(out_dir / "submission_soft.csv", index=False, float_format="%.6f")
+# ----------------------------------------------------------------------------- logging
+def log_row(writer, row):
+    for key, value in row.items():
+        if key != "epoch":
+            writer.add_scalar(key.replace("_", "/", 1), value, row["epoch"])
+    print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
 
 
 def log_figures(writer, val, val_set, classes, epoch, n=16):
@@ -509,6 +412,7 @@ def log_figures(writer, val, val_set, classes, epoch, n=16):
     writer.add_figure("val/predictions", fig, epoch)
 
 
+# ----------------------------------------------------------------------------- entry point
 def raise_interrupt(signum, frame):
     raise KeyboardInterrupt(signum)
 
@@ -518,7 +422,8 @@ def cli(argv=None):
     signal.signal(signal.SIGTERM, raise_interrupt)
     torch.set_num_threads(os.cpu_count() or 1)
     try:
-        main(parse_args(argv))
+        return run_main("train.py", lambda a: main(parse_args(a)), argv,
+                             errors=(DataError, WeightsError, FloatingPointError, torch.OutOfMemoryError))
     except KeyboardInterrupt as e:
         print("train.py: interrupted; last.pth holds the last finished epoch", file=sys.stderr, flush=True)
         # Die by the signal, as Python does for an uncaught Ctrl-C: NNI's trial keeper (remote mode)
@@ -528,12 +433,6 @@ def cli(argv=None):
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         return 128 + signum  # not reached unless the signal is blocked
-    except (DataError, ValueError, WeightsError, FloatingPointError, torch.OutOfMemoryError) as e:
-        # a DataError raised in a loader worker arrives wrapped in the worker's traceback: keep its last line
-        message = str(e).strip().splitlines()[-1].removeprefix("dataset.DataError: ")
-        print(f"train.py: error: {message}", file=sys.stderr, flush=True)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from dataset import mask_class_names  # noqa: E402
-from train import Parser, write_submission  # noqa: E402
+from core.cli import Parser, run_main  # noqa: E402
+from core.runs import write_submission  # noqa: E402
 
 
 def read_table(path):
@@ -97,11 +97,6 @@ def align_soft(paths):
     return ids, np.stack(stack), classes
 
 
-def layout_of(classes):
-    # the mask layout's submission.csv holds class indices, every other layout class names
-    return "mask" if list(classes) == mask_class_names() else "folder"
-
-
 def soft_vote(probs, weights=None):
     """(M, N, C) -> weighted mean (N, C)."""
     weights = np.ones(len(probs)) if weights is None else np.asarray(weights, dtype=np.float64)
@@ -155,7 +150,8 @@ def build_parser():
     return p
 
 
-def main(args):
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     out = Path(args.out)
     if args.method == "soft":
         if args.weights is not None and (len(args.weights) != len(args.inputs) or min(args.weights) < 0 or sum(args.weights) <= 0):
@@ -164,7 +160,7 @@ def main(args):
         ids, probs, classes = align_soft(args.inputs)
         mean = soft_vote(probs, args.weights)
         out.mkdir(parents=True, exist_ok=True)
-        write_submission(out, ids, mean, classes, layout_of(classes))
+        write_submission(out, ids, mean, classes)
         weights = f", weights {' '.join(f'{w:g}' for w in args.weights)}" if args.weights else ""
         print(f"wrote {out / 'submission.csv'} and submission_soft.csv: soft vote of {len(args.inputs)} files{weights}, "
               f"{len(ids)} images", flush=True)
@@ -191,12 +187,7 @@ def main(args):
 
 
 def cli(argv=None):
-    try:
-        main(build_parser().parse_args(argv))
-    except ValueError as e:
-        print(f"ensemble.py: error: {e}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    return run_main("ensemble.py", main, argv)
 
 
 if __name__ == "__main__":

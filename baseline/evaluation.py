@@ -21,9 +21,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from baseline.ensemble import alignment, answer_column, read_hard, read_soft, read_table, soft_sibling  # noqa: E402
-from dataset import mask_class_names, natural_key  # noqa: E402
-from metrics import TASKS, confusion, score  # noqa: E402
-from train import Parser  # noqa: E402
+from core.cli import Parser, run_main  # noqa: E402
+from core.labels import NUM_MASK_CLASSES, TASKS, is_mask_scheme, mask_class_names, natural_key  # noqa: E402
+from core.metrics import confusion, confusion_figure, score  # noqa: E402
 
 
 def read_submission(path):
@@ -41,9 +41,10 @@ def class_list(truth_answers, answers, layout):
     """Classes when no soft CSV names them: integer truth = mask layout, otherwise the names seen."""
     answers = truth_answers + answers
     if layout == "mask" or (layout == "auto" and all(a.lstrip("-").isdigit() for a in truth_answers)):
-        bad = [a for a in answers if not (a.isdigit() and int(a) < 18)]
+        bad = [a for a in answers if not (a.isdigit() and int(a) < NUM_MASK_CLASSES)]
         if bad:
-            raise ValueError(f"ans {bad[0]!r} is not a mask-layout class index 0..17 (class names need --layout folder)")
+            raise ValueError(f"ans {bad[0]!r} is not a mask-layout class index 0..{NUM_MASK_CLASSES - 1} "
+                             f"(class names need --layout folder)")
         return mask_class_names()
     return sorted(set(answers), key=natural_key)
 
@@ -66,8 +67,7 @@ def evaluate(submission, truth, layout="auto"):
         classes = class_list(truth_answers, answers, layout)
     labels = to_indices(truth_answers, classes, truth_ids, truth)
     preds = probs.argmax(1)[rows] if probs is not None else to_indices(answers, classes, ids, submission)[rows]
-    per_task = classes == mask_class_names()
-    return dict(scores=score(labels, preds, len(classes), per_task=per_task), matrix=confusion(labels, preds, len(classes)),
+    return dict(scores=score(labels, preds, len(classes), per_task=is_mask_scheme(classes)), matrix=confusion(labels, preds, len(classes)),
                 classes=classes, images=len(labels))
 
 
@@ -85,7 +85,6 @@ def report(result):
 
 
 def save_plot(result, path, title):
-    from metrics import confusion_figure
     fig = confusion_figure(result["matrix"], result["classes"], title=title)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -102,7 +101,8 @@ def build_parser():
     return p
 
 
-def main(args):
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     result = evaluate(args.submission, args.truth, args.layout)
     print(report(result), flush=True)
     if args.plot:
@@ -112,12 +112,7 @@ def main(args):
 
 
 def cli(argv=None):
-    try:
-        main(build_parser().parse_args(argv))
-    except ValueError as e:
-        print(f"evaluation.py: error: {e}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    return run_main("evaluation.py", main, argv)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ So a trial's parameters are taken from nnimanager.log's "Trial parameter: ID
 {...}" line when the experiment's log is on this machine, else from the
 parameter id the trial reported with its metrics.
 """
-from __future__ import annotations
-
 import argparse
 import csv
 import json
@@ -47,10 +45,12 @@ class Trial:
     log_path: str = ""
 
     @property
-    def metric(self) -> float | None:
+    def metric(self):
+        """The final metric's "default" value, or None."""
         return None if self.final is None else self.final.get("default")
 
-    def best_intermediate_for(self, maximize: bool) -> float | None:
+    def best_intermediate_for(self, maximize):
+        """The best intermediate "default" value, or None when none is a number."""
         values = [m["default"] for m in self.intermediates if _is_number(m.get("default"))]
         return None if not values else (max(values) if maximize else min(values))
 
@@ -64,23 +64,23 @@ class Experiment:
     source: str
 
     @property
-    def maximize(self) -> bool:
+    def maximize(self):
         tuner = self.params.get("tuner") or {}
         mode = ((tuner.get("classArgs") or {}).get("optimize_mode") or "maximize").lower()
         return mode != "minimize"
 
     @property
-    def trial_command(self) -> str:
+    def trial_command(self):
         ts = self.params.get("trainingService")
         ts = ts[0] if isinstance(ts, list) and ts else ts
         return self.params.get("trialCommand") or (ts or {}).get("trialCommand") or "python3 train.py"
 
 
-def _is_number(v) -> bool:
+def _is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _metric(data) -> dict:
+def _metric(data):
     """NNI stores a metric as a JSON string of a JSON string of a number or a dict."""
     value = data
     for _ in range(3):
@@ -94,7 +94,8 @@ def _metric(data) -> dict:
     return {"default": value}
 
 
-def _hyper(value) -> dict | None:
+def _hyper(value):
+    """A hyperparameter record ({"parameter_id", "parameters", ...}) as a dict, or None."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -109,12 +110,13 @@ SENT = re.compile(r"Trial parameter: (\w+) (\{.*\})\s*$")
 ASSESSOR_STOP = re.compile(r'cancelTrialJob: "(\w+)"')  # the assessor's KILL_TRIAL_JOB command
 
 
-def read_manager_log(log_dir: Path | None) -> tuple[dict[str, dict], set[str]]:
+def read_manager_log(log_dir):
     """From nnimanager.log, when it is on this machine: trial id -> the parameter set the
     training service sent it ("Trial parameter: ID {...}", logged by NNI 3.0's local and
-    remote services), and the ids of the trials the assessor stopped."""
-    sent: dict[str, dict] = {}
-    stopped: set[str] = set()
+    remote services), and the ids of the trials the assessor stopped.
+    log_dir may be None (no log here)."""
+    sent = {}
+    stopped = set()
     path = Path(log_dir) / "nnimanager.log" if log_dir else None
     if not path or not path.is_file():
         return sent, stopped
@@ -127,12 +129,12 @@ def read_manager_log(log_dir: Path | None) -> tuple[dict[str, dict], set[str]]:
     return sent, stopped
 
 
-def _assemble(exp_id, status, params, trial_rows, metric_rows, source, manager_log) -> Experiment:
+def _assemble(exp_id, status, params, trial_rows, metric_rows, source, manager_log):
     """trial_rows: (id, status, sequence, [hyperparameter dicts], log_path); metric_rows: (trial, param_id, type, data);
     manager_log: what read_manager_log found."""
     sent, assessor_stopped = manager_log
-    by_param: dict[int, dict] = {}
-    trials: dict[str, Trial] = {}
+    by_param = {}
+    trials = {}
     for tid, tstatus, seq, hypers, log_path in trial_rows:
         # NNI 3.0 lists an assessor stop as USER_CANCELED: compat.js marks the stop as early
         # only after the stopped trial's end event has set its status
@@ -144,7 +146,7 @@ def _assemble(exp_id, status, params, trial_rows, metric_rows, source, manager_l
             if t.parameter_id is None:
                 t.parameter_id, t.params = int(h["parameter_id"]), h["parameters"]
         trials[tid] = t
-    reported: dict[str, int] = {}
+    reported = {}
     for tid, pid, mtype, data in metric_rows:
         t = trials.setdefault(tid, Trial(tid, "UNKNOWN"))
         if pid not in (None, ""):
@@ -174,12 +176,12 @@ def _assemble(exp_id, status, params, trial_rows, metric_rows, source, manager_l
 
 
 # ----------------------------------------------------------------------------- sources
-def _get(base: str, path: str, timeout: float):
+def _get(base, path, timeout):
     with urllib.request.urlopen(f"{base}/api/v1/nni/{path}", timeout=timeout) as r:
         return json.loads(r.read().decode())
 
 
-def from_rest(port: int, host: str = "127.0.0.1", timeout: float = 10) -> Experiment:
+def from_rest(port, host="127.0.0.1", timeout=10):
     base = f"http://{host}:{port}"
     profile = _get(base, "experiment", timeout)
     status = _get(base, "check-status", timeout).get("status", "UNKNOWN")
@@ -195,7 +197,7 @@ def from_rest(port: int, host: str = "127.0.0.1", timeout: float = 10) -> Experi
                      read_manager_log(log_dir))
 
 
-def from_sqlite(db: Path, exp_id: str, status: str = "STOPPED") -> Experiment:
+def from_sqlite(db, exp_id, status="STOPPED"):
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         prof = con.execute("SELECT params FROM ExperimentProfile ORDER BY revision DESC LIMIT 1").fetchone()
@@ -206,7 +208,7 @@ def from_sqlite(db: Path, exp_id: str, status: str = "STOPPED") -> Experiment:
                               "ORDER BY timestamp, sequence").fetchall()
     finally:
         con.close()
-    state: dict[str, list] = {}
+    state = {}
     for _ts, tid, event, data, log_path, seq in events:
         row = state.setdefault(tid, [tid, event, seq, [], log_path])
         row[1] = event
@@ -219,7 +221,7 @@ def from_sqlite(db: Path, exp_id: str, status: str = "STOPPED") -> Experiment:
                      read_manager_log(Path(db).parent.parent / "log"))
 
 
-def registry(home: Path | None = None) -> dict:
+def registry(home=None):
     path = (home or Path.home()) / "nni-experiments" / ".experiment"
     try:
         return json.loads(path.read_text())
@@ -227,7 +229,7 @@ def registry(home: Path | None = None) -> dict:
         return {}
 
 
-def from_id(exp_id: str, timeout: float = 10) -> Experiment:
+def from_id(exp_id, timeout=10):
     reg = registry()
     info = reg.get(exp_id)
     if info is None:
@@ -249,7 +251,7 @@ def from_id(exp_id: str, timeout: float = 10) -> Experiment:
 
 
 # ----------------------------------------------------------------------------- output
-def flatten(params: dict) -> dict:
+def flatten(params):
     """{"criterion": {"_name": "focal", "focal_gamma": 2}} -> {"criterion": "focal", "focal_gamma": 2}."""
     flat = {}
     for k, v in params.items():
@@ -261,7 +263,7 @@ def flatten(params: dict) -> dict:
     return flat
 
 
-def flag_words(params: dict) -> list[str]:
+def flag_words(params):
     words = []
     for k, v in flatten(params).items():
         if v is None or v is False:
@@ -275,13 +277,13 @@ def flag_words(params: dict) -> list[str]:
     return words
 
 
-def _fmt(v) -> str:
+def _fmt(v):
     if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
         return str(int(v))  # quniform's 32.0: "32" parses as an int flag and as a float flag
     return str(v)
 
 
-def best_command(trial_command: str, params: dict) -> str:
+def best_command(trial_command, params):
     """trialCommand with the trial's flags replacing any given there."""
     words = shlex.split(trial_command)
     keys = {f"--{k}" for k in flatten(params)}
@@ -297,28 +299,28 @@ def best_command(trial_command: str, params: dict) -> str:
     return shlex.join(kept + flag_words(params))
 
 
-def ranked(exp: Experiment) -> list[Trial]:
+def ranked(exp):
     sign = -1 if exp.maximize else 1
 
-    def key(t: Trial):
+    def key(t):
         m = t.metric if _is_number(t.metric) else t.best_intermediate_for(exp.maximize)
         return (0 if _is_number(t.metric) else 1 if m is not None else 2,
                 sign * m if m is not None else 0, STATUS_ORDER.get(t.status, 9), t.sequence)
     return sorted(exp.trials, key=key)
 
 
-def best_trial(exp: Experiment) -> Trial | None:
+def best_trial(exp):
     order = ranked(exp)
     if order and (_is_number(order[0].metric) or order[0].best_intermediate_for(exp.maximize) is not None):
         return order[0]
     return None
 
 
-def _num(v) -> str:
+def _num(v):
     return f"{v:.4f}" if _is_number(v) else "-"
 
 
-def report(exp: Experiment, out=sys.stdout) -> None:
+def report(exp, out=sys.stdout):
     mode = "maximize" if exp.maximize else "minimize"
     tuner = (exp.params.get("tuner") or {}).get("name", "?")
     print(f"experiment {exp.id} [{exp.status}] from {exp.source}: {len(exp.trials)} trials, {tuner} {mode}", file=out)
@@ -338,7 +340,7 @@ def report(exp: Experiment, out=sys.stdout) -> None:
     print(best_command(exp.trial_command, best.params), file=out)
 
 
-def write_csv(exp: Experiment, path: Path) -> None:
+def write_csv(exp, path):
     order = ranked(exp)
     keys = sorted({k for t in order for k in flatten(t.params)})
     with open(path, "w", newline="") as f:
@@ -353,7 +355,7 @@ def write_csv(exp: Experiment, path: Path) -> None:
                         t.log_path])
 
 
-def main(argv=None) -> int:
+def main(argv=None):
     p = argparse.ArgumentParser(description="List an NNI experiment's trials by metric and print the best as a command.")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--port", type=int, help="port of a running experiment (nnictl create --port)")

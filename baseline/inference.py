@@ -24,37 +24,11 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import dataset  # noqa: E402
+from core import checkpoint  # noqa: E402
+from core.cli import Parser, make_progress, run_main  # noqa: E402
+from core.engine import loader_workers, predict, resolve_device  # noqa: E402
+from core.runs import write_submission  # noqa: E402
 from dataset import DataError, ImageDataset, Normalize  # noqa: E402
-from model import load_checkpoint  # noqa: E402
-from train import Parser, make_progress, predict, write_submission  # noqa: E402
-
-
-def resolve_device(name):
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device available")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
-
-
-def resolve_workers(num_workers):
-    # same rule as train.py: workers only slice cached arrays, the cores belong to the model
-    return num_workers if num_workers >= 0 else min(8, max(1, (os.cpu_count() or 2) // 2))
-
-
-def read_meta(path):
-    """A checkpoint's description without building its model (memory-mapped, so cheap even for
-    big backbones): lets every checkpoint be checked before any prediction starts."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"checkpoint {path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # pickle, zip and torch errors all mean "not a checkpoint we can read"
-        raise ValueError(f"checkpoint {path}: not a PyTorch checkpoint ({type(e).__name__})") from None
-    missing = [k for k in ("state_dict", "classes", "layout", "resize", "mean", "std", "classification") if k not in ckpt] \
-        if isinstance(ckpt, dict) else ["state_dict"]
-    if missing:
-        raise ValueError(f"checkpoint {path}: not a train.py checkpoint (no {', '.join(missing)})")
-    return {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer", "scheduler", "history")}
 
 
 def check_compatible(paths, metas):
@@ -73,18 +47,19 @@ def say(line):
     print(line, flush=True)
 
 
-def predict_checkpoints(checkpoints, eval_dir, device="cpu", tta=False, batch_size=256, num_workers=0,
+def predict_checkpoints(checkpoints, eval_dir, *, device="cpu", tta=False, batch_size=256, num_workers=-1,
                         cache_dir=dataset.DEFAULT_CACHE_DIR, use_cache=True, log=say):
     """Soft vote of the checkpoints over an eval dir -> (image_ids, probs (N, C), classes, layout).
     Everything is checked (files, classes, eval dir) before the first model runs."""
     checkpoints = [Path(p) for p in checkpoints]
     if not checkpoints:
         raise ValueError("no checkpoint given")
-    metas = [read_meta(p) for p in checkpoints]
+    metas = [checkpoint.read_meta(p) for p in checkpoints]
     check_compatible(checkpoints, metas)
     classes, layout = metas[0]["classes"], metas[0]["layout"]
     image_ids, paths = dataset.read_eval(eval_dir, layout)
     device = torch.device(device)
+    workers = loader_workers(num_workers, use_cache, device)
 
     total = np.zeros((len(paths), len(classes)), dtype=np.float64)
     decoded = {}  # input size -> images: checkpoints of one size share one decode
@@ -92,11 +67,11 @@ def predict_checkpoints(checkpoints, eval_dir, device="cpu", tta=False, batch_si
         size = tuple(meta["resize"])
         if size not in decoded:
             decoded[size] = dataset.load_images(paths, size, cache_dir, use_cache, make_progress(f"decoding {size[0]}x{size[1]}"))
-        model, ckpt = load_checkpoint(path, device)
-        loader = DataLoader(ImageDataset(paths, size, decoded[size]), batch_size, num_workers=num_workers,
+        model, ckpt = checkpoint.load_model(path, device)
+        loader = DataLoader(ImageDataset(paths, size, decoded[size]), batch_size, num_workers=workers,
                             pin_memory=device.type == "cuda")
-        probs = predict(model, loader, Normalize(ckpt["mean"], ckpt["std"]).to(device), device, ckpt["classification"],
-                        tta=tta, progress=make_progress(f"predicting {path}"))
+        probs = predict(model, loader, device=device, normalize=Normalize(ckpt["mean"], ckpt["std"]).to(device),
+                        classification=ckpt["classification"], tta=tta, progress=make_progress(f"predicting {path}"))
         total += probs
         metric = ckpt.get("metric")
         best = f", best val {metric} {ckpt['best_metric']:.4f}" if metric and "best_metric" in ckpt else ""
@@ -120,16 +95,16 @@ def build_parser():
     return p
 
 
-def main(args):
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.batch_size <= 0:
         raise ValueError("--batch_size must be positive")
-    device = resolve_device(args.device)
     image_ids, probs, classes, layout = predict_checkpoints(
-        args.checkpoint, args.eval_dir, device, args.tta, args.batch_size, resolve_workers(args.num_workers),
-        args.cache_dir, not args.no_cache)
+        args.checkpoint, args.eval_dir, device=resolve_device(args.device), tta=args.tta, batch_size=args.batch_size,
+        num_workers=args.num_workers, cache_dir=args.cache_dir, use_cache=not args.no_cache)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_submission(out, image_ids, probs, classes, layout)
+    write_submission(out, image_ids, probs, classes)
     vote = f"soft vote of {len(args.checkpoint)} checkpoints" if len(args.checkpoint) > 1 else "1 checkpoint"
     print(f"wrote {out / 'submission.csv'} and submission_soft.csv ({len(image_ids)} images, {vote}"
           f"{', flip TTA' if args.tta else ''})", flush=True)
@@ -137,14 +112,7 @@ def main(args):
 
 def cli(argv=None):
     torch.set_num_threads(os.cpu_count() or 1)
-    try:
-        main(build_parser().parse_args(argv))
-    except (DataError, ValueError) as e:
-        # a DataError raised in a loader worker arrives wrapped in the worker's traceback: keep its last line
-        message = str(e).strip().splitlines()[-1].removeprefix("dataset.DataError: ")
-        print(f"inference.py: error: {message}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+    return run_main("inference.py", main, argv, errors=(DataError,))
 
 
 if __name__ == "__main__":

@@ -33,11 +33,14 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import dataset  # noqa: E402
-from baseline.inference import predict_checkpoints, read_meta, resolve_device, resolve_workers, say  # noqa: E402
+from baseline.inference import predict_checkpoints, say  # noqa: E402
+from core import checkpoint, demo  # noqa: E402
+from core.cli import Parser, make_progress, run_main  # noqa: E402
+from core.engine import loader_workers, predict, resolve_device  # noqa: E402
+from core.labels import TASKS, natural_key  # noqa: E402
+from core.metrics import score  # noqa: E402
+from core.runs import increment_path, write_submission  # noqa: E402
 from dataset import DataError, ImageDataset, Normalize  # noqa: E402
-from metrics import TASKS, score  # noqa: E402
-from model import load_checkpoint  # noqa: E402
-from train import Parser, increment_path, make_progress, predict, write_submission  # noqa: E402
 
 OWNED = ("--kfold", "--fold", "--name", "--model_dir", "--resume")  # flags this script sets for train.py
 
@@ -71,23 +74,23 @@ def train_folds(run_dir, k, train_args):
 
 
 def fold_checkpoints(run_dir):
-    paths = sorted(Path(run_dir).glob("fold*/best.pth"), key=lambda p: dataset.natural_key(p.parent.name))
+    paths = sorted(Path(run_dir).glob("fold*/best.pth"), key=lambda p: natural_key(p.parent.name))
     if not paths:
         raise ValueError(f"{run_dir}: no fold*/best.pth")
     return paths
 
 
-def out_of_fold(checkpoints, device, tta=False, batch_size=256, num_workers=0, log=say):
+def out_of_fold(checkpoints, *, device, tta=False, batch_size=256, num_workers=-1, log=say):
     """Each fold's model on its own validation part -> dict(labels, probs, fold, paths, classes, layout, folds=[scores]).
     The split is rebuilt from the flags saved in the checkpoint, with the split function train.py used."""
     reference = oof = None
     folds = []
     for path in checkpoints:
-        model, ckpt = load_checkpoint(path, device)
+        model, ckpt = checkpoint.load_model(path, device)
         a = ckpt["args"]
         if not a.get("kfold"):
             raise ValueError(f"{path}: not trained with --kfold, so it has no out-of-fold part")
-        data_dir = a["data_dir"] or dataset.DEMO_DIR / "train"  # train.py's default: the demo data
+        data_dir, _ = demo.data_dirs(a["data_dir"], None, make=False)
         layout, data, splitter = dataset.create_dataset(a["dataset"], data_dir, tuple(a["age_bounds"]))
         _, val_idx = splitter(data, a["val_ratio"], a["seed"], a["kfold"], a["fold"])
         if reference is None:
@@ -103,9 +106,10 @@ def out_of_fold(checkpoints, device, tta=False, batch_size=256, num_workers=0, l
         size = tuple(ckpt["resize"])
         # the whole training set, as train.py cached it, so the cache file is reused instead of rebuilt per fold
         images = dataset.load_images(data["paths"], size, a["cache_dir"], not a["no_cache"], make_progress("decoding images"))
-        loader = DataLoader(ImageDataset(data["paths"], size, images, indices=val_idx), batch_size, num_workers=num_workers)
-        probs = predict(model, loader, Normalize(ckpt["mean"], ckpt["std"]).to(device), device, ckpt["classification"],
-                        tta=tta, progress=make_progress(f"fold {a['fold']}"))
+        loader = DataLoader(ImageDataset(data["paths"], size, images, indices=val_idx), batch_size,
+                            num_workers=loader_workers(num_workers, images is not None, device))
+        probs = predict(model, loader, device=device, normalize=Normalize(ckpt["mean"], ckpt["std"]).to(device),
+                        classification=ckpt["classification"], tta=tta, progress=make_progress(f"fold {a['fold']}"))
         oof[val_idx], fold_of[val_idx] = probs, a["fold"]
         scores = score(data["labels"][val_idx], probs.argmax(1), len(ckpt["classes"]), per_task=layout == "mask")
         folds.append(dict(fold=a["fold"], images=len(val_idx), epoch=ckpt["epoch"], **scores))
@@ -128,13 +132,10 @@ def write_oof(path, result):
     table.to_csv(path, index=False, float_format="%.6f")
 
 
-def resolve_eval_dir(eval_dir, checkpoint):
-    if eval_dir:
-        return eval_dir
-    a = read_meta(checkpoint)["args"]
-    if a.get("eval_dir"):
-        return a["eval_dir"]
-    return dataset.DEMO_DIR / "eval" if a.get("data_dir") is None else None
+def resolve_eval_dir(eval_dir, fold_checkpoint):
+    """--eval_dir, else the one given to train.py, else the demo eval split if train.py trained on the demo data."""
+    a = checkpoint.read_meta(fold_checkpoint)["args"]
+    return demo.data_dirs(a.get("data_dir"), eval_dir or a.get("eval_dir"), make=False)[1]
 
 
 def build_parser():
@@ -154,6 +155,44 @@ def build_parser():
 
 
 def main(argv=None):
+    """Train the folds (or take --reuse's), score them out of fold, soft-vote them on the eval dir."""
+    args, train_args = parse_args(argv)
+    device = resolve_device(args.device)
+    if args.reuse:
+        run_dir = Path(args.reuse)
+    else:
+        run_dir = increment_path(Path(args.model_dir) / args.name)
+        run_dir.mkdir(parents=True)
+        (run_dir / "kfold.json").write_text(json.dumps({"k": args.k, "train_args": train_args}, indent=2))
+        train_folds(run_dir, args.k, train_args)
+    checkpoints = fold_checkpoints(run_dir)
+
+    print(f"=== out of fold ({len(checkpoints)} folds{', flip TTA' if args.tta else ''})", flush=True)
+    result = out_of_fold(checkpoints, device=device, tta=args.tta, batch_size=args.batch_size, num_workers=args.num_workers)
+    write_oof(run_dir / "oof_soft.csv", result)
+    s = result["scores"]
+    tasks = "".join(f", {t} F1 {s[f'{t}_f1']:.4f}" for t in TASKS if f"{t}_f1" in s)
+    print(f"out-of-fold ({len(result['labels'])} images): accuracy {s['accuracy']:.4f}, macro F1 {s['f1']:.4f}{tasks}", flush=True)
+    summary = {"k": len(checkpoints), "tta": args.tta, "oof": s, "folds": result["folds"]}
+
+    eval_dir = resolve_eval_dir(args.eval_dir, checkpoints[0])
+    if eval_dir is None:
+        print("no eval dir (give --eval_dir): no ensemble submission written", flush=True)
+    else:
+        print(f"=== soft vote of {len(checkpoints)} folds on {eval_dir}", flush=True)
+        trained = checkpoint.read_meta(checkpoints[0])["args"]  # eval images go to the cache the folds used
+        ids, probs, classes, _ = predict_checkpoints(checkpoints, eval_dir, device=device, tta=args.tta, batch_size=args.batch_size,
+                                                     num_workers=args.num_workers, cache_dir=trained["cache_dir"],
+                                                     use_cache=not trained["no_cache"])
+        write_submission(run_dir, ids, probs, classes)
+        summary["eval_dir"] = str(eval_dir)
+        print(f"wrote {run_dir / 'submission.csv'} and submission_soft.csv ({len(ids)} images)", flush=True)
+    (run_dir / "kfold_scores.json").write_text(json.dumps(summary, indent=2))
+    return run_dir, summary
+
+
+def parse_args(argv):
+    """-> (kfold.py's flags, train.py's flags), checked before anything trains."""
     own, train_args = split_argv(argv)
     parser = build_parser()
     args, unknown = parser.parse_known_args(own)
@@ -166,59 +205,18 @@ def main(argv=None):
         raise ValueError("--batch_size must be positive")
     if args.eval_dir:
         dataset.check_dir(args.eval_dir, "eval dir")  # fail now, not after hours of training
-    device = resolve_device(args.device)
-    workers = resolve_workers(args.num_workers)
-
-    if args.reuse:
-        if train_args:
-            raise ValueError("--reuse trains nothing: drop the train.py flags after --")
-        run_dir = Path(args.reuse)
-    else:
-        run_dir = increment_path(Path(args.model_dir) / args.name)
-        run_dir.mkdir(parents=True)
-        (run_dir / "kfold.json").write_text(json.dumps({"k": args.k, "train_args": train_args}, indent=2))
-        train_folds(run_dir, args.k, train_args)
-    checkpoints = fold_checkpoints(run_dir)
-
-    print(f"=== out of fold ({len(checkpoints)} folds{', flip TTA' if args.tta else ''})", flush=True)
-    result = out_of_fold(checkpoints, device, args.tta, args.batch_size, workers)
-    write_oof(run_dir / "oof_soft.csv", result)
-    s = result["scores"]
-    tasks = "".join(f", {t} F1 {s[f'{t}_f1']:.4f}" for t in TASKS if f"{t}_f1" in s)
-    print(f"out-of-fold ({len(result['labels'])} images): accuracy {s['accuracy']:.4f}, macro F1 {s['f1']:.4f}{tasks}", flush=True)
-    summary = {"k": len(checkpoints), "tta": args.tta, "oof": s, "folds": result["folds"]}
-
-    eval_dir = resolve_eval_dir(args.eval_dir, checkpoints[0])
-    if eval_dir is None:
-        print("no eval dir (give --eval_dir): no ensemble submission written", flush=True)
-    else:
-        print(f"=== soft vote of {len(checkpoints)} folds on {eval_dir}", flush=True)
-        ids, probs, classes, layout = predict_checkpoints(checkpoints, eval_dir, device, args.tta, args.batch_size, workers,
-                                                          *cache_of(checkpoints[0]))
-        write_submission(run_dir, ids, probs, classes, layout)
-        summary["eval_dir"] = str(eval_dir)
-        print(f"wrote {run_dir / 'submission.csv'} and submission_soft.csv ({len(ids)} images)", flush=True)
-    (run_dir / "kfold_scores.json").write_text(json.dumps(summary, indent=2))
-    return run_dir, summary
-
-
-def cache_of(checkpoint):
-    a = read_meta(checkpoint)["args"]  # eval images go to the cache the folds used
-    return a["cache_dir"], not a["no_cache"]
+    if args.reuse and train_args:
+        raise ValueError("--reuse trains nothing: drop the train.py flags after --")
+    return args, train_args
 
 
 def cli(argv=None):
     torch.set_num_threads(os.cpu_count() or 1)
     try:
-        main(argv)
+        return run_main("kfold.py", main, argv, errors=(DataError,))
     except KeyboardInterrupt:
         print("kfold.py: interrupted", file=sys.stderr, flush=True)
         return 130
-    except (DataError, ValueError) as e:
-        message = str(e).strip().splitlines()[-1].removeprefix("dataset.DataError: ")
-        print(f"kfold.py: error: {message}", file=sys.stderr, flush=True)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

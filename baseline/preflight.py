@@ -21,8 +21,6 @@ For each machine in trainingService.machineList it prints one line, OK or FAIL:
 
 Exits 1 if any check fails, naming machine and check.
 """
-from __future__ import annotations
-
 import argparse
 import contextlib
 import errno
@@ -90,8 +88,6 @@ if a.get("callback"):
 print("PREFLIGHT " + json.dumps(out))
 '''
 
-CHECKS = ("config", "ssh", "python", "nni", "torch", "trial", "gpu", "data", "callback")
-
 
 @dataclass
 class Machine:
@@ -106,7 +102,7 @@ class Machine:
     use_active_gpu: bool = False
 
     @property
-    def name(self) -> str:
+    def name(self):
         return f"{self.user}@{self.host}:{self.port}"
 
 
@@ -116,13 +112,13 @@ class Result:
     ok: list[str] = field(default_factory=list)      # "check detail" fragments, in order
     failed: list[tuple[str, str]] = field(default_factory=list)
 
-    def good(self, check: str, detail: str) -> None:
+    def good(self, check, detail):
         self.ok.append(f"{check} {detail}")
 
-    def bad(self, check: str, message: str) -> None:
+    def bad(self, check, message):
         self.failed.append((check, message))
 
-    def line(self) -> str:
+    def line(self):
         if self.failed:
             msg = "; ".join(f"{c}: {m}" for c, m in self.failed)
             return f"FAIL {self.machine.name} {msg}"
@@ -130,14 +126,15 @@ class Result:
 
 
 # ----------------------------------------------------------------------------- config
-def load_config(path: Path) -> dict:
+def load_config(path):
     data = yaml.safe_load(Path(path).read_text())
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not a YAML mapping")
     return data
 
 
-def _parse_gpu_indices(value) -> list[int] | None:
+def _parse_gpu_indices(value):
+    """gpuIndices (an int, "0,1" or a list) as a list of ints; None when not set."""
     if value is None:
         return None
     if isinstance(value, int):
@@ -147,7 +144,7 @@ def _parse_gpu_indices(value) -> list[int] | None:
     return [int(v) for v in value]
 
 
-def machines_of(config: dict) -> list[Machine]:
+def machines_of(config):
     ts = config.get("trainingService")
     services = ts if isinstance(ts, list) else [ts]
     remote = [s for s in services if isinstance(s, dict) and s.get("platform") == "remote"]
@@ -167,7 +164,7 @@ def machines_of(config: dict) -> list[Machine]:
     return machines
 
 
-def trial_command(config: dict) -> str:
+def trial_command(config):
     ts = config.get("trainingService")
     cmd = config.get("trialCommand")
     if not cmd and isinstance(ts, dict):
@@ -175,8 +172,8 @@ def trial_command(config: dict) -> str:
     return cmd or ""
 
 
-def flag_value(command: str, flag: str) -> str | None:
-    """`--flag X` or `--flag=X` in a shell command line."""
+def flag_value(command, flag):
+    """X of `--flag X` or `--flag=X` in a shell command line, or None."""
     try:
         words = shlex.split(command)
     except ValueError:
@@ -189,8 +186,8 @@ def flag_value(command: str, flag: str) -> str | None:
     return None
 
 
-def interpreter_of(command: str) -> str | None:
-    """First word of trialCommand after VAR=value assignments, if it looks like python."""
+def interpreter_of(command):
+    """First word of trialCommand after VAR=value assignments, if it looks like python, else None."""
     try:
         words = shlex.split(command)
     except ValueError:
@@ -201,7 +198,8 @@ def interpreter_of(command: str) -> str | None:
     return None
 
 
-def trial_gpu_number(config: dict) -> int | None:
+def trial_gpu_number(config):
+    """trialGpuNumber as an int, or None when the config does not set it."""
     ts = config.get("trainingService")
     value = config.get("trialGpuNumber")
     if value is None and isinstance(ts, dict):
@@ -210,7 +208,7 @@ def trial_gpu_number(config: dict) -> int | None:
 
 
 # ----------------------------------------------------------------------------- checks
-def ssh_base(m: Machine, timeout: int) -> list[str]:
+def ssh_base(m, timeout):
     cmd = ["ssh", "-p", str(m.port), "-o", "BatchMode=yes", "-o", f"ConnectTimeout={timeout}",
            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
     if m.ssh_key_file:
@@ -218,13 +216,13 @@ def ssh_base(m: Machine, timeout: int) -> list[str]:
     return cmd + [f"{m.user}@{m.host}" if m.user else m.host]
 
 
-def _last_line(text: str) -> str:
+def _last_line(text):
     lines = [l for l in text.strip().splitlines() if l.strip()]
     return lines[-1].strip() if lines else ""
 
 
 @contextlib.contextmanager
-def callback_listener(ip: str, port: int):
+def callback_listener(ip, port):
     """Listen on ip:port here, so that the remote side has something to connect to."""
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -246,8 +244,10 @@ def callback_listener(ip: str, port: int):
         sock.close()
 
 
-def gpu_problem(gpus: int, trial_gpus: int | None, per_gpu: int = 1, indices: list[int] | None = None) -> str | None:
+def gpu_problem(gpus, trial_gpus, per_gpu=1, indices=None):
     """Why NNI 3.0 would never start a trial on a host with `gpus` GPUs, or None.
+
+    trial_gpus is trialGpuNumber (None: not set), indices the gpuIndices list (None: all).
 
     The trial keeper asks for trialGpuNumber / maxTrialNumberPerGpu GPUs and its
     scheduler (nni_node/common/trial_keeper/task_scheduler/scheduler.js) refuses
@@ -269,33 +269,39 @@ def gpu_problem(gpus: int, trial_gpus: int | None, per_gpu: int = 1, indices: li
     return None
 
 
-def check_machine(m: Machine, config: dict, port: int, callback: bool, local_nni: str, timeout: int) -> Result:
-    res = Result(m)
-    # -- ssh
+def _check_ssh(m, res, timeout):
+    """The key login; the ssh command prefix for the next checks, or None when it failed (recorded in res)."""
     if m.password is not None and not m.ssh_key_file:
         res.bad("ssh", "password login is not checked (BatchMode); use sshKeyFile with a key in authorized_keys")
-        return res
+        return None
     key = Path(m.ssh_key_file).expanduser() if m.ssh_key_file else None
     if key is not None and not key.is_file():
         res.bad("ssh", f"sshKeyFile {key} not found on this machine")
-        return res
+        return None
     base = ssh_base(m, timeout)
     try:
         r = subprocess.run(base + ["exit 0"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
                            timeout=timeout + 20)
     except subprocess.TimeoutExpired:
         res.bad("ssh", f"no answer within {timeout + 20} s")
-        return res
+        return None
     if r.returncode != 0:
         res.bad("ssh", f"login failed (ssh exit {r.returncode}): {_last_line(r.stderr) or 'no message'}")
-        return res
+        return None
     res.good("ssh", "ok")
+    return base
 
-    # -- one probe run with the interpreter NNI uses
+
+def _probe_args(m, config, port, callback, timeout):
+    """The JSON argument of PROBE: what to look at on that machine."""
     command = trial_command(config)
-    args = {"data_dir": flag_value(command, "--data_dir"), "python_path": m.python_path,
+    return {"data_dir": flag_value(command, "--data_dir"), "python_path": m.python_path,
             "interpreter": interpreter_of(command), "timeout": timeout,
             "callback": [config.get("nniManagerIp"), port] if callback else None}
+
+
+def _run_probe(m, base, args, res, timeout):
+    """One probe run with the interpreter NNI uses; its answer as a dict, or None when it failed (recorded in res)."""
     if m.python_path:
         pp = shlex.quote(m.python_path.rstrip("/"))
         launcher = (f'for p in {pp}/python {pp}/python3; do [ -x "$p" ] && exec "$p" - {shlex.quote(json.dumps(args))}; '
@@ -306,15 +312,19 @@ def check_machine(m: Machine, config: dict, port: int, callback: bool, local_nni
         r = subprocess.run(base + [launcher], input=PROBE, capture_output=True, text=True, timeout=timeout + 300)
     except subprocess.TimeoutExpired:
         res.bad("python", "probe did not finish within the time limit")
-        return res
+        return None
     found = [l for l in r.stdout.splitlines() if l.startswith("PREFLIGHT ")]
     if r.returncode != 0 or not found:
         where = f"pythonPath {m.python_path}" if m.python_path else "python3 on PATH"
         res.bad("python", f"cannot run python ({where}): {_last_line(r.stderr) or f'exit {r.returncode}'}")
-        return res
+        return None
     info = json.loads(found[-1][len("PREFLIGHT "):])
     res.good("python", f"{info['executable']} {info['version']}")
+    return info
 
+
+def _judge_packages(info, args, res, local_nni):
+    """nni, torch and the trial interpreter, from the probe's answer."""
     if "nni" in info:
         if info["nni"] != local_nni:
             res.bad("nni", f"nni {info['nni']} there, {local_nni} here: install nni=={local_nni} in {info['prefix']}")
@@ -338,6 +348,9 @@ def check_machine(m: Machine, config: dict, port: int, callback: bool, local_nni
         else:
             res.good("trial", "same env")
 
+
+def _judge_resources(m, config, port, callback, info, args, res):
+    """gpu, data and callback, from the probe's answer."""
     gpus = info.get("gpus") or info.get("nvidia_smi_gpus") or 0
     problem = gpu_problem(gpus, trial_gpu_number(config), m.max_trial_number_per_gpu, m.gpu_indices)
     if problem:
@@ -359,10 +372,24 @@ def check_machine(m: Machine, config: dict, port: int, callback: bool, local_nni
         else:
             res.bad("callback", f"cannot connect back to nniManagerIp {config['nniManagerIp']}:{port} "
                                 f"({info.get('callback')}): firewall, wrong nniManagerIp or port")
+
+
+def check_machine(m, config, port, callback, local_nni, timeout):
+    """All checks of one machine, as a Result; stops at the first check the others depend on (ssh, python)."""
+    res = Result(m)
+    base = _check_ssh(m, res, timeout)
+    if base is None:
+        return res
+    args = _probe_args(m, config, port, callback, timeout)
+    info = _run_probe(m, base, args, res, timeout)
+    if info is None:
+        return res
+    _judge_packages(info, args, res, local_nni)
+    _judge_resources(m, config, port, callback, info, args, res)
     return res
 
 
-def preflight(config_path: Path, port: int, timeout: int = 10, out=sys.stdout) -> int:
+def preflight(config_path, port, timeout=10, out=sys.stdout):
     try:
         config = load_config(config_path)
         machines = machines_of(config)
@@ -396,7 +423,7 @@ def preflight(config_path: Path, port: int, timeout: int = 10, out=sys.stdout) -
     return 1 if failed else 0
 
 
-def main(argv=None) -> int:
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("config", type=Path, help="NNI v3 YAML with trainingService.platform remote")
     p.add_argument("--port", type=int, default=8080, help="the port of `nnictl create --port` (default: 8080)")

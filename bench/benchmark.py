@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dataset  # noqa: E402
+from core import demo  # noqa: E402
 from model import create_model  # noqa: E402
 
 
@@ -165,7 +166,7 @@ def peak_memory(cmds, cache_dir):
 def main():
     cli = parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    data_dir = Path(cli.data_dir) if cli.data_dir else dataset.ensure_demo_data() / "train"
+    data_dir, _ = demo.data_dirs(cli.data_dir, None)
     work = Path(tempfile.mkdtemp(prefix="bench."))
     cache_dir = work / "cache"
     data = dataset.read_mask_train(data_dir)

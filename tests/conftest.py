@@ -1,4 +1,6 @@
-"""Shared fixtures: a tiny demo data set written once per session, and a way to run train.py."""
+"""Shared fixtures and helpers: a tiny demo data set written once per session, a way to run train.py,
+CSV reading and calling a tool's cli() in-process."""
+import csv
 import os
 import subprocess
 import sys
@@ -9,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import dataset  # noqa: E402
+from core import demo  # noqa: E402
 
 # Small and fast: 24 people x 7 photos at 64x48 trains for an epoch in about a second.
 TINY = ["--resize", "64", "48", "--batch_size", "32", "--num_workers", "0"]
@@ -18,7 +20,7 @@ TINY = ["--resize", "64", "48", "--batch_size", "32", "--num_workers", "0"]
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("data") / "demo"
-    return dataset.make_demo_data(root, profiles=24, eval_profiles=2, size=(64, 48), seed=1)
+    return demo.make_demo_data(root, profiles=24, eval_profiles=2, size=(64, 48), seed=1)
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +47,18 @@ def run_train(demo_dir, cache_dir, tmp_path):
             raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return proc
     return run
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run_cli(cli, capsys, *args):
+    """A tool's cli(argv) in-process -> (exit code, stdout, stderr)."""
+    try:
+        code = cli([*map(str, args)])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

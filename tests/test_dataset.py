@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import dataset
+from core.labels import MASK_FILES
 from dataset import DataError
 
 
@@ -18,7 +19,7 @@ def write_image(path, colour=(120, 80, 40), size=(48, 64)):
 def make_profiles(root, people):
     """people: [(id, gender, age)] -> mask layout under root/images."""
     for pid, gender, age in people:
-        for stem in dataset.MASK_FILES:
+        for stem in MASK_FILES:
             write_image(root / "images" / f"{pid:06d}_{gender}_Asian_{age}" / f"{stem}.jpg")
     return root
 
@@ -32,11 +33,6 @@ def test_labels_cover_all_18_classes(tmp_path):
     assert by_path["000002_male_Asian_70/normal"] == 2 * 6 + 0 * 3 + 2
     assert by_path["000003_female_Asian_20/mask3"] == 0 * 6 + 1 * 3 + 0
     assert len(data["classes"]) == 18 and data["classes"][11] == "incorrect_female_old"
-
-
-@pytest.mark.parametrize("age,bounds,band", [(29, (30, 60), 0), (30, (30, 60), 1), (59, (30, 60), 1), (60, (30, 60), 2), (58, (30, 58), 2)])
-def test_age_bounds(age, bounds, band):
-    assert dataset.age_band(age, bounds) == band
 
 
 def test_hidden_files_and_non_images_skipped(tmp_path):
@@ -199,18 +195,6 @@ def test_normalize_uses_mean_std():
     assert torch.allclose(norm(x), torch.full((1, 3, 2, 2), 2.0))
 
 
-def test_demo_data_deterministic_and_complete(tmp_path, demo_dir):
-    again = dataset.make_demo_data(tmp_path / "demo", profiles=24, eval_profiles=2, size=(64, 48), seed=1)
-    first, second = dataset.read_mask_train(demo_dir / "train"), dataset.read_mask_train(again / "train")
-    assert np.array_equal(first["labels"], second["labels"])
-    a = np.asarray(Image.open(first["paths"][10]))
-    b = np.asarray(Image.open(second["paths"][10]))
-    assert np.array_equal(a, b)
-    assert len(set(first["strata"].tolist())) >= 4  # gender x age band mixed
-    truth = (demo_dir / "eval" / "truth.csv").read_text().split()[1:]
-    assert len(truth) == len(dataset.read_eval(demo_dir / "eval", "mask")[0]) == 14
-
-
 def build_cache(args):
     paths, cache = args
     images = dataset.load_images(paths, (16, 12), cache)
@@ -230,13 +214,3 @@ def test_trials_starting_together_share_one_cache(tmp_path):
     assert len({r[0] for r in results}) == 1 and len({r[1] for r in results}) == 1
     assert [p.suffix for p in cache.iterdir() if p.suffix != ".lock"] == [".npy"]
     assert results[0][0] == int(np.stack([dataset.decode_image(p, (16, 12)) for p in paths]).sum())
-
-
-def test_demo_data_made_once_at_default_path_with_a_line(tmp_path, capsys):
-    root = tmp_path / "data" / "demo"
-    dataset.ensure_demo_data(root, profiles=3, eval_profiles=1, size=(32, 24))
-    assert "making demo data" in capsys.readouterr().out
-    assert len(dataset.read_mask_train(root / "train")["paths"]) == 21
-    dataset.ensure_demo_data(root, profiles=3, eval_profiles=1, size=(32, 24))
-    assert capsys.readouterr().out == ""
-    assert not [p for p in root.parent.iterdir() if p.name.startswith(".")]  # no temp dir left behind

@@ -7,16 +7,12 @@ import numpy as np
 import pytest
 
 from baseline import ensemble
-from conftest import ROOT, train_env
-from dataset import mask_class_names
+from conftest import ROOT, read_csv, run_cli, train_env
+from core.labels import mask_class_names
 
 CLASSES = mask_class_names()
 IDS = ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
 
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def write_soft(path, ids, probs, classes=CLASSES):
@@ -45,14 +41,6 @@ def soft_of(path):
     return [r["ImageID"] for r in rows], np.array([[float(r[c]) for c in list(rows[0])[1:]] for r in rows])
 
 
-def run_cli(capsys, *args):
-    try:
-        code = ensemble.cli([*map(str, args)])
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
 
 def test_soft_vote_aligns_rows_and_columns_by_name(tmp_path, capsys):
     p1, p2 = random_probs(1), random_probs(2)
@@ -60,7 +48,7 @@ def test_soft_vote_aligns_rows_and_columns_by_name(tmp_path, capsys):
     # the second file lists the images in another order and the classes in another order: both are named, so harmless
     rows, cols = [2, 0, 3, 1], list(reversed(range(len(CLASSES))))
     b = write_soft(tmp_path / "b" / "submission_soft.csv", [IDS[i] for i in rows], p2[rows][:, cols], [CLASSES[j] for j in cols])
-    code, out, err = run_cli(capsys, a, b, "--out", tmp_path / "ens")
+    code, out, err = run_cli(ensemble.cli, capsys, a, b, "--out", tmp_path / "ens")
     assert code == 0 and err == "" and "soft vote of 2 files" in out
     ids, probs = soft_of(tmp_path / "ens" / "submission_soft.csv")
     assert ids == IDS and list(read_csv(tmp_path / "ens" / "submission_soft.csv")[0])[1:] == CLASSES
@@ -73,7 +61,7 @@ def test_soft_vote_aligns_rows_and_columns_by_name(tmp_path, capsys):
 def test_soft_vote_weights(tmp_path, capsys):
     probs = [random_probs(s) for s in (3, 4, 5)]
     files = [write_soft(tmp_path / f"m{i}" / "submission_soft.csv", IDS, p) for i, p in enumerate(probs)]
-    code, out, _ = run_cli(capsys, *files, "--weights", 2, 1, 0, "--out", tmp_path / "ens")
+    code, out, _ = run_cli(ensemble.cli, capsys, *files, "--weights", 2, 1, 0, "--out", tmp_path / "ens")
     assert code == 0 and "weights 2 1 0" in out
     assert np.allclose(soft_of(tmp_path / "ens" / "submission_soft.csv")[1], (2 * probs[0] + probs[1]) / 3, atol=2e-6)
 
@@ -83,7 +71,7 @@ def test_folder_layout_answers_are_class_names(tmp_path, capsys):
     p1, p2 = random_probs(6, c=4), random_probs(7, c=4)
     files = [write_soft(tmp_path / n / "submission_soft.csv", ["x/1.png", "y.png", "z.png", "w.png"], p, classes)
              for n, p in (("a", p1), ("b", p2))]
-    assert run_cli(capsys, *files, "--out", tmp_path / "ens")[0] == 0
+    assert run_cli(ensemble.cli, capsys, *files, "--out", tmp_path / "ens")[0] == 0
     answers = [r["ans"] for r in read_csv(tmp_path / "ens" / "submission.csv")]
     assert answers == [classes[i] for i in (p1 + p2).argmax(1)]
 
@@ -94,7 +82,7 @@ def test_hard_vote_majority_and_tie_breaks(tmp_path, capsys):
     files = [write_hard(tmp_path / f"m{i}" / "submission.csv", IDS, v) for i, v in enumerate(votes)]
 
     # no soft CSVs beside them: a tie goes to the earliest file
-    code, out, err = run_cli(capsys, "--method", "hard", *files, "--out", tmp_path / "plain")
+    code, out, err = run_cli(ensemble.cli, capsys, "--method", "hard", *files, "--out", tmp_path / "plain")
     assert code == 0 and err == "" and "2 ties broken by the earliest file" in out
     assert [r["ans"] for r in read_csv(tmp_path / "plain" / "submission.csv")] == ["3", "7", "1", "4"]
     assert not (tmp_path / "plain" / "submission_soft.csv").exists()
@@ -106,7 +94,7 @@ def test_hard_vote_majority_and_tie_breaks(tmp_path, capsys):
     probs[:, 3, 4] = probs[:, 3, 5] = probs[:, 3, 6] = 0.2  # image d: exactly tied mass -> still the earliest file
     for i in range(3):
         write_soft(tmp_path / f"m{i}" / "submission_soft.csv", IDS, probs[i])
-    code, out, _ = run_cli(capsys, "--method", "hard", *files, "--out", tmp_path / "soft")
+    code, out, _ = run_cli(ensemble.cli, capsys, "--method", "hard", *files, "--out", tmp_path / "soft")
     assert code == 0 and "2 ties broken by probabilities from 3 soft CSVs" in out
     assert [r["ans"] for r in read_csv(tmp_path / "soft" / "submission.csv")] == ["3", "7", "2", "4"]
 
@@ -120,7 +108,7 @@ def test_hard_vote_folder_names_with_soft_tie_break(tmp_path, capsys):
         files.append(write_hard(tmp_path / f"m{i}" / "submission.csv", ["p.png", "q.png"], votes[i]))
         # the soft CSV lists the images in another order: aligned by ImageID
         write_soft(tmp_path / f"m{i}" / "submission_soft.csv", ["q.png", "p.png"], soft[i][::-1], classes)
-    assert run_cli(capsys, "--method", "hard", *files, "--out", tmp_path / "ens")[0] == 0
+    assert run_cli(ensemble.cli, capsys, "--method", "hard", *files, "--out", tmp_path / "ens")[0] == 0
     # p: cat 0.9 vs "2" 0.6 -> cat; q: "10" 0.75 vs "2" 0.75 -> the earliest file's "10"
     assert [r["ans"] for r in read_csv(tmp_path / "ens" / "submission.csv")] == ["cat", "10"]
 
@@ -169,7 +157,7 @@ REFUSALS = {
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_refusal_is_one_line_and_writes_nothing(case, tmp_path, capsys):
     make, expected = REFUSALS[case]
-    code, out, err = run_cli(capsys, *make(tmp_path), "--out", tmp_path / "ens")
+    code, out, err = run_cli(ensemble.cli, capsys, *make(tmp_path), "--out", tmp_path / "ens")
     assert code != 0
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ensemble.py: error:") and expected in lines[0], err

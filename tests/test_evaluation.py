@@ -9,8 +9,8 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, f1_score
 
 from baseline import evaluation
-from conftest import ROOT, train_env
-from dataset import decode_class, mask_class_names
+from conftest import ROOT, run_cli, train_env
+from core.labels import decode_class, mask_class_names
 
 
 def write_csv(path, header, rows):
@@ -19,14 +19,6 @@ def write_csv(path, header, rows):
         csv.writer(f).writerows([header, *rows])
     return path
 
-
-def run_cli(capsys, *args):
-    try:
-        code = evaluation.cli([*map(str, args)])
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture
@@ -55,7 +47,7 @@ def test_scores_match_sklearn_per_task(mask_case, capsys, tmp_path):
         assert s[f"{task}_f1"] == pytest.approx(f1_score(t_true, t_pred, average="macro"))
     assert result["matrix"].sum() == 54 and np.trace(result["matrix"]) == (labels == preds).sum()
 
-    code, out, err = run_cli(capsys, sub, "--truth", truth, "--plot", tmp_path / "plots" / "cm.png")
+    code, out, err = run_cli(evaluation.cli, capsys, sub, "--truth", truth, "--plot", tmp_path / "plots" / "cm.png")
     assert code == 0 and err == ""
     assert "54 images, 18 classes" in out
     table = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:6]}
@@ -80,7 +72,7 @@ def test_folder_layout_class_names(tmp_path, capsys):
     truth = write_csv(tmp_path / "truth.csv", ["ImageID", "ans"], [("a.png", "2"), ("b/c.png", "10"), ("d.png", "2"), ("e.png", "10")])
     sub = write_csv(tmp_path / "p" / "submission.csv", ["ImageID", "ans"],
                     [("e.png", "10"), ("d.png", "10"), ("b/c.png", "10"), ("a.png", "2")])
-    code, out, err = run_cli(capsys, sub, "--truth", truth, "--layout", "folder")
+    code, out, err = run_cli(evaluation.cli, capsys, sub, "--truth", truth, "--layout", "folder")
     assert code == 0, err
     assert "4 images, 2 classes" in out and "mask" not in out
     result = evaluation.evaluate(sub, truth, "folder")
@@ -125,7 +117,7 @@ REFUSALS = {
 def test_refusal_is_one_line(case, tmp_path, capsys):
     make, expected = REFUSALS[case]
     args = make(tmp_path)
-    code, out, err = run_cli(capsys, *args, "--plot", tmp_path / "cm.png")
+    code, out, err = run_cli(evaluation.cli, capsys, *args, "--plot", tmp_path / "cm.png")
     assert code == 1 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("evaluation.py: error:") and expected in lines[0], err

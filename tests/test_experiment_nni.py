@@ -195,9 +195,9 @@ def check_trials(run, exp, out_dir_of, epochs, space):
             assert len(history) == epochs
             assert t.metric == pytest.approx(max(values)), f"{t.id}: final {t.metric} != best intermediate {max(values)}"
             for name in ("best.pth", "last.pth"):
-                ckpt = torch.load(out / name, map_location="cpu", weights_only=False)
+                ckpt = torch.load(out / name, map_location="cpu", weights_only=True)
                 assert "state_dict" in ckpt, name
-            assert torch.load(out / "last.pth", map_location="cpu", weights_only=False)["epoch"] == epochs
+            assert torch.load(out / "last.pth", map_location="cpu", weights_only=True)["epoch"] == epochs
             check_tensorboard(out / "tensorboard", epochs)
         else:
             # stopped after its last report; history.csv is written just before each report

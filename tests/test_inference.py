@@ -1,5 +1,4 @@
 """baseline/inference.py on real checkpoints trained by train.py on the tiny demo data."""
-import csv
 import shutil
 import subprocess
 import sys
@@ -10,12 +9,8 @@ import torch
 from PIL import Image
 
 from baseline import inference
-from conftest import ROOT, TINY, train_env
+from conftest import ROOT, TINY, read_csv, run_cli, train_env
 
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def soft_probs(path):
@@ -65,14 +60,6 @@ def runs(tmp_path_factory, demo_dir, cache_dir):
     }), colours=folder)
 
 
-def run_cli(capsys, *args):
-    try:
-        code = inference.cli([*map(str, args)])
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
 
 def test_script_reproduces_train_submission(runs, demo_dir, cache_dir, tmp_path):
     # the same best.pth on the same eval dir must give what train.py wrote after training
@@ -115,8 +102,8 @@ def test_soft_vote_of_two_designs(runs, demo_dir, cache_dir, tmp_path, capsys):
     # a single-head 64x48 model and a multi-head 48x32 model share the 18 classes: averaged per image
     common = ["--eval_dir", demo_dir / "eval", "--cache_dir", cache_dir, "--num_workers", 0, "--tta", "--batch_size", 5]
     for name in ("single", "multi"):
-        assert run_cli(capsys, "--checkpoint", runs[name] / "best.pth", "--out", tmp_path / name, *common)[0] == 0
-    code, out, err = run_cli(capsys, "--checkpoint", runs["single"] / "best.pth", runs["multi"] / "best.pth",
+        assert run_cli(inference.cli, capsys, "--checkpoint", runs[name] / "best.pth", "--out", tmp_path / name, *common)[0] == 0
+    code, out, err = run_cli(inference.cli, capsys, "--checkpoint", runs["single"] / "best.pth", runs["multi"] / "best.pth",
                              "--out", tmp_path / "both", *common)
     assert code == 0 and err == ""
     assert "soft vote of 2 checkpoints, flip TTA" in out and "multi_head" in out and "48x32" in out
@@ -130,7 +117,7 @@ def test_soft_vote_of_two_designs(runs, demo_dir, cache_dir, tmp_path, capsys):
 
 
 def test_folder_layout_writes_class_names(runs, tmp_path, capsys, cache_dir):
-    code, _, err = run_cli(capsys, "--checkpoint", runs["folder"] / "best.pth", "--eval_dir", runs["colours"] / "test",
+    code, _, err = run_cli(inference.cli, capsys, "--checkpoint", runs["folder"] / "best.pth", "--eval_dir", runs["colours"] / "test",
                            "--out", tmp_path / "out", "--cache_dir", cache_dir, "--num_workers", 0, "--device", "cpu")
     assert code == 0, err
     rows = read_csv(tmp_path / "out" / "submission.csv")
@@ -159,7 +146,7 @@ REFUSALS = {
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_refusal_is_one_line_and_writes_nothing(case, runs, demo_dir, tmp_path, capsys):
     args, expected = REFUSALS[case](runs, demo_dir, tmp_path)
-    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "out", "--num_workers", 0)
+    code, _, err = run_cli(inference.cli, capsys, *args, "--out", tmp_path / "out", "--num_workers", 0)
     assert code != 0
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "error" in lines[0] and str(expected) in lines[0], err
@@ -168,7 +155,7 @@ def test_refusal_is_one_line_and_writes_nothing(case, runs, demo_dir, tmp_path, 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_asked_for_without_cuda(runs, demo_dir, tmp_path, capsys):
-    code, _, err = run_cli(capsys, "--checkpoint", runs["single"] / "best.pth", "--eval_dir", demo_dir / "eval",
+    code, _, err = run_cli(inference.cli, capsys, "--checkpoint", runs["single"] / "best.pth", "--eval_dir", demo_dir / "eval",
                            "--device", "cuda", "--out", tmp_path / "out")
     assert code == 1 and err == "inference.py: error: --device cuda: no CUDA device available\n"
     assert not (tmp_path / "out").exists()

@@ -1,5 +1,4 @@
 """baseline/kfold.py: K real train.py runs on the tiny demo data, out-of-fold scores, the fold ensemble."""
-import csv
 import json
 import shutil
 import subprocess
@@ -11,13 +10,9 @@ import pytest
 import torch
 
 from baseline import ensemble, evaluation, kfold
-from conftest import ROOT, TINY, train_env
-from metrics import score
+from conftest import ROOT, TINY, read_csv, run_cli, train_env
+from core.metrics import score
 
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +52,7 @@ def test_folds_side_by_side_and_out_of_fold(trained, demo_dir):
     assert f"macro F1 {summary['oof']['f1']:.4f}" in stdout
     for fold in summary["folds"]:
         # each fold's best.pth on its own validation part reproduces what train.py measured there
-        best = torch.load(run / f"fold{fold['fold']}" / "best.pth", weights_only=False)
+        best = torch.load(run / f"fold{fold['fold']}" / "best.pth", weights_only=True)
         assert fold["accuracy"] == pytest.approx(best["best_metric"], abs=1e-9) and fold["epoch"] == best["epoch"]
 
 
@@ -87,14 +82,6 @@ def test_reuse_rescores_with_tta_without_training(trained, capsys, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in run.glob("fold*/best.pth")} == before
 
 
-def run_cli(capsys, *args):
-    try:
-        code = kfold.cli([*map(str, args)])
-    except SystemExit as e:  # argparse's own errors
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.err
-
 
 @pytest.mark.parametrize("args,expected", [
     (["--", "--fold", "1"], "--fold is set by kfold.py"),
@@ -108,7 +95,7 @@ def run_cli(capsys, *args):
 def test_refusal_is_one_line_and_trains_nothing(args, expected, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()
-    code, err = run_cli(capsys, "--model_dir", tmp_path / "runs", *args)
+    code, _, err = run_cli(kfold.cli, capsys, "--model_dir", tmp_path / "runs", *args)
     assert code != 0
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kfold.py: error:") and expected in lines[0], err

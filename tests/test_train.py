@@ -1,4 +1,3 @@
-import csv
 import json
 import signal
 import subprocess
@@ -13,12 +12,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from conftest import ROOT, TINY, train_env
+from conftest import ROOT, TINY, read_csv, train_env
 
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def test_end_to_end_writes_every_output(run_train, tmp_path, demo_dir):
@@ -36,11 +31,11 @@ def test_end_to_end_writes_every_output(run_train, tmp_path, demo_dir):
     assert [int(r["epoch"]) for r in history] == [1, 2]
     assert {"val_accuracy", "val_f1", "val_mask_f1", "val_gender_f1", "val_age_f1", "val_loss", "lr"} <= set(history[0])
 
-    best = torch.load(run / "best.pth", weights_only=False)
+    best = torch.load(run / "best.pth", weights_only=True)
     assert best["model"] == "BaseModel" and best["classification"] == "single" and len(best["classes"]) == 18
     assert best["resize"] == [64, 48] and len(best["mean"]) == 3 and best["metric"] == "accuracy"
     assert best["best_metric"] == max(float(r["val_accuracy"]) for r in history)
-    last = torch.load(run / "last.pth", weights_only=False)
+    last = torch.load(run / "last.pth", weights_only=True)
     assert last["epoch"] == 2 and "optimizer" in last and len(last["history"]) == 2
 
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
@@ -61,7 +56,7 @@ def test_end_to_end_writes_every_output(run_train, tmp_path, demo_dir):
         assert abs(sum(probs) - 1) < 1e-3 and int(np.argmax(probs)) == int(row["ans"])
 
     run_train("--epochs", "1", "--metric", "f1", "--classification", "multi_head", "--criterion", "focal")
-    second = torch.load(tmp_path / "runs" / "exp2" / "best.pth", weights_only=False)
+    second = torch.load(tmp_path / "runs" / "exp2" / "best.pth", weights_only=True)
     assert second["classification"] == "multi_head" and second["metric"] == "f1"
     # the run's config.json re-runs as it is
     run_train("--config", run / "config.json", "--epochs", "1", data=False)
@@ -83,7 +78,7 @@ def test_folder_layout_submission_holds_class_names(run_train, tmp_path):
     run_train("--dataset", "ImageFolderDataset", "--data_dir", tmp_path / "flowers", "--eval_dir", tmp_path / "test",
               "--epochs", "2", "--resize", "32", "32", "--val_ratio", "0.5", data=False)
     run = tmp_path / "runs" / "exp"
-    assert torch.load(run / "best.pth", weights_only=False)["classes"] == ["2", "10", "green", "red"]
+    assert torch.load(run / "best.pth", weights_only=True)["classes"] == ["2", "10", "green", "red"]
     submission = read_csv(run / "submission.csv")
     assert [r["ImageID"] for r in submission] == ["a.png", "nested/b.png"]
     assert all(r["ans"] in colours for r in submission)
@@ -112,12 +107,12 @@ def test_resume_after_kill(demo_dir, cache_dir, tmp_path, run_train):
     wait_for_epochs(run / "history.csv", 2, proc)
     proc.kill()
     proc.wait()
-    done = torch.load(run / "last.pth", weights_only=False)["epoch"]
+    done = torch.load(run / "last.pth", weights_only=True)["epoch"]
     assert done >= 2
     proc = run_train("--resume", run / "last.pth", "--epochs", str(done + 2), data=False)
     assert f"resuming {run} at epoch {done + 1}" in proc.stdout
     assert [int(r["epoch"]) for r in read_csv(run / "history.csv")] == list(range(1, done + 3))
-    assert torch.load(run / "last.pth", weights_only=False)["epoch"] == done + 2
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == done + 2
     assert not (tmp_path / "runs" / "exp2").exists()
 
 
@@ -131,7 +126,7 @@ def test_sigterm_ends_run_promptly_keeping_last(demo_dir, cache_dir, tmp_path):
     assert time.time() - sent < 10
     assert proc.returncode == -signal.SIGTERM  # ends by the signal: NNI tells a cancel from a failure by it
     assert "interrupted" in stderr and "Traceback" not in stderr
-    assert torch.load(run / "last.pth", weights_only=False)["epoch"] >= 1
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] >= 1
 
 
 def corrupt_copy(demo_dir, tmp_path):
@@ -229,16 +224,6 @@ def test_yaml_config_sets_defaults_that_flags_override(tmp_path):
     (tmp_path / "bad.yml").write_text("lr: fast\n")
     with pytest.raises(ValueError, match="'lr' must be float"):
         train.parse_args(["--config", str(tmp_path / "bad.yml")])
-
-
-def test_increment_path(tmp_path):
-    base = tmp_path / "exp"
-    assert train.increment_path(base) == base
-    base.mkdir()
-    (tmp_path / "exp2").mkdir()
-    (tmp_path / "exp10").mkdir()
-    (tmp_path / "experiment").mkdir()
-    assert train.increment_path(base) == tmp_path / "exp11"
 
 
 @pytest.mark.parametrize("name", list(train.OPTIMIZERS))

@@ -1,11 +1,8 @@
-"""Scores shared by train.py and baseline/evaluation.py (numpy only: sklearn would add a
-second to every trial's start-up)."""
+"""Scores shared by train.py and baseline/evaluation.py: accuracy, macro F1, per-task scores,
+the confusion matrix (numpy only: sklearn would add a second to every trial's start-up)."""
 import numpy as np
 
-from dataset import decode_class
-
-TASKS = ("mask", "gender", "age")
-TASK_SIZES = (3, 2, 3)
+from core.labels import TASK_SIZES, TASKS, decode_class
 
 
 def confusion(labels, preds, num_classes):

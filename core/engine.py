@@ -1,0 +1,104 @@
+"""The training loop's parts: train one epoch, evaluate, predict; the device, seeding and loader-worker rules."""
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import class_log_probs
+from loss import finite_loss
+
+
+def resolve_device(name):
+    """auto|cpu|cuda -> torch.device; asking for CUDA where there is none is a user error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device available")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def loader_workers(requested, cached, device):
+    """-1 = choose: from the cache a batch is a ~1 ms gather that workers would only slow down with
+    inter-process copies on a CPU; decoding (no cache) and feeding a GPU want workers."""
+    if requested >= 0:
+        return requested
+    return 0 if cached and device.type == "cpu" else min(8, os.cpu_count() or 1)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def worker_init(worker_id):
+    torch.set_num_threads(1)  # workers only slice and augment; the cores belong to the model
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def process_start():
+    """Wall-clock start of this process (start-up time is what many short trials pay)."""
+    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def train_one_epoch(model, loader, *, device, augment, normalize, criterion, optimizer, scaler, classification,
+                    amp_dtype=None, channels_last=False, progress=None, log_first_step=False):
+    """One pass over the loader; batches are augmented and normalised on the device.
+    -> dict(loss, accuracy, images_per_s)."""
+    model.train()
+    total_loss, correct, seen, start = 0.0, 0, 0, time.time()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    for x, y in (progress(loader) if progress else loader):
+        x = x.to(device, non_blocking=True).float()
+        if augment is not None:
+            x = augment(x)
+        x = normalize(x).contiguous(memory_format=memory_format)
+        y = y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x)
+            loss = finite_loss(criterion(logits.float(), y))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total_loss += loss.item() * len(y)
+        correct += (class_log_probs(logits.detach(), classification).argmax(1) == y).sum().item()
+        if not seen and log_first_step:
+            print(f"first step {time.time() - process_start():.1f}s after process start", flush=True)
+        seen += len(y)
+    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "images_per_s": seen / (time.time() - start)}
+
+
+@torch.no_grad()
+def evaluate(model, loader, *, device, normalize, criterion, classification, amp_dtype=None):
+    """Validation loss, predictions and class probabilities over a labelled loader."""
+    model.eval()
+    total_loss, labels, probs = 0.0, [], []
+    for x, y in loader:
+        y = y.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(normalize(x.to(device))).float()
+        total_loss += criterion(logits, y).item() * len(y)
+        probs.append(class_log_probs(logits, classification).exp().cpu())
+        labels.append(y.cpu())
+    probs, labels = torch.cat(probs).numpy(), torch.cat(labels).numpy()
+    return {"loss": total_loss / max(len(labels), 1), "labels": labels, "preds": probs.argmax(1), "probs": probs}
+
+
+@torch.no_grad()
+def predict(model, loader, *, device, normalize, classification, tta=False, progress=None):
+    """Class probabilities for an unlabelled loader; tta averages the horizontally flipped view."""
+    model.eval()
+    out = []
+    for x in (progress(loader) if progress else loader):
+        x = normalize(x.to(device))
+        p = class_log_probs(model(x), classification).exp()
+        if tta:
+            p = (p + class_log_probs(model(x.flip(3)), classification).exp()) / 2
+        out.append(p.cpu())
+    return torch.cat(out).numpy()

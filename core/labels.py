@@ -1,0 +1,41 @@
+"""The label scheme of the mask layout (18 classes = mask x gender x age band) and class ordering.
+
+class = mask * 6 + gender * 3 + age_band; mask wear=0 (mask1-5), incorrect=1, not worn=2;
+male=0, female=1; age band <LOW=0, LOW..HIGH-1=1, >=HIGH=2 (--age_bounds LOW HIGH).
+Pure Python: the CSV-only tools import it without numpy's or torch's start-up.
+"""
+import re
+
+MASK_FILES = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
+GENDERS = {"male": 0, "female": 1}
+TASKS = ("mask", "gender", "age")
+TASK_NAMES = (("wear", "incorrect", "not_worn"), ("male", "female"), ("young", "middle", "old"))
+TASK_SIZES = tuple(len(names) for names in TASK_NAMES)  # (3, 2, 3): also the multi_head output sizes
+NUM_MASK_CLASSES = TASK_SIZES[0] * TASK_SIZES[1] * TASK_SIZES[2]
+
+
+def encode_class(mask, gender, age_band):
+    return mask * 6 + gender * 3 + age_band
+
+
+def decode_class(label):
+    """18-class index (int or array) -> (mask, gender, age_band)."""
+    return label // 6, (label // 3) % 2, label % 3
+
+
+def age_band(age, age_bounds=(30, 60)):
+    return int(age >= age_bounds[0]) + int(age >= age_bounds[1])
+
+
+def mask_class_names():
+    masks, genders, ages = TASK_NAMES
+    return [f"{m}_{g}_{a}" for m in masks for g in genders for a in ages]
+
+
+def is_mask_scheme(classes):
+    return list(classes) == mask_class_names()
+
+
+def natural_key(text):
+    """Sort key that puts "2" before "10"."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", str(text))]
