@@ -88,6 +88,10 @@ def read_folder_train(data_dir, age_bounds=None):
         labels += [index] * len(files)
     if not paths:
         raise DataError(f"no images found in {root} (expected {root}/<class>/<image>.jpg)")
+    found = sorted({classes[i] for i in labels}, key=natural_key)
+    if len(found) < 2:
+        raise DataError(f"{root} holds images of {len(found)} class ({', '.join(found)}): a classifier needs at least 2 "
+                        f"class folders with images")
     labels = np.array(labels)
     return dict(paths=paths, labels=labels, groups=np.arange(len(paths)), strata=labels, classes=classes)
 
@@ -188,9 +192,10 @@ def cache_key(paths, size):
 
 
 def _valid_cache(path, shape):
+    """The cache file if it is whole, else None (missing, empty, truncated or of another shape: rebuild it)."""
     try:
         array = np.load(path, mmap_mode="r")
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):
         return None
     if array.shape != shape or array.dtype != np.uint8:
         return None
@@ -215,21 +220,31 @@ def load_images(paths, size, cache_dir=DEFAULT_CACHE_DIR, use_cache=True, progre
         fcntl.flock(lock, fcntl.LOCK_EX)
         array = _valid_cache(target, shape)
         if array is None:
-            fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npy.tmp")
-            os.close(fd)
-            try:
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-                items = progress(paths) if progress else paths
-                for i, p in enumerate(items):
-                    out[i] = decode_image(p, size)
-                out.flush()
-                del out
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
+            build_cache(target, paths, size, shape, progress)
             array = _valid_cache(target, shape)
     return array
+
+
+def build_cache(target, paths, size, shape, progress=None):
+    """Decode every image into a temp .npy next to target, then rename it into place. The file's blocks
+    are reserved first: writing a memory map on a full disk would die of SIGBUS, with no message."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".npy.tmp")
+    try:
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+            os.posix_fallocate(fd, 0, out.offset + out.nbytes)
+        except OSError as e:
+            raise DataError(f"cannot build the image cache in {target.parent}: {e.strerror} (it needs "
+                            f"{np.prod(shape) / 2**20:.1f} MiB; free some space, or pass --cache_dir elsewhere or --no_cache)") from None
+        for i, p in enumerate(progress(paths) if progress else paths):
+            out[i] = decode_image(p, size)
+        out.flush()
+        del out
+        os.replace(tmp, target)
+    finally:
+        os.close(fd)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def mean_std(images, paths, size, limit=2000):

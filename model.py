@@ -77,7 +77,7 @@ MODELS = {
 class Classifier(nn.Module):
     def __init__(self, backbone, num_outputs, head=(), dropout=0.0):
         super().__init__()
-        self.backbone = backbone
+        self.backbone, self.backbone_frozen = backbone, False
         layers, width = [], backbone.num_features
         for hidden in head:
             layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)]
@@ -88,6 +88,13 @@ class Classifier(nn.Module):
 
     def forward(self, x):
         return self.head(self.backbone(x))
+
+    def train(self, mode=True):
+        # a frozen backbone keeps its BatchNorm statistics too, so it stays in eval mode
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        return self
 
 
 def parse_head(spec):
@@ -123,12 +130,23 @@ def load_weights(backbone, path):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"--weights {path}: no such file") from None
-    except Exception as e:
-        raise ValueError(f"--weights {path}: not a PyTorch weights file ({e})") from None
-    state = state.get("state_dict", state)
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(("_fc.", "fc."))}
+    except Exception as e:  # zip, pickle and torch errors: the file, not our code
+        first_line = (str(e).strip().splitlines() or [""])[0][:120]
+        raise ValueError(f"--weights {path}: not a PyTorch weights file ({type(e).__name__}: {first_line})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"--weights {path}: not a state_dict (a dict of tensors, or {{'state_dict': ...}})")
+    # DataParallel saves "module."-prefixed keys: strip before dropping the classifier, which our head replaces
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(("_fc.", "fc."))}
+    own = backbone.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if mismatched:
+        k = mismatched[0]
+        raise ValueError(f"--weights {path} does not fit this backbone: {len(mismatched)} tensors have other shapes "
+                         f"(e.g. {k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here; another variant?)")
     missing, unexpected = backbone.load_state_dict(state, strict=False)
-    if unexpected or len(missing) == len(backbone.state_dict()):
+    if unexpected or len(missing) == len(own):
         raise ValueError(f"--weights {path} does not fit this backbone ({len(unexpected)} unexpected keys, e.g. {unexpected[:2]})")
 
 
@@ -145,6 +163,7 @@ def create_model(name, num_outputs, head="", dropout=0.0, init="default", pretra
     model = Classifier(backbone, num_outputs, parse_head(head), dropout)
     init_weights(model.head, init)
     if freeze_backbone:
+        model.backbone_frozen = True
         for p in model.backbone.parameters():
             p.requires_grad = False
     return model

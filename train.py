@@ -13,9 +13,12 @@ Under NNI, nni.get_next_parameter() is merged over the flags (keys = flag dest
 names) and the run directory is $NNI_OUTPUT_DIR.
 """
 import argparse
+import bisect
+import contextlib
 import json
 import math
 import os
+import random
 import signal
 import sys
 import time
@@ -40,14 +43,19 @@ UNDER_NNI = "NNI_PLATFORM" in os.environ  # set by NNI's trial keeper: parameter
 
 OPTIMIZERS = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
 
-# Each entry takes the schedule settings it uses by keyword and ignores the rest.
+# LR factor after `done` finished epochs, in closed form: a run resumed with more --epochs re-plans the
+# rest of its schedule. Each entry takes the settings it uses by keyword and ignores the rest.
+# plateau reacts to the metric instead (ReduceLROnPlateau, whose state last.pth keeps).
 SCHEDULERS = {
-    "none": lambda opt, **_: None,
-    "step": lambda opt, step, gamma, **_: torch.optim.lr_scheduler.StepLR(opt, step, gamma),
-    "multistep": lambda opt, milestones, gamma, **_: torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma),
-    "cosine": lambda opt, epochs, **_: torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs)),
-    "plateau": lambda opt, step, gamma, **_: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, "max", gamma, patience=step),
+    "none": lambda done, **_: 1.0,
+    "step": lambda done, step, gamma, **_: gamma ** (done // step),
+    "multistep": lambda done, milestones, gamma, **_: gamma ** bisect.bisect_right(sorted(milestones), done),
+    "cosine": lambda done, epochs, **_: 0.5 * (1 + math.cos(math.pi * min(done, epochs) / max(1, epochs))),
+    "plateau": None,
 }
+# What a resumed run cannot change: the data split, the model's shape, the optimiser's state and the metric.
+FIXED_ON_RESUME = ("dataset", "data_dir", "age_bounds", "val_ratio", "kfold", "fold", "seed", "resize", "model",
+                   "classification", "head", "freeze_backbone", "optimizer", "scheduler", "metric")
 
 
 def create_optimizer(name, params, lr, weight_decay=0.0, momentum=0.9):
@@ -60,7 +68,11 @@ def create_optimizer(name, params, lr, weight_decay=0.0, momentum=0.9):
 def create_scheduler(name, optimizer, epochs, lr_decay_step=20, milestones=(10, 20, 25), gamma=0.1):
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
-    return SCHEDULERS[name](optimizer, epochs=epochs, step=lr_decay_step, milestones=list(milestones), gamma=gamma)
+    if name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, "max", gamma, patience=lr_decay_step)
+    factor = SCHEDULERS[name]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: factor(
+        done, epochs=epochs, step=lr_decay_step, milestones=list(milestones), gamma=gamma))
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -82,6 +94,7 @@ def build_parser():
     g.add_argument("--num_workers", type=int, default=-1, help="loader workers (-1 = from the CPU count)")
     g.add_argument("--cache_dir", default=str(dataset.DEFAULT_CACHE_DIR), help="decoded-image cache shared by trials")
     g.add_argument("--no_cache", action="store_true", help="decode images every epoch instead of caching them")
+    g.add_argument("--cache", dest="no_cache", action="store_false", help="use the cache (undoes no_cache from --config)")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="BaseModel", choices=list(MODELS), help="backbone")
@@ -90,9 +103,9 @@ def build_parser():
     g.add_argument("--head", default="none", help="hidden layers of the head, e.g. 512-256 (BN, ReLU, dropout each)")
     g.add_argument("--dropout", type=float, default=0.2, help="dropout in the head")
     g.add_argument("--init", default="default", choices=INITS, help="weight init of new layers")
-    g.add_argument("--pretrained", action="store_true", help="start from ImageNet weights (downloads unless --weights)")
+    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False, help="start from ImageNet weights (downloads unless --weights)")
     g.add_argument("--weights", default=None, help="offline ImageNet weights file for the backbone")
-    g.add_argument("--freeze_backbone", action="store_true", help="train the head only")
+    g.add_argument("--freeze_backbone", action=argparse.BooleanOptionalAction, default=False, help="train the head only")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=12, help="epochs")
@@ -116,8 +129,8 @@ def build_parser():
     g.add_argument("--name", default="exp", help="run name: runs/<name>, incremented (exp2, exp3, ...)")
     g.add_argument("--model_dir", default="runs", help="where runs go")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = CUDA when available")
-    g.add_argument("--amp", action="store_true", help="mixed precision on CUDA (bf16 where supported, else fp16)")
-    g.add_argument("--channels_last", action="store_true", help="channels-last memory format on CUDA")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="mixed precision on CUDA (bf16 where supported, else fp16)")
+    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=False, help="channels-last memory format on CUDA")
     g.add_argument("--seed", type=int, default=42, help="random seed")
     g.add_argument("--config", default=None, help="JSON/YAML file of flag values (keys = dest names); flags override it")
     g.add_argument("--resume", default=None, help="last.pth of a run to continue in its directory")
@@ -127,7 +140,7 @@ def build_parser():
 def coerce(action, value):
     """A value from a config file or NNI -> the type its flag would give, or ValueError."""
     key = action.dest
-    if isinstance(action, argparse._StoreTrueAction):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
             raise ValueError(f"parameter {key!r} must be true/false, got {value!r}")
         return value
@@ -181,28 +194,34 @@ def read_config(path):
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--config {path}: no such file")
-    text = path.read_text()
-    if path.suffix in (".yml", ".yaml"):
-        import yaml
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
+    try:
+        text = path.read_text()
+        if path.suffix in (".yml", ".yaml"):
+            import yaml
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError: the file, not our code
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"--config {path}: not valid {'YAML' if path.suffix in ('.yml', '.yaml') else 'JSON'} ({reason})") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a mapping of flag names to values")
     return data
 
 
 def parse_args(argv=None):
-    """Flags over (--config file or the resumed run's config) over defaults; then NNI's parameters on top."""
+    """Flags given on the command line over (--config file or the resumed run's config) over defaults;
+    then NNI's parameters on top."""
     parser = build_parser()
     args = parser.parse_args(argv)
     base = vars(parser.parse_args([]))
-    explicit = {k: v for k, v in vars(args).items() if v != base[k]}
+    explicit = given_flags(argv)
     if args.resume:
         if not Path(args.resume).is_file():
             raise ValueError(f"--resume {args.resume}: no such file")
         saved = checkpoint.read_meta(args.resume).get("args", {})
         args = apply_params(parser, argparse.Namespace(**base), saved, f"--resume {args.resume}")
+        check_resume(args, explicit)
     elif args.config:
         args = apply_params(parser, argparse.Namespace(**base), read_config(args.config), f"--config {args.config}")
     vars(args).update(explicit)
@@ -211,6 +230,23 @@ def parse_args(argv=None):
         apply_params(parser, args, nni.get_next_parameter() or {}, "NNI parameters")
     check_args(args)
     return args
+
+
+def given_flags(argv):
+    """{dest: value} of the flags on the command line, also those equal to their default."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
+def check_resume(saved, explicit):
+    """A resumed run continues the same training: refuse flags that would change what last.pth means."""
+    changed = [k for k in FIXED_ON_RESUME if k in explicit and explicit[k] != getattr(saved, k)]
+    if changed:
+        k = changed[0]
+        raise ValueError(f"--resume: --{k} {explicit[k]} differs from the run's {getattr(saved, k)}; resuming cannot change "
+                         f"{', '.join(FIXED_ON_RESUME)} (start a new run with --config on its config.json instead)")
 
 
 def check_args(args):
@@ -242,8 +278,12 @@ def main(args):
                          init=args.init, pretrained=args.pretrained, weights=args.weights, freeze_backbone=args.freeze_backbone)
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     opt = build_optimisation(args, model, device)
-    run_dir, start = open_run_dir(args, model, opt, device)
-    best = fit(args, data, model, opt, run_dir, start, device)
+    run_dir, start = open_run_dir(args, data, model, opt, device)
+    try:
+        best = fit(args, data, model, opt, run_dir, start, device)
+    except KeyboardInterrupt as e:
+        e.add_note(resume_hint(run_dir))
+        raise
     if data.eval_ids is not None:
         predict_eval(args, data, model, run_dir, device)
     return best, run_dir
@@ -265,14 +305,14 @@ def load_data(args, device):
                      worker_init_fn=worker_init)
     train_set = ImageDataset(data["paths"], size, images, data["labels"], train_idx)
     val_set = ImageDataset(data["paths"], size, images, data["labels"], val_idx)
+    generators = [torch.Generator().manual_seed(args.seed) for _ in range(2)]  # loader order, weighted draws
     sampler = None
     if args.sampler == "weighted":
         counts = np.bincount(data["labels"][train_idx], minlength=len(data["classes"]))
-        sampler = WeightedRandomSampler(1.0 / counts[data["labels"][train_idx]], len(train_idx),
-                                        generator=torch.Generator().manual_seed(args.seed))
+        sampler = WeightedRandomSampler(1.0 / counts[data["labels"][train_idx]], len(train_idx), generator=generators[1])
     train_loader = DataLoader(train_set, args.batch_size, shuffle=sampler is None, sampler=sampler,
-                              drop_last=len(train_idx) > args.batch_size, generator=torch.Generator().manual_seed(args.seed), **loader_kw)
-    return SimpleNamespace(layout=layout, classes=data["classes"], size=size, mean=mean, std=std, workers=workers,
+                              drop_last=len(train_idx) > args.batch_size, generator=generators[0], **loader_kw)
+    return SimpleNamespace(layout=layout, classes=data["classes"], size=size, mean=mean, std=std, workers=workers, generators=generators,
                            normalize=Normalize(mean, std).to(device), augment=dataset.create_transform(args.augmentation),
                            train_loader=train_loader, val_set=val_set, val_loader=DataLoader(val_set, args.valid_batch_size, **loader_kw),
                            eval_ids=eval_ids, eval_paths=eval_paths)
@@ -289,18 +329,13 @@ def build_optimisation(args, model, device):
         scheduler=create_scheduler(args.scheduler, optimizer, args.epochs, args.lr_decay_step, args.milestones, args.lr_gamma))
 
 
-def open_run_dir(args, model, opt, device):
+def open_run_dir(args, data, model, opt, device):
     """The run directory (the resumed one, NNI's, or the next free runs/<name>) with config.json written,
-    and where training starts: dict(epoch, best, history); a resumed run's state is loaded into model and opt."""
-    start = dict(epoch=1, best=-math.inf, history=[])
+    and where training starts: dict(epoch, best, history, stale); a resumed run's state is loaded first."""
+    start = dict(epoch=1, best=-math.inf, history=[], stale=0)
     if args.resume:
         run_dir = Path(args.resume).parent
-        state = checkpoint.read(args.resume, device)
-        model.load_state_dict(state["state_dict"])
-        opt.optimizer.load_state_dict(state["optimizer"])
-        if opt.scheduler is not None and state.get("scheduler"):
-            opt.scheduler.load_state_dict(state["scheduler"])
-        start = dict(epoch=state["epoch"] + 1, best=state["best_metric"], history=state["history"])
+        start = restore(checkpoint.read(args.resume, device), args, data, model, opt)
         print(f"resuming {run_dir} at epoch {start['epoch']}", flush=True)
     elif UNDER_NNI:
         run_dir = Path(os.environ["NNI_OUTPUT_DIR"])
@@ -309,6 +344,57 @@ def open_run_dir(args, model, opt, device):
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(run_dir / "config.json", run_config(args))
     return run_dir, start
+
+
+def restore(state, args, data, model, opt):
+    """last.pth -> model, optimiser, schedule (re-planned for this run's --epochs), random state -> where to start."""
+    missing = [k for k in ("optimizer", "scheduler", "history", "epoch", "best_metric") if k not in state]
+    if missing:
+        raise ValueError(f"--resume {args.resume}: not a last.pth (no {', '.join(missing)}); only last.pth can be resumed")
+    try:
+        model.load_state_dict(state["state_dict"])
+        opt.optimizer.load_state_dict(state["optimizer"])
+        if isinstance(opt.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            opt.scheduler.load_state_dict(state["scheduler"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise ValueError(f"--resume {args.resume}: does not fit the run's model and optimiser "
+                         f"({checkpoint.one_line_reason(e)})") from None
+    done = state["epoch"]
+    if isinstance(opt.scheduler, torch.optim.lr_scheduler.LambdaLR):
+        opt.scheduler.base_lrs, opt.scheduler.last_epoch = [args.lr] * len(opt.optimizer.param_groups), done
+        for group, factor in zip(opt.optimizer.param_groups, opt.scheduler.lr_lambdas):
+            group["lr"] = args.lr * factor(done)
+    train_state = state.get("train_state") or {}
+    if train_state.get("rng"):
+        set_rng_state(train_state["rng"], data)
+    return dict(epoch=done + 1, best=state["best_metric"], history=state["history"], stale=train_state.get("stale", 0))
+
+
+def rng_state(data):
+    """Every random stream training draws from, as plain types (last.pth loads with weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return dict(python=random.getstate(), numpy=[name, keys.tolist(), pos, has_gauss, cached], torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+                loaders=[g.get_state() for g in data.generators])
+
+
+def set_rng_state(state, data):
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for generator, saved in zip(data.generators, state["loaders"]):
+        generator.set_state(saved)
+
+
+def resume_hint(run_dir):
+    """The truth about what an interrupted run left, read from disk."""
+    last = run_dir / "last.pth"
+    if not last.is_file():
+        return "no epoch finished, so there is nothing to resume"
+    return f"{last} holds epoch {checkpoint.read_meta(last)['epoch']}: continue with --resume {last}"
 
 
 def run_config(args):
@@ -325,23 +411,25 @@ def fit(args, data, model, opt, run_dir, start, device):
           f"{len(data.classes)} classes | {args.model} on {device}", flush=True)
     meta = dict(model=args.model, classification=args.classification, head=args.head, dropout=args.dropout, classes=data.classes,
                 layout=data.layout, resize=list(data.size), mean=data.mean, std=data.std, metric=args.metric, args=run_config(args))
-    best, history, stale = start["best"], start["history"], 0
+    best, history, stale = start["best"], start["history"], start["stale"]
     if UNDER_NNI:
         import nni
     for epoch in range(start["epoch"], args.epochs + 1):
         row, val = run_epoch(args, data, model, opt, epoch, device, first=epoch == start["epoch"])
-        history.append(row)
-        log_row(writer, row)
         metric = row[f"val_{args.metric}"]
-        if metric > best:
-            best, stale = metric, 0
-            checkpoint.save(run_dir / "best.pth", model, meta, epoch=epoch, best_metric=best)
+        improved = metric > best
+        best, stale = (metric, 0) if improved else (best, stale + 1)
+        history.append(row)
+        with stop_signals_deferred():  # best.pth, last.pth and history.csv describe the same epoch, or none do
+            if improved:
+                checkpoint.save(run_dir / "best.pth", model, meta, epoch=epoch, best_metric=best)
+            checkpoint.save(run_dir / "last.pth", model, meta, epoch=epoch, best_metric=best, history=history,
+                            optimizer=opt.optimizer.state_dict(), scheduler=opt.scheduler.state_dict(),
+                            train_state=dict(stale=stale, rng=rng_state(data)))
+            write_history(run_dir / "history.csv", history)
+        log_row(writer, row)
+        if improved:
             log_figures(writer, val, data.val_set, data.classes, epoch)
-        else:
-            stale += 1
-        checkpoint.save(run_dir / "last.pth", model, meta, epoch=epoch, best_metric=best, history=history,
-                        optimizer=opt.optimizer.state_dict(), scheduler=opt.scheduler.state_dict() if opt.scheduler else None)
-        write_history(run_dir / "history.csv", history)
         writer.flush()  # a stopped trial keeps its curves: dying by the signal skips writer.close()
         if UNDER_NNI:
             nni.report_intermediate_result({"default": metric, "accuracy": row["val_accuracy"], "f1": row["val_f1"], "loss": row["val_loss"]})
@@ -356,20 +444,23 @@ def fit(args, data, model, opt, run_dir, start, device):
 
 
 def run_epoch(args, data, model, opt, epoch, device, first):
-    """Train one epoch, validate, step the schedule -> (history row, validation outputs)."""
-    t0 = time.time()
+    """Train one epoch, validate, step the schedule -> (history row, validation outputs).
+    A diverged model (non-finite validation loss or weights) stops the run before anything is saved."""
+    t0, lr = time.time(), opt.optimizer.param_groups[0]["lr"]  # the LR this epoch trains at
     train_stats = train_one_epoch(model, data.train_loader, device=device, augment=data.augment, normalize=data.normalize,
                                   criterion=opt.criterion, optimizer=opt.optimizer, scaler=opt.scaler,
                                   classification=args.classification, amp_dtype=opt.amp_dtype, channels_last=args.channels_last,
                                   progress=make_progress(f"epoch {epoch}/{args.epochs}"), log_first_step=first)
     val = evaluate(model, data.val_loader, device=device, normalize=data.normalize, criterion=opt.criterion,
                    classification=args.classification, amp_dtype=opt.amp_dtype)
+    if not math.isfinite(val["loss"]) or not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
+        raise FloatingPointError(f"epoch {epoch}: validation loss is {val['loss']:.4g} and the weights are not all finite: "
+                                 f"training diverged (try a lower --lr); nothing of this epoch was saved")
     scores = score(val["labels"], val["preds"], len(data.classes), per_task=data.layout == "mask")
-    if opt.scheduler is not None:
-        opt.scheduler.step(scores[args.metric]) if args.scheduler == "plateau" else opt.scheduler.step()
+    opt.scheduler.step(scores[args.metric]) if args.scheduler == "plateau" else opt.scheduler.step()
     row = dict(epoch=epoch, train_loss=train_stats["loss"], train_accuracy=train_stats["accuracy"],
                train_images_per_s=train_stats["images_per_s"], val_loss=val["loss"], **{f"val_{k}": v for k, v in scores.items()},
-               lr=opt.optimizer.param_groups[0]["lr"], seconds=time.time() - t0)
+               lr=lr, seconds=time.time() - t0)
     return row, val
 
 
@@ -413,19 +504,41 @@ def log_figures(writer, val, val_set, classes, epoch, n=16):
 
 
 # ----------------------------------------------------------------------------- entry point
-def raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(signum)
+# SIGINT (Ctrl-C; NNI's trial keeper) and SIGTERM (NNI's local mode) end the run within seconds by raising
+# KeyboardInterrupt, except while an epoch's files are written: then the signal waits for the last file.
+STOP = {"deferring": False, "pending": None}
+
+
+def on_stop_signal(signum, frame):
+    if STOP["deferring"]:
+        STOP["pending"] = signum
+    else:
+        raise KeyboardInterrupt(signum)
+
+
+@contextlib.contextmanager
+def stop_signals_deferred():
+    STOP["deferring"] = True
+    try:
+        yield
+    finally:
+        STOP["deferring"] = False
+    if STOP["pending"] is not None:
+        signum, STOP["pending"] = STOP["pending"], None
+        raise KeyboardInterrupt(signum)
 
 
 def cli(argv=None):
-    # NNI stops trials (assessor, user cancel) with SIGTERM: unwind like Ctrl-C so the run ends within seconds
-    signal.signal(signal.SIGTERM, raise_interrupt)
+    # Installed explicitly: a shell script's background job starts with SIGINT ignored, and Python keeps that.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_stop_signal)
     torch.set_num_threads(os.cpu_count() or 1)
     try:
         return run_main("train.py", lambda a: main(parse_args(a)), argv,
-                             errors=(DataError, WeightsError, FloatingPointError, torch.OutOfMemoryError))
+                        errors=(DataError, WeightsError, FloatingPointError, torch.OutOfMemoryError))
     except KeyboardInterrupt as e:
-        print("train.py: interrupted; last.pth holds the last finished epoch", file=sys.stderr, flush=True)
+        notes = getattr(e, "__notes__", None) or ["stopped before training started"]
+        print(f"train.py: interrupted; {' '.join(notes)}", file=sys.stderr, flush=True)
         # Die by the signal, as Python does for an uncaught Ctrl-C: NNI's trial keeper (remote mode)
         # calls any exit code a FAILED trial, and only an exit by signal a cancelled/early-stopped one.
         signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT

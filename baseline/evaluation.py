@@ -9,7 +9,8 @@ Both files are CSVs with ImageID,ans and must list the same images. ans is a cla
 index (mask layout) or a class name (class-per-folder layout). A submission_soft.csv
 is scored by its most probable class. The class list comes from the soft CSV (the
 submission itself or the <stem>_soft.csv beside it); without one, --layout auto
-takes an all-integer truth as the 18 mask classes and anything else as class names.
+takes class names, and asks for --layout when every answer is an integer (mask indices
+or class folders named 1..10 cannot be told apart).
 """
 import argparse
 import sys
@@ -38,9 +39,13 @@ def read_submission(path):
 
 
 def class_list(truth_answers, answers, layout):
-    """Classes when no soft CSV names them: integer truth = mask layout, otherwise the names seen."""
+    """Classes when no soft CSV names them: --layout mask = the 18 mask classes by index, folder = the names seen.
+    auto refuses to guess when every answer is an integer: class folders are often named 1, 2, ..., 10."""
     answers = truth_answers + answers
-    if layout == "mask" or (layout == "auto" and all(a.lstrip("-").isdigit() for a in truth_answers)):
+    if layout == "auto" and all(a.lstrip("-").isdigit() for a in truth_answers):
+        raise ValueError("every ans in the truth is an integer and no submission_soft.csv names the classes: "
+                         "say --layout mask (indices of the 18 mask classes) or --layout folder (class names such as 1, 10)")
+    if layout == "mask":
         bad = [a for a in answers if not (a.isdigit() and int(a) < NUM_MASK_CLASSES)]
         if bad:
             raise ValueError(f"ans {bad[0]!r} is not a mask-layout class index 0..{NUM_MASK_CLASSES - 1} "
@@ -86,8 +91,11 @@ def report(result):
 
 def save_plot(result, path, title):
     fig = confusion_figure(result["matrix"], result["classes"], title=title)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    except (OSError, ValueError) as e:  # no permission, no such dir, a suffix matplotlib cannot write
+        raise ValueError(f"--plot {path}: cannot write it ({getattr(e, 'strerror', None) or e})") from None
 
 
 def build_parser():
@@ -96,7 +104,8 @@ def build_parser():
     p.add_argument("submission", help="submission.csv (ImageID,ans) or submission_soft.csv")
     p.add_argument("--truth", required=True, help="CSV with ImageID,ans (the demo data writes eval/truth.csv)")
     p.add_argument("--layout", default="auto", choices=["auto", "mask", "folder"],
-                   help="how to read ans when no soft CSV names the classes: auto = integers are mask classes")
+                   help="how to read ans when no soft CSV names the classes: mask = 18-class indices, folder = class names, "
+                        "auto = names, refusing all-integer answers")
     p.add_argument("--plot", default=None, help="also save the confusion matrix as a picture (e.g. confusion.png)")
     return p
 
@@ -104,9 +113,10 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     result = evaluate(args.submission, args.truth, args.layout)
+    if args.plot:  # first: a plot that cannot be written is the one line the user sees
+        save_plot(result, args.plot, f"{Path(args.submission).name}: macro F1 {result['scores']['f1']:.4f}")
     print(report(result), flush=True)
     if args.plot:
-        save_plot(result, args.plot, f"{Path(args.submission).name}: macro F1 {result['scores']['f1']:.4f}")
         print(f"saved {args.plot}", flush=True)
     return result
 

@@ -7,6 +7,7 @@ torch.load(weights_only=True): a .pth file someone hands you never runs code.
     metric, args, epoch, best_metric                    how it was trained (args = config.json)
     optimizer, scheduler, history, train_state          last.pth only: what --resume continues from
 """
+import pickle
 from pathlib import Path
 
 import torch
@@ -31,7 +32,12 @@ def read(path, device="cpu", mmap=False):
         raise ValueError(f"checkpoint {path}: no such file")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
-    except Exception as e:  # pickle, zip and torch errors all mean "not a checkpoint we can read"
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():
+            raise ValueError(f"checkpoint {path}: refused: it holds Python objects other than tensors and plain values, "
+                             f"and loading those could run code") from None
+        raise ValueError(f"checkpoint {path}: not a PyTorch checkpoint (UnpicklingError)") from None
+    except Exception as e:  # zip, EOF and torch errors all mean "not a checkpoint we can read"
         raise ValueError(f"checkpoint {path}: not a PyTorch checkpoint ({type(e).__name__})") from None
     missing = [k for k in REQUIRED if k not in ckpt] if isinstance(ckpt, dict) else ["state_dict"]
     if missing:

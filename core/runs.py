@@ -20,12 +20,16 @@ def increment_path(path):
 
 
 def replace_atomically(path, write):
-    """write(tmp_path), then rename over path: a kill never leaves half a file."""
+    """write(tmp_path), then rename over path: a kill never leaves half a file, and a full disk
+    leaves the old file, no temp file, and a ValueError naming the file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
+        raise ValueError(f"cannot write {path}: {reason}") from None
     finally:
         if tmp.exists():
             tmp.unlink()

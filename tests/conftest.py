@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -62,3 +63,21 @@ def run_cli(cli, capsys, *args):
         code = e.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+class OpensFile:
+    """Pickled as open(path, "w"): loading it without weights_only creates the file, i.e. runs code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def crafted_checkpoint(path, marker):
+    meta = dict(state_dict={}, model="BaseModel", classification="single", head="none", dropout=0.0, classes=["a", "b"],
+                layout="folder", resize=[64, 48], mean=[0.5] * 3, std=[0.2] * 3, epoch=1, best_metric=0.5,
+                optimizer={}, scheduler={}, history=[], args={"epochs": 2})
+    torch.save({**meta, "payload": OpensFile(marker)}, path)
+    return path

@@ -214,3 +214,22 @@ def test_trials_starting_together_share_one_cache(tmp_path):
     assert len({r[0] for r in results}) == 1 and len({r[1] for r in results}) == 1
     assert [p.suffix for p in cache.iterdir() if p.suffix != ".lock"] == [".npy"]
     assert results[0][0] == int(np.stack([dataset.decode_image(p, (16, 12)) for p in paths]).sum())
+
+
+def test_zero_byte_cache_file_is_rebuilt(tmp_path):
+    paths = []
+    for i in range(3):
+        write_image(tmp_path / f"{i}.png", colour=(i * 60, 30, 90))
+        paths.append(str(tmp_path / f"{i}.png"))
+    first = np.array(dataset.load_images(paths, (16, 12), tmp_path / "cache"))
+    (cache_file,) = (tmp_path / "cache").glob("*.npy")
+    cache_file.write_bytes(b"")
+    assert np.array_equal(dataset.load_images(paths, (16, 12), tmp_path / "cache"), first)
+
+
+def test_one_class_folder_set_is_refused(tmp_path):
+    write_image(tmp_path / "only" / "a.png")
+    write_image(tmp_path / "only" / "b.png")
+    (tmp_path / "empty_class").mkdir()
+    with pytest.raises(DataError, match="1 class \\(only\\): a classifier needs at least 2"):
+        dataset.read_folder_train(tmp_path)

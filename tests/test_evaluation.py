@@ -38,7 +38,7 @@ def mask_case(tmp_path):
 
 def test_scores_match_sklearn_per_task(mask_case, capsys, tmp_path):
     truth, sub, labels, preds, _, _ = mask_case
-    result = evaluation.evaluate(sub, truth)
+    result = evaluation.evaluate(sub, truth, "mask")
     s = result["scores"]
     assert s["accuracy"] == pytest.approx(accuracy_score(labels, preds))
     assert s["f1"] == pytest.approx(f1_score(labels, preds, average="macro"))
@@ -47,7 +47,7 @@ def test_scores_match_sklearn_per_task(mask_case, capsys, tmp_path):
         assert s[f"{task}_f1"] == pytest.approx(f1_score(t_true, t_pred, average="macro"))
     assert result["matrix"].sum() == 54 and np.trace(result["matrix"]) == (labels == preds).sum()
 
-    code, out, err = run_cli(evaluation.cli, capsys, sub, "--truth", truth, "--plot", tmp_path / "plots" / "cm.png")
+    code, out, err = run_cli(evaluation.cli, capsys, sub, "--truth", truth, "--layout", "mask", "--plot", tmp_path / "plots" / "cm.png")
     assert code == 0 and err == ""
     assert "54 images, 18 classes" in out
     table = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:6]}
@@ -79,7 +79,9 @@ def test_folder_layout_class_names(tmp_path, capsys):
     assert result["classes"] == ["2", "10"] and result["matrix"].tolist() == [[1, 1], [0, 2]]
     assert result["scores"]["accuracy"] == pytest.approx(0.75)
     assert result["scores"]["f1"] == pytest.approx(f1_score(["2", "10", "2", "10"], ["2", "10", "10", "10"], average="macro"))
-    assert len(evaluation.evaluate(sub, truth)["classes"]) == 18  # auto: an all-integer truth is the mask layout
+    assert len(evaluation.evaluate(sub, truth, "mask")["classes"]) == 18
+    with pytest.raises(ValueError, match="say --layout mask"):  # auto: "2", "10" may be mask indices or class names
+        evaluation.evaluate(sub, truth)
     # with the soft CSV beside the submission its columns name the classes, even ones nobody predicted or labelled
     write_csv(tmp_path / "p" / "submission_soft.csv", ["ImageID", "2", "10", "cat", "dog"],
               [(i, 0.25, 0.25, 0.25, 0.25) for i in ("a.png", "b/c.png", "d.png", "e.png")])
@@ -87,12 +89,12 @@ def test_folder_layout_class_names(tmp_path, capsys):
     assert result["classes"] == ["2", "10", "cat", "dog"] and result["matrix"].shape == (4, 4)
 
 
-def refuse_case(tmp_path, truth_rows, sub_rows, soft=None):
+def refuse_case(tmp_path, truth_rows, sub_rows, soft=None, layout="auto"):
     truth = write_csv(tmp_path / "truth.csv", ["ImageID", "ans"], truth_rows)
     sub = write_csv(tmp_path / "sub.csv", ["ImageID", "ans"], sub_rows)
     if soft:
         write_csv(tmp_path / "sub_soft.csv", ["ImageID", *soft], [(r[0], *[1 / len(soft)] * len(soft)) for r in sub_rows])
-    return [sub, "--truth", truth]
+    return [sub, "--truth", truth, "--layout", layout]
 
 
 ROWS = [("a.jpg", "1"), ("b.jpg", "5"), ("c.jpg", "17")]
@@ -100,8 +102,10 @@ REFUSALS = {
     "an image missing": (lambda t: refuse_case(t, ROWS, ROWS[:2]), "list different images: 1 of"),
     "another image": (lambda t: refuse_case(t, ROWS, ROWS[:2] + [("z.jpg", "3")]), "1 not in"),
     "duplicated image": (lambda t: refuse_case(t, ROWS, ROWS + [("a.jpg", "2")]), "a.jpg is listed more than once"),
-    "index out of range": (lambda t: refuse_case(t, ROWS, ROWS[:2] + [("c.jpg", "18")]), "'18' is not a mask-layout class index"),
-    "names in mask layout": (lambda t: refuse_case(t, ROWS, ROWS[:2] + [("c.jpg", "cat")]), "need --layout folder"),
+    "index out of range": (lambda t: refuse_case(t, ROWS, ROWS[:2] + [("c.jpg", "18")], layout="mask"),
+                           "'18' is not a mask-layout class index"),
+    "names in mask layout": (lambda t: refuse_case(t, ROWS, ROWS[:2] + [("c.jpg", "cat")], layout="mask"), "need --layout folder"),
+    "integers without a layout": (lambda t: refuse_case(t, ROWS, ROWS), "say --layout mask"),
     "truth class unknown to the soft CSV": (
         lambda t: refuse_case(t, [("a.jpg", "cat"), ("b.jpg", "owl")], [("a.jpg", "cat"), ("b.jpg", "dog")], soft=["cat", "dog"]),
         "'owl' (image b.jpg) is neither"),
@@ -124,8 +128,15 @@ def test_refusal_is_one_line(case, tmp_path, capsys):
     assert not (tmp_path / "cm.png").exists()
 
 
+def test_unwritable_plot_is_one_line(tmp_path, capsys):
+    args = refuse_case(tmp_path, ROWS, ROWS, layout="mask")
+    code, out, err = run_cli(evaluation.cli, capsys, *args, "--plot", "/proc/nni-test/cm.png")
+    assert code == 1 and out == ""
+    assert err.startswith("evaluation.py: error: --plot /proc/nni-test/cm.png: cannot write it") and err.count("\n") == 1, err
+
+
 def test_script_runs(mask_case, tmp_path):
     truth, sub = mask_case[:2]
-    proc = subprocess.run([sys.executable, str(ROOT / "baseline" / "evaluation.py"), str(sub), "--truth", str(truth)],
+    proc = subprocess.run([sys.executable, str(ROOT / "baseline" / "evaluation.py"), str(sub), "--truth", str(truth), "--layout", "mask"],
                           cwd=tmp_path, env=train_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "macro F1" in proc.stdout, proc.stderr

@@ -290,6 +290,38 @@ def test_nniignore_keeps_data_and_envs_out():
     assert {"data/", "runs/", ".git/", ".venv/", "venv*/", "__pycache__/"} <= lines
 
 
+# NNI's own walk over the code directory (nni_node/common/tarball.js) with its own matcher (the `ignore`
+# package it ships): directories are asked with a trailing separator, and an ignored one is not entered.
+NNI_WALK = """
+const fs = require('fs'), path = require('path');
+const ig = require(process.argv[1] + '/node_modules/ignore')().add(fs.readFileSync(process.argv[2] + '/.nniignore', 'utf8'));
+function* walk(root, rel) {
+  for (const entry of fs.readdirSync(path.join(root, rel)).sort()) {
+    const relEntry = path.join(rel, entry), isDir = fs.lstatSync(path.join(root, relEntry)).isDirectory();
+    if (ig.ignores(relEntry + (isDir ? path.sep : ''))) continue;
+    if (isDir) yield* walk(root, relEntry); else yield relEntry;
+  }
+}
+console.log(JSON.stringify([...walk(process.argv[2], '')]));
+"""
+
+
+def test_nniignore_keeps_secrets_out_by_nnis_own_matcher(tmp_path):
+    import nni_node
+    node_dir = Path(nni_node.__file__).parent
+    shutil.copy(ROOT / ".nniignore", tmp_path / ".nniignore")
+    secrets = [".ssh/id_ed25519", "id_rsa", "id_rsa.pub", "keys/id_ecdsa", "server.pem", "tls/server.key", ".env", ".env.local",
+               ".netrc", ".aws/credentials", ".kaggle/kaggle.json", "cert.p12", "data/demo/train/train.csv", "runs/exp/best.pth"]
+    code = ["train.py", "model.py", "core/checkpoint.py", "baseline/kfold.py", "search_space.json", "config_remote.yml"]
+    for name in secrets + code:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    out = subprocess.run([str(node_dir / "node"), "-e", NNI_WALK, str(node_dir), str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout
+    uploaded = set(json.loads(out))
+    assert uploaded == set(code) | {".nniignore"}, uploaded
+
+
 def test_best_command_from_params():
     params = {"lr": 0.001, "batch_size": 64.0, "criterion": {"_name": "focal", "focal_gamma": 2.5},
               "resize": [64, 48], "freeze_backbone": True, "pretrained": False, "head": "512-256"}

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from baseline import inference
-from conftest import ROOT, TINY, read_csv, run_cli, train_env
+from conftest import ROOT, TINY, crafted_checkpoint, read_csv, run_cli, train_env
 
 
 
@@ -140,7 +140,18 @@ REFUSALS = {
                                     "--batch_size")),
     "unknown flag": (lambda r, d, t: (["--checkpoint", r["single"] / "best.pth", "--eval_dir", d / "eval", "--tta_views", 3],
                                       "--tta_views")),
+    "no model key": (lambda r, d, t: (["--checkpoint", without_key(r["single"] / "best.pth", "model", t), "--eval_dir", d / "eval"],
+                                      "not a train.py checkpoint (no model)")),
+    "crafted checkpoint": (lambda r, d, t: (["--checkpoint", crafted_checkpoint(t / "evil.pth", t / "pwned"), "--eval_dir", d / "eval"],
+                                            "refused: it holds Python objects")),
 }
+
+
+def without_key(path, key, tmp_path):
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt[key]
+    torch.save(ckpt, tmp_path / f"no_{key}.pth")
+    return tmp_path / f"no_{key}.pth"
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))
@@ -150,7 +161,7 @@ def test_refusal_is_one_line_and_writes_nothing(case, runs, demo_dir, tmp_path, 
     assert code != 0
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "error" in lines[0] and str(expected) in lines[0], err
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "pwned").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -101,3 +101,36 @@ def test_unknown_names_list_valid_ones():
         M.create_model("vgg16", 18)
     with pytest.raises(ValueError, match="xavier"):
         M.create_model("BaseModel", 18, init="orthogonal")
+
+
+def test_weights_of_another_variant_is_one_clear_error(tmp_path):
+    torch.save(M.MODELS["efficientnet_b1"]().state_dict(), tmp_path / "b1.pth")
+    with pytest.raises(ValueError, match=r"b1.pth does not fit this backbone: \d+ tensors have other shapes .*another variant"):
+        M.create_model("efficientnet_b0", 18, weights=str(tmp_path / "b1.pth"))
+
+
+def test_weights_saved_under_data_parallel_load(tmp_path):
+    from efficientnet_pytorch import EfficientNet
+    source = EfficientNet.from_name("efficientnet-b0")  # with its ImageNet classifier, as such files come
+    with torch.no_grad():
+        for p in source.parameters():
+            p.fill_(0.25)
+    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, tmp_path / "dp.pth")
+    net = M.create_model("efficientnet_b0", 18, pretrained=True, weights=str(tmp_path / "dp.pth"))
+    assert all(torch.all(p == 0.25) for p in net.backbone.parameters())
+
+
+def test_frozen_backbone_keeps_batchnorm_statistics():
+    torch.manual_seed(0)
+    net = M.create_model("BaseModel", 5, head="16", freeze_backbone=True)
+    before = {k: v.clone() for k, v in net.backbone.state_dict().items()}
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    net.train()
+    for _ in range(3):
+        loss = net(torch.randn(8, 3, 32, 24) * 3 + 1).logsumexp(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(torch.equal(before[k], v) for k, v in net.backbone.state_dict().items())
+    assert net.training and net.head.training and not net.backbone.training
+    assert not torch.equal(net.head[1].running_mean, torch.zeros(16))  # the head's own BatchNorm still learns

@@ -1,4 +1,5 @@
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from conftest import ROOT, TINY, read_csv, train_env
+from conftest import ROOT, TINY, crafted_checkpoint, read_csv, train_env
 
 
 
@@ -163,7 +164,32 @@ BAD_INPUTS = {
     "config unknown key": (lambda d, t: (["--config", (t / "c.json").write_text('{"lr": 0.1, "batchsize": 8}') and t / "c.json"], "'batchsize'")),
     "weights nowhere": (lambda d, t: (["--model", "efficientnet_b0", "--pretrained", "--weights", t / "no.pth"], "no.pth")),
     "kfold fold": (lambda d, t: (["--kfold", "3", "--fold", "3"], "--fold 3")),
+    "malformed YAML config": (lambda d, t: (["--config", write(t / "c.yml", "lr: [0.1\nepochs: 3\n")], "c.yml: not valid YAML")),
+    "malformed JSON config": (lambda d, t: (["--config", write(t / "c.json", '{"lr": 0.1,}')], "c.json: not valid JSON")),
+    "garbage resume": (lambda d, t: (["--resume", write(t / "last.pth", "not a checkpoint")], "last.pth: not a PyTorch checkpoint")),
+    "truncated resume": (lambda d, t: (["--resume", truncated_checkpoint(t / "last.pth")], "last.pth: not a PyTorch checkpoint")),
+    "garbage weights": (lambda d, t: (["--model", "efficientnet_b0", "--pretrained", "--weights", write(t / "w.pth", "junk")],
+                                      "--weights " + str(t / "w.pth") + ": not a PyTorch weights file")),
+    "one class": (lambda d, t: (["--dataset", "ImageFolderDataset", "--data_dir", one_class(t)], "at least 2 class folders")),
 }
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def truncated_checkpoint(path):
+    torch.save({"state_dict": train.create_model("BaseModel", 18).state_dict(), "epoch": 1}, path)
+    path.write_bytes(path.read_bytes()[:5000])
+    return path
+
+
+def one_class(tmp_path):
+    for i in range(4):
+        (tmp_path / "cats" / "only").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), (i * 50, 20, 20)).save(tmp_path / "cats" / "only" / f"{i}.png")
+    return tmp_path / "cats"
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -247,3 +273,177 @@ def test_schedulers_step(name):
 def test_help_shows_defaults():
     text = train.build_parser().format_help()
     assert "(default: 12)" in text and "(default: BaseModel)" in text and "optimisation:" in text
+
+
+# ----------------------------------------------------------------------------- hardening: each case fails on the old code
+def test_crafted_checkpoint_is_real_and_refused_by_resume(run_train, tmp_path):
+    proof = tmp_path / "proof.pth"
+    crafted_checkpoint(proof, tmp_path / "proof-ran")
+    torch.load(proof, weights_only=False)  # the file really runs code when loaded the unsafe way
+    assert (tmp_path / "proof-ran").exists()
+    marker = tmp_path / "pwned"
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    evil = crafted_checkpoint(tmp_path / "runs" / "x" / "last.pth", marker)
+    proc = run_train("--resume", evil, check=False)
+    assert proc.returncode == 1 and not marker.exists()
+    assert proc.stderr.strip().splitlines() == [f"train.py: error: checkpoint {evil}: refused: it holds Python objects other than "
+                                                f"tensors and plain values, and loading those could run code"]
+
+
+def test_diverged_run_fails_without_submission(run_train, tmp_path):
+    proc = run_train("--lr", "1e6", "--epochs", "3", check=False)
+    run = tmp_path / "runs" / "exp"
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "training diverged" in lines[0], proc.stderr
+    assert not (run / "submission.csv").exists()
+    if (run / "last.pth").exists():  # what was saved before the divergence is finite
+        state = torch.load(run / "last.pth", weights_only=True)["state_dict"]
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
+def read_row_line(proc, prefix="epoch 1 |", timeout=120):
+    deadline = time.time() + timeout
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return line
+        assert time.time() < deadline
+    raise AssertionError(f"no line starting {prefix!r}: {proc.communicate()}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_stop_right_after_epoch_line_keeps_that_epoch(demo_dir, cache_dir, tmp_path, run_train, signum):
+    # the epoch's line is printed after best.pth, last.pth and history.csv are written, never before
+    proc = start_train(demo_dir, cache_dir, tmp_path, "--epochs", "40")
+    read_row_line(proc)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=60)
+    run = tmp_path / "runs" / "exp"
+    assert proc.returncode == -signum
+    last = torch.load(run / "last.pth", weights_only=True)
+    assert last["epoch"] >= 1 and len(read_csv(run / "history.csv")) == last["epoch"]
+    assert stderr.strip().splitlines()[-1] == (f"train.py: interrupted; {run / 'last.pth'} holds epoch {last['epoch']}: "
+                                               f"continue with --resume {run / 'last.pth'}")
+    proc = run_train("--resume", run / "last.pth", "--epochs", last["epoch"] + 1, data=False)
+    assert torch.load(run / "last.pth", weights_only=True)["epoch"] == last["epoch"] + 1
+
+
+def test_stop_before_first_epoch_says_nothing_to_resume(demo_dir, cache_dir, tmp_path):
+    proc = start_train(demo_dir, cache_dir, tmp_path, "--epochs", "40")
+    read_row_line(proc, prefix="run dir")
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT
+    if not (tmp_path / "runs" / "exp" / "last.pth").exists():
+        assert stderr.strip().splitlines()[-1] == "train.py: interrupted; no epoch finished, so there is nothing to resume"
+
+
+def test_sigint_stops_a_background_job_that_started_with_sigint_ignored(demo_dir, cache_dir, tmp_path):
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data_dir", str(demo_dir / "train"), "--model_dir", str(tmp_path / "runs"),
+           "--cache_dir", str(cache_dir), *TINY, "--epochs", "200"]
+    # what `python train.py &` in a shell script gets: SIGINT ignored from the start
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    wait_for_epochs(tmp_path / "runs" / "exp" / "history.csv", 1, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGINT and "interrupted" in stderr
+
+
+def test_resume_refuses_flags_it_cannot_change_before_writing(run_train, tmp_path):
+    run_train("--epochs", "1")
+    run = tmp_path / "runs" / "exp"
+    config = (run / "config.json").read_text()
+    refusals = [(["--optimizer", "SGD"], "--resume: --optimizer SGD differs from the run's AdamW"),
+                (["--model", "resnet18"], "--resume: --model resnet18 differs from the run's BaseModel"),
+                (["--head", "64"], "--resume: --head 64 differs from the run's none"),
+                ([], f"--resume {run / 'best.pth'}: not a last.pth (no optimizer, scheduler, history)")]
+    for flags, expected in refusals:
+        target = run / ("best.pth" if not flags else "last.pth")
+        proc = run_train("--resume", target, *flags, data=False, check=False)
+        assert proc.returncode == 1
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"train.py: error: {expected}"), proc.stderr
+        assert (run / "config.json").read_text() == config
+
+
+def test_resume_with_more_epochs_replans_schedule_and_logs_each_epochs_lr(run_train, tmp_path):
+    run_train("--epochs", "2", "--lr", "0.004")
+    run = tmp_path / "runs" / "exp"
+    run_train("--resume", run / "last.pth", "--epochs", "4", data=False)
+    lrs = [float(r["lr"]) for r in read_csv(run / "history.csv")]
+    # epochs 1-2 planned for 2 epochs, 3-4 re-planned for 4: cosine at 2/4 and 3/4 of the way
+    expected = [0.004, 0.002, 0.004 * 0.5 * (1 + math.cos(math.pi * 2 / 4)), 0.004 * 0.5 * (1 + math.cos(math.pi * 3 / 4))]
+    assert lrs == pytest.approx(expected, rel=1e-4)
+
+
+def test_resume_continues_the_random_streams_exactly(run_train, tmp_path):
+    flags = ["--scheduler", "none", "--early_stopping", "5"]
+    run_train("--epochs", "3", "--name", "whole", *flags)
+    run_train("--epochs", "1", "--name", "split", *flags)
+    split = tmp_path / "runs" / "split"
+    run_train("--resume", split / "last.pth", "--epochs", "3", data=False)
+    whole, parts = read_csv(tmp_path / "runs" / "whole" / "history.csv"), read_csv(split / "history.csv")
+    for key in ("train_loss", "val_loss", "val_f1"):
+        assert [float(r[key]) for r in parts] == pytest.approx([float(r[key]) for r in whole], rel=1e-5), key
+    last = torch.load(split / "last.pth", weights_only=True)
+    best_epoch = max(parts, key=lambda r: (float(r["val_accuracy"]), -int(r["epoch"])))["epoch"]
+    assert last["train_state"]["stale"] == 3 - int(best_epoch)
+
+
+def test_command_line_flags_win_even_at_their_default(run_train, tmp_path):
+    (tmp_path / "c.yml").write_text("lr: 0.01\nepochs: 3\namp: true\nno_cache: true\n")
+    args = train.parse_args(["--config", str(tmp_path / "c.yml"), "--lr", "0.002", "--epochs", "12", "--no-amp", "--cache"])
+    assert (args.lr, args.epochs, args.amp, args.no_cache) == (0.002, 12, False, False)
+    run_train("--epochs", "1")
+    args = train.parse_args(["--resume", str(tmp_path / "runs" / "exp" / "last.pth"), "--epochs", "12"])
+    assert args.epochs == 12 and args.resize == [64, 48]
+
+
+def small_disk(path, size_kb):
+    """A folder whose disk holds size_kb: a tmpfs where mounting is allowed (root), else a per-file size limit."""
+    path.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)], capture_output=True).returncode == 0:
+        return None
+
+    def limit():
+        import resource
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size_kb * 1024, size_kb * 1024))
+    return limit
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    made = []
+
+    def make(name, size_kb):
+        made.append(tmp_path / name)
+        return tmp_path / name, small_disk(tmp_path / name, size_kb)
+    yield make
+    for path in made:
+        subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def run_limited(demo_dir, cache_dir, tmp_path, limit, *args):
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data_dir", str(demo_dir / "train"), "--model_dir", str(tmp_path / "runs"),
+           "--cache_dir", str(cache_dir), *TINY, *map(str, args)]
+    return subprocess.run(cmd, cwd=tmp_path, env=train_env(), capture_output=True, text=True, timeout=300, preexec_fn=limit)
+
+
+def test_full_disk_in_run_dir_is_one_line_without_orphans(demo_dir, cache_dir, tmp_path, full_disk):
+    runs, limit = full_disk("runs", 2048)  # best.pth fits, last.pth (with the optimiser state) does not
+    proc = run_limited(demo_dir, cache_dir, tmp_path, limit, "--epochs", "2")
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"train.py: error: cannot write {runs / 'exp' / 'last.pth'}: "), proc.stderr
+    assert not [p for p in runs.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_full_disk_for_the_cache_is_one_line_without_orphans(demo_dir, tmp_path, full_disk):
+    cache, limit = full_disk("cache", 256)  # the tiny demo decodes to 1.5 MiB
+    proc = run_limited(demo_dir, cache, tmp_path, limit, "--epochs", "1")
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"train.py: error: cannot build the image cache in {cache}: "), proc.stderr
+    assert not list(cache.glob("*.tmp")) and not (tmp_path / "runs").exists()
