@@ -5,6 +5,9 @@
 `classification="multi_head"` asks for 3 + 2 + 3 outputs (mask, gender, age);
 `class_log_probs` turns either design into 18-class (or C-class) log-probabilities.
 """
+import pickle
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -123,16 +126,26 @@ def init_weights(module, init):
                 nn.init.zeros_(m.bias)
 
 
+def load_untrusted(path, what, device="cpu", mmap=False):
+    """torch.load of a file someone handed us: tensors and plain values only (weights_only=True), so
+    loading never runs code. Any failure is a ValueError that starts with `what` (e.g. "--weights FILE")."""
+    if not Path(path).is_file():
+        raise ValueError(f"{what}: {'is a directory, not a file' if Path(path).is_dir() else 'no such file'}")
+    try:
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():
+            raise ValueError(f"{what}: refused: it holds Python objects other than tensors and plain values, "
+                             f"and loading those could run code") from None
+        raise ValueError(f"{what}: not a PyTorch file (UnpicklingError)") from None
+    except Exception as e:  # zip, EOF and torch errors: the file, not our code
+        raise ValueError(f"{what}: not a PyTorch file ({type(e).__name__})") from None
+
+
 def load_weights(backbone, path):
     """Offline ImageNet weights: a state_dict (or {'state_dict': ...}) for the backbone;
     classifier keys (_fc., fc.) are ignored because our head replaces them."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"--weights {path}: no such file") from None
-    except Exception as e:  # zip, pickle and torch errors: the file, not our code
-        first_line = (str(e).strip().splitlines() or [""])[0][:120]
-        raise ValueError(f"--weights {path}: not a PyTorch weights file ({type(e).__name__}: {first_line})") from None
+    state = load_untrusted(path, f"--weights {path}")
     state = state.get("state_dict", state) if isinstance(state, dict) else None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"--weights {path}: not a state_dict (a dict of tensors, or {{'state_dict': ...}})")

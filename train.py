@@ -65,13 +65,16 @@ def create_optimizer(name, params, lr, weight_decay=0.0, momentum=0.9):
     return OPTIMIZERS[name](params, lr=lr, weight_decay=weight_decay, **extra)
 
 
-def create_scheduler(name, optimizer, epochs, lr_decay_step=20, milestones=(10, 20, 25), gamma=0.1):
+def create_scheduler(name, optimizer, epochs, lr_decay_step=20, milestones=(10, 20, 25), gamma=0.1, warmup_epochs=0):
+    """warmup_epochs ramps the LR up linearly (lr / (w + 1), 2 lr / (w + 1), ...) before the schedule's own factor."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
     if name == "plateau":
+        if warmup_epochs:
+            raise ValueError("--warmup_epochs needs an epoch schedule (step, multistep, cosine, none), not plateau")
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, "max", gamma, patience=lr_decay_step)
     factor = SCHEDULERS[name]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: factor(
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: min(1.0, (done + 1) / (warmup_epochs + 1)) * factor(
         done, epochs=epochs, step=lr_decay_step, milestones=list(milestones), gamma=gamma))
 
 
@@ -107,23 +110,7 @@ def build_parser():
     g.add_argument("--weights", default=None, help="offline ImageNet weights file for the backbone")
     g.add_argument("--freeze_backbone", action=argparse.BooleanOptionalAction, default=False, help="train the head only")
 
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=12, help="epochs")
-    g.add_argument("--batch_size", type=int, default=64, help="training batch size")
-    g.add_argument("--valid_batch_size", type=int, default=256, help="validation/eval batch size")
-    g.add_argument("--lr", type=float, default=2e-3, help="learning rate")
-    g.add_argument("--optimizer", default="AdamW", choices=list(OPTIMIZERS), help="optimizer")
-    g.add_argument("--weight_decay", type=float, default=1e-4, help="weight decay")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--scheduler", default="cosine", choices=list(SCHEDULERS), help="LR schedule")
-    g.add_argument("--lr_decay_step", type=int, default=20, help="step: epochs per decay; plateau: patience")
-    g.add_argument("--milestones", nargs="+", type=int, default=[10, 20, 25], help="multistep: epochs where LR is multiplied by --lr_gamma")
-    g.add_argument("--lr_gamma", type=float, default=0.1, help="LR decay factor (step, multistep, plateau)")
-    g.add_argument("--criterion", default="cross_entropy", choices=list(LOSSES), help="loss")
-    g.add_argument("--focal_gamma", type=float, default=2.0, help="focal loss gamma")
-    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    g.add_argument("--metric", default="accuracy", choices=["accuracy", "f1"], help="picks the best checkpoint; NNI's 'default'")
-    g.add_argument("--early_stopping", type=int, default=0, help="stop after N epochs without improvement (0 = off)")
+    add_optimisation_flags(p)
 
     g = p.add_argument_group("run")
     g.add_argument("--name", default="exp", help="run name: runs/<name>, incremented (exp2, exp3, ...)")
@@ -135,6 +122,31 @@ def build_parser():
     g.add_argument("--config", default=None, help="JSON/YAML file of flag values (keys = dest names); flags override it")
     g.add_argument("--resume", default=None, help="last.pth of a run to continue in its directory")
     return p
+
+
+def add_optimisation_flags(p):
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=0, help="epochs (0 = as many as --steps takes on this data)")
+    g.add_argument("--steps", type=int, default=1000,
+                   help="training length in optimiser steps when --epochs is 0: a small data set gets more epochs, a large one fewer")
+    g.add_argument("--batch_size", type=int, default=64, help="training batch size")
+    g.add_argument("--valid_batch_size", type=int, default=256, help="validation/eval batch size")
+    g.add_argument("--lr", type=float, default=2e-3, help="learning rate")
+    g.add_argument("--optimizer", default="AdamW", choices=list(OPTIMIZERS), help="optimizer")
+    g.add_argument("--weight_decay", type=float, default=1e-4, help="weight decay")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--scheduler", default="cosine", choices=list(SCHEDULERS), help="LR schedule")
+    g.add_argument("--lr_decay_step", type=int, default=20, help="step: epochs per decay; plateau: patience")
+    g.add_argument("--milestones", nargs="+", type=int, default=[10, 20, 25], help="multistep: epochs where LR is multiplied by --lr_gamma")
+    g.add_argument("--lr_gamma", type=float, default=0.1, help="LR decay factor (step, multistep, plateau)")
+    g.add_argument("--warmup_epochs", type=int, default=0, help="linear LR warmup over the first N epochs")
+    g.add_argument("--clip_grad", type=float, default=0.0, help="clip the gradient norm to this (0 = off)")
+    g.add_argument("--criterion", default="cross_entropy", choices=list(LOSSES),
+                   help="loss (weighted_cross_entropy: class weights from the training counts)")
+    g.add_argument("--focal_gamma", type=float, default=2.0, help="focal loss gamma")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    g.add_argument("--metric", default="accuracy", choices=["accuracy", "f1"], help="picks the best checkpoint; NNI's 'default'")
+    g.add_argument("--early_stopping", type=int, default=0, help="stop after N epochs without improvement (0 = off)")
 
 
 def coerce(action, value):
@@ -191,9 +203,8 @@ def apply_params(parser, args, params, source):
 
 
 def read_config(path):
+    check_file("--config", path)
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"--config {path}: no such file")
     try:
         text = path.read_text()
         if path.suffix in (".yml", ".yaml"):
@@ -217,8 +228,7 @@ def parse_args(argv=None):
     base = vars(parser.parse_args([]))
     explicit = given_flags(argv)
     if args.resume:
-        if not Path(args.resume).is_file():
-            raise ValueError(f"--resume {args.resume}: no such file")
+        check_file("--resume", args.resume)
         saved = checkpoint.read_meta(args.resume).get("args", {})
         args = apply_params(parser, argparse.Namespace(**base), saved, f"--resume {args.resume}")
         check_resume(args, explicit)
@@ -249,20 +259,35 @@ def check_resume(saved, explicit):
                          f"{', '.join(FIXED_ON_RESUME)} (start a new run with --config on its config.json instead)")
 
 
+# What each number must be; NaN fails every test. Values outside these ranges would train on silently.
+POSITIVE, NON_NEGATIVE, FRACTION = (lambda v: 0 < v < math.inf, "positive"), (lambda v: v >= 0, "0 or more"), (lambda v: 0 <= v < 1, "in [0, 1)")
+LIMITS = {"steps": POSITIVE, "batch_size": POSITIVE, "valid_batch_size": POSITIVE, "lr": POSITIVE, "lr_gamma": POSITIVE,
+          "epochs": NON_NEGATIVE, "warmup_epochs": NON_NEGATIVE, "clip_grad": NON_NEGATIVE, "early_stopping": NON_NEGATIVE,
+          "weight_decay": NON_NEGATIVE, "momentum": NON_NEGATIVE, "focal_gamma": NON_NEGATIVE, "lr_decay_step": POSITIVE,
+          "dropout": FRACTION, "smoothing": FRACTION, "num_workers": (lambda v: v >= -1, "-1 (from the CPU count) or more")}
+
+
+def check_file(flag, path):
+    if not Path(path).is_file():
+        raise ValueError(f"{flag} {path}: {'not a file' if Path(path).exists() else 'no such file'}")
+
+
 def check_args(args):
+    for key, (ok, must) in LIMITS.items():
+        if not ok(getattr(args, key)):
+            raise ValueError(f"--{key} {getattr(args, key)}: must be {must}")
     if min(args.resize) <= 0:
         raise ValueError(f"--resize {args.resize[0]} {args.resize[1]}: sizes must be positive")
     if not 0 < args.val_ratio < 1:
         raise ValueError(f"--val_ratio {args.val_ratio}: must be between 0 and 1")
+    if not 0 < args.age_bounds[0] < args.age_bounds[1]:
+        raise ValueError(f"--age_bounds {args.age_bounds[0]} {args.age_bounds[1]}: need 0 < LOW < HIGH")
+    if min(args.milestones) < 1:
+        raise ValueError(f"--milestones {' '.join(map(str, args.milestones))}: epochs count from 1")
     if args.kfold and not (args.kfold >= 2 and 0 <= args.fold < args.kfold):
         raise ValueError(f"--kfold {args.kfold} --fold {args.fold}: need K >= 2 and 0 <= fold < K")
-    for key in ("epochs", "batch_size", "valid_batch_size"):
-        if getattr(args, key) <= 0:
-            raise ValueError(f"--{key} must be positive")
-    if args.lr <= 0:
-        raise ValueError(f"--lr {args.lr}: must be positive")
-    if args.weights and not Path(args.weights).is_file():
-        raise ValueError(f"--weights {args.weights}: no such file")
+    if args.weights:
+        check_file("--weights", args.weights)
     if args.classification == "multi_head" and DATASETS[args.dataset][0] != "mask":
         raise ValueError(f"--classification multi_head needs a mask-layout dataset, not {args.dataset}")
 
@@ -274,10 +299,13 @@ def main(args):
     seed_everything(args.seed)
     torch.backends.cudnn.benchmark = True
     data = load_data(args, device)
+    if not args.epochs:  # the step budget, in whole epochs; config.json then records the epochs it became
+        args.epochs = math.ceil(args.steps / len(data.train_loader))
+        print(f"training {args.epochs} epochs: --steps {args.steps} at {len(data.train_loader)} steps per epoch", flush=True)
     model = create_model(args.model, num_outputs(args.classification, len(data.classes)), head=args.head, dropout=args.dropout,
                          init=args.init, pretrained=args.pretrained, weights=args.weights, freeze_backbone=args.freeze_backbone)
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-    opt = build_optimisation(args, model, device)
+    opt = build_optimisation(args, data, model, device)
     run_dir, start = open_run_dir(args, data, model, opt, device)
     try:
         best = fit(args, data, model, opt, run_dir, start, device)
@@ -306,27 +334,29 @@ def load_data(args, device):
     train_set = ImageDataset(data["paths"], size, images, data["labels"], train_idx)
     val_set = ImageDataset(data["paths"], size, images, data["labels"], val_idx)
     generators = [torch.Generator().manual_seed(args.seed) for _ in range(2)]  # loader order, weighted draws
+    counts = np.bincount(data["labels"][train_idx], minlength=len(data["classes"]))
     sampler = None
     if args.sampler == "weighted":
-        counts = np.bincount(data["labels"][train_idx], minlength=len(data["classes"]))
         sampler = WeightedRandomSampler(1.0 / counts[data["labels"][train_idx]], len(train_idx), generator=generators[1])
     train_loader = DataLoader(train_set, args.batch_size, shuffle=sampler is None, sampler=sampler,
                               drop_last=len(train_idx) > args.batch_size, generator=generators[0], **loader_kw)
-    return SimpleNamespace(layout=layout, classes=data["classes"], size=size, mean=mean, std=std, workers=workers, generators=generators,
+    return SimpleNamespace(layout=layout, classes=data["classes"], class_counts=counts, size=size, mean=mean, std=std, workers=workers, generators=generators,
                            normalize=Normalize(mean, std).to(device), augment=dataset.create_transform(args.augmentation),
                            train_loader=train_loader, val_set=val_set, val_loader=DataLoader(val_set, args.valid_batch_size, **loader_kw),
                            eval_ids=eval_ids, eval_paths=eval_paths)
 
 
-def build_optimisation(args, model, device):
+def build_optimisation(args, data, model, device):
     """Loss, optimiser, schedule and mixed precision -> a namespace."""
     optimizer = create_optimizer(args.optimizer, [p for p in model.parameters() if p.requires_grad],
                                  args.lr, args.weight_decay, args.momentum)
     amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if args.amp and device.type == "cuda" else None
     return SimpleNamespace(
-        criterion=create_criterion(args.criterion, args.classification, focal_gamma=args.focal_gamma, smoothing=args.smoothing),
+        criterion=create_criterion(args.criterion, args.classification, focal_gamma=args.focal_gamma, smoothing=args.smoothing,
+                                   class_counts=data.class_counts).to(device),
         optimizer=optimizer, amp_dtype=amp_dtype, scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
-        scheduler=create_scheduler(args.scheduler, optimizer, args.epochs, args.lr_decay_step, args.milestones, args.lr_gamma))
+        scheduler=create_scheduler(args.scheduler, optimizer, args.epochs, args.lr_decay_step, args.milestones, args.lr_gamma,
+                                   args.warmup_epochs))
 
 
 def open_run_dir(args, data, model, opt, device):
@@ -411,14 +441,14 @@ def fit(args, data, model, opt, run_dir, start, device):
           f"{len(data.classes)} classes | {args.model} on {device}", flush=True)
     meta = dict(model=args.model, classification=args.classification, head=args.head, dropout=args.dropout, classes=data.classes,
                 layout=data.layout, resize=list(data.size), mean=data.mean, std=data.std, metric=args.metric, args=run_config(args))
-    best, history, stale = start["best"], start["history"], start["stale"]
+    best, history, stale, best_val = start["best"], start["history"], start["stale"], None
     if UNDER_NNI:
         import nni
     for epoch in range(start["epoch"], args.epochs + 1):
         row, val = run_epoch(args, data, model, opt, epoch, device, first=epoch == start["epoch"])
         metric = row[f"val_{args.metric}"]
         improved = metric > best
-        best, stale = (metric, 0) if improved else (best, stale + 1)
+        best, stale, best_val = (metric, 0, (epoch, val)) if improved else (best, stale + 1, best_val)
         history.append(row)
         with stop_signals_deferred():  # best.pth, last.pth and history.csv describe the same epoch, or none do
             if improved:
@@ -428,19 +458,31 @@ def fit(args, data, model, opt, run_dir, start, device):
                             train_state=dict(stale=stale, rng=rng_state(data)))
             write_history(run_dir / "history.csv", history)
         log_row(writer, row)
-        if improved:
-            log_figures(writer, val, data.val_set, data.classes, epoch)
         writer.flush()  # a stopped trial keeps its curves: dying by the signal skips writer.close()
         if UNDER_NNI:
             nni.report_intermediate_result({"default": metric, "accuracy": row["val_accuracy"], "f1": row["val_f1"], "loss": row["val_loss"]})
         if args.early_stopping and stale >= args.early_stopping:
             print(f"early stopping: no better {args.metric} for {stale} epochs", flush=True)
             break
+    if best_val:  # once, at the end: drawing them at every new best cost seconds per epoch
+        log_figures(writer, best_val[1], data.val_set, data.classes, best_val[0])
     writer.close()
     if UNDER_NNI:
         nni.report_final_result(best)
     print(f"best val {args.metric} {best:.4f} -> {run_dir / 'best.pth'}", flush=True)
+    rise = still_rising([row[f"val_{args.metric}"] for row in history])
+    if rise:
+        window, before, last = rise
+        print(f"warning: val {args.metric} was still rising when training ended ({before:.4f} -> {last:.4f} over the "
+              f"last {window} epochs): train longer, e.g. --epochs {2 * args.epochs}", file=sys.stderr, flush=True)
     return best
+
+
+def still_rising(values, window=3, min_rise=0.01):
+    """(window, from, to) when the last value is the best and beats the one `window` epochs before by min_rise or more."""
+    if len(values) <= window or values[-1] < max(values) or values[-1] - values[-1 - window] < min_rise:
+        return None
+    return window, values[-1 - window], values[-1]
 
 
 def run_epoch(args, data, model, opt, epoch, device, first):
@@ -450,7 +492,7 @@ def run_epoch(args, data, model, opt, epoch, device, first):
     train_stats = train_one_epoch(model, data.train_loader, device=device, augment=data.augment, normalize=data.normalize,
                                   criterion=opt.criterion, optimizer=opt.optimizer, scaler=opt.scaler,
                                   classification=args.classification, amp_dtype=opt.amp_dtype, channels_last=args.channels_last,
-                                  progress=make_progress(f"epoch {epoch}/{args.epochs}"), log_first_step=first)
+                                  clip_grad=args.clip_grad, progress=make_progress(f"epoch {epoch}/{args.epochs}"), log_first_step=first)
     val = evaluate(model, data.val_loader, device=device, normalize=data.normalize, criterion=opt.criterion,
                    classification=args.classification, amp_dtype=opt.amp_dtype)
     if not math.isfinite(val["loss"]) or not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):

@@ -7,13 +7,11 @@ torch.load(weights_only=True): a .pth file someone hands you never runs code.
     metric, args, epoch, best_metric                    how it was trained (args = config.json)
     optimizer, scheduler, history, train_state          last.pth only: what --resume continues from
 """
-import pickle
-from pathlib import Path
 
 import torch
 
 from core.runs import replace_atomically
-from model import create_model, num_outputs
+from model import create_model, load_untrusted, num_outputs
 
 REQUIRED = ("state_dict", "model", "classification", "head", "dropout", "classes", "layout", "resize", "mean", "std")
 TRAINING_STATE = ("state_dict", "optimizer", "scheduler", "history", "train_state")
@@ -27,18 +25,7 @@ def save(path, model, meta, **extra):
 def read(path, device="cpu", mmap=False):
     """-> the checkpoint dict; ValueError naming the file if it is missing, unreadable,
     not a train.py checkpoint, or holds anything but plain types and tensors."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"checkpoint {path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower():
-            raise ValueError(f"checkpoint {path}: refused: it holds Python objects other than tensors and plain values, "
-                             f"and loading those could run code") from None
-        raise ValueError(f"checkpoint {path}: not a PyTorch checkpoint (UnpicklingError)") from None
-    except Exception as e:  # zip, EOF and torch errors all mean "not a checkpoint we can read"
-        raise ValueError(f"checkpoint {path}: not a PyTorch checkpoint ({type(e).__name__})") from None
+    ckpt = load_untrusted(path, f"checkpoint {path}", device, mmap)
     missing = [k for k in REQUIRED if k not in ckpt] if isinstance(ckpt, dict) else ["state_dict"]
     if missing:
         raise ValueError(f"checkpoint {path}: not a train.py checkpoint (no {', '.join(missing)})")

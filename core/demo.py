@@ -17,14 +17,20 @@ from core.labels import MASK_FILES, age_band, encode_class
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
 
+# The competition's training set: about 61% female; 47% under 30, 46% 30-59 and 7% 60 or over, where
+# ages stop at 60, so the old band holds only 60-year-olds.
+P_FEMALE = 0.61
+AGE_BANDS = [(0.47, 18, 29), (0.46, 30, 59), (0.07, 60, 60)]  # (share, first age, last age)
+
 SKIN = [(241, 204, 170), (224, 172, 128), (198, 134, 94), (141, 85, 56)]
 HAIR = [(40, 30, 25), (90, 60, 30), (150, 110, 60), (20, 20, 20)]
 MASK_COLOURS = [(235, 235, 240), (70, 110, 200), (30, 30, 30), (120, 190, 160)]
 
 
 def draw_person(rng, mask, gender, age, size=(128, 96)):
-    """One photo: gender through hair length and face shape, age through hair
-    colour, wrinkles and skin tone, mask state through the mask's position."""
+    """One photo: gender through hair length and face shape, age through grey hair and forehead
+    wrinkles, mask state through the mask's position. The age cues grow smoothly with age, with
+    noise, so that ages either side of a band bound look alike, as they do in photos."""
     h, w = size
     bg = tuple(int(c) for c in rng.integers(60, 220, 3))
     img = Image.new("RGB", (w, h), bg)
@@ -32,7 +38,7 @@ def draw_person(rng, mask, gender, age, size=(128, 96)):
     cx, cy = w / 2 + rng.normal(0, w * 0.04), h * 0.48 + rng.normal(0, h * 0.03)
     fw = w * (0.27 if gender else 0.31) * rng.uniform(0.92, 1.08)
     fh = h * (0.33 if gender else 0.31) * rng.uniform(0.92, 1.08)
-    grey = min(1.0, max(0.0, (age - 40) / 30)) * rng.uniform(0.7, 1.0)
+    grey = float(np.clip((age - 28) / 34 + rng.normal(0, 0.1), 0, 1))
     hair = tuple(int(c * (1 - grey) + 215 * grey) for c in HAIR[rng.integers(len(HAIR))])
     skin = SKIN[rng.integers(len(SKIN))]
     if gender:  # long hair behind the face down to the shoulders
@@ -43,10 +49,9 @@ def draw_person(rng, mask, gender, age, size=(128, 96)):
     eye_y, nose_y, mouth_y = cy - fh * 0.1, cy + fh * 0.25, cy + fh * 0.55
     for ex in (cx - fw * 0.4, cx + fw * 0.4):
         d.ellipse([ex - fw * 0.12, eye_y - fh * 0.06, ex + fw * 0.12, eye_y + fh * 0.06], fill=(30, 30, 30))
-    if age >= 30:  # forehead wrinkles, more with age
-        for k in range(1 + (age >= 45) + (age >= 60)):
-            y = cy - fh * (0.45 - 0.1 * k)
-            d.arc([cx - fw * 0.5, y - fh * 0.05, cx + fw * 0.5, y + fh * 0.15], 200, 340, fill=(110, 70, 50), width=1)
+    for k in range(int(np.clip(round((age - 24) / 10 + rng.normal(0, 0.5)), 0, 4))):  # forehead wrinkles
+        y = cy - fh * (0.5 - 0.09 * k)
+        d.arc([cx - fw * 0.5, y - fh * 0.05, cx + fw * 0.5, y + fh * 0.15], 200, 340, fill=(110, 70, 50), width=1)
     d.line([cx, eye_y + fh * 0.1, cx - fw * 0.08, nose_y], fill=(120, 80, 60), width=2)
     d.line([cx - fw * 0.3, mouth_y, cx + fw * 0.3, mouth_y], fill=(150, 50, 50), width=2)
     colour = MASK_COLOURS[rng.integers(len(MASK_COLOURS))]
@@ -63,11 +68,23 @@ def draw_person(rng, mask, gender, age, size=(128, 96)):
     return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
 
 
-def _random_person(rng):
-    return int(rng.integers(2)), int(rng.choice([rng.integers(18, 30), rng.integers(30, 60), rng.integers(60, 80)]))
+def quota(rng, shares, n):
+    """n labels, label i for round(shares[i] * n) of them (largest remainders), in random order: a small
+    set gets the shares exactly instead of drawing them with sampling noise."""
+    exact = np.asarray(shares) * n
+    counts = np.floor(exact).astype(int)
+    counts[np.argsort(counts - exact)[:n - counts.sum()]] += 1
+    return rng.permutation(np.repeat(np.arange(len(shares)), counts))
 
 
-def make_demo_data(root, profiles=300, eval_profiles=60, size=(128, 96), seed=0):
+def people(rng, n):
+    """n (gender, age) pairs with the competition's shares of women and of age bands."""
+    genders = quota(rng, [1 - P_FEMALE, P_FEMALE], n)
+    bands = quota(rng, [band[0] for band in AGE_BANDS], n)
+    return [(int(g), int(rng.integers(AGE_BANDS[b][1], AGE_BANDS[b][2] + 1))) for g, b in zip(genders, bands)]
+
+
+def make_demo_data(root, profiles=300, eval_profiles=100, size=(128, 96), seed=0):
     """Deterministic mask-layout demo set: root/train (images + train.csv) and
     root/eval (images + info.csv with empty ans) + root/eval/truth.csv. Written
     to a temp dir and renamed, so concurrent trials never see half a data set."""
@@ -76,8 +93,7 @@ def make_demo_data(root, profiles=300, eval_profiles=60, size=(128, 96), seed=0)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
     try:
         rows = []
-        for pid in range(profiles):
-            gender, age = _random_person(rng)
+        for pid, (gender, age) in enumerate(people(rng, profiles)):
             name = f"{pid:06d}_{('male', 'female')[gender]}_Asian_{age}"
             folder = tmp / "train" / "images" / name
             folder.mkdir(parents=True)
@@ -88,9 +104,9 @@ def make_demo_data(root, profiles=300, eval_profiles=60, size=(128, 96), seed=0)
             csv.writer(f).writerows([["id", "gender", "race", "age", "path"]] + rows)
         (tmp / "eval" / "images").mkdir(parents=True)
         truth = []
-        for k in range(eval_profiles * len(MASK_FILES)):
-            gender, age = _random_person(rng)
-            mask = int(rng.choice([0, 0, 0, 0, 0, 1, 2]))
+        n_eval = eval_profiles * len(MASK_FILES)  # as many images as eval_profiles people have, each of another person
+        masks = quota(rng, np.bincount(list(MASK_FILES.values())) / len(MASK_FILES), n_eval)
+        for k, ((gender, age), mask) in enumerate(zip(people(rng, n_eval), masks)):
             image_id = f"{hashlib.sha1(f'{seed}-{k}'.encode()).hexdigest()[:16]}.jpg"
             draw_person(rng, mask, gender, age, size).save(tmp / "eval" / "images" / image_id, quality=90)
             truth.append((image_id, encode_class(mask, gender, age_band(age))))
@@ -132,7 +148,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Write the deterministic demo data set (mask layout).")
     parser.add_argument("--demo", type=Path, default=DEMO_DIR, help=f"output dir (default: {DEMO_DIR})")
     parser.add_argument("--profiles", type=int, default=300, help="people in train (default: 300)")
-    parser.add_argument("--eval_profiles", type=int, default=60, help="eval images / 7 (default: 60)")
+    parser.add_argument("--eval_profiles", type=int, default=100, help="eval images / 7 (default: 100)")
     parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
     cli = parser.parse_args(argv)
     if cli.demo.exists():

@@ -47,7 +47,7 @@ def process_start():
 
 
 def train_one_epoch(model, loader, *, device, augment, normalize, criterion, optimizer, scaler, classification,
-                    amp_dtype=None, channels_last=False, progress=None, log_first_step=False):
+                    amp_dtype=None, channels_last=False, clip_grad=0.0, progress=None, log_first_step=False):
     """One pass over the loader; batches are augmented and normalised on the device.
     -> dict(loss, accuracy, images_per_s)."""
     model.train()
@@ -64,6 +64,9 @@ def train_one_epoch(model, loader, *, device, augment, normalize, criterion, opt
             loss = finite_loss(criterion(logits.float(), y))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if clip_grad:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         scaler.step(optimizer)
         scaler.update()
         total_loss += loss.item() * len(y)

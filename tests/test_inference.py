@@ -131,7 +131,7 @@ REFUSALS = {
     "missing eval dir": (lambda r, d, t: (["--checkpoint", r["single"] / "best.pth", "--eval_dir", t / "nowhere"],
                                           "eval dir")),
     "not a checkpoint": (lambda r, d, t: (["--checkpoint", r["single"] / "history.csv", "--eval_dir", d / "eval"],
-                                          "history.csv: not a PyTorch checkpoint")),
+                                          "history.csv: not a PyTorch file")),
     "different classes": (lambda r, d, t: (["--checkpoint", r["single"] / "best.pth", r["folder"] / "best.pth", "--eval_dir", d / "eval"],
                                            "checkpoints disagree on classes")),
     "eval dir without info.csv": (lambda r, d, t: (["--checkpoint", r["single"] / "best.pth", "--eval_dir", d / "train"],

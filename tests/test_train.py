@@ -1,10 +1,10 @@
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,11 +166,21 @@ BAD_INPUTS = {
     "kfold fold": (lambda d, t: (["--kfold", "3", "--fold", "3"], "--fold 3")),
     "malformed YAML config": (lambda d, t: (["--config", write(t / "c.yml", "lr: [0.1\nepochs: 3\n")], "c.yml: not valid YAML")),
     "malformed JSON config": (lambda d, t: (["--config", write(t / "c.json", '{"lr": 0.1,}')], "c.json: not valid JSON")),
-    "garbage resume": (lambda d, t: (["--resume", write(t / "last.pth", "not a checkpoint")], "last.pth: not a PyTorch checkpoint")),
-    "truncated resume": (lambda d, t: (["--resume", truncated_checkpoint(t / "last.pth")], "last.pth: not a PyTorch checkpoint")),
+    "garbage resume": (lambda d, t: (["--resume", write(t / "last.pth", "not a checkpoint")], "last.pth: not a PyTorch file")),
+    "truncated resume": (lambda d, t: (["--resume", truncated_checkpoint(t / "last.pth")], "last.pth: not a PyTorch file")),
     "garbage weights": (lambda d, t: (["--model", "efficientnet_b0", "--pretrained", "--weights", write(t / "w.pth", "junk")],
-                                      "--weights " + str(t / "w.pth") + ": not a PyTorch weights file")),
+                                      "--weights " + str(t / "w.pth") + ": not a PyTorch file")),
     "one class": (lambda d, t: (["--dataset", "ImageFolderDataset", "--data_dir", one_class(t)], "at least 2 class folders")),
+    "negative early stopping": (lambda d, t: (["--early_stopping", "-1"], "--early_stopping -1: must be 0 or more")),
+    "negative milestone": (lambda d, t: (["--scheduler", "multistep", "--milestones", "-3", "2"], "--milestones -3 2: epochs count from 1")),
+    "workers below -1": (lambda d, t: (["--num_workers", "-5"], "--num_workers -5: must be -1")),
+    "reversed age bounds": (lambda d, t: (["--age_bounds", "60", "30"], "--age_bounds 60 30: need 0 < LOW < HIGH")),
+    "dropout above 1": (lambda d, t: (["--dropout", "2"], "--dropout 2.0: must be in [0, 1)")),
+    "lr nan": (lambda d, t: (["--lr", "nan"], "--lr nan: must be positive")),
+    "zero steps": (lambda d, t: (["--steps", "0"], "--steps 0: must be positive")),
+    "negative warmup": (lambda d, t: (["--warmup_epochs", "-1"], "--warmup_epochs -1: must be 0 or more")),
+    "config is a directory": (lambda d, t: (["--config", t], f"--config {t}: not a file")),
+    "resume is a directory": (lambda d, t: (["--resume", t], f"--resume {t}: not a file")),
 }
 
 
@@ -270,9 +280,53 @@ def test_schedulers_step(name):
     assert (opt.param_groups[0]["lr"] < 1.0) == (name != "none")
 
 
+def test_warmup_ramps_the_lr_up_then_hands_over_to_the_schedule():
+    opt = train.create_optimizer("SGD", [torch.nn.Parameter(torch.ones(2))], lr=0.3)
+    sched = train.create_scheduler("step", opt, epochs=6, lr_decay_step=4, gamma=0.5, warmup_epochs=2)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.1, 0.2, 0.3, 0.3, 0.15, 0.15])
+    with pytest.raises(ValueError, match="--warmup_epochs needs an epoch schedule"):
+        train.create_scheduler("plateau", opt, epochs=6, warmup_epochs=1)
+
+
+def test_step_budget_sets_the_epochs_from_the_data_size(run_train, tmp_path):
+    proc = run_train("--steps", "10")
+    plan = next(line for line in proc.stdout.splitlines() if line.startswith("training "))
+    epochs, per_epoch = int(plan.split()[1]), int(plan.split()[-4])
+    n_train = int(re.search(r"(\d+) train / ", proc.stdout).group(1))
+    assert per_epoch == n_train // 32 and epochs == math.ceil(10 / per_epoch) and epochs > 1
+    run = tmp_path / "runs" / "exp"
+    assert len(read_csv(run / "history.csv")) == epochs
+    assert json.loads((run / "config.json").read_text())["epochs"] == epochs  # --config config.json re-runs the same
+    # a user who gives --epochs gets exactly that, whatever --steps says
+    run_train("--steps", "10", "--epochs", "1")
+    assert len(read_csv(tmp_path / "runs" / "exp2" / "history.csv")) == 1
+
+
+@pytest.mark.parametrize("values,warns", [
+    ([0.2, 0.4, 0.5, 0.6, 0.7], True),       # best at the end, up 0.3 over the last 3 epochs
+    ([0.2, 0.8, 0.80, 0.805, 0.806], False),  # best at the end, but flat: converged
+    ([0.2, 0.5, 0.9, 0.7, 0.8], False),       # best earlier: the last epoch is not the best
+    ([0.2, 0.5, 0.9], False),                 # too short to tell
+])
+def test_still_rising_rule(values, warns):
+    assert bool(train.still_rising(values)) == warns
+
+
+def test_run_that_ends_still_rising_says_so_in_one_line(run_train):
+    proc = run_train("--epochs", "4", "--lr", "3e-4")
+    warning = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert warning == [line for line in proc.stderr.splitlines() if "still rising" in line]
+    assert len(warning) == 1 and warning[0].endswith("train longer, e.g. --epochs 8"), proc.stderr
+
+
 def test_help_shows_defaults():
     text = train.build_parser().format_help()
-    assert "(default: 12)" in text and "(default: BaseModel)" in text and "optimisation:" in text
+    assert "(default: 1000)" in text and "(default: BaseModel)" in text and "optimisation:" in text
 
 
 # ----------------------------------------------------------------------------- hardening: each case fails on the old code

@@ -1,0 +1,100 @@
+"""Do train.py's defaults fit the data? Real train.py runs, scored on each set's own eval split:
+
+  convergence   two mask-layout sets drawn here, not the demo (another seed and image size; about 100
+                and 1000 people): the default length (--steps) beside three times it
+  levers        the demo data: the default run beside each imbalance lever and warmup + clipping
+
+    python bench/defaults.py convergence        # about 35 minutes on 2 cores
+    python bench/defaults.py levers             # about 35 minutes on 2 cores
+    python bench/defaults.py levers --only weighted_cross_entropy sampler
+
+Prints one row per run: epochs, minutes, best validation accuracy / macro F1, eval macro F1.
+Not a test: each figure is one run, on one machine.
+"""
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from baseline.evaluation import evaluate  # noqa: E402
+from core import demo  # noqa: E402
+
+# (name, profiles, eval profiles, image size, seed): drawn unlike the demo (300 people, 128x96, seed 0)
+SETS = [("small", 100, 100, (144, 108), 11), ("large", 1000, 150, (112, 84), 12)]
+LEVERS = {
+    "default": [],
+    "weighted_cross_entropy": ["--criterion", "weighted_cross_entropy"],
+    "sampler": ["--sampler", "weighted"],
+    "focal": ["--criterion", "focal"],
+    "f1": ["--criterion", "f1"],
+    "label_smoothing": ["--criterion", "label_smoothing"],
+    "age_bounds": ["--age_bounds", "30", "58"],
+    "metric_f1": ["--metric", "f1"],
+    "warmup_clip": ["--warmup_epochs", "3", "--clip_grad", "1.0"],
+}
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("study", choices=["convergence", "levers"], help="which study")
+    p.add_argument("--only", nargs="+", default=None, help=f"levers to run (of {', '.join(LEVERS)})")
+    p.add_argument("--work", type=Path, default=None, help="where data and runs go (default: a temp dir)")
+    return p.parse_args()
+
+
+def run(data, name, work, *flags):
+    """One train.py run -> a result row."""
+    t0 = time.time()
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data_dir", str(data / "train"), "--eval_dir", str(data / "eval"),
+           "--model_dir", str(work / "runs"), "--name", name, "--cache_dir", str(work / "cache"), *flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{name}: train.py failed: {proc.stderr.strip().splitlines()[-1]}")
+    run_dir = Path(next(line.split()[2] for line in proc.stdout.splitlines() if line.startswith("run dir ")))
+    with open(run_dir / "history.csv", newline="") as f:
+        history = list(csv.DictReader(f))
+    config = json.loads((run_dir / "config.json").read_text())
+    best = max(history, key=lambda row: float(row[f"val_{config['metric']}"]))
+    scores = evaluate(run_dir / "submission.csv", data / "eval" / "truth.csv", "mask")["scores"]
+    warned = any("still rising" in line for line in proc.stderr.splitlines())
+    return dict(run=name, steps=config["steps"], epochs=len(history), minutes=(time.time() - t0) / 60, val_accuracy=float(best["val_accuracy"]),
+                val_f1=float(best["val_f1"]), eval_accuracy=scores["accuracy"], eval_f1=scores["f1"], still_rising=warned)
+
+
+def show(row):
+    print(f"{row['run']:<28} {row['epochs']:>6} {row['minutes']:>7.1f} {row['val_accuracy']:>8.4f} {row['val_f1']:>7.4f} "
+          f"{row['eval_accuracy']:>9.4f} {row['eval_f1']:>8.4f} {'yes' if row['still_rising'] else '':>6}", flush=True)
+
+
+def main():
+    cli = parse_args()
+    work = cli.work or Path(tempfile.mkdtemp(prefix="defaults-"))
+    print(f"work dir {work}\n{'run':<28} {'epochs':>6} {'minutes':>7} {'val acc':>8} {'val F1':>7} {'eval acc':>9} "
+          f"{'eval F1':>8} {'rising':>6}", flush=True)
+    if cli.study == "convergence":
+        for name, profiles, eval_profiles, size, seed in SETS:
+            data = work / name
+            if not data.is_dir():
+                demo.make_demo_data(data, profiles, eval_profiles, size=size, seed=seed)
+            default = run(data, f"{name}_default", work)
+            show(default)
+            longer = run(data, f"{name}_3x", work, "--steps", str(3 * default["steps"]))
+            show(longer)
+            print(f"{name}: eval macro F1 default - 3x = {default['eval_f1'] - longer['eval_f1']:+.4f}", flush=True)
+    else:
+        data = demo.ensure_demo_data()
+        for lever in cli.only or LEVERS:
+            show(run(data, lever, work, *LEVERS[lever]))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    main()
