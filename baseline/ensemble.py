@@ -51,6 +51,9 @@ def read_soft(path):
     classes = [c for c in table.columns if c != "ImageID"]
     if not classes or classes == ["ans"]:
         raise ValueError(f"{path}: no class probability columns (a submission.csv?); soft voting needs submission_soft.csv files")
+    if len(classes) == 1:  # a classifier has two classes or more: this is a submission.csv with a misnamed column
+        raise ValueError(f"{path}: columns ImageID,{classes[0]}: expected ImageID,ans (submission.csv) "
+                         f"or ImageID and one probability column per class (submission_soft.csv)")
     probs = table[classes].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
     bad = ~(np.isfinite(probs) & (probs >= 0) & (probs <= 1 + 1e-6))  # logits or scores here would vote with the wrong weight
     if bad.any():

@@ -77,6 +77,7 @@ def show(row):
 def main():
     cli = parse_args()
     work = cli.work or Path(tempfile.mkdtemp(prefix="defaults-"))
+    work.mkdir(parents=True, exist_ok=True)
     print(f"work dir {work}\n{'run':<28} {'epochs':>6} {'minutes':>7} {'val acc':>8} {'val F1':>7} {'eval acc':>9} "
           f"{'eval F1':>8} {'rising':>6}", flush=True)
     if cli.study == "convergence":

@@ -114,6 +114,9 @@ REFUSALS = {
     "truth without ans": (lambda t: [write_csv(t / "s.csv", ["ImageID", "ans"], ROWS), "--truth",
                                      write_csv(t / "t.csv", ["ImageID", "label"], ROWS)], "no ans column"),
     "missing truth": (lambda t: [write_csv(t / "s.csv", ["ImageID", "ans"], ROWS), "--truth", t / "none.csv"], "none.csv: no such file"),
+    "submission with a misnamed column": (lambda t: [write_csv(t / "s.csv", ["ImageID", "prediction"], ROWS), "--truth",
+                                                     write_csv(t / "t.csv", ["ImageID", "ans"], ROWS)],
+                                          "columns ImageID,prediction: expected ImageID,ans"),
 }
 
 
