@@ -130,7 +130,7 @@ def load_untrusted(path, what, device="cpu", mmap=False):
     """torch.load of a file someone handed us: tensors and plain values only (weights_only=True), so
     loading never runs code. Any failure is a ValueError that starts with `what` (e.g. "--weights FILE")."""
     if not Path(path).is_file():
-        raise ValueError(f"{what}: {'is a directory, not a file' if Path(path).is_dir() else 'no such file'}")
+        raise ValueError(f"{what}: {'not a file' if Path(path).exists() else 'no such file'}")
     try:
         return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
