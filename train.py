@@ -10,7 +10,7 @@
     nnictl create --config config_local.yml            # TPE search; train.py reports to NNI
 
 Under NNI, nni.get_next_parameter() is merged over the flags (keys = flag dest
-names) and the run directory is $NNI_OUTPUT_DIR.
+names; Hyperband's and BOHB's TRIAL_BUDGET sets --epochs) and the run directory is $NNI_OUTPUT_DIR.
 """
 import argparse
 import bisect
@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 import dataset
 from core import checkpoint, demo
-from core.cli import Parser, make_progress, run_main
+from core.cli import Parser, make_progress, run_main, trial_budget
 from core.engine import evaluate, loader_workers, predict, resolve_device, seed_everything, train_one_epoch, worker_init
 from core.metrics import confusion, confusion_figure, score
 from core.runs import increment_path, write_config, write_history, write_submission
@@ -237,7 +237,7 @@ def parse_args(argv=None):
     vars(args).update(explicit)
     if UNDER_NNI:
         import nni
-        apply_params(parser, args, nni.get_next_parameter() or {}, "NNI parameters")
+        apply_params(parser, args, trial_budget(nni.get_next_parameter() or {}), "NNI parameters")
     check_args(args)
     return args
 
@@ -444,26 +444,31 @@ def fit(args, data, model, opt, run_dir, start, device):
     best, history, stale, best_val = start["best"], start["history"], start["stale"], None
     if UNDER_NNI:
         import nni
-    for epoch in range(start["epoch"], args.epochs + 1):
-        row, val = run_epoch(args, data, model, opt, epoch, device, first=epoch == start["epoch"])
-        metric = row[f"val_{args.metric}"]
-        improved = metric > best
-        best, stale, best_val = (metric, 0, (epoch, val)) if improved else (best, stale + 1, best_val)
-        history.append(row)
-        with stop_signals_deferred():  # best.pth, last.pth and history.csv describe the same epoch, or none do
-            if improved:
-                checkpoint.save(run_dir / "best.pth", model, meta, epoch=epoch, best_metric=best)
-            checkpoint.save(run_dir / "last.pth", model, meta, epoch=epoch, best_metric=best, history=history,
-                            optimizer=opt.optimizer.state_dict(), scheduler=opt.scheduler.state_dict(),
-                            train_state=dict(stale=stale, rng=rng_state(data)))
-            write_history(run_dir / "history.csv", history)
-        log_row(writer, row)
-        writer.flush()  # a stopped trial keeps its curves: dying by the signal skips writer.close()
-        if UNDER_NNI:
-            nni.report_intermediate_result({"default": metric, "accuracy": row["val_accuracy"], "f1": row["val_f1"], "loss": row["val_loss"]})
-        if args.early_stopping and stale >= args.early_stopping:
-            print(f"early stopping: no better {args.metric} for {stale} epochs", flush=True)
-            break
+    try:
+        for epoch in range(start["epoch"], args.epochs + 1):
+            row, val = run_epoch(args, data, model, opt, epoch, device, first=epoch == start["epoch"])
+            metric = row[f"val_{args.metric}"]
+            improved = metric > best
+            best, stale, best_val = (metric, 0, (epoch, val)) if improved else (best, stale + 1, best_val)
+            history.append(row)
+            with stop_signals_deferred():  # best.pth, last.pth and history.csv describe the same epoch, or none do
+                if improved:
+                    checkpoint.save(run_dir / "best.pth", model, meta, epoch=epoch, best_metric=best)
+                checkpoint.save(run_dir / "last.pth", model, meta, epoch=epoch, best_metric=best, history=history,
+                                optimizer=opt.optimizer.state_dict(), scheduler=opt.scheduler.state_dict(),
+                                train_state=dict(stale=stale, rng=rng_state(data)))
+                write_history(run_dir / "history.csv", history)
+            log_row(writer, row)
+            writer.flush()  # a stopped trial keeps its curves: dying by the signal skips writer.close()
+            if UNDER_NNI:
+                nni.report_intermediate_result({"default": metric, "accuracy": row["val_accuracy"], "f1": row["val_f1"], "loss": row["val_loss"]})
+            if args.early_stopping and stale >= args.early_stopping:
+                print(f"early stopping: no better {args.metric} for {stale} epochs", flush=True)
+                break
+    except KeyboardInterrupt:
+        if UNDER_NNI and history:  # an assessor's stop: the tuner (TPE) still learns how far this configuration got
+            nni.report_final_result(best)
+        raise
     if best_val:  # once, at the end: drawing them at every new best cost seconds per epoch
         log_figures(writer, best_val[1], data.val_set, data.classes, best_val[0])
     writer.close()

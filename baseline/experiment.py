@@ -29,6 +29,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+from core.cli import trial_budget  # noqa: E402
+
 STATUS_ORDER = {"SUCCEEDED": 0, "EARLY_STOPPED": 1, "USER_CANCELED": 2, "RUNNING": 3, "WAITING": 4,
                 "FAILED": 5, "SYS_CANCELED": 6, "UNKNOWN": 7}
 
@@ -39,7 +44,7 @@ class Trial:
     status: str
     sequence: int = -1
     params: dict = field(default_factory=dict)
-    parameter_id: int | None = None
+    parameter_id: str | None = None    # an int for most tuners, "0-2_0_3" for Hyperband: kept as text
     intermediates: list[dict] = field(default_factory=list)   # in the order reported
     final: dict | None = None
     log_path: str = ""
@@ -142,15 +147,15 @@ def _assemble(exp_id, status, params, trial_rows, metric_rows, source, manager_l
             tstatus = "EARLY_STOPPED"
         t = Trial(tid, tstatus or "UNKNOWN", seq if seq is not None else -1, log_path=log_path or "")
         for h in hypers:
-            by_param[int(h["parameter_id"])] = h["parameters"]
+            by_param[str(h["parameter_id"])] = h["parameters"]
             if t.parameter_id is None:
-                t.parameter_id, t.params = int(h["parameter_id"]), h["parameters"]
+                t.parameter_id, t.params = str(h["parameter_id"]), h["parameters"]
         trials[tid] = t
     reported = {}
     for tid, pid, mtype, data in metric_rows:
         t = trials.setdefault(tid, Trial(tid, "UNKNOWN"))
         if pid not in (None, ""):
-            reported.setdefault(tid, int(pid))
+            reported.setdefault(tid, str(pid))
         if mtype == "FINAL":
             t.final = _metric(data)
         elif mtype == "PERIODICAL":
@@ -161,8 +166,8 @@ def _assemble(exp_id, status, params, trial_rows, metric_rows, source, manager_l
     known = {}
     for tid, h in sent.items():
         if tid in trials:
-            by_param.setdefault(int(h["parameter_id"]), h["parameters"])
-            known[tid] = int(h["parameter_id"])
+            by_param.setdefault(str(h["parameter_id"]), h["parameters"])
+            known[tid] = str(h["parameter_id"])
     for tid, pid in reported.items():
         known.setdefault(tid, pid)
     unknown = [t for t in trials.values() if t.id not in known]
@@ -252,9 +257,10 @@ def from_id(exp_id, timeout=10):
 
 # ----------------------------------------------------------------------------- output
 def flatten(params):
-    """{"criterion": {"_name": "focal", "focal_gamma": 2}} -> {"criterion": "focal", "focal_gamma": 2}."""
+    """{"criterion": {"_name": "focal", "focal_gamma": 2}} -> {"criterion": "focal", "focal_gamma": 2};
+    Hyperband's {"TRIAL_BUDGET": 9} -> {"epochs": 9}, as train.py reads it."""
     flat = {}
-    for k, v in params.items():
+    for k, v in trial_budget(params).items():
         if isinstance(v, dict) and "_name" in v:
             flat[k] = v["_name"]
             flat.update(flatten({kk: vv for kk, vv in v.items() if kk != "_name"}))

@@ -5,6 +5,7 @@
         return run_main("ensemble.py", main, argv)
 """
 import argparse
+import math
 import sys
 
 
@@ -17,6 +18,20 @@ def one_line(error):
     # an error raised in a loader worker arrives wrapped in the worker's traceback: keep its last line
     lines = str(error).strip().splitlines() or [type(error).__name__]
     return lines[-1].removeprefix("dataset.DataError: ")
+
+
+def trial_budget(params):
+    """NNI's Hyperband and BOHB add TRIAL_BUDGET to each trial's parameters (R / max_budget in their
+    classArgs is the longest trial). Here a budget is epochs, rounded up (BOHB's are floats):
+    -> the parameters with TRIAL_BUDGET replaced by epochs."""
+    if "TRIAL_BUDGET" not in params:
+        return params
+    params = dict(params)
+    budget = params.pop("TRIAL_BUDGET")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1e6:
+        raise ValueError(f"TRIAL_BUDGET must be a positive number of epochs, got {budget!r}")
+    params["epochs"] = math.ceil(budget - 1e-6)
+    return params
 
 
 def run_main(prog, main, argv=None, errors=()):

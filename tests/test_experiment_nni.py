@@ -189,6 +189,8 @@ def check_trials(run, exp, out_dir_of, epochs, space):
 
         values = [m["default"] for m in t.intermediates]
         assert all(isinstance(m, dict) and {"default", "accuracy", "f1", "loss"} <= set(m) for m in t.intermediates)
+        if values:  # also a stopped trial reports its best as final: TPE learns from the configurations Medianstop cut
+            assert t.metric == pytest.approx(max(values)), f"{t.id} {t.status}: final {t.metric}, intermediates {values}"
         history = (out / "history.csv").read_text().strip().splitlines()[1:] if (out / "history.csv").is_file() else []
         if t.status == "SUCCEEDED":
             assert len(values) == epochs, f"{t.id}: {len(values)} intermediate results for {epochs} epochs"
@@ -333,6 +335,22 @@ def test_best_command_from_params():
     assert args.criterion == "focal" and args.focal_gamma == 2.5 and args.batch_size == 64 and args.resize == [64, 48]
 
 
+def test_trial_budget_becomes_epochs_in_the_best_command():
+    """Hyperband's TRIAL_BUDGET is shown, and re-run, as the --epochs train.py trained."""
+    params = {"TRIAL_BUDGET": 4, "lr": 0.01}
+    assert expmod.flatten(params) == {"epochs": 4, "lr": 0.01}
+    cmd = expmod.best_command("python3 train.py --epochs 13 --resize 64 48", params)
+    assert shlex.split(cmd) == ["python3", "train.py", "--resize", "64", "48", "--lr", "0.01", "--epochs", "4"]
+
+
+def test_hyperband_parameter_ids_are_kept_as_text():
+    rows = [("a1", "SUCCEEDED", 0, [{"parameter_id": "0-2_0_0", "parameters": {"lr": 0.01, "TRIAL_BUDGET": 1}}], ""),
+            ("b2", "SUCCEEDED", 1, [{"parameter_id": "0-2_1_0", "parameters": {"lr": 0.01, "TRIAL_BUDGET": 4}}], "")]
+    metrics = [("a1", "0-2_0_0", "FINAL", '"0.5"'), ("b2", "0-2_1_0", "FINAL", '"0.7"')]
+    exp = expmod._assemble("x", "DONE", {}, rows, metrics, "test", ({}, set()))
+    assert [(t.parameter_id, t.params["TRIAL_BUDGET"], t.metric) for t in expmod.ranked(exp)] == [("0-2_1_0", 4, 0.7), ("0-2_0_0", 1, 0.5)]
+
+
 def test_assessor_stop_is_listed_as_early_stopped(tmp_path):
     """NNI 3.0 lists an assessor stop as USER_CANCELED; the summary tells it from a user's
     cancel by nnimanager.log (lines as NNI 3.0 writes them)."""
@@ -358,6 +376,66 @@ def test_safe_tpe_survives_swapped_parameters():
     tuner.receive_trial_result(0, p0, 0.7)   # stock TpeTuner: KeyError 0, the dispatcher dies
     tuner.trial_end(1, True)
     assert 1e-4 <= tuner.generate_parameters(2)["lr"] <= 1e-2
+
+
+def test_safe_hyperband_survives_its_string_parameter_ids(monkeypatch):
+    """NNI 3.0's stock Hyperband raises TypeError at the first metric (its ids are strings); SafeHyperband
+    takes the results and promotes the better half of a round with twice the budget."""
+    import nni.runtime.msg_dispatcher_base as base
+    from nni.algorithms.hpo.hyperband_advisor import Hyperband
+    from baseline.nni_tuner import SafeHyperband
+    monkeypatch.setattr(base, "dispatcher_env_vars", base.dispatcher_env_vars._replace(NNI_TUNER_COMMAND_CHANNEL="ws://_unittest_"))
+    sent = {}
+    for cls in (Hyperband, SafeHyperband):
+        advisor = cls(optimize_mode="maximize", R=4, eta=2)
+        advisor.send = lambda command, data: sent.setdefault(cls, []).append(json.loads(data) if data else None)
+        advisor.handle_initialize({"lr": {"_type": "loguniform", "_value": [1e-4, 1e-2]}})
+        advisor.handle_request_trial_jobs(4)
+        jobs = [j for j in sent[cls] if j and "parameter_id" in j]
+        assert [j["parameters"]["TRIAL_BUDGET"] for j in jobs] == [1, 1, 1, 1]
+        report = [dict(parameter_id=j["parameter_id"], trial_job_id=f"t{i}", type="FINAL", sequence=0, value=json.dumps(i / 10))
+                  for i, j in enumerate(jobs)]
+        if cls is Hyperband:
+            with pytest.raises(TypeError, match="'<=' not supported"):
+                advisor.handle_report_metric_data(report[0])
+            continue
+        for data, job in zip(report, jobs):
+            advisor.handle_report_metric_data(data)
+            advisor.handle_trial_end(dict(trial_job_id=data["trial_job_id"], event="SUCCEEDED", hyper_params=json.dumps(job)))
+        advisor.handle_request_trial_jobs(2)
+        promoted = [j for j in sent[cls] if j and "parameter_id" in j][4:6]
+        assert [j["parameters"]["TRIAL_BUDGET"] for j in promoted] == [2, 2]
+        assert {j["parameters"]["lr"] for j in promoted} == {jobs[3]["parameters"]["lr"], jobs[2]["parameters"]["lr"]}
+
+
+def commented_hyperband(config_text):
+    """The Hyperband tuner config_local.yml offers in a comment, uncommented."""
+    lines = config_text.splitlines()
+    start = lines.index("#   tuner:")
+    block = [l[1:] for l in lines[start:] if l.startswith("#   ")]
+    block = block[:next((i for i, l in enumerate(block[1:], 1) if not l.startswith("     ")), len(block))]
+    return yaml.safe_load("\n".join(block))["tuner"]
+
+
+def test_configs_leave_most_trials_to_the_tuners_model():
+    for name in ("config_local.yml", "config_remote.yml"):
+        raw = load_yaml(name)
+        startup = raw["tuner"]["classArgs"]["tpe_args"]["n_startup_jobs"]
+        assert 2 <= startup <= raw["maxTrialNumber"] / 3, (name, startup)
+    raw = load_yaml("config_local.yml")
+    words = shlex.split(raw["trialCommand"])
+    tuner = commented_hyperband((ROOT / "config_local.yml").read_text())
+    assert tuner["className"] == "baseline.nni_tuner.SafeHyperband" and tuner["codeDirectory"] == "."
+    assert tuner["classArgs"]["R"] == int(words[words.index("--epochs") + 1])  # the longest trial = the TPE trials' length
+    from nni.experiment.config import ExperimentConfig
+    alternative = {k: v for k, v in raw.items() if k != "assessor"}
+    alternative.update(tuner=tuner, maxTrialNumber=22)
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        ExperimentConfig(**alternative).validate()
+    finally:
+        os.chdir(cwd)
 
 
 # ----------------------------------------------------------------------------- real experiments
@@ -444,3 +522,33 @@ def test_invalid_parameter_fails_its_trial_only(tmp_path, demo_dir, cache_dir, n
         assert "NoSuchOptimizer" in lines[-1] and "AdamW" in lines[-1] and "Traceback" not in stderr
         for t in by_opt.values():
             assert t.status == "SUCCEEDED" and len(t.intermediates) == 1 and math.isfinite(t.metric), run.diagnose()
+
+
+def test_hyperband_budgets_and_the_best_trial_reruns_alike(tmp_path, demo_dir, cache_dir, nni_home):
+    """config_local.yml's Hyperband alternative, tiny: each trial trains TRIAL_BUDGET epochs, and the command
+    baseline/experiment.py prints for the best trial, run standalone, gives its validation metric again."""
+    config = local_config(demo_dir, cache_dir, 3, 2)
+    del config["assessor"]
+    tuner = commented_hyperband((ROOT / "config_local.yml").read_text())
+    tuner.update(codeDirectory=str(ROOT), classArgs=dict(tuner["classArgs"], R=2, eta=2))  # 2 trials of 1 epoch, the better one for 2
+    config.update(tuner=tuner, searchSpace={"lr": {"_type": "loguniform", "_value": [1e-3, 1e-2]},
+                                           "optimizer": {"_type": "choice", "_value": ["AdamW", "SGD"]}})
+    with nni_experiment(config, tmp_path / "hyperband", nni_home) as run:
+        run.wait_done(300)
+        exp = expmod.from_rest(run.port)
+        assert sorted(t.params["TRIAL_BUDGET"] for t in exp.trials) == [1, 1, 2], run.diagnose()
+        for t in exp.trials:
+            out = Path(t.log_path)
+            assert t.status == "SUCCEEDED", run.diagnose([out])
+            assert json.loads((out / "config.json").read_text())["epochs"] == t.params["TRIAL_BUDGET"]
+            assert len(t.intermediates) == t.params["TRIAL_BUDGET"]
+        best = expmod.best_trial(exp)
+        out = subprocess.run([sys.executable, str(ROOT / "baseline" / "experiment.py"), "--port", str(run.port), "--json"],
+                             capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    command = json.loads(out.stdout)["command"]
+    rerun = subprocess.run([*shlex.split(command), "--model_dir", str(tmp_path / "rerun")], cwd=ROOT, env=nni_env(nni_home),
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    found = re.search(r"best val accuracy ([0-9.]+)", rerun.stdout)
+    assert found and abs(float(found.group(1)) - best.metric) <= 0.01, (command, rerun.stdout[-500:], best.metric)

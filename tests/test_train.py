@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import train
 from conftest import ROOT, TINY, crafted_checkpoint, read_csv, train_env
+from core.cli import trial_budget
 
 
 
@@ -246,6 +247,21 @@ def test_params_rejected_with_key_named(parser_args, params, message):
     parser, args = parser_args
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         train.apply_params(parser, args, params, "NNI parameters")
+
+
+@pytest.mark.parametrize("budget,epochs", [(9, 9), (1, 1), (3.0, 3), (2.5, 3), (1e-3, 1)])
+def test_trial_budget_sets_the_epochs(parser_args, budget, epochs):
+    """Hyperband's (int) and BOHB's (float) TRIAL_BUDGET: epochs, rounded up, over the trial command's --epochs."""
+    parser, args = parser_args
+    args.epochs = 13
+    train.apply_params(parser, args, trial_budget({"TRIAL_BUDGET": budget, "lr": 0.01}), "NNI parameters")
+    assert (args.epochs, args.lr) == (epochs, 0.01)
+
+
+@pytest.mark.parametrize("budget", [0, -2, "9", True, None, float("nan")])
+def test_trial_budget_refuses_what_is_not_a_length(budget):
+    with pytest.raises(ValueError, match="TRIAL_BUDGET must be a positive number of epochs"):
+        trial_budget({"TRIAL_BUDGET": budget})
 
 
 def test_invalid_value_one_line(run_train):

@@ -1,0 +1,298 @@
+"""Does the search pay? Real `nnictl` experiments on the demo data, at equal budgets in trial-epochs.
+
+    python bench/hpo.py study                  # 3 seeds x 4 methods, about an hour on 2 cores
+    python bench/hpo.py study --seeds 1 --methods random hyperband --budget 60 --work /tmp/hpo
+    python bench/hpo.py efficiency             # one local trial: training epochs / trial wall time
+
+study: every search runs config_local.yml's search space with trials of --epochs 13 (its
+trialCommand; Hyperband's longest trial) one at a time, and is stopped when its trials have
+trained --budget epochs in all (default 156: config_local's 12 trials of 13 epochs):
+  default    no search: `python train.py` with its defaults, one run per seed
+  random     NNI's Random tuner
+  tpe        config_local.yml's tuner and assessor: TPE (its n_startup_jobs) + Medianstop
+  hyperband  NNI's Hyperband (baseline.nni_tuner.SafeHyperband), R 13, eta 3 (TRIAL_BUDGET = epochs, see train.py)
+Every run uses --resize 64 48 (a quarter of the default pixels) so that 12 experiments fit in
+an hour on 2 cores. The best trial of each experiment (best validation accuracy within the
+budget) predicts the demo's eval split from its best.pth, scored against eval/truth.csv.
+Each (method, seed) lands in --work/runs/ as JSON, so a rerun skips what is done; then
+hpo.csv (best-so-far curves), hpo.png and the table are written from all of them.
+
+efficiency: one local NNI trial of config_local.yml's trialCommand at the default size:
+the seconds history.csv gives to training epochs over the trial's wall time from NNI's
+start and end times.
+Not a test: figures depend on the machine and its load.
+"""
+import argparse
+import csv
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from baseline import experiment as expmod  # noqa: E402
+from baseline.evaluation import evaluate  # noqa: E402
+from core import demo  # noqa: E402
+
+BIN = Path(sys.executable).parent
+SIZE = ["--resize", "64", "48"]
+METHODS = ["default", "random", "tpe", "hyperband"]
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("study", choices=["study", "efficiency"], help="what to measure")
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="methods to run")
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="tuner and training seeds")
+    p.add_argument("--budget", type=int, default=156, help="trial-epochs per search")
+    p.add_argument("--port", type=int, default=8091, help="port of the experiments (one at a time)")
+    p.add_argument("--work", type=Path, default=None, help="where experiments and results go (default: a temp dir)")
+    return p.parse_args()
+
+
+# ----------------------------------------------------------------------------- running experiments
+def trial_words(config, *extra):
+    """config_local.yml's trialCommand with the venv's absolute python (trials must not depend on PATH)."""
+    words = shlex.split(config["trialCommand"])
+    return [sys.executable, *words[1:], *extra]
+
+
+def search_config(method, seed, base, work):
+    config = dict(experimentName=f"hpo-{method}-{seed}", searchSpace=base["searchSpace"],
+                  trialCommand=shlex.join(trial_words(base, *SIZE, "--seed", str(seed), "--cache_dir", str(work / "cache"))),
+                  trialCodeDirectory=str(ROOT), trialConcurrency=1, maxTrialNumber=10000, maxExperimentDuration="3h",
+                  experimentWorkingDirectory=str(work / "nni"), trainingService=base["trainingService"])
+    epochs = int(shlex.split(base["trialCommand"])[shlex.split(base["trialCommand"]).index("--epochs") + 1])
+    if method == "random":
+        config["tuner"] = dict(name="Random", classArgs=dict(seed=seed))
+    elif method == "tpe":
+        config["tuner"] = dict(base["tuner"], classArgs=dict(base["tuner"]["classArgs"], seed=seed))
+        config["assessor"] = base["assessor"]
+    else:  # Hyperband draws from an unseeded RandomState: its seeds are repeats
+        config["tuner"] = dict(codeDirectory=str(ROOT), className="baseline.nni_tuner.SafeHyperband",
+                               classArgs=dict(optimize_mode="maximize", R=epochs, eta=3))
+    return config
+
+
+def nnictl(*args, env, timeout=180):
+    proc = subprocess.run([str(BIN / "nnictl"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr)
+
+
+def rest(port, path):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/nni/{path}", timeout=10) as r:
+        return json.loads(r.read().decode())
+
+
+def run_experiment(config, port, work, budget=None):
+    """nnictl create; wait until DONE or until the trials have reported `budget` epochs; read it back; stop.
+    -> (baseline.experiment.Experiment, the REST trial list, minutes)."""
+    path = work / f"{config['experimentName']}.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    t0 = time.time()
+    code, out = nnictl("create", "--config", str(path), "--port", str(port), env=env)
+    found = re.search(r"Experiment ID: (\w+)", out)
+    if code or not found:
+        sys.exit(f"nnictl create failed:\n{out}")
+    try:
+        seen, since = -1, time.time()
+        while True:
+            time.sleep(1)
+            status = rest(port, "check-status")["status"]
+            epochs = sum(m.get("type") == "PERIODICAL" for m in rest(port, "metric-data"))
+            if status in ("DONE", "ERROR", "STOPPED") or (budget and epochs >= budget):
+                break
+            seen, since = (epochs, time.time()) if epochs != seen else (seen, since)
+            if time.time() - since > 600:  # a dead dispatcher leaves the experiment RUNNING with nothing to run
+                status = "ERROR"
+                break
+        exp, jobs = expmod.from_rest(port), rest(port, "trial-jobs")
+    finally:
+        nnictl("stop", found.group(1), env=env)
+    if status == "ERROR":
+        sys.exit(f"experiment {found.group(1)} failed or stalled; see {work / 'nni' / found.group(1) / 'log'}")
+    return exp, jobs, (time.time() - t0) / 60
+
+
+def eval_f1(checkpoint, out_dir, work, eval_dir):
+    """The eval split's macro F1 of one checkpoint (baseline/inference.py, then evaluation)."""
+    subprocess.run([sys.executable, str(ROOT / "baseline" / "inference.py"), "--checkpoint", str(checkpoint),
+                    "--eval_dir", str(eval_dir), "--out", str(out_dir), "--cache_dir", str(work / "cache")],
+                   check=True, capture_output=True, text=True)
+    return evaluate(out_dir / "submission.csv", eval_dir / "truth.csv", "mask")["scores"]["f1"]
+
+
+# ----------------------------------------------------------------------------- the study
+def search_run(method, seed, base, work, cli, eval_dir):
+    """The best trial is the best within the budget; its best.pth may hold an epoch or two trained after the
+    budget ran out (the experiment is stopped within a few seconds of the last counted epoch)."""
+    config = search_config(method, seed, base, work)
+    exp, _, minutes = run_experiment(config, cli.port, work, cli.budget)
+    rows, best = [], None  # every reported epoch in the order trained (one trial at a time), cut at the budget
+    for t in sorted(exp.trials, key=lambda t: t.sequence):
+        for m in t.intermediates:
+            if len(rows) < cli.budget:
+                rows.append((m["default"], m["f1"]))
+                if best is None or m["default"] > best[0]:
+                    best = (m["default"], t)
+    if best is None:
+        sys.exit(f"{method} seed {seed}: no trial reported a metric")
+    trial = best[1]
+    command = expmod.best_command(config["trialCommand"], trial.params)
+    return dict(method=method, seed=seed, curve=rows, trials=len({t.id for t in exp.trials if t.intermediates}), minutes=minutes,
+                eval_f1=eval_f1(Path(trial.log_path) / "best.pth", work / "eval" / f"{method}_{seed}", work, eval_dir),
+                best_trial=trial.id, command=command)
+
+
+def default_run(seed, work, eval_dir):
+    t0 = time.time()
+    out = work / "default_runs"
+    cmd = [sys.executable, str(ROOT / "train.py"), *SIZE, "--seed", str(seed), "--model_dir", str(out), "--name", f"seed{seed}",
+           "--cache_dir", str(work / "cache")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        sys.exit(f"default run failed: {proc.stderr.strip()}")
+    run_dir = Path(next(line.split()[2] for line in proc.stdout.splitlines() if line.startswith("run dir ")))
+    with open(run_dir / "history.csv", newline="") as f:
+        rows = [(float(r["val_accuracy"]), float(r["val_f1"])) for r in csv.DictReader(f)]
+    return dict(method="default", seed=seed, curve=rows, trials=1, minutes=(time.time() - t0) / 60,
+                eval_f1=evaluate(run_dir / "submission.csv", eval_dir / "truth.csv", "mask")["scores"]["f1"],
+                best_trial=str(run_dir), command=shlex.join(["python3", "train.py", *cmd[2:]]))
+
+
+def best_so_far(curve, column):
+    return np.maximum.accumulate([row[column] for row in curve])
+
+
+def summarise(results):
+    """-> table rows per method: mean/sd of the final bests and eval F1, and the trial-epochs its mean
+    best-so-far curve needed to reach Random's mean final best."""
+    by_method = {}
+    for r in results:
+        by_method.setdefault(r["method"], []).append(r)
+    target = None
+    if "random" in by_method:
+        target = np.mean([best_so_far(r["curve"], 0)[-1] for r in by_method["random"]])
+    table = []
+    for method in METHODS:
+        runs = by_method.get(method)
+        if not runs:
+            continue
+        n = min(len(r["curve"]) for r in runs)
+        mean_curve = np.mean([best_so_far(r["curve"], 0)[:n] for r in runs], axis=0)
+        reach = int(np.argmax(mean_curve >= target - 1e-12)) + 1 if target is not None and mean_curve.max() >= target - 1e-12 else None
+        stats = lambda values: (float(np.mean(values)), float(np.std(values)))  # noqa: E731
+        table.append(dict(method=method, seeds=len(runs), epochs=n, trials=stats([r["trials"] for r in runs]),
+                          val_accuracy=stats([best_so_far(r["curve"], 0)[-1] for r in runs]),
+                          val_f1=stats([best_so_far(r["curve"], 1)[-1] for r in runs]),
+                          eval_f1=stats([r["eval_f1"] for r in runs]), reach=reach,
+                          minutes=stats([r["minutes"] for r in runs])))
+    return table, target
+
+
+def print_table(table, target, budget):
+    print(f"\nbudget {budget} trial-epochs; Random's mean final best val accuracy {target if target is None else round(target, 4)}")
+    print(f"{'method':<10} {'seeds':>5} {'trials':>7} {'val acc':>15} {'val F1':>15} {'eval F1':>15} {'reach':>6} {'minutes':>8}")
+    pm = lambda s: f"{s[0]:.4f}±{s[1]:.4f}"  # noqa: E731
+    for row in table:
+        print(f"{row['method']:<10} {row['seeds']:>5} {row['trials'][0]:>7.1f} {pm(row['val_accuracy']):>15} {pm(row['val_f1']):>15} "
+              f"{pm(row['eval_f1']):>15} {row['reach'] if row['reach'] else '-':>6} {row['minutes'][0]:>8.1f}")
+    print("reach: trial-epochs the method's mean best-so-far curve needed to reach Random's mean final best")
+
+
+def plot(results, budget, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for method in METHODS:
+        runs = [r for r in results if r["method"] == method]
+        if not runs:
+            continue
+        n = min(len(r["curve"]) for r in runs)
+        curves = np.array([best_so_far(r["curve"], 0)[:n] for r in runs])
+        x = np.arange(1, n + 1)
+        line, = ax.plot(x, curves.mean(0), label=f"{method} (mean of {len(runs)})", drawstyle="steps-post")
+        ax.fill_between(x, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.15, step="post")
+    ax.set(xlabel="trial-epochs spent", ylabel="best validation accuracy so far", xlim=(0, budget),
+           title="Search vs default on the demo data (64x48; band: min-max over seeds)")
+    lo = min(min(best_so_far(r["curve"], 0)[min(len(r["curve"]) - 1, 4)] for r in results), 0.8)
+    ax.set_ylim(lo, 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_curves(results, path):
+    with open(path, "w") as f:
+        f.write("method,seed,trial_epoch,val_accuracy,val_f1,best_val_accuracy,best_val_f1\n")
+        for r in results:
+            acc, f1 = best_so_far(r["curve"], 0), best_so_far(r["curve"], 1)
+            for i, (a, b) in enumerate(r["curve"]):
+                f.write(f"{r['method']},{r['seed']},{i + 1},{a:.6f},{b:.6f},{acc[i]:.6f},{f1[i]:.6f}\n")
+
+
+def study(cli, work):
+    base = yaml.safe_load((ROOT / "config_local.yml").read_text())
+    eval_dir = demo.ensure_demo_data() / "eval"
+    (work / "runs").mkdir(parents=True, exist_ok=True)
+    for seed in cli.seeds:
+        for method in cli.methods:
+            done = work / "runs" / f"{method}_{seed}.json"
+            if done.is_file():
+                continue
+            print(f"{time.strftime('%H:%M:%S')} {method} seed {seed} ...", flush=True)
+            result = default_run(seed, work, eval_dir) if method == "default" else search_run(method, seed, base, work, cli, eval_dir)
+            done.write_text(json.dumps(result))
+            print(f"  best val accuracy {best_so_far(result['curve'], 0)[-1]:.4f} in {len(result['curve'])} epochs, "
+                  f"{result['trials']} trials, eval F1 {result['eval_f1']:.4f}, {result['minutes']:.1f} min", flush=True)
+    results = [json.loads(p.read_text()) for p in sorted((work / "runs").glob("*.json"))]
+    table, target = summarise(results)
+    print_table(table, target, cli.budget)
+    write_curves(results, work / "hpo.csv")
+    plot(results, cli.budget, work / "hpo.png")
+    best = max((r for r in results if r["method"] != "default"), key=lambda r: best_so_far(r["curve"], 0)[-1], default=None)
+    if best:
+        print(f"best trial overall ({best['method']} seed {best['seed']}): {best['command']}")
+    print(f"wrote {work / 'hpo.csv'} and {work / 'hpo.png'}")
+
+
+# ----------------------------------------------------------------------------- trial efficiency
+def efficiency(cli, work):
+    base = yaml.safe_load((ROOT / "config_local.yml").read_text())
+    config = dict(experimentName="hpo-efficiency", searchSpace={"lr": {"_type": "choice", "_value": [2e-3]}},
+                  trialCommand=shlex.join(trial_words(base)), trialCodeDirectory=str(ROOT), trialConcurrency=1, maxTrialNumber=1,
+                  experimentWorkingDirectory=str(work / "nni"), trainingService=base["trainingService"], tuner=dict(name="GridSearch"))
+    _, jobs, _ = run_experiment(config, cli.port, work)
+    job = jobs[0]
+    with open(Path(job["logPath"]) / "history.csv", newline="") as f:
+        training = sum(float(r["seconds"]) for r in csv.DictReader(f))
+    wall = (job["endTime"] - job["startTime"]) / 1000
+    print(f"trial {job['trialJobId']} ({job['status']}): {wall:.1f} s wall, {training:.1f} s in training epochs: "
+          f"efficiency {training / wall:.3f}")
+
+
+def main():
+    cli = parse_args()
+    work = cli.work or Path(tempfile.mkdtemp(prefix="hpo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"work dir {work}", flush=True)
+    study(cli, work) if cli.study == "study" else efficiency(cli, work)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    main()
