@@ -467,7 +467,8 @@ def fit(args, data, model, opt, run_dir, start, device):
                 break
     except KeyboardInterrupt:
         if UNDER_NNI and history:  # an assessor's stop: the tuner (TPE) still learns how far this configuration got
-            nni.report_final_result(best)
+            with contextlib.suppress(Exception):  # whatever NNI says, the trial must still end by the signal
+                nni.report_final_result(best)
         raise
     if best_val:  # once, at the end: drawing them at every new best cost seconds per epoch
         log_figures(writer, best_val[1], data.val_set, data.classes, best_val[0])

@@ -1,4 +1,4 @@
-"""NNI's TPE and Hyperband tuners, made safe to use under NNI 3.0.
+"""NNI's TPE, Hyperband and BOHB tuners, made safe to use under NNI 3.0.
 
 NNI 3.0's local and remote training services hand parameter sets to trials in
 the order the trials ask for them, not the order they were submitted in
@@ -20,18 +20,19 @@ always paired correctly: the trial reports the id it really ran.
       className: baseline.nni_tuner.SafeTPE
       classArgs: {optimize_mode: maximize}
 
-``SafeHyperband``: NNI 3.0's stock Hyperband crashes its dispatcher at the first
-metric a trial reports (the experiment then hangs with no new trials). Its
-parameter ids are strings ("0-2_0_3": bracket, round, index) and NNI 3.0's
-``Recoverable.is_created_in_previous_exp`` compares them with an int
-(``TypeError: '<=' not supported between instances of 'str' and 'int'``). That
-check exists for resumed experiments, which Hyperband cannot resume anyway.
+``SafeHyperband`` and ``SafeBOHB``: NNI 3.0's stock Hyperband and BOHB crash
+their dispatcher at the first metric a trial reports (the experiment then hangs
+with no new trials). Their parameter ids are strings ("0-2_0_3": bracket, round,
+index) and NNI 3.0's ``Recoverable.is_created_in_previous_exp`` compares them
+with an int (``TypeError: '<=' not supported between instances of 'str' and
+'int'``). That check exists for resumed experiments, which neither can resume.
 
     tuner:
       codeDirectory: .
       className: baseline.nni_tuner.SafeHyperband
       classArgs: {optimize_mode: maximize, R: 13, eta: 3}
 """
+from nni.algorithms.hpo.bohb_advisor.bohb_advisor import BOHB
 from nni.algorithms.hpo.hyperband_advisor import Hyperband
 from nni.algorithms.hpo.tpe_tuner import TpeTuner
 
@@ -45,8 +46,16 @@ class SafeTPE(TpeTuner):
         super().receive_trial_result(parameter_id, parameters, value, **kwargs)
 
 
-class SafeHyperband(Hyperband):
-    """Hyperband (same classArgs) whose dispatcher survives its string parameter ids."""
+class StringIdsSafe:
+    """Mixin: a string parameter id was never created by an earlier (resumed) experiment."""
 
     def is_created_in_previous_exp(self, param_id):
         return False if isinstance(param_id, str) else super().is_created_in_previous_exp(param_id)
+
+
+class SafeHyperband(StringIdsSafe, Hyperband):
+    """Hyperband (same classArgs) whose dispatcher survives its string parameter ids."""
+
+
+class SafeBOHB(StringIdsSafe, BOHB):
+    """BOHB (same classArgs; needs ConfigSpace and statsmodels) whose dispatcher survives its string parameter ids."""

@@ -7,6 +7,7 @@
     python bench/defaults.py convergence        # about 35 minutes on 2 cores
     python bench/defaults.py levers             # about 35 minutes on 2 cores
     python bench/defaults.py levers --only weighted_cross_entropy sampler
+    python bench/defaults.py convergence --only large --seeds 1 2   # the pairs again with other training seeds
 
 Prints one row per run: epochs, minutes, best validation accuracy / macro F1, eval macro F1.
 Not a test: each figure is one run, on one machine.
@@ -45,7 +46,9 @@ LEVERS = {
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("study", choices=["convergence", "levers"], help="which study")
-    p.add_argument("--only", nargs="+", default=None, help=f"levers to run (of {', '.join(LEVERS)})")
+    p.add_argument("--only", nargs="+", default=None,
+                   help=f"levers (of {', '.join(LEVERS)}) or sets (of {', '.join(s[0] for s in SETS)}) to run")
+    p.add_argument("--seeds", nargs="+", type=int, default=[42], help="convergence: train.py --seed of each pair")
     p.add_argument("--work", type=Path, default=None, help="where data and runs go (default: a temp dir)")
     return p.parse_args()
 
@@ -81,15 +84,17 @@ def main():
     print(f"work dir {work}\n{'run':<28} {'epochs':>6} {'minutes':>7} {'val acc':>8} {'val F1':>7} {'eval acc':>9} "
           f"{'eval F1':>8} {'rising':>6}", flush=True)
     if cli.study == "convergence":
-        for name, profiles, eval_profiles, size, seed in SETS:
+        for name, profiles, eval_profiles, size, seed in (s for s in SETS if s[0] in (cli.only or [s[0]])):
             data = work / name
             if not data.is_dir():
                 demo.make_demo_data(data, profiles, eval_profiles, size=size, seed=seed)
-            default = run(data, f"{name}_default", work)
-            show(default)
-            longer = run(data, f"{name}_3x", work, "--steps", str(3 * default["steps"]))
-            show(longer)
-            print(f"{name}: eval macro F1 default - 3x = {default['eval_f1'] - longer['eval_f1']:+.4f}", flush=True)
+            for train_seed in cli.seeds:
+                flags = ["--seed", str(train_seed)]
+                default = run(data, f"{name}_default_seed{train_seed}", work, *flags)
+                show(default)
+                longer = run(data, f"{name}_3x_seed{train_seed}", work, *flags, "--steps", str(3 * default["steps"]))
+                show(longer)
+                print(f"{name} seed {train_seed}: eval macro F1 default - 3x = {default['eval_f1'] - longer['eval_f1']:+.4f}", flush=True)
     else:
         data = demo.ensure_demo_data()
         for lever in cli.only or LEVERS:

@@ -7,7 +7,8 @@
 study: every search runs config_local.yml's search space with trials of --epochs 13 (its
 trialCommand; Hyperband's longest trial) one at a time, and is stopped when its trials have
 trained --budget epochs in all (default 156: config_local's 12 trials of 13 epochs):
-  default    no search: `python train.py` with its defaults, one run per seed
+  default    no search: `python train.py` with its defaults (1000 steps: 39 epochs), one run per seed
+  default_trial  the same defaults trained as long as a search trial (config_local's --epochs 13)
   random     NNI's Random tuner
   tpe        config_local.yml's tuner and assessor: TPE (its n_startup_jobs) + Medianstop
   hyperband  NNI's Hyperband (baseline.nni_tuner.SafeHyperband), R 13, eta 3 (TRIAL_BUDGET = epochs, see train.py)
@@ -47,7 +48,7 @@ from core import demo  # noqa: E402
 
 BIN = Path(sys.executable).parent
 SIZE = ["--resize", "64", "48"]
-METHODS = ["default", "random", "tpe", "hyperband"]
+METHODS = ["default", "default_trial", "random", "tpe", "hyperband"]
 
 
 def parse_args():
@@ -156,18 +157,19 @@ def search_run(method, seed, base, work, cli, eval_dir):
                 best_trial=trial.id, command=command)
 
 
-def default_run(seed, work, eval_dir):
+def default_run(method, seed, base, work, cli, eval_dir):
+    """No search: train.py's defaults, at their own length (default) or at a search trial's (default_trial)."""
     t0 = time.time()
-    out = work / "default_runs"
-    cmd = [sys.executable, str(ROOT / "train.py"), *SIZE, "--seed", str(seed), "--model_dir", str(out), "--name", f"seed{seed}",
-           "--cache_dir", str(work / "cache")]
+    words = trial_words(base) if method == "default_trial" else [sys.executable, "train.py"]
+    cmd = [words[0], str(ROOT / "train.py"), *words[2:], *SIZE, "--seed", str(seed), "--model_dir", str(work / "default_runs"),
+           "--name", f"{method}{seed}", "--cache_dir", str(work / "cache")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
         sys.exit(f"default run failed: {proc.stderr.strip()}")
     run_dir = Path(next(line.split()[2] for line in proc.stdout.splitlines() if line.startswith("run dir ")))
     with open(run_dir / "history.csv", newline="") as f:
         rows = [(float(r["val_accuracy"]), float(r["val_f1"])) for r in csv.DictReader(f)]
-    return dict(method="default", seed=seed, curve=rows, trials=1, minutes=(time.time() - t0) / 60,
+    return dict(method=method, seed=seed, curve=rows, trials=1, minutes=(time.time() - t0) / 60,
                 eval_f1=evaluate(run_dir / "submission.csv", eval_dir / "truth.csv", "mask")["scores"]["f1"],
                 best_trial=str(run_dir), command=shlex.join(["python3", "train.py", *cmd[2:]]))
 
@@ -226,6 +228,8 @@ def plot(results, budget, path):
         x = np.arange(1, n + 1)
         line, = ax.plot(x, curves.mean(0), label=f"{method} (mean of {len(runs)})", drawstyle="steps-post")
         ax.fill_between(x, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.15, step="post")
+        if method.startswith("default"):  # one run of n epochs: its final best, carried across for comparison
+            ax.hlines(curves.mean(0)[-1], n, budget, colors=line.get_color(), linestyles=":")
     ax.set(xlabel="trial-epochs spent", ylabel="best validation accuracy so far", xlim=(0, budget),
            title="Search vs default on the demo data (64x48; band: min-max over seeds)")
     lo = min(min(best_so_far(r["curve"], 0)[min(len(r["curve"]) - 1, 4)] for r in results), 0.8)
@@ -255,7 +259,8 @@ def study(cli, work):
             if done.is_file():
                 continue
             print(f"{time.strftime('%H:%M:%S')} {method} seed {seed} ...", flush=True)
-            result = default_run(seed, work, eval_dir) if method == "default" else search_run(method, seed, base, work, cli, eval_dir)
+            run = default_run if method.startswith("default") else search_run
+            result = run(method, seed, base, work, cli, eval_dir)
             done.write_text(json.dumps(result))
             print(f"  best val accuracy {best_so_far(result['curve'], 0)[-1]:.4f} in {len(result['curve'])} epochs, "
                   f"{result['trials']} trials, eval F1 {result['eval_f1']:.4f}, {result['minutes']:.1f} min", flush=True)
@@ -264,7 +269,7 @@ def study(cli, work):
     print_table(table, target, cli.budget)
     write_curves(results, work / "hpo.csv")
     plot(results, cli.budget, work / "hpo.png")
-    best = max((r for r in results if r["method"] != "default"), key=lambda r: best_so_far(r["curve"], 0)[-1], default=None)
+    best = max((r for r in results if not r["method"].startswith("default")), key=lambda r: best_so_far(r["curve"], 0)[-1], default=None)
     if best:
         print(f"best trial overall ({best['method']} seed {best['seed']}): {best['command']}")
     print(f"wrote {work / 'hpo.csv'} and {work / 'hpo.png'}")

@@ -378,24 +378,25 @@ def test_safe_tpe_survives_swapped_parameters():
     assert 1e-4 <= tuner.generate_parameters(2)["lr"] <= 1e-2
 
 
-def test_safe_hyperband_survives_its_string_parameter_ids(monkeypatch):
-    """NNI 3.0's stock Hyperband raises TypeError at the first metric (its ids are strings); SafeHyperband
-    takes the results and promotes the better half of a round with twice the budget."""
+@pytest.mark.parametrize("name,class_args", [("Hyperband", dict(R=4, eta=2)), ("BOHB", dict(min_budget=1, max_budget=4, eta=2))])
+def test_safe_advisors_survive_their_string_parameter_ids(monkeypatch, name, class_args):
+    """NNI 3.0's stock Hyperband and BOHB raise TypeError at the first metric (their ids are strings); the Safe ones
+    take the results and promote the better half of a round with twice the budget."""
     import nni.runtime.msg_dispatcher_base as base
-    from nni.algorithms.hpo.hyperband_advisor import Hyperband
-    from baseline.nni_tuner import SafeHyperband
+    from baseline import nni_tuner
     monkeypatch.setattr(base, "dispatcher_env_vars", base.dispatcher_env_vars._replace(NNI_TUNER_COMMAND_CHANNEL="ws://_unittest_"))
-    sent = {}
-    for cls in (Hyperband, SafeHyperband):
-        advisor = cls(optimize_mode="maximize", R=4, eta=2)
-        advisor.send = lambda command, data: sent.setdefault(cls, []).append(json.loads(data) if data else None)
+    safe = getattr(nni_tuner, f"Safe{name}")
+    for cls in (safe.__bases__[1], safe):
+        sent = []
+        advisor = cls(optimize_mode="maximize", **class_args)
+        advisor.send = lambda command, data: sent.append(json.loads(data) if data else None)
         advisor.handle_initialize({"lr": {"_type": "loguniform", "_value": [1e-4, 1e-2]}})
         advisor.handle_request_trial_jobs(4)
-        jobs = [j for j in sent[cls] if j and "parameter_id" in j]
+        jobs = [j for j in sent if j and "parameter_id" in j]
         assert [j["parameters"]["TRIAL_BUDGET"] for j in jobs] == [1, 1, 1, 1]
         report = [dict(parameter_id=j["parameter_id"], trial_job_id=f"t{i}", type="FINAL", sequence=0, value=json.dumps(i / 10))
                   for i, j in enumerate(jobs)]
-        if cls is Hyperband:
+        if cls is not safe:
             with pytest.raises(TypeError, match="'<=' not supported"):
                 advisor.handle_report_metric_data(report[0])
             continue
@@ -403,7 +404,7 @@ def test_safe_hyperband_survives_its_string_parameter_ids(monkeypatch):
             advisor.handle_report_metric_data(data)
             advisor.handle_trial_end(dict(trial_job_id=data["trial_job_id"], event="SUCCEEDED", hyper_params=json.dumps(job)))
         advisor.handle_request_trial_jobs(2)
-        promoted = [j for j in sent[cls] if j and "parameter_id" in j][4:6]
+        promoted = [j for j in sent if j and "parameter_id" in j][4:6]
         assert [j["parameters"]["TRIAL_BUDGET"] for j in promoted] == [2, 2]
         assert {j["parameters"]["lr"] for j in promoted} == {jobs[3]["parameters"]["lr"], jobs[2]["parameters"]["lr"]}
 
@@ -524,16 +525,19 @@ def test_invalid_parameter_fails_its_trial_only(tmp_path, demo_dir, cache_dir, n
             assert t.status == "SUCCEEDED" and len(t.intermediates) == 1 and math.isfinite(t.metric), run.diagnose()
 
 
-def test_hyperband_budgets_and_the_best_trial_reruns_alike(tmp_path, demo_dir, cache_dir, nni_home):
-    """config_local.yml's Hyperband alternative, tiny: each trial trains TRIAL_BUDGET epochs, and the command
+@pytest.mark.parametrize("advisor", ["SafeHyperband", "SafeBOHB"])
+def test_budgets_and_the_best_trial_reruns_alike(tmp_path, demo_dir, cache_dir, nni_home, advisor):
+    """config_local.yml's multi-fidelity alternatives, tiny: each trial trains TRIAL_BUDGET epochs, and the command
     baseline/experiment.py prints for the best trial, run standalone, gives its validation metric again."""
     config = local_config(demo_dir, cache_dir, 3, 2)
     del config["assessor"]
     tuner = commented_hyperband((ROOT / "config_local.yml").read_text())
-    tuner.update(codeDirectory=str(ROOT), classArgs=dict(tuner["classArgs"], R=2, eta=2))  # 2 trials of 1 epoch, the better one for 2
+    budgets = dict(R=2) if advisor == "SafeHyperband" else dict(min_budget=1, max_budget=2)
+    tuner.update(codeDirectory=str(ROOT), className=f"baseline.nni_tuner.{advisor}",  # 2 trials of 1 epoch, the better one for 2
+                 classArgs=dict(optimize_mode="maximize", eta=2, **budgets))
     config.update(tuner=tuner, searchSpace={"lr": {"_type": "loguniform", "_value": [1e-3, 1e-2]},
                                            "optimizer": {"_type": "choice", "_value": ["AdamW", "SGD"]}})
-    with nni_experiment(config, tmp_path / "hyperband", nni_home) as run:
+    with nni_experiment(config, tmp_path / advisor, nni_home) as run:
         run.wait_done(300)
         exp = expmod.from_rest(run.port)
         assert sorted(t.params["TRIAL_BUDGET"] for t in exp.trials) == [1, 1, 2], run.diagnose()
