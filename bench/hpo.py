@@ -74,7 +74,8 @@ def search_config(method, seed, base, work):
                   trialCommand=shlex.join(trial_words(base, *SIZE, "--seed", str(seed), "--cache_dir", str(work / "cache"))),
                   trialCodeDirectory=str(ROOT), trialConcurrency=1, maxTrialNumber=10000, maxExperimentDuration="3h",
                   experimentWorkingDirectory=str(work / "nni"), trainingService=base["trainingService"])
-    epochs = int(shlex.split(base["trialCommand"])[shlex.split(base["trialCommand"]).index("--epochs") + 1])
+    words = shlex.split(base["trialCommand"])
+    epochs = int(words[words.index("--epochs") + 1])  # Hyperband's longest trial: as long as the others' trials
     if method == "random":
         config["tuner"] = dict(name="Random", classArgs=dict(seed=seed))
     elif method == "tpe":
@@ -282,12 +283,15 @@ def efficiency(cli, work):
                   trialCommand=shlex.join(trial_words(base)), trialCodeDirectory=str(ROOT), trialConcurrency=1, maxTrialNumber=1,
                   experimentWorkingDirectory=str(work / "nni"), trainingService=base["trainingService"], tuner=dict(name="GridSearch"))
     _, jobs, _ = run_experiment(config, cli.port, work)
-    job = jobs[0]
-    with open(Path(job["logPath"]) / "history.csv", newline="") as f:
+    job, out = jobs[0], Path(jobs[0]["logPath"])
+    with open(out / "history.csv", newline="") as f:
         training = sum(float(r["seconds"]) for r in csv.DictReader(f))
     wall = (job["endTime"] - job["startTime"]) / 1000
+    first_step = float(re.search(r"first step ([0-9.]+)s", (out / "trial.log").read_text()).group(1))
+    after = job["endTime"] / 1000 - (out / "history.csv").stat().st_mtime  # figures, eval prediction, exit
     print(f"trial {job['trialJobId']} ({job['status']}): {wall:.1f} s wall, {training:.1f} s in training epochs: "
-          f"efficiency {training / wall:.3f}")
+          f"efficiency {training / wall:.3f}\n  start-up to the first step {first_step:.1f} s, after the last epoch {after:.1f} s, "
+          f"the rest (NNI's launch, checkpoints between epochs) {wall - training - first_step - after:.1f} s")
 
 
 def main():

@@ -378,6 +378,7 @@ def test_safe_tpe_survives_swapped_parameters():
     assert 1e-4 <= tuner.generate_parameters(2)["lr"] <= 1e-2
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")  # BOHB's ConfigSpace/statsmodels calls
 @pytest.mark.parametrize("name,class_args", [("Hyperband", dict(R=4, eta=2)), ("BOHB", dict(min_budget=1, max_budget=4, eta=2))])
 def test_safe_advisors_survive_their_string_parameter_ids(monkeypatch, name, class_args):
     """NNI 3.0's stock Hyperband and BOHB raise TypeError at the first metric (their ids are strings); the Safe ones
