@@ -3,6 +3,7 @@
     python bench/hpo.py study                  # 3 seeds x 4 methods, about an hour on 2 cores
     python bench/hpo.py study --seeds 1 --methods random hyperband --budget 60 --work /tmp/hpo
     python bench/hpo.py efficiency             # one local trial: training epochs / trial wall time
+    python bench/hpo.py efficiency --trial_epochs 39   # the same for a trial as long as `python train.py`
 
 study: every search runs config_local.yml's search space with trials of --epochs 13 (its
 trialCommand; Hyperband's longest trial) one at a time, and is stopped when its trials have
@@ -58,6 +59,7 @@ def parse_args():
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="methods to run")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="tuner and training seeds")
     p.add_argument("--budget", type=int, default=156, help="trial-epochs per search")
+    p.add_argument("--trial_epochs", type=int, default=None, help="efficiency: train this many epochs (default: config_local's)")
     p.add_argument("--port", type=int, default=8091, help="port of the experiments (one at a time)")
     p.add_argument("--work", type=Path, default=None, help="where experiments and results go (default: a temp dir)")
     return p.parse_args()
@@ -283,7 +285,8 @@ def study(cli, work):
 def efficiency(cli, work):
     base = yaml.safe_load((ROOT / "config_local.yml").read_text())
     config = dict(experimentName="hpo-efficiency", searchSpace={"lr": {"_type": "choice", "_value": [2e-3]}},
-                  trialCommand=shlex.join(trial_words(base)), trialCodeDirectory=str(ROOT), trialConcurrency=1, maxTrialNumber=1,
+                  trialCommand=shlex.join(trial_words(base, *(["--epochs", str(cli.trial_epochs)] if cli.trial_epochs else []))),
+                  trialCodeDirectory=str(ROOT), trialConcurrency=1, maxTrialNumber=1,
                   experimentWorkingDirectory=str(work / "nni"), trainingService=base["trainingService"], tuner=dict(name="GridSearch"))
     _, jobs, _ = run_experiment(config, cli.port, work)
     job, out = jobs[0], Path(jobs[0]["logPath"])
