@@ -1,6 +1,6 @@
 """Does the search pay? Real `nnictl` experiments on the demo data, at equal budgets in trial-epochs.
 
-    python bench/hpo.py study                  # 3 seeds x 4 methods, about an hour on 2 cores
+    python bench/hpo.py study                  # 3 seeds x 6 methods, about 100 minutes on 2 cores
     python bench/hpo.py study --seeds 1 --methods random hyperband --budget 60 --work /tmp/hpo
     python bench/hpo.py efficiency             # one local trial: training epochs / trial wall time
     python bench/hpo.py efficiency --trial_epochs 39   # the same for a trial as long as `python train.py`
