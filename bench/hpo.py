@@ -14,8 +14,8 @@ trained --budget epochs in all (default 156: config_local's 12 trials of 13 epoc
   tpe        config_local.yml's tuner and assessor: TPE (its n_startup_jobs) + Medianstop
   hyperband  NNI's Hyperband (baseline.nni_tuner.SafeHyperband), R 13, eta 3 (TRIAL_BUDGET = epochs, see train.py)
   tpe_f1     tpe whose trials pick and report by macro F1 (--metric f1) instead of accuracy
-Every run uses --resize 64 48 (a quarter of the default pixels) so that 12 experiments fit in
-an hour on 2 cores. The best trial of each experiment (best validation accuracy within the
+Every run uses --resize 64 48 (a quarter of the default pixels) so that the 15 experiments
+and 6 default runs fit in about 100 minutes on 2 cores. The best trial of each experiment (best validation accuracy within the
 budget) predicts the demo's eval split from its best.pth, scored against eval/truth.csv.
 Each (method, seed) lands in --work/runs/ as JSON, so a rerun skips what is done; then
 hpo.csv (best-so-far curves), hpo.png and the table are written from all of them.
@@ -212,10 +212,10 @@ def summarise(results):
 
 def print_table(table, target, budget):
     print(f"\nbudget {budget} trial-epochs; Random's mean final best val accuracy {target if target is None else round(target, 4)}")
-    print(f"{'method':<10} {'seeds':>5} {'trials':>7} {'val acc':>15} {'val F1':>15} {'eval F1':>15} {'reach':>6} {'minutes':>8}")
+    print(f"{'method':<13} {'seeds':>5} {'trials':>7} {'val acc':>15} {'val F1':>15} {'eval F1':>15} {'reach':>6} {'minutes':>8}")
     pm = lambda s: f"{s[0]:.4f}±{s[1]:.4f}"  # noqa: E731
     for row in table:
-        print(f"{row['method']:<10} {row['seeds']:>5} {row['trials'][0]:>7.1f} {pm(row['val_accuracy']):>15} {pm(row['val_f1']):>15} "
+        print(f"{row['method']:<13} {row['seeds']:>5} {row['trials'][0]:>7.1f} {pm(row['val_accuracy']):>15} {pm(row['val_f1']):>15} "
               f"{pm(row['eval_f1']):>15} {row['reach'] if row['reach'] else '-':>6} {row['minutes'][0]:>8.1f}")
     print("reach: trial-epochs the method's mean best-so-far curve needed to reach Random's mean final best")
 
