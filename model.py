@@ -48,6 +48,11 @@ def efficientnet(variant):
                                    f"download them elsewhere and pass --weights PATH") from None
         else:
             net = EfficientNet.from_name(name)
+        # PyTorch's BatchNorm momentum, not the TensorFlow port's 0.01: at 0.01 the running statistics lag so far
+        # behind a network trained from scratch that, for the first several epochs, eval mode predicts one class
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 0.1
         net.num_features = net._fc.in_features
         net._fc = nn.Identity()
         return net

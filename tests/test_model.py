@@ -134,3 +134,13 @@ def test_frozen_backbone_keeps_batchnorm_statistics():
     assert all(torch.equal(before[k], v) for k, v in net.backbone.state_dict().items())
     assert net.training and net.head.training and not net.backbone.training
     assert not torch.equal(net.head[1].running_mean, torch.zeros(16))  # the head's own BatchNorm still learns
+
+
+
+@pytest.mark.parametrize("name", list(M.MODELS))
+def test_batchnorm_running_statistics_keep_up(name):
+    # efficientnet-pytorch's own momentum, 0.01, left efficientnet_b0 trained from scratch predicting one class
+    # in eval mode for all 8 epochs of a run (validation accuracy 0.18 throughout); at 0.1 it reached 0.84 in 6.
+    net = M.create_model(name, 18)
+    momenta = {m.momentum for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    assert momenta == {0.1}
