@@ -517,3 +517,12 @@ def test_full_disk_for_the_cache_is_one_line_without_orphans(demo_dir, tmp_path,
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"train.py: error: cannot build the image cache in {cache}: "), proc.stderr
     assert not list(cache.glob("*.tmp")) and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("flags, expected", [([], False), (["--cudnn_benchmark"], True)])
+def test_cudnn_autotuning_only_when_asked(flags, expected, demo_dir, cache_dir, tmp_path, monkeypatch):
+    # Autotuning made efficientnet_b0's first CUDA step 5x slower: a short NNI trial must not pay it by default.
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not expected)
+    train.main(train.parse_args([*TINY, "--epochs", "1", "--data_dir", str(demo_dir / "train"), "--cache_dir", str(cache_dir),
+                                 "--model_dir", str(tmp_path), *flags]))
+    assert torch.backends.cudnn.benchmark is expected
