@@ -33,7 +33,7 @@ import dataset
 from core import checkpoint, demo
 from core.cli import Parser, make_progress, run_main, trial_budget
 from core.engine import evaluate, loader_workers, predict, resolve_device, seed_everything, train_one_epoch, worker_init
-from core.metrics import confusion, confusion_figure, score
+from core.metrics import confusion, confusion_image, score
 from core.runs import increment_path, write_config, write_history, write_submission
 from dataset import DATASETS, TRANSFORMS, DataError, ImageDataset, Normalize
 from loss import LOSSES, create_criterion
@@ -535,23 +535,24 @@ def log_row(writer, row):
 
 
 def log_figures(writer, val, val_set, classes, epoch, n=16):
-    """Confusion matrix and a grid of validation images titled prediction/truth."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    writer.add_figure("val/confusion_matrix", confusion_figure(confusion(val["labels"], val["preds"], len(classes)), classes), epoch)
+    """Confusion matrix and a grid of validation images titled prediction/truth, drawn with PIL (see confusion_image)."""
+    from PIL import Image, ImageDraw, ImageFont
+    matrix = confusion(val["labels"], val["preds"], len(classes))
+    writer.add_image("val/confusion_matrix", np.asarray(confusion_image(matrix, classes)), epoch, dataformats="HWC")
+    font = ImageFont.load_default(size=11)
     picks = np.linspace(0, len(val_set) - 1, min(n, len(val_set))).astype(int)
-    cols = 4
-    fig, axes = plt.subplots(math.ceil(len(picks) / cols), cols, figsize=(cols * 2.2, math.ceil(len(picks) / cols) * 2.8), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, picks):
+    h, w = val_set[0][0].shape[1:]
+    cols, cell_w, cell_h = 4, max(w, int(max(font.getlength(f"pred {c}") for c in classes))) + 16, h + 34
+    grid = Image.new("RGB", (cols * cell_w, math.ceil(len(picks) / cols) * cell_h), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, i in enumerate(picks):
         image, label = val_set[i]
-        pred = val["preds"][i]
-        ax.imshow(image.permute(1, 2, 0).numpy())
-        ax.set_title(f"pred {classes[pred]}\ntrue {classes[label]}", fontsize=6, color="green" if pred == label else "red")
-    fig.tight_layout()
-    writer.add_figure("val/predictions", fig, epoch)
+        pred = int(val["preds"][i])
+        x, y = (k % cols) * cell_w, (k // cols) * cell_h
+        grid.paste(Image.fromarray(image.permute(1, 2, 0).numpy()), (x + (cell_w - w) // 2, y + 30))
+        draw.multiline_text((x + cell_w / 2, y + 2), f"pred {classes[pred]}\ntrue {classes[label]}", font=font, anchor="ma",
+                            align="center", fill=(0, 128, 0) if pred == label else (200, 0, 0))
+    writer.add_image("val/predictions", np.asarray(grid), epoch, dataformats="HWC")
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -600,4 +601,9 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    code = cli()
+    # Every file is written and closed by now. Skip the interpreter's teardown of torch's, nni's and
+    # dynamo's modules: 1.1 s on a 2-core CPU, a second of every NNI trial's slot.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

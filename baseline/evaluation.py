@@ -24,7 +24,7 @@ import pandas as pd  # noqa: E402
 from baseline.ensemble import alignment, answer_column, read_hard, read_soft, read_table, soft_sibling  # noqa: E402
 from core.cli import Parser, run_main  # noqa: E402
 from core.labels import NUM_MASK_CLASSES, TASKS, is_mask_scheme, mask_class_names, natural_key  # noqa: E402
-from core.metrics import confusion, confusion_figure, score  # noqa: E402
+from core.metrics import confusion, confusion_image, score  # noqa: E402
 
 
 def read_submission(path):
@@ -90,11 +90,11 @@ def report(result):
 
 
 def save_plot(result, path, title):
-    fig = confusion_figure(result["matrix"], result["classes"], title=title)
+    image = confusion_image(result["matrix"], result["classes"], title=title)
     try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-    except (OSError, ValueError) as e:  # no permission, no such dir, a suffix matplotlib cannot write
+        image.save(path)
+    except (OSError, ValueError) as e:  # no permission, no such dir, a suffix PIL cannot write
         raise ValueError(f"--plot {path}: cannot write it ({getattr(e, 'strerror', None) or e})") from None
 
 
