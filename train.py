@@ -444,7 +444,7 @@ def fit(args, data, model, opt, run_dir, start, device):
           f"{len(data.classes)} classes | {args.model} on {device}", flush=True)
     meta = dict(model=args.model, classification=args.classification, head=args.head, dropout=args.dropout, classes=data.classes,
                 layout=data.layout, resize=list(data.size), mean=data.mean, std=data.std, metric=args.metric, args=run_config(args))
-    best, history, stale, best_val = start["best"], start["history"], start["stale"], None
+    best, history, stale, best_val, final_sent = start["best"], start["history"], start["stale"], None, False
     if UNDER_NNI:
         import nni
     try:
@@ -468,16 +468,17 @@ def fit(args, data, model, opt, run_dir, start, device):
             if args.early_stopping and stale >= args.early_stopping:
                 print(f"early stopping: no better {args.metric} for {stale} epochs", flush=True)
                 break
+        if UNDER_NNI:  # before the figures and the eval prediction: a stop signal during those loses nothing
+            nni.report_final_result(best)
+            final_sent = True
     except KeyboardInterrupt:
-        if UNDER_NNI and history:  # an assessor's stop: the tuner (TPE) still learns how far this configuration got
+        if UNDER_NNI and history and not final_sent:  # an assessor's stop: the tuner (TPE) still learns how far this got
             with contextlib.suppress(Exception):  # whatever NNI says, the trial must still end by the signal
                 nni.report_final_result(best)
         raise
     if best_val:  # once, at the end: drawing them at every new best cost seconds per epoch
         log_figures(writer, best_val[1], data.val_set, data.classes, best_val[0])
     writer.close()
-    if UNDER_NNI:
-        nni.report_final_result(best)
     print(f"best val {args.metric} {best:.4f} -> {run_dir / 'best.pth'}", flush=True)
     rise = still_rising([row[f"val_{args.metric}"] for row in history])
     if rise:

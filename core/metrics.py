@@ -36,6 +36,11 @@ def confusion_image(matrix, classes, title="confusion matrix", cell=30):
     end of every trial."""
     from PIL import Image, ImageDraw, ImageFont
 
+    def vertical(text, font):
+        strip = Image.new("RGB", (int(font.getlength(text)) + 4, 16), "white")
+        ImageDraw.Draw(strip).text((2, 0), text, fill="black", font=font)
+        return strip.rotate(90, expand=True)
+
     font, small = ImageFont.load_default(size=12), ImageFont.load_default(size=11)
     n, names = len(classes), [str(c) for c in classes]
     label = int(max(font.getlength(c) for c in names)) + 10  # room for the longest class name
@@ -44,15 +49,11 @@ def confusion_image(matrix, classes, title="confusion matrix", cell=30):
     draw = ImageDraw.Draw(image)
     draw.text((left + n * cell / 2, 4), title, fill="black", font=font, anchor="mt")
     draw.text((left + n * cell / 2, 20), "predicted", fill="black", font=small, anchor="mt")
-    caption = Image.new("RGB", (int(small.getlength("true")) + 4, 16), "white")
-    ImageDraw.Draw(caption).text((2, 0), "true", fill="black", font=small)
-    image.paste(caption.rotate(90, expand=True), (2, top + n * cell // 2))
+    image.paste(vertical("true", small), (2, top + n * cell // 2))
     peak = max(int(matrix.max()), 1)
     for i, name in enumerate(names):
         draw.text((left - 6, top + i * cell + cell / 2), name, fill="black", font=font, anchor="rm")
-        column = Image.new("RGB", (int(font.getlength(name)) + 4, 16), "white")
-        ImageDraw.Draw(column).text((2, 0), name, fill="black", font=font)
-        column = column.rotate(90, expand=True)
+        column = vertical(name, font)
         image.paste(column, (left + i * cell + (cell - column.width) // 2, top - 6 - column.height))
         for j in range(n):
             shade = int(matrix[i, j]) / peak  # white to dark blue, as matplotlib's "Blues"
