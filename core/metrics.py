@@ -45,9 +45,12 @@ def confusion_image(matrix, classes, title="confusion matrix", cell=30):
     n, names = len(classes), [str(c) for c in classes]
     label = int(max(font.getlength(c) for c in names)) + 10  # room for the longest class name
     left, top = label + 20, label + 40
-    image = Image.new("RGB", (left + n * cell + 10, top + n * cell + 10), "white")
+    half = font.getlength(title) / 2
+    width = max(left + n * cell + 10, int(2 * half) + 20)  # a long title over a few classes
+    image = Image.new("RGB", (width, top + n * cell + 10), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((left + n * cell / 2, 4), title, fill="black", font=font, anchor="mt")
+    # over the matrix where it fits, else as near as the image allows
+    draw.text((min(max(left + n * cell / 2, half + 10), width - half - 10), 4), title, fill="black", font=font, anchor="mt")
     draw.text((left + n * cell / 2, 20), "predicted", fill="black", font=small, anchor="mt")
     image.paste(vertical("true", small), (2, top + n * cell // 2))
     peak = max(int(matrix.max()), 1)

@@ -136,7 +136,6 @@ def test_frozen_backbone_keeps_batchnorm_statistics():
     assert not torch.equal(net.head[1].running_mean, torch.zeros(16))  # the head's own BatchNorm still learns
 
 
-
 @pytest.mark.parametrize("name", list(M.MODELS))
 def test_batchnorm_running_statistics_keep_up(name):
     # efficientnet-pytorch's own momentum, 0.01, left efficientnet_b0 trained from scratch predicting one class
