@@ -4,10 +4,11 @@
     python bench/hpo.py study --seeds 1 --methods random hyperband --budget 60 --work /tmp/hpo
     python bench/hpo.py efficiency             # one local trial: training epochs / trial wall time
     python bench/hpo.py efficiency --trial_epochs 39   # the same for a trial as long as `python train.py`
+    python bench/hpo.py study --trial_epochs 20 --work /tmp/hpo20    # searches whose trials train 20 epochs
 
 study: every search runs config_local.yml's search space with trials of --epochs 13 (its
-trialCommand; Hyperband's longest trial) one at a time, and is stopped when its trials have
-trained --budget epochs in all (default 156: config_local's 12 trials of 13 epochs):
+trialCommand, or --trial_epochs; Hyperband's longest trial) one at a time, and is stopped when its
+trials have trained --budget epochs in all (default 156: config_local's 12 trials of 13 epochs):
   default    no search: `python train.py` with its defaults (1000 steps: 39 epochs), one run per seed
   default_trial  the same defaults trained as long as a search trial (config_local's --epochs 13)
   random     NNI's Random tuner
@@ -60,14 +61,26 @@ def parse_args():
     p.add_argument("study", choices=["study", "efficiency"], help="what to measure")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="methods to run")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="tuner and training seeds")
-    p.add_argument("--budget", type=int, default=156, help="trial-epochs per search")
-    p.add_argument("--trial_epochs", type=int, default=None, help="efficiency: train this many epochs (default: config_local's)")
+    p.add_argument("--budget", type=int, default=None, help="trial-epochs per search (default: config_local's trials x their epochs)")
+    p.add_argument("--trial_epochs", type=int, default=None, help="a trial's epochs, in place of config_local's --epochs")
     p.add_argument("--port", type=int, default=8091, help="port of the experiments (one at a time)")
     p.add_argument("--work", type=Path, default=None, help="where experiments and results go (default: a temp dir)")
     return p.parse_args()
 
 
 # ----------------------------------------------------------------------------- running experiments
+def local_config(cli):
+    """config_local.yml, its trials' --epochs replaced by --trial_epochs when given."""
+    base = yaml.safe_load((ROOT / "config_local.yml").read_text())
+    words = shlex.split(base["trialCommand"])
+    if cli.trial_epochs:
+        words[words.index("--epochs") + 1] = str(cli.trial_epochs)
+        base["trialCommand"] = shlex.join(words)
+    if cli.budget is None:
+        cli.budget = base["maxTrialNumber"] * int(words[words.index("--epochs") + 1])
+    return base
+
+
 def trial_words(config, *extra):
     """config_local.yml's trialCommand with the venv's absolute python (trials must not depend on PATH)."""
     words = shlex.split(config["trialCommand"])
@@ -276,7 +289,7 @@ def write_curves(results, path):
 
 
 def study(cli, work):
-    base = yaml.safe_load((ROOT / "config_local.yml").read_text())
+    base = local_config(cli)
     eval_dir = demo.ensure_demo_data() / "eval"
     (work / "runs").mkdir(parents=True, exist_ok=True)
     for seed in cli.seeds:
@@ -309,9 +322,9 @@ def study(cli, work):
 
 # ----------------------------------------------------------------------------- trial efficiency
 def efficiency(cli, work):
-    base = yaml.safe_load((ROOT / "config_local.yml").read_text())
+    base = local_config(cli)
     config = dict(experimentName="hpo-efficiency", searchSpace={"lr": {"_type": "choice", "_value": [2e-3]}},
-                  trialCommand=shlex.join(trial_words(base, *(["--epochs", str(cli.trial_epochs)] if cli.trial_epochs else []))),
+                  trialCommand=shlex.join(trial_words(base)),
                   trialCodeDirectory=str(ROOT), trialConcurrency=1, maxTrialNumber=1,
                   experimentWorkingDirectory=str(work / "nni"), trainingService=base["trainingService"], tuner=dict(name="GridSearch"))
     _, jobs, _ = run_experiment(config, cli.port, work)
