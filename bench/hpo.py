@@ -236,7 +236,7 @@ def summarise(results):
                           val_accuracy=stats([best_so_far(r["curve"], 0)[-1] for r in runs]),
                           val_f1=stats([best_so_far(r["curve"], 1)[-1] for r in runs]),
                           eval_f1=stats([r["eval_f1"] for r in runs]), reach=reach,
-                          retrained_f1=stats([r.get("retrained_eval_f1", r["eval_f1"]) for r in runs]),
+                          retrained_f1=None if method.startswith("default") else stats([r["retrained_eval_f1"] for r in runs]),
                           minutes=stats([r["minutes"] for r in runs])))
     return table, target
 
@@ -248,8 +248,8 @@ def print_table(table, target, budget):
     pm = lambda s: f"{s[0]:.4f}±{s[1]:.4f}"  # noqa: E731
     for row in table:
         print(f"{row['method']:<13} {row['seeds']:>5} {row['trials'][0]:>7.1f} {pm(row['val_accuracy']):>15} {pm(row['val_f1']):>15} "
-              f"{pm(row['eval_f1']):>15} {pm(row['retrained_f1']):>15} {row['reach'] if row['reach'] else '-':>6} {row['minutes'][0]:>8.1f}")
-    print("retrained: eval F1 of the best configuration trained as long as the defaults (1000 steps; the default rows: as run)")
+              f"{pm(row['eval_f1']):>15} {pm(row['retrained_f1']) if row['retrained_f1'] else '-':>15} {row['reach'] if row['reach'] else '-':>6} {row['minutes'][0]:>8.1f}")
+    print("retrained: eval F1 of the best configuration trained as long as the defaults (1000 steps)")
     print("reach: trial-epochs the method's mean best-so-far curve needed to reach Random's mean final best")
 
 
@@ -303,13 +303,14 @@ def study(cli, work):
             done.write_text(json.dumps(result))
             print(f"  best val accuracy {best_so_far(result['curve'], 0)[-1]:.4f} in {len(result['curve'])} epochs, "
                   f"{result['trials']} trials, eval F1 {result['eval_f1']:.4f}, {result['minutes']:.1f} min", flush=True)
+    results = []
     for path in sorted((work / "runs").glob("*.json")):
         result = json.loads(path.read_text())
         if not result["method"].startswith("default") and "retrained_eval_f1" not in result:
             print(f"{time.strftime('%H:%M:%S')} retraining {result['method']} seed {result['seed']}'s best at the default length ...", flush=True)
             result["retrained_eval_f1"] = retrain(result, work, eval_dir)
             path.write_text(json.dumps(result))
-    results = [json.loads(p.read_text()) for p in sorted((work / "runs").glob("*.json"))]
+        results.append(result)
     table, target = summarise(results)
     print_table(table, target, cli.budget)
     write_curves(results, work / "hpo.csv")
