@@ -16,8 +16,8 @@ trials have trained --budget epochs in all (default 156: config_local's 12 trial
   hyperband  NNI's Hyperband (baseline.nni_tuner.SafeHyperband), R 13, eta 3 (TRIAL_BUDGET = epochs, see train.py)
   tpe_f1     tpe whose trials pick and report by macro F1 (--metric f1) instead of accuracy
 Every run uses --resize 64 48 (a quarter of the default pixels) so that the 15 experiments
-and 6 default runs fit in about 100 minutes on 2 cores. The best trial of each experiment (best validation accuracy within the
-budget) predicts the demo's eval split from its best.pth, scored against eval/truth.csv; then its
+and 6 default runs fit in about 100 minutes on 2 cores. The best trial of each experiment (by
+its objective, validation accuracy or for tpe_f1 macro F1, within the budget) predicts the demo's eval split from its best.pth, scored against eval/truth.csv; then its
 configuration is trained again as long as the defaults (their 1000 steps) and scored the same way,
 which compares the configuration the search found with the default one at equal training.
 Each (method, seed) lands in --work/runs/ as JSON, so a rerun skips what is done; then
