@@ -1,20 +1,21 @@
 """Does the search pay? Real `nnictl` experiments on the demo data, at equal budgets in trial-epochs.
 
-    python bench/hpo.py study                  # 3 seeds x 6 methods, about 100 minutes on 2 cores
+    python bench/hpo.py study                  # 3 seeds x 6 methods, about 80 minutes on 2 cores
     python bench/hpo.py study --seeds 1 --methods random hyperband --budget 60 --work /tmp/hpo
     python bench/hpo.py efficiency             # one local trial: training epochs / trial wall time
     python bench/hpo.py efficiency --trial_epochs 39   # the same for a trial as long as `python train.py`
-    python bench/hpo.py study --trial_epochs 20 --work /tmp/hpo20    # searches whose trials train 20 epochs
+    python bench/hpo.py study --trial_epochs 13 --work /tmp/hpo13    # searches whose trials train 13 epochs
 
-study: every search runs config_local.yml's search space with trials of --epochs 13 (its
-trialCommand, or --trial_epochs; Hyperband's longest trial) one at a time, and is stopped when its
-trials have trained --budget epochs in all (default 156: config_local's 12 trials of 13 epochs):
+study: every search runs config_local.yml's search space with trials of its trialCommand's --epochs
+(20, or --trial_epochs; Hyperband's longest trial) one at a time, and is stopped when its trials
+have trained --budget epochs in all (default: config_local's 12 trials x their epochs, 240):
   default    no search: `python train.py` with its defaults (1000 steps: 39 epochs), one run per seed
-  default_trial  the same defaults trained as long as a search trial (config_local's --epochs 13)
+  default_trial  the same defaults trained as long as a search trial (config_local's --epochs)
   random     NNI's Random tuner
-  tpe        config_local.yml's tuner and assessor: TPE (its n_startup_jobs) + Medianstop
-  hyperband  NNI's Hyperband (baseline.nni_tuner.SafeHyperband), R 13, eta 3 (TRIAL_BUDGET = epochs, see train.py)
-  tpe_f1     tpe whose trials pick and report by macro F1 (--metric f1) instead of accuracy
+  tpe        config_local.yml's tuner and assessor: TPE (its n_startup_jobs, the defaults first) + Medianstop
+  tpe_plain  the same without start_from_defaults: the first trials are random draws
+  hyperband  NNI's Hyperband (baseline.nni_tuner.SafeHyperband), R = a trial's epochs, eta 3 (TRIAL_BUDGET = epochs, see train.py)
+  tpe_f1     tpe_plain whose trials pick and report by macro F1 (--metric f1) instead of accuracy
 Every run uses --resize 64 48 (a quarter of the default pixels) so that the 15 experiments
 and 6 default runs fit in about 100 minutes on 2 cores. The best trial of each experiment (by
 its objective, validation accuracy or for tpe_f1 macro F1, within the budget) predicts the demo's eval split from its best.pth, scored against eval/truth.csv; then its
@@ -53,7 +54,7 @@ from core import demo  # noqa: E402
 
 BIN = Path(sys.executable).parent
 SIZE = ["--resize", "64", "48"]
-METHODS = ["default", "default_trial", "random", "tpe", "hyperband", "tpe_f1"]
+METHODS = ["default", "default_trial", "random", "tpe", "tpe_plain", "hyperband", "tpe_f1"]
 
 
 def parse_args():
@@ -97,8 +98,10 @@ def search_config(method, seed, base, work):
     if method == "random":
         config["tuner"] = dict(name="Random", classArgs=dict(seed=seed))
     elif method.startswith("tpe"):
-        config["tuner"] = dict(base["tuner"], classArgs=dict(base["tuner"]["classArgs"], seed=seed))
+        config["tuner"] = dict(base["tuner"], codeDirectory=str(ROOT), classArgs=dict(base["tuner"]["classArgs"], seed=seed))
         config["assessor"] = base["assessor"]
+        if method != "tpe":
+            config["tuner"]["classArgs"]["start_from_defaults"] = False
         if method == "tpe_f1":
             config["trialCommand"] += " --metric f1"
     else:  # Hyperband draws from an unseeded RandomState: its seeds are repeats

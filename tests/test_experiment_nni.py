@@ -222,14 +222,14 @@ def check_tensorboard(tb_dir, epochs):
 def local_config(demo_dir, cache_dir, trials, epochs):
     config = load_yaml("config_local.yml")
     config["trialCommand"] = derive_command(config["trialCommand"], demo_dir, cache_dir, epochs)
-    config.update(trialCodeDirectory=str(ROOT), maxTrialNumber=trials, maxExperimentDuration="10m")
+    config.update(trialCodeDirectory=str(ROOT), maxTrialNumber=trials, maxExperimentDuration="10m", tuner=repo_tuner(config))
     config["assessor"]["classArgs"]["start_step"] = 1  # let Medianstop act within 2 epochs
     return config
 
 
-def remote_tuner():
-    """config_remote.yml's tuner (SafeTPE from the repository), its codeDirectory made absolute."""
-    tuner = load_yaml("config_remote.yml")["tuner"]
+def repo_tuner(config):
+    """A config's tuner (SafeTPE from the repository), its codeDirectory made absolute."""
+    tuner = dict(config["tuner"])
     if "codeDirectory" in tuner:
         tuner["codeDirectory"] = str((ROOT / tuner["codeDirectory"]).resolve())
     return tuner
@@ -378,6 +378,38 @@ def test_safe_tpe_survives_swapped_parameters():
     assert 1e-4 <= tuner.generate_parameters(2)["lr"] <= 1e-2
 
 
+def test_safe_tpe_starts_from_train_defaults():
+    from baseline.nni_tuner import SafeTPE
+    space = load_yaml("config_local.yml")["searchSpace"]
+    tuner = SafeTPE(optimize_mode="maximize", start_from_defaults=True, seed=1, tpe_args=dict(n_startup_jobs=2))
+    tuner.update_search_space(space)
+    first = tuner.generate_parameters(0)
+    parser = train.build_parser()
+    base = parser.parse_args([])
+    assert set(first) == set(space) and first["criterion"] == {"_name": base.criterion}
+    assert train.apply_params(parser, parser.parse_args([]), first, "tuner") == base  # the first trial is `python train.py`
+    tuner.receive_trial_result(0, first, 0.9)  # TPE models it like any other result
+    later = [tuner.generate_parameters(i) for i in range(1, 4)]
+    assert all(p != first for p in later)
+    for i, p in enumerate(later, 1):
+        tuner.receive_trial_result(i, p, 0.5)
+    assert len(tuner._history["lr",]) == 4
+
+
+@pytest.mark.parametrize("space,message", [
+    ({"lr": {"_type": "loguniform", "_value": [0.01, 0.1]}}, r"default lr=0.002 is outside loguniform \[0.01, 0.1\]"),
+    ({"optimizer": {"_type": "choice", "_value": ["SGD"]}}, r"default optimizer='AdamW' is not among \['SGD'\]"),
+    ({"criterion": {"_type": "choice", "_value": [{"_name": "focal", "focal_gamma": {"_type": "uniform", "_value": [1, 3]}}]}},
+     r"default criterion='cross_entropy' is not among \['focal'\]"),
+    ({"learning_rate": {"_type": "choice", "_value": [0.1]}}, r"key 'learning_rate' is not a train.py flag"),
+])
+def test_safe_tpe_refuses_defaults_outside_the_space(space, message):
+    from baseline.nni_tuner import SafeTPE
+    with pytest.raises(ValueError, match=message):
+        SafeTPE(optimize_mode="maximize", start_from_defaults=True).update_search_space(space)
+    SafeTPE(optimize_mode="maximize").update_search_space(space)  # without the option the space is TPE's business
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")  # BOHB's ConfigSpace/statsmodels calls
 @pytest.mark.parametrize("name,class_args", [("Hyperband", dict(R=4, eta=2)), ("BOHB", dict(min_budget=1, max_budget=4, eta=2))])
 def test_safe_advisors_survive_their_string_parameter_ids(monkeypatch, name, class_args):
@@ -428,10 +460,26 @@ def test_configs_leave_most_trials_to_the_tuners_model():
     words = shlex.split(raw["trialCommand"])
     tuner = commented_hyperband((ROOT / "config_local.yml").read_text())
     assert tuner["className"] == "baseline.nni_tuner.SafeHyperband" and tuner["codeDirectory"] == "."
-    assert tuner["classArgs"]["R"] == int(words[words.index("--epochs") + 1])  # the longest trial = the TPE trials' length
+    epochs = int(words[words.index("--epochs") + 1])
+    assert tuner["classArgs"]["R"] == epochs  # the longest trial = the TPE trials' length
+    # the comment's arithmetic, from NNI's own brackets: one pass, its trials, their shortest and total epochs
+    claim = re.search(r"maxTrialNumber to (\d+): one pass through its brackets is \1 trials of (\d+) to (\d+)\s+#\s+"
+                      r"epochs, (\d+) epochs in all \(12 trials of (\d+) epochs are (\d+)\)", (ROOT / "config_local.yml").read_text())
+    from nni.algorithms.hpo.hyperband_advisor import Bracket
+    R, eta = tuner["classArgs"]["R"], tuner["classArgs"]["eta"]
+    s_max = math.floor(math.log(R, eta) + 1e-6)
+    rounds = []
+    for s in range(s_max, -1, -1):
+        bracket = Bracket(s, s, s_max, eta, R, "maximize")
+        for i in range(s + 1):
+            bracket.i = i
+            rounds.append(bracket.get_n_r())
+    trials, budget = sum(n for n, _ in rounds), sum(n * r for n, r in rounds)
+    assert claim and tuple(map(int, claim.groups())) == (trials, min(r for _, r in rounds), R, budget, epochs, 12 * epochs)
+    assert raw["maxTrialNumber"] == 12
     from nni.experiment.config import ExperimentConfig
     alternative = {k: v for k, v in raw.items() if k != "assessor"}
-    alternative.update(tuner=tuner, maxTrialNumber=22)
+    alternative.update(tuner=tuner, maxTrialNumber=trials)
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
@@ -475,7 +523,7 @@ def test_remote_experiment_over_ssh(tmp_path, demo_dir, cache_dir, nni_home):
     epochs, trials = 2, 4
     config = local_config(demo_dir, cache_dir, trials, epochs)
     # as config_remote.yml: two trials at once, with its tuner (SafeTPE: see baseline/nni_tuner.py)
-    config.update(trialConcurrency=2, tuner=remote_tuner())
+    config.update(trialConcurrency=2, tuner=repo_tuner(load_yaml("config_remote.yml")))
     with start_sshd(tmp_path / "sshd") as sshd:
         config["nniManagerIp"] = "127.0.0.1"
         config["trainingService"] = {"platform": "remote", "machineList": [{
