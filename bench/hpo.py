@@ -1,6 +1,6 @@
 """Does the search pay? Real `nnictl` experiments on the demo data, at equal budgets in trial-epochs.
 
-    python bench/hpo.py study                  # 3 seeds x 6 methods, about 80 minutes on 2 cores
+    python bench/hpo.py study                  # 3 seeds x 7 methods, about 90 minutes on 2 cores
     python bench/hpo.py study --seeds 1 --methods random hyperband --budget 60 --work /tmp/hpo
     python bench/hpo.py efficiency             # one local trial: training epochs / trial wall time
     python bench/hpo.py efficiency --trial_epochs 39   # the same for a trial as long as `python train.py`
@@ -17,7 +17,7 @@ have trained --budget epochs in all (default: config_local's 12 trials x their e
   hyperband  NNI's Hyperband (baseline.nni_tuner.SafeHyperband), R = a trial's epochs, eta 3 (TRIAL_BUDGET = epochs, see train.py)
   tpe_f1     tpe_plain whose trials pick and report by macro F1 (--metric f1) instead of accuracy
 Every run uses --resize 64 48 (a quarter of the default pixels) so that the 15 experiments
-and 6 default runs fit in about 100 minutes on 2 cores. The best trial of each experiment (by
+and 6 default runs fit in about 90 minutes on 2 cores. The best trial of each experiment (by
 its objective, validation accuracy or for tpe_f1 macro F1, within the budget) predicts the demo's eval split from its best.pth, scored against eval/truth.csv; then its
 configuration is trained again as long as the defaults (their 1000 steps) and scored the same way,
 which compares the configuration the search found with the default one at equal training.
