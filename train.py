@@ -125,6 +125,9 @@ def build_parser():
     g.add_argument("--seed", type=int, default=42, help="random seed")
     g.add_argument("--config", default=None, help="JSON/YAML file of flag values (keys = dest names); flags override it")
     g.add_argument("--resume", default=None, help="last.pth of a run to continue in its directory")
+    g.add_argument("--print_flags", action="store_true",
+                   help="print every flag's value (after --config, --resume and NNI's parameters) as JSON and exit, "
+                        "reading and writing nothing else (SafeTPE's start_from_defaults reads the defaults this way)")
     return p
 
 
@@ -299,6 +302,9 @@ def check_args(args):
 # ----------------------------------------------------------------------------- main
 def main(args):
     """Data, model, run directory, fit, predict. Inputs are read and checked before anything is written."""
+    if args.print_flags:
+        print(json.dumps(run_config(args)))
+        return None, None
     device = resolve_device(args.device)
     seed_everything(args.seed)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
@@ -433,7 +439,7 @@ def resume_hint(run_dir):
 
 def run_config(args):
     """The resolved flags, re-runnable with --config."""
-    return {k: v for k, v in vars(args).items() if k not in ("config", "resume")}
+    return {k: v for k, v in vars(args).items() if k not in ("config", "resume", "print_flags")}
 
 
 def fit(args, data, model, opt, run_dir, start, device):

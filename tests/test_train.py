@@ -345,6 +345,20 @@ def test_help_shows_defaults():
     assert "(default: 1000)" in text and "(default: BaseModel)" in text and "optimisation:" in text
 
 
+def test_print_flags_prints_the_resolved_flags_and_touches_nothing(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: 0.01\nepochs: 3\n")
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--print_flags", "--config", str(config), "--epochs", "4",
+                          "--model_dir", str(tmp_path / "runs"), "--data_dir", str(tmp_path / "missing")],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    flags = json.loads(out.stdout)
+    expected = train.run_config(train.build_parser().parse_args([]))
+    expected.update(lr=0.01, epochs=4, model_dir=str(tmp_path / "runs"), data_dir=str(tmp_path / "missing"))
+    assert flags == json.loads(json.dumps(expected))  # tuples as lists
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # no run dir, no data made or read
+
+
 # ----------------------------------------------------------------------------- hardening: each case fails on the old code
 def test_crafted_checkpoint_is_real_and_refused_by_resume(run_train, tmp_path):
     proof = tmp_path / "proof.pth"
