@@ -498,6 +498,9 @@ def test_local_experiment(tmp_path, demo_dir, cache_dir, nni_home):
         assert len(exp.trials) == trials
         check_trials(run, exp, lambda t: Path(t.log_path), epochs, config["searchSpace"])
         assert any(t.status == "SUCCEEDED" for t in exp.trials)
+        first = min(exp.trials, key=lambda t: t.sequence)  # start_from_defaults: `python train.py`'s own values
+        parser = train.build_parser()
+        assert train.apply_params(parser, parser.parse_args([]), first.params, "first trial") == parser.parse_args([])
 
         # the summary tool against the live REST API
         out = subprocess.run([sys.executable, str(ROOT / "baseline" / "experiment.py"), "--port", str(run.port),
