@@ -55,6 +55,8 @@ from nni.algorithms.hpo.hyperband_advisor import Hyperband
 from nni.algorithms.hpo.tpe_tuner import TpeTuner
 from nni.common.hpo_utils import format_parameters
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def default_parameters(space, defaults):
     """`defaults` (train.py's, by argparse dest) for the keys of an NNI search space, in NNI's parameter format."""
@@ -75,9 +77,6 @@ def default_parameters(space, defaults):
             raise ValueError(f"start_from_defaults: train.py's default {key}={value!r} is outside {kind} {values}")
         params[key] = value
     return params
-
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class SafeTPE(TpeTuner):

@@ -78,8 +78,14 @@ def local_config(cli):
         words[words.index("--epochs") + 1] = str(cli.trial_epochs)
         base["trialCommand"] = shlex.join(words)
     if cli.budget is None:
-        cli.budget = base["maxTrialNumber"] * int(words[words.index("--epochs") + 1])
+        cli.budget = base["maxTrialNumber"] * trial_epochs(base)
     return base
+
+
+def trial_epochs(config):
+    """The --epochs of a config's trialCommand: every trial's length, and Hyperband's longest."""
+    words = shlex.split(config["trialCommand"])
+    return int(words[words.index("--epochs") + 1])
 
 
 def trial_words(config, *extra):
@@ -93,8 +99,6 @@ def search_config(method, seed, base, work):
                   trialCommand=shlex.join(trial_words(base, *SIZE, "--seed", str(seed), "--cache_dir", str(work / "cache"))),
                   trialCodeDirectory=str(ROOT), trialConcurrency=1, maxTrialNumber=10000, maxExperimentDuration="3h",
                   experimentWorkingDirectory=str(work / "nni"), trainingService=base["trainingService"])
-    words = shlex.split(base["trialCommand"])
-    epochs = int(words[words.index("--epochs") + 1])  # Hyperband's longest trial: as long as the others' trials
     if method == "random":
         config["tuner"] = dict(name="Random", classArgs=dict(seed=seed))
     elif method.startswith("tpe"):
@@ -106,7 +110,7 @@ def search_config(method, seed, base, work):
             config["trialCommand"] += " --metric f1"
     else:  # Hyperband draws from an unseeded RandomState: its seeds are repeats
         config["tuner"] = dict(codeDirectory=str(ROOT), className="baseline.nni_tuner.SafeHyperband",
-                               classArgs=dict(optimize_mode="maximize", R=epochs, eta=3))
+                               classArgs=dict(optimize_mode="maximize", R=trial_epochs(base), eta=3))
     return config
 
 

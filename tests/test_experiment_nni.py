@@ -378,16 +378,20 @@ def test_safe_tpe_survives_swapped_parameters():
     assert 1e-4 <= tuner.generate_parameters(2)["lr"] <= 1e-2
 
 
+def are_train_defaults(params):
+    """NNI parameters that leave every train.py flag at its default."""
+    parser = train.build_parser()
+    return train.apply_params(parser, parser.parse_args([]), params, "NNI parameters") == parser.parse_args([])
+
+
 def test_safe_tpe_starts_from_train_defaults():
     from baseline.nni_tuner import SafeTPE
     space = load_yaml("config_local.yml")["searchSpace"]
     tuner = SafeTPE(optimize_mode="maximize", start_from_defaults=True, seed=1, tpe_args=dict(n_startup_jobs=2))
     tuner.update_search_space(space)
     first = tuner.generate_parameters(0)
-    parser = train.build_parser()
-    base = parser.parse_args([])
-    assert set(first) == set(space) and first["criterion"] == {"_name": base.criterion}
-    assert train.apply_params(parser, parser.parse_args([]), first, "tuner") == base  # the first trial is `python train.py`
+    assert set(first) == set(space) and first["criterion"] == {"_name": train.build_parser().parse_args([]).criterion}
+    assert are_train_defaults(first)  # the first trial is `python train.py`
     tuner.receive_trial_result(0, first, 0.9)  # TPE models it like any other result
     later = [tuner.generate_parameters(i) for i in range(1, 4)]
     assert all(p != first for p in later)
@@ -498,9 +502,7 @@ def test_local_experiment(tmp_path, demo_dir, cache_dir, nni_home):
         assert len(exp.trials) == trials
         check_trials(run, exp, lambda t: Path(t.log_path), epochs, config["searchSpace"])
         assert any(t.status == "SUCCEEDED" for t in exp.trials)
-        first = min(exp.trials, key=lambda t: t.sequence)  # start_from_defaults: `python train.py`'s own values
-        parser = train.build_parser()
-        assert train.apply_params(parser, parser.parse_args([]), first.params, "first trial") == parser.parse_args([])
+        assert are_train_defaults(min(exp.trials, key=lambda t: t.sequence).params)  # start_from_defaults
 
         # the summary tool against the live REST API
         out = subprocess.run([sys.executable, str(ROOT / "baseline" / "experiment.py"), "--port", str(run.port),
