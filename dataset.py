@@ -17,14 +17,18 @@ import csv
 import fcntl
 import hashlib
 import os
+import random
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from core import demo
+from core.cli import make_progress
 from core.labels import GENDERS, MASK_FILES, age_band, encode_class, mask_class_names, natural_key
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
@@ -164,6 +168,15 @@ def create_dataset(name, data_dir, age_bounds=(30, 60)):
         raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
     layout, reader, splitter = DATASETS[name]
     return layout, reader(data_dir, age_bounds), splitter
+
+
+def read_split(name, data_dir, age_bounds, val_ratio, seed, kfold=0, fold=0):
+    """The one train/validation split: train.py trains on it, and kfold.py scores each fold's model on
+    its held-out part by calling it with the flags the checkpoint saved.
+    -> (layout, data dict, train indices, validation indices)."""
+    layout, data, splitter = create_dataset(name, data_dir, tuple(age_bounds))
+    train_idx, val_idx = splitter(data, val_ratio, seed, kfold, fold)
+    return layout, data, train_idx, val_idx
 
 
 # ----------------------------------------------------------------------------- decoding + cache
@@ -364,6 +377,71 @@ class Normalize(torch.nn.Module):
         return (x.float() - self.mean) / self.std
 
 
+# ----------------------------------------------------------------------------- loaders
+def loader_workers(requested, cached, device):
+    """-1 = choose: from the cache a batch is a ~1 ms gather that workers would only slow down with
+    inter-process copies on a CPU; decoding (no cache) and feeding a GPU want workers."""
+    if requested >= 0:
+        return requested
+    return 0 if cached and device.type == "cpu" else min(8, os.cpu_count() or 1)
+
+
+def worker_init(worker_id):
+    torch.set_num_threads(1)  # workers only slice and augment; the cores belong to the model
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+@dataclass
+class TrainingData:
+    """What training reads: the split's loaders, and the facts the checkpoint and the run record."""
+    layout: str                  # "mask" or "folder"
+    classes: list                # class names, index order
+    class_counts: np.ndarray     # training images per class (weighted_cross_entropy)
+    size: tuple                  # (H, W) after resize
+    mean: list                   # per-channel statistics of the training images, in [0, 1]
+    std: list
+    workers: int                 # loader workers actually used
+    generators: list             # loader order, weighted draws: their state goes into last.pth
+    normalize: torch.nn.Module   # on the device
+    augment: torch.nn.Module     # on the device; None for no augmentation
+    train_loader: DataLoader
+    val_set: "ImageDataset"
+    val_loader: DataLoader
+    eval_ids: list = None        # with an eval dir: its image ids and paths
+    eval_paths: list = None
+
+
+def load_training_data(*, dataset, data_dir, eval_dir, age_bounds, val_ratio, seed, kfold, fold, resize, augmentation,
+                       sampler, batch_size, valid_batch_size, num_workers, cache_dir, use_cache, device):
+    """Read, split and decode the data (the demo data when no data_dir) -> TrainingData. Every check that
+    can fail on the inputs (layout, images, the eval dir's listing) runs here, before a run dir exists."""
+    if data_dir is None and DATASETS[dataset][0] != "mask":
+        raise ValueError(f"--dataset {dataset} needs --data_dir (the demo data is in the mask layout)")
+    data_dir, eval_dir = demo.data_dirs(data_dir, eval_dir)
+    layout, data, train_idx, val_idx = read_split(dataset, data_dir, age_bounds, val_ratio, seed, kfold, fold)
+    size = tuple(resize)
+    eval_ids, eval_paths = read_eval(eval_dir, layout) if eval_dir else (None, None)
+    images = load_images(data["paths"], size, cache_dir, use_cache, make_progress("decoding images"))
+    mean, std = mean_std(images, data["paths"], size)
+    workers = loader_workers(num_workers, images is not None, device)
+    loader_kw = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                     worker_init_fn=worker_init)
+    train_set = ImageDataset(data["paths"], size, images, data["labels"], train_idx)
+    val_set = ImageDataset(data["paths"], size, images, data["labels"], val_idx)
+    generators = [torch.Generator().manual_seed(seed) for _ in range(2)]
+    counts = np.bincount(data["labels"][train_idx], minlength=len(data["classes"]))
+    draws = None
+    if sampler == "weighted":
+        draws = WeightedRandomSampler(1.0 / counts[data["labels"][train_idx]], len(train_idx), generator=generators[1])
+    train_loader = DataLoader(train_set, batch_size, shuffle=draws is None, sampler=draws,
+                              drop_last=len(train_idx) > batch_size, generator=generators[0], **loader_kw)
+    return TrainingData(layout=layout, classes=data["classes"], class_counts=counts, size=size, mean=mean, std=std,
+                        workers=workers, generators=generators, normalize=Normalize(mean, std).to(device),
+                        augment=create_transform(augmentation), train_loader=train_loader, val_set=val_set,
+                        val_loader=DataLoader(val_set, valid_batch_size, **loader_kw), eval_ids=eval_ids, eval_paths=eval_paths)
+
+
 if __name__ == "__main__":  # the documented way to write the demo data by hand
-    from core import demo
     demo.main()

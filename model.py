@@ -5,14 +5,12 @@
 `classification="multi_head"` asks for 3 + 2 + 3 outputs (mask, gender, age);
 `class_log_probs` turns either design into 18-class (or C-class) log-probabilities.
 """
-import pickle
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from efficientnet_pytorch import EfficientNet
 
+from core.files import load_untrusted
 from core.labels import TASK_SIZES
 
 
@@ -129,22 +127,6 @@ def init_weights(module, init):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-
-
-def load_untrusted(path, what, device="cpu", mmap=False):
-    """torch.load of a file someone handed us: tensors and plain values only (weights_only=True), so
-    loading never runs code. Any failure is a ValueError that starts with `what` (e.g. "--weights FILE")."""
-    if not Path(path).is_file():
-        raise ValueError(f"{what}: {'not a file' if Path(path).exists() else 'no such file'}")
-    try:
-        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower():
-            raise ValueError(f"{what}: refused: it holds Python objects other than tensors and plain values, "
-                             f"and loading those could run code") from None
-        raise ValueError(f"{what}: not a PyTorch file (UnpicklingError)") from None
-    except Exception as e:  # zip, EOF and torch errors: the file, not our code
-        raise ValueError(f"{what}: not a PyTorch file ({type(e).__name__})") from None
 
 
 def load_weights(backbone, path):

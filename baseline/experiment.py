@@ -32,7 +32,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-from core.cli import trial_budget  # noqa: E402
 
 STATUS_ORDER = {"SUCCEEDED": 0, "EARLY_STOPPED": 1, "USER_CANCELED": 2, "RUNNING": 3, "WAITING": 4,
                 "FAILED": 5, "SYS_CANCELED": 6, "UNKNOWN": 7}
@@ -259,6 +258,8 @@ def from_id(exp_id, timeout=10):
 def flatten(params):
     """{"criterion": {"_name": "focal", "focal_gamma": 2}} -> {"criterion": "focal", "focal_gamma": 2};
     Hyperband's {"TRIAL_BUDGET": 9} -> {"epochs": 9}, as train.py reads it."""
+    from training.flags import trial_budget  # lazy: the flag module imports torch, which listing trials does not need
+
     flat = {}
     for k, v in trial_budget(params).items():
         if isinstance(v, dict) and "_name" in v:

@@ -24,11 +24,11 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 import dataset  # noqa: E402
-from core import checkpoint  # noqa: E402
 from core.cli import Parser, make_progress, run_main  # noqa: E402
-from core.engine import loader_workers, predict, resolve_device  # noqa: E402
 from core.runs import write_submission  # noqa: E402
-from dataset import DataError, ImageDataset, Normalize  # noqa: E402
+from dataset import DataError, ImageDataset, Normalize, loader_workers  # noqa: E402
+from training import checkpoint  # noqa: E402
+from training.engine import predict, resolve_device  # noqa: E402
 
 
 def check_compatible(paths, metas):

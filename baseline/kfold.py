@@ -34,13 +34,14 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 import dataset  # noqa: E402
 from baseline.inference import predict_checkpoints, say  # noqa: E402
-from core import checkpoint, demo  # noqa: E402
+from core import demo  # noqa: E402
 from core.cli import Parser, make_progress, run_main  # noqa: E402
-from core.engine import loader_workers, predict, resolve_device  # noqa: E402
 from core.labels import TASKS, natural_key  # noqa: E402
 from core.metrics import score  # noqa: E402
-from core.runs import increment_path, write_submission  # noqa: E402
-from dataset import DataError, ImageDataset, Normalize  # noqa: E402
+from core.runs import increment_path, read_summary, write_submission  # noqa: E402
+from dataset import DataError, ImageDataset, Normalize, loader_workers  # noqa: E402
+from training import checkpoint  # noqa: E402
+from training.engine import predict, resolve_device  # noqa: E402
 
 OWNED = ("--kfold", "--fold", "--name", "--model_dir", "--resume")  # flags this script sets for train.py
 
@@ -74,15 +75,21 @@ def train_folds(run_dir, k, train_args):
 
 
 def fold_checkpoints(run_dir):
-    paths = sorted(Path(run_dir).glob("fold*/best.pth"), key=lambda p: natural_key(p.parent.name))
-    if not paths:
+    """The fold runs' best.pth, each from a run that finished (its summary.json says so and lists it)."""
+    folds = sorted((p for p in Path(run_dir).glob("fold*") if p.is_dir()), key=lambda p: natural_key(p.name))
+    if not folds:
         raise ValueError(f"{run_dir}: no fold*/best.pth")
+    paths = []
+    for fold in folds:
+        if "best.pth" not in read_summary(fold)["files"]:
+            raise ValueError(f"{fold}: its summary.json lists no best.pth")
+        paths.append(fold / "best.pth")
     return paths
 
 
 def out_of_fold(checkpoints, *, device, tta=False, batch_size=256, num_workers=-1, log=say):
     """Each fold's model on its own validation part -> dict(labels, probs, fold, paths, classes, layout, folds=[scores]).
-    The split is rebuilt from the flags saved in the checkpoint, with the split function train.py used."""
+    The split is dataset.read_split with the flags saved in the checkpoint: the one train.py trained on."""
     reference = oof = None
     folds = []
     for path in checkpoints:
@@ -91,8 +98,8 @@ def out_of_fold(checkpoints, *, device, tta=False, batch_size=256, num_workers=-
         if not a.get("kfold"):
             raise ValueError(f"{path}: not trained with --kfold, so it has no out-of-fold part")
         data_dir, _ = demo.data_dirs(a["data_dir"], None, make=False)
-        layout, data, splitter = dataset.create_dataset(a["dataset"], data_dir, tuple(a["age_bounds"]))
-        _, val_idx = splitter(data, a["val_ratio"], a["seed"], a["kfold"], a["fold"])
+        layout, data, _, val_idx = dataset.read_split(a["dataset"], data_dir, a["age_bounds"], a["val_ratio"], a["seed"],
+                                                      a["kfold"], a["fold"])
         if reference is None:
             reference = dict(paths=data["paths"], labels=data["labels"], classes=ckpt["classes"], layout=layout,
                              split=(a["dataset"], a["kfold"], a["seed"]))

@@ -44,18 +44,10 @@ with an int (``TypeError: '<=' not supported between instances of 'str' and
       className: baseline.nni_tuner.SafeHyperband
       classArgs: {optimize_mode: maximize, R: 20, eta: 3}
 """
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 from nni.algorithms.hpo.bohb_advisor.bohb_advisor import BOHB
 from nni.algorithms.hpo.hyperband_advisor import Hyperband
 from nni.algorithms.hpo.tpe_tuner import TpeTuner
 from nni.common.hpo_utils import format_parameters
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def default_parameters(space, defaults):
@@ -90,10 +82,8 @@ class SafeTPE(TpeTuner):
     def update_search_space(self, space):
         super().update_search_space(space)
         if self.start_from_defaults and not self._params:
-            env = {k: v for k, v in os.environ.items() if k != "NNI_PLATFORM"}  # train.py's own defaults, not a trial's
-            out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--print_flags"], env=env, cwd=ROOT,
-                                 capture_output=True, text=True, check=True).stdout
-            self._first = default_parameters(space, json.loads(out.splitlines()[-1]))
+            from training.flags import defaults  # lazy: it imports torch, which only this option needs
+            self._first = default_parameters(space, defaults())
 
     def generate_parameters(self, parameter_id, **kwargs):
         if self._first is None:

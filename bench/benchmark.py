@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import dataset  # noqa: E402
 from core import demo  # noqa: E402
+from core.runs import read_summary  # noqa: E402
 from model import create_model  # noqa: E402
 
 
@@ -86,26 +87,15 @@ def train_cmd(cli, data_dir, model_name, cache_dir, run_dir, epochs, *extra):
     return cmd + ["--amp"] * cli.amp + ["--channels_last"] * cli.channels_last
 
 
-def run_train(cmd):
+def train_throughput(cmd, run_dir):
+    """(b)/(c): median train images/s of train.py's epochs after the first (worker start-up, warm-up)
+    -> (images/s, the run's summary)."""
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"train.py failed:\n{proc.stderr[-2000:]}")
-    return proc.stdout
-
-
-def train_throughput(cmd, run_dir):
-    """(b)/(c): median train images/s of train.py's epochs after the first (worker start-up, warm-up)."""
-    out = run_train(cmd)
     with open(run_dir / "history.csv") as f:
         rates = [float(r["train_images_per_s"]) for r in csv.DictReader(f)]
-    return statistics.median(rates[1:] or rates), out
-
-
-def first_step_seconds(stdout):
-    for line in stdout.splitlines():
-        if line.startswith("first step"):
-            return float(line.split()[2].rstrip("s"))
-    return float("nan")
+    return statistics.median(rates[1:] or rates), read_summary(run_dir)
 
 
 def process_tree(pid):
@@ -183,10 +173,10 @@ def main():
     rows = []
     for name in cli.models:
         a = bare_step(name, size, cli.batch_size, cli.steps, cli.device, cli.amp, cli.channels_last)
-        b, out = train_throughput(train_cmd(cli, data_dir, name, cache_dir, work / f"{name}_cache", cli.epochs), work / f"{name}_cache")
+        b, summary = train_throughput(train_cmd(cli, data_dir, name, cache_dir, work / f"{name}_cache", cli.epochs), work / f"{name}_cache")
         c, _ = train_throughput(train_cmd(cli, data_dir, name, cache_dir, work / f"{name}_nocache", cli.epochs, "--no_cache"),
                                 work / f"{name}_nocache")
-        rows.append((name, a, b, c, first_step_seconds(out)))
+        rows.append((name, a, b, c, summary["first_step_s"]))
         print(f"{name}: (a) {a:.1f} img/s  (b) {b:.1f} img/s  (c) {c:.1f} img/s  b/a {b / a:.2f}  c/a {c / a:.2f}", flush=True)
 
     print("\nmodel            (a) bare step   (b) train.py   (c) no cache    b/a    c/a   (d) first step")

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from baseline.evaluation import evaluate  # noqa: E402
 from core import demo  # noqa: E402
+from core.runs import increment_path, read_summary  # noqa: E402
 
 # (name, profiles, eval profiles, image size, seed): drawn unlike the demo (300 people, 128x96, seed 0)
 SETS = [("small", 100, 100, (144, 108), 11), ("large", 1000, 150, (112, 84), 12)]
@@ -56,18 +57,19 @@ def parse_args():
 def run(data, name, work, *flags):
     """One train.py run -> a result row."""
     t0 = time.time()
+    run_dir = increment_path(work / "runs" / name)  # where train.py will put it: the same rule
     cmd = [sys.executable, str(ROOT / "train.py"), "--data_dir", str(data / "train"), "--eval_dir", str(data / "eval"),
-           "--model_dir", str(work / "runs"), "--name", name, "--cache_dir", str(work / "cache"), *flags]
+           "--model_dir", str(run_dir.parent), "--name", run_dir.name, "--cache_dir", str(work / "cache"), *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"{name}: train.py failed: {proc.stderr.strip().splitlines()[-1]}")
-    run_dir = Path(next(line.split()[2] for line in proc.stdout.splitlines() if line.startswith("run dir ")))
+    summary = read_summary(run_dir)  # the run finished, there
     with open(run_dir / "history.csv", newline="") as f:
         history = list(csv.DictReader(f))
     config = json.loads((run_dir / "config.json").read_text())
     best = max(history, key=lambda row: float(row[f"val_{config['metric']}"]))
     scores = evaluate(run_dir / "submission.csv", data / "eval" / "truth.csv", "mask")["scores"]
-    warned = any("still rising" in line for line in proc.stderr.splitlines())
+    warned = summary["still_rising"]
     return dict(run=name, steps=config["steps"], epochs=len(history), minutes=(time.time() - t0) / 60, val_accuracy=float(best["val_accuracy"]),
                 val_f1=float(best["val_f1"]), eval_accuracy=scores["accuracy"], eval_f1=scores["f1"], still_rising=warned)
 

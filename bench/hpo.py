@@ -51,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 from baseline import experiment as expmod  # noqa: E402
 from baseline.evaluation import evaluate  # noqa: E402
 from core import demo  # noqa: E402
+from core.runs import increment_path, read_summary  # noqa: E402
 
 BIN = Path(sys.executable).parent
 SIZE = ["--resize", "64", "48"]
@@ -185,12 +186,14 @@ def search_run(method, seed, base, work, cli, eval_dir):
                 best_trial=trial.id, command=command)
 
 
-def train_and_score(cmd, eval_dir):
-    """Run a standalone train.py command -> (run dir, its (val accuracy, val F1) per epoch, eval-split macro F1)."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+def train_and_score(cmd, run_dir, eval_dir):
+    """Run a standalone train.py command into run_dir (or the next free name beside it, as train.py picks)
+    -> (run dir, its (val accuracy, val F1) per epoch, eval-split macro F1)."""
+    run_dir = increment_path(run_dir)
+    proc = subprocess.run([*cmd, "--model_dir", str(run_dir.parent), "--name", run_dir.name], capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
         sys.exit(f"train.py failed: {proc.stderr.strip()}")
-    run_dir = Path(next(line.split()[2] for line in proc.stdout.splitlines() if line.startswith("run dir ")))
+    read_summary(run_dir)  # the run finished, there
     with open(run_dir / "history.csv", newline="") as f:
         rows = [(float(r["val_accuracy"]), float(r["val_f1"])) for r in csv.DictReader(f)]
     return run_dir, rows, evaluate(run_dir / "submission.csv", eval_dir / "truth.csv", "mask")["scores"]["f1"]
@@ -200,9 +203,8 @@ def default_run(method, seed, base, work, cli, eval_dir):
     """No search: train.py's defaults, at their own length (default) or at a search trial's (default_trial)."""
     t0 = time.time()
     words = trial_words(base) if method == "default_trial" else [sys.executable, "train.py"]
-    cmd = [words[0], str(ROOT / "train.py"), *words[2:], *SIZE, "--seed", str(seed), "--model_dir", str(work / "default_runs"),
-           "--name", f"{method}{seed}", "--cache_dir", str(work / "cache")]
-    run_dir, rows, f1 = train_and_score(cmd, eval_dir)
+    cmd = [words[0], str(ROOT / "train.py"), *words[2:], *SIZE, "--seed", str(seed), "--cache_dir", str(work / "cache")]
+    run_dir, rows, f1 = train_and_score(cmd, work / "default_runs" / f"{method}{seed}", eval_dir)
     return dict(method=method, seed=seed, curve=rows, trials=1, minutes=(time.time() - t0) / 60, eval_f1=f1,
                 best_trial=str(run_dir), command=shlex.join(["python3", "train.py", *cmd[2:]]))
 
@@ -212,9 +214,8 @@ def retrain(result, work, eval_dir):
     -> its eval-split macro F1: the configuration against the default one at equal training."""
     words = shlex.split(result["command"])
     keep = [w for i, w in enumerate(words) if w != "--epochs" and (i == 0 or words[i - 1] != "--epochs")]
-    cmd = [keep[0], str(ROOT / "train.py"), *keep[2:], "--model_dir", str(work / "retrained"),
-           "--name", f"{result['method']}{result['seed']}"]
-    return train_and_score(cmd, eval_dir)[2]
+    cmd = [keep[0], str(ROOT / "train.py"), *keep[2:]]
+    return train_and_score(cmd, work / "retrained" / f"{result['method']}{result['seed']}", eval_dir)[2]
 
 
 def best_so_far(curve, column):
@@ -340,7 +341,7 @@ def efficiency(cli, work):
     with open(out / "history.csv", newline="") as f:
         training = sum(float(r["seconds"]) for r in csv.DictReader(f))
     wall = (job["endTime"] - job["startTime"]) / 1000
-    first_step = float(re.search(r"first step ([0-9.]+)s", (out / "trial.log").read_text()).group(1))
+    first_step = read_summary(out)["first_step_s"]
     after = job["endTime"] / 1000 - (out / "history.csv").stat().st_mtime  # figures, eval prediction, exit
     print(f"trial {job['trialJobId']} ({job['status']}): {wall:.1f} s wall, {training:.1f} s in training epochs: "
           f"efficiency {training / wall:.3f}\n  start-up to the first step {first_step:.1f} s, after the last epoch {after:.1f} s, "

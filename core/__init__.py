@@ -1,10 +1,12 @@
-"""Shared internals of train.py and the tools in baseline/ and bench/; nothing here imports train.py.
+"""The bottom layer: pure helpers that import nothing else of the project (only each other), so every
+layer above and every tool can use them. Above: dataset / model / loss / optim, then training/, then
+train.py and the tools.
 
-    labels      the 18-class mask scheme (classes, task sizes, names) and natural class order
-    demo        the demo data painter and the "demo data when no --data_dir" rule
-    metrics     accuracy, macro F1, per-task scores, confusion matrix (numpy only)
-    engine      the training loop: train one epoch, evaluate, predict; device and seeding
-    checkpoint  the checkpoint format: save, read and check, load a model
-    runs        run-directory outputs: next free run name, history.csv, submission CSVs
-    cli         the one-line-error entry point and progress bars shared by every command
+    labels   the 18-class mask scheme (classes, task sizes, names) and natural class order (pure Python)
+    metrics  accuracy, macro F1, per-task scores, confusion matrix (numpy only)
+    figures  the confusion matrix and the prediction grid, drawn with PIL
+    files    safe file I/O: the one torch.load (weights_only), atomic writes, JSON/YAML flag files
+    runs     run-directory outputs: next free run name, config.json, history.csv, summary.json, submissions
+    cli      the one-line-error entry point and progress bars shared by every command
+    demo     the demo data painter and the "demo data when no --data_dir" rule
 """

@@ -5,7 +5,6 @@
         return run_main("ensemble.py", main, argv)
 """
 import argparse
-import math
 import sys
 
 
@@ -20,18 +19,10 @@ def one_line(error):
     return lines[-1].removeprefix("dataset.DataError: ")
 
 
-def trial_budget(params):
-    """NNI's Hyperband and BOHB add TRIAL_BUDGET to each trial's parameters (R / max_budget in their
-    classArgs is the longest trial). Here a budget is epochs, rounded up (BOHB's are floats):
-    -> the parameters with TRIAL_BUDGET replaced by epochs."""
-    if "TRIAL_BUDGET" not in params:
-        return params
-    params = dict(params)
-    budget = params.pop("TRIAL_BUDGET")
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1e6:
-        raise ValueError(f"TRIAL_BUDGET must be a positive number of epochs, got {budget!r}")
-    params["epochs"] = math.ceil(budget - 1e-6)
-    return params
+def one_line_reason(error):
+    """torch's multi-line errors (load_state_dict's "Error(s) in loading ...") -> the line that says what."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[1] if len(lines) > 1 else lines[0] if lines else type(error).__name__
 
 
 def run_main(prog, main, argv=None, errors=()):

@@ -1,12 +1,14 @@
-"""What a run directory holds besides checkpoints: the next free run name, history.csv,
-config.json and the submission CSVs (pandas only, so the CSV tools stay light)."""
+"""What a run directory holds besides checkpoints: the next free run name, config.json, history.csv,
+summary.json and the submission CSVs (pandas only, so the CSV tools stay light)."""
 import csv
 import json
-import os
 import re
 from pathlib import Path
 
+from core.files import replace_atomically
 from core.labels import is_mask_scheme
+
+SUMMARY = "summary.json"  # written last, when a run ends well: its absence means the run did not finish
 
 
 def increment_path(path):
@@ -19,24 +21,24 @@ def increment_path(path):
     return path.with_name(f"{path.name}{max(taken) + 1}")
 
 
-def replace_atomically(path, write):
-    """write(tmp_path), then rename over path: a kill never leaves half a file, and a full disk
-    leaves the old file, no temp file, and a ValueError naming the file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
-        raise ValueError(f"cannot write {path}: {reason}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_config(path, config):
     replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+
+
+def write_summary(run_dir, summary):
+    """The run's machine-readable summary: what tools read instead of its printed lines."""
+    write_config(Path(run_dir) / SUMMARY, summary)
+
+
+def read_summary(run_dir):
+    """-> the summary dict of a finished run; ValueError naming the run dir otherwise."""
+    path = Path(run_dir) / SUMMARY
+    if not path.is_file():
+        raise ValueError(f"{run_dir}: no {SUMMARY}, so the run did not finish (its log says why)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{path}: not valid JSON") from None
 
 
 def write_history(path, history):

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from core import demo
 
-from core import demo  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # Small and fast: 24 people x 7 photos at 64x48 trains for an epoch in about a second.
 TINY = ["--resize", "64", "48", "--batch_size", "32", "--num_workers", "0"]
@@ -81,3 +80,14 @@ def crafted_checkpoint(path, marker):
                 optimizer={}, scheduler={}, history=[], args={"epochs": 2})
     torch.save({**meta, "payload": OpensFile(marker)}, path)
     return path
+
+
+# Fixtures that start train.py, nnictl or sshd: a test that uses one is slow (pytest -m "not slow" skips it).
+# A test that starts such a process itself says @pytest.mark.slow.
+SLOW_FIXTURES = {"run_train", "nni_home", "sshd", "runs", "trained"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)

@@ -201,6 +201,7 @@ def build_cache(args):
     return int(images.sum()), images.filename
 
 
+@pytest.mark.slow
 def test_trials_starting_together_share_one_cache(tmp_path):
     import multiprocessing
 

@@ -1,8 +1,8 @@
-"""core/engine.py: one training epoch on real tensors, with gradient clipping."""
+"""training/engine.py: one training epoch on real tensors, with gradient clipping, and the first-step time."""
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from core.engine import train_one_epoch
+from training.engine import train_one_epoch
 from loss import create_criterion
 
 
@@ -24,3 +24,16 @@ def test_clip_grad_bounds_the_step():
     stats, clipped = one_epoch(clip_grad=0.5)
     assert free > 5  # without clipping, one SGD step at lr 1 moves the weights far
     assert clipped <= 0.5 + 1e-5 and stats["loss"] > 0  # lr 1 x gradient norm clipped to 0.5
+
+
+def test_first_step_time_only_when_asked():
+    """train.py's summary.json takes first_step_s from here: seconds since this process started."""
+    stats, _ = one_epoch(clip_grad=0.0)
+    assert "first_step_s" not in stats
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 18))
+    x, y = torch.rand(8, 3, 2, 2), torch.randint(0, 18, (8,))
+    stats = train_one_epoch(model, DataLoader(TensorDataset(x, y), batch_size=4), device=torch.device("cpu"), augment=None,
+                            normalize=torch.nn.Identity(), criterion=create_criterion("cross_entropy"),
+                            optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scaler=torch.amp.GradScaler("cpu", enabled=False),
+                            classification="single", log_first_step=True)
+    assert 0 < stats["first_step_s"] < 3600

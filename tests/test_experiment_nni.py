@@ -23,15 +23,11 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY
+from baseline import experiment as expmod
+from baseline.preflight import gpu_problem
+from conftest import ROOT, TINY
 from sshd import free_port, start_sshd
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import train  # noqa: E402
-from baseline import experiment as expmod  # noqa: E402
-from baseline.preflight import gpu_problem  # noqa: E402
+from training import flags
 
 BIN = Path(sys.executable).parent
 NNICTL = BIN / "nnictl"
@@ -246,7 +242,7 @@ def _values_to_try(spec):
 @pytest.mark.parametrize("where", ["search_space.json", "config_local.yml"])
 def test_search_space_keys_and_values_are_train_flags(where):
     space = json.loads((ROOT / where).read_text()) if where.endswith(".json") else load_yaml(where)["searchSpace"]
-    parser = train.build_parser()
+    parser = flags.build_parser()
     base = parser.parse_args([])
     assert {"lr", "batch_size", "optimizer", "weight_decay", "augmentation", "head", "criterion"} <= set(space)
     assert space["lr"]["_type"] == "loguniform"
@@ -256,10 +252,10 @@ def test_search_space_keys_and_values_are_train_flags(where):
             if isinstance(value, dict):  # nested choice: its own hyperparameters at both ends
                 for sub, sub_spec in (kv for kv in value.items() if kv[0] != "_name"):
                     for v in _values_to_try(sub_spec):
-                        train.apply_params(parser, base, {key: {"_name": value["_name"], sub: v}}, where)
-                train.apply_params(parser, base, {key: {"_name": value["_name"]}}, where)
+                        flags.apply_params(parser, base, {key: {"_name": value["_name"], sub: v}}, where)
+                flags.apply_params(parser, base, {key: {"_name": value["_name"]}}, where)
             else:
-                train.apply_params(parser, base, {key: value}, where)  # raises on unknown key / bad value
+                flags.apply_params(parser, base, {key: value}, where)  # raises on unknown key / bad value
     if where == "search_space.json":
         assert len(space["model"]["_value"]) >= 3
 
@@ -314,7 +310,7 @@ def test_nniignore_keeps_secrets_out_by_nnis_own_matcher(tmp_path):
     shutil.copy(ROOT / ".nniignore", tmp_path / ".nniignore")
     secrets = [".ssh/id_ed25519", "id_rsa", "id_rsa.pub", "keys/id_ecdsa", "server.pem", "tls/server.key", ".env", ".env.local",
                ".netrc", ".aws/credentials", ".kaggle/kaggle.json", "cert.p12", "data/demo/train/train.csv", "runs/exp/best.pth"]
-    code = ["train.py", "model.py", "core/checkpoint.py", "baseline/kfold.py", "search_space.json", "config_remote.yml"]
+    code = ["train.py", "model.py", "training/checkpoint.py", "baseline/kfold.py", "search_space.json", "config_remote.yml"]
     for name in secrets + code:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
@@ -331,7 +327,7 @@ def test_best_command_from_params():
     assert shlex.split(cmd) == ["python3", "train.py", "--data_dir", "/data/my set", "--epochs", "20",
                                 "--lr", "0.001", "--batch_size", "64", "--criterion", "focal", "--focal_gamma", "2.5",
                                 "--resize", "64", "48", "--freeze_backbone", "--head", "512-256"]
-    args = train.build_parser().parse_args(shlex.split(cmd)[2:])
+    args = flags.build_parser().parse_args(shlex.split(cmd)[2:])
     assert args.criterion == "focal" and args.focal_gamma == 2.5 and args.batch_size == 64 and args.resize == [64, 48]
 
 
@@ -380,8 +376,8 @@ def test_safe_tpe_survives_swapped_parameters():
 
 def are_train_defaults(params):
     """NNI parameters that leave every train.py flag at its default."""
-    parser = train.build_parser()
-    return train.apply_params(parser, parser.parse_args([]), params, "NNI parameters") == parser.parse_args([])
+    parser = flags.build_parser()
+    return flags.apply_params(parser, parser.parse_args([]), params, "NNI parameters") == parser.parse_args([])
 
 
 def test_safe_tpe_starts_from_train_defaults():
@@ -390,7 +386,7 @@ def test_safe_tpe_starts_from_train_defaults():
     tuner = SafeTPE(optimize_mode="maximize", start_from_defaults=True, seed=1, tpe_args=dict(n_startup_jobs=2))
     tuner.update_search_space(space)
     first = tuner.generate_parameters(0)
-    assert set(first) == set(space) and first["criterion"] == {"_name": train.build_parser().parse_args([]).criterion}
+    assert set(first) == set(space) and first["criterion"] == {"_name": flags.build_parser().parse_args([]).criterion}
     assert are_train_defaults(first)  # the first trial is `python train.py`
     tuner.receive_trial_result(0, first, 0.9)  # TPE models it like any other result
     later = [tuner.generate_parameters(i) for i in range(1, 4)]
@@ -512,7 +508,7 @@ def test_local_experiment(tmp_path, demo_dir, cache_dir, nni_home):
         assert f"best trial {best.id}" in out.stdout
         command = out.stdout.strip().splitlines()[-1]
         assert command.startswith(shlex.quote(sys.executable) + " train.py") and "--criterion" in command
-        args = train.build_parser().parse_args(shlex.split(command)[2:])
+        args = flags.build_parser().parse_args(shlex.split(command)[2:])
         assert args.epochs == epochs and args.lr == pytest.approx(best.params["lr"])
         rows = (tmp_path / "trials.csv").read_text().strip().splitlines()
         assert len(rows) == trials + 1 and rows[1].split(",")[1] == best.id

@@ -102,6 +102,7 @@ def test_refusal_is_one_line_and_trains_nothing(args, expected, tmp_path, capsys
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_failed_fold_stops_with_its_name(tmp_path, demo_dir, cache_dir, capfd):
     # in-process kfold.py, real train.py subprocess: capfd sees both processes' stderr
     code = kfold.cli(["--k", "2", "--model_dir", str(tmp_path / "runs"), "--",

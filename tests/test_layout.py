@@ -1,5 +1,5 @@
-"""The project's structure: one home per concern, tools that never import train.py, no import cycles,
-short functions, and CSV-only tools that start without torch."""
+"""The project's structure: imports that run one way between the layers, one home per concern, tools
+that never import train.py, no import cycles, short functions, and CSV-only tools that start without torch."""
 import ast
 import subprocess
 import sys
@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 
 MODULES = {p: p.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
-           for folder in ("", "core", "baseline", "bench") for p in sorted((ROOT / folder).glob("*.py"))}
+           for folder in ("", "core", "training", "baseline", "bench") for p in sorted((ROOT / folder).glob("*.py"))}
 NAMES = set(MODULES.values())
 
 
@@ -26,7 +26,86 @@ def imports_of(path):
 
 GRAPH = {MODULES[p]: imports_of(p) - {MODULES[p]} for p in MODULES}
 
+# The layers, bottom first (README, Layout). A module may import its own layer and those below, never above.
+LAYERS = [
+    ("bottom: pure helpers", lambda m: m.split(".")[0] == "core"),
+    ("middle: data, model, loss, optim", lambda m: m in ("dataset", "model", "loss", "optim")),
+    ("training: flags, engine, checkpoint format, signals", lambda m: m.split(".")[0] == "training"),
+    ("top: train.py and the tools", lambda m: m == "train" or m.split(".")[0] in ("baseline", "bench")),
+]
 
+
+def layer_of(module):
+    found = [i for i, (_, member) in enumerate(LAYERS) if member(module)]
+    assert len(found) == 1, f"{module} is in {len(found)} layers: give it exactly one in LAYERS"
+    return found[0]
+
+
+def upward_imports(graph):
+    """'a -> b' for every import from a module into a layer above its own."""
+    return sorted(f"{a} ({LAYERS[layer_of(a)][0]}) -> {b} ({LAYERS[layer_of(b)][0]})"
+                  for a, imported in graph.items() for b in imported if layer_of(b) > layer_of(a))
+
+
+def test_every_module_has_one_layer():
+    for module in GRAPH:
+        layer_of(module)
+
+
+def test_imports_run_one_way_down_the_layers():
+    assert upward_imports(GRAPH) == []
+
+
+def test_the_layer_check_finds_an_import_running_up():
+    # what the direction check would say if dataset.py imported the training loop, or core the model
+    graph = dict(GRAPH, dataset=GRAPH["dataset"] | {"training.engine"}, **{"core.labels": {"model"}})
+    assert upward_imports(graph) == [
+        "core.labels (bottom: pure helpers) -> model (middle: data, model, loss, optim)",
+        "dataset (middle: data, model, loss, optim) -> training.engine (training: flags, engine, checkpoint format, signals)"]
+
+
+def test_the_bottom_layer_imports_nothing_above_it():
+    bottom = {m: GRAPH[m] for m in GRAPH if layer_of(m) == 0}
+    assert {m: sorted(i) for m, i in bottom.items() if any(layer_of(x) for x in i)} == {}
+    assert "core.files" in bottom and "core.labels" in bottom
+
+
+def test_one_torch_load_in_the_project():
+    """Every checkpoint and weights file goes through core.files.load_untrusted (weights_only=True)."""
+    calls = [f"{p.relative_to(ROOT)}:{n.lineno}" for p in MODULES for n in ast.walk(ast.parse(p.read_text()))
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "load"
+             and isinstance(n.func.value, ast.Name) and n.func.value.id == "torch"]
+    assert calls == ["core/files.py:" + str(next(n.lineno for n in ast.walk(ast.parse((ROOT / "core/files.py").read_text()))
+                                                 if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "load"))]
+
+
+def matched_strings(tree):
+    """String constants a file looks for in text: startswith/endswith/re.* patterns and `"..." in text`."""
+    found = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Call) and getattr(n.func, "attr", "") in ("startswith", "endswith", "search", "match", "fullmatch",
+                                                                         "findall", "compile", "sub"):
+            found += [a.value for a in n.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+        elif isinstance(n, ast.Compare) and isinstance(n.left, ast.Constant) and isinstance(n.left.value, str) \
+                and any(isinstance(op, (ast.In, ast.NotIn)) for op in n.ops):
+            found.append(n.left.value)
+    return found
+
+
+PRINTED = ("run dir", "first step", "still rising", "best val", "training ", "resuming ", "wrote ", "epoch ")
+
+
+def test_no_tool_parses_what_train_py_prints():
+    """Tools read a run's files (summary.json, history.csv), never train.py's printed lines."""
+    offenders = [f"{p.relative_to(ROOT)}: {text!r}" for p in MODULES if p.parts[-2] in ("baseline", "bench")
+                 for text in matched_strings(ast.parse(p.read_text())) if text.lstrip("^").startswith(PRINTED)]
+    assert offenders == []
+
+
+def test_the_print_check_finds_a_parser():
+    tree = ast.parse('run = next(l for l in out.splitlines() if l.startswith("run dir "))\n'
+                     'x = re.search(r"first step ([0-9.]+)s", log)\nw = "still rising" in err')
+    assert sorted(matched_strings(tree)) == ["first step ([0-9.]+)s", "run dir ", "still rising"]
 @pytest.mark.parametrize("module", sorted(n for n in NAMES if n != "train"))
 def test_nothing_imports_train(module):
     assert "train" not in GRAPH[module]

@@ -8,12 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from baseline.preflight import flag_value, gpu_problem, interpreter_of
+from conftest import ROOT
 from sshd import free_port, keygen, start_sshd
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from baseline.preflight import flag_value, gpu_problem, interpreter_of  # noqa: E402
 
 
 @pytest.fixture(scope="module")

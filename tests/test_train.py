@@ -13,18 +13,26 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from conftest import ROOT, TINY, crafted_checkpoint, read_csv, train_env
-from core.cli import trial_budget
+from conftest import ROOT, TINY, crafted_checkpoint, read_csv, run_cli, train_env
+from model import create_model
+from training import flags
 
 
-
+@pytest.mark.slow
 def test_end_to_end_writes_every_output(run_train, tmp_path, demo_dir):
     proc = run_train("--epochs", "2")
     run = tmp_path / "runs" / "exp"
     assert f"run dir {run}" in proc.stdout
-    for name in ("config.json", "best.pth", "last.pth", "history.csv", "submission.csv", "submission_soft.csv"):
+    for name in ("config.json", "best.pth", "last.pth", "history.csv", "submission.csv", "submission_soft.csv", "summary.json"):
         assert (run / name).is_file(), name
     assert not list(run.glob("*.tmp"))
+    summary = json.loads((run / "summary.json").read_text())  # what the tools read instead of the printed lines
+    first_step = float(re.search(r"first step ([0-9.]+)s", proc.stdout).group(1))
+    assert summary["run_dir"] == str(run) and summary["epochs"] == 2 and summary["first_step_s"] == pytest.approx(first_step, abs=0.06)
+    assert set(summary["files"]) == {"config.json", "best.pth", "last.pth", "history.csv", "submission.csv", "submission_soft.csv",
+                                     "tensorboard"}
+    assert (summary["train_images"], summary["eval_images"], summary["classes"]) == (len(read_csv(demo_dir / "train" / "train.csv")) * 7
+                                                                                     - summary["val_images"], 14, 18)
 
     config = json.loads((run / "config.json").read_text())
     assert config["epochs"] == 2 and config["resize"] == [64, 48] and "config" not in config
@@ -37,6 +45,9 @@ def test_end_to_end_writes_every_output(run_train, tmp_path, demo_dir):
     assert best["model"] == "BaseModel" and best["classification"] == "single" and len(best["classes"]) == 18
     assert best["resize"] == [64, 48] and len(best["mean"]) == 3 and best["metric"] == "accuracy"
     assert best["best_metric"] == max(float(r["val_accuracy"]) for r in history)
+    assert summary["best"] == dict(metric="accuracy", value=best["best_metric"], epoch=best["epoch"],
+                                   val_accuracy=float(history[best["epoch"] - 1]["val_accuracy"]),
+                                   val_f1=pytest.approx(float(history[best["epoch"] - 1]["val_f1"]), rel=1e-6))
     last = torch.load(run / "last.pth", weights_only=True)
     assert last["epoch"] == 2 and "optimizer" in last and len(last["history"]) == 2
 
@@ -65,6 +76,7 @@ def test_end_to_end_writes_every_output(run_train, tmp_path, demo_dir):
     assert json.loads((tmp_path / "runs" / "exp3" / "config.json").read_text())["epochs"] == 1
 
 
+@pytest.mark.slow
 def test_folder_layout_submission_holds_class_names(run_train, tmp_path):
     colours = {"red": (220, 20, 20), "green": (20, 200, 20), "10": (20, 20, 220), "2": (230, 230, 30)}
     rng = np.random.default_rng(0)
@@ -103,6 +115,7 @@ def wait_for_epochs(path, epochs, proc, timeout=120):
     raise AssertionError(f"no {epochs} epochs in {path} after {timeout}s")
 
 
+@pytest.mark.slow
 def test_resume_after_kill(demo_dir, cache_dir, tmp_path, run_train):
     proc = start_train(demo_dir, cache_dir, tmp_path, "--epochs", "40")
     run = tmp_path / "runs" / "exp"
@@ -118,6 +131,7 @@ def test_resume_after_kill(demo_dir, cache_dir, tmp_path, run_train):
     assert not (tmp_path / "runs" / "exp2").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_ends_run_promptly_keeping_last(demo_dir, cache_dir, tmp_path):
     proc = start_train(demo_dir, cache_dir, tmp_path, "--epochs", "200")
     run = tmp_path / "runs" / "exp"
@@ -191,7 +205,7 @@ def write(path, text):
 
 
 def truncated_checkpoint(path):
-    torch.save({"state_dict": train.create_model("BaseModel", 18).state_dict(), "epoch": 1}, path)
+    torch.save({"state_dict": create_model("BaseModel", 18).state_dict(), "epoch": 1}, path)
     path.write_bytes(path.read_bytes()[:5000])
     return path
 
@@ -203,112 +217,56 @@ def one_class(tmp_path):
     return tmp_path / "cats"
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_one_clear_line(case, run_train, demo_dir, tmp_path):
+@pytest.fixture
+def train_cli(demo_dir, cache_dir, tmp_path, capsys):
+    """train.py's cli() in this process, on the tiny demo data, its signal handlers put back after
+    -> (exit code, stdout, stderr)."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    base = ["--model_dir", tmp_path / "runs", "--cache_dir", cache_dir, *TINY,
+            "--data_dir", demo_dir / "train", "--eval_dir", demo_dir / "eval"]
+    yield lambda *args: run_cli(train.cli, capsys, *base, *args)
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+def earlier_run(tmp_path):
     (tmp_path / "runs" / "exp").mkdir(parents=True)
     (tmp_path / "runs" / "exp" / "best.pth").write_text("earlier run")
-    args, expected = BAD_INPUTS[case](demo_dir, tmp_path)
-    proc = run_train(*args, check=False, timeout=120)
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "error" in lines[0] and str(expected) in lines[0], proc.stderr
+
+
+def assert_one_line_and_nothing_written(code, stderr, expected, tmp_path):
+    assert code != 0
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0] and str(expected) in lines[0], stderr
     assert (tmp_path / "runs" / "exp" / "best.pth").read_text() == "earlier run"
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["exp"]
 
 
-# ----------------------------------------------------------------------------- parameter merging (NNI, --config)
-@pytest.fixture
-def parser_args():
-    parser = train.build_parser()
-    return parser, parser.parse_args([])
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_one_clear_line(case, train_cli, demo_dir, tmp_path):
+    earlier_run(tmp_path)
+    args, expected = BAD_INPUTS[case](demo_dir, tmp_path)
+    code, _, stderr = train_cli(*args)
+    assert_one_line_and_nothing_written(code, stderr, expected, tmp_path)
 
 
-def test_params_merge_with_types_and_nested_choices(parser_args):
-    parser, args = parser_args
-    params = {"lr": 0.01, "batch_size": 32.0, "resize": [64, 48], "freeze_backbone": True,
-              "criterion": {"_name": "focal", "focal_gamma": 1.5}, "model": "resnet18"}
-    train.apply_params(parser, args, params, "NNI parameters")
-    assert (args.lr, args.batch_size, args.resize, args.freeze_backbone) == (0.01, 32, [64, 48], True)
-    assert isinstance(args.batch_size, int)
-    assert (args.criterion, args.focal_gamma, args.model) == ("focal", 1.5, "resnet18")
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["flag typo", "truncated image", "config unknown key"])
+def test_bad_input_one_clear_line_from_a_real_process(case, run_train, demo_dir, tmp_path):
+    """The same through a real `python train.py`: nothing else (a warning, a traceback) reaches stderr."""
+    earlier_run(tmp_path)
+    args, expected = BAD_INPUTS[case](demo_dir, tmp_path)
+    proc = run_train(*args, check=False, timeout=120)
+    assert_one_line_and_nothing_written(proc.returncode, proc.stderr, expected, tmp_path)
 
 
-@pytest.mark.parametrize("params,message", [
-    ({"learning_rate": 0.1}, "unknown parameter 'learning_rate'; valid: data_dir"),
-    ({"batch_size": 32.5}, "'batch_size' must be int"),
-    ({"lr": "fast"}, "'lr' must be float"),
-    ({"model": "vgg"}, "'model': 'vgg' is not one of BaseModel"),
-    ({"resize": 128}, "'resize' must be a list of 2"),
-    ({"pretrained": "yes"}, "'pretrained' must be true/false"),
-    ({"criterion": {"_name": "focal", "gama": 2}}, "unknown parameter 'gama'"),
-    ({"criterion": {"focal_gamma": 2}}, "without '_name'"),
-])
-def test_params_rejected_with_key_named(parser_args, params, message):
-    parser, args = parser_args
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        train.apply_params(parser, args, params, "NNI parameters")
-
-
-@pytest.mark.parametrize("budget,epochs", [(9, 9), (1, 1), (3.0, 3), (2.5, 3), (1e-3, 1)])
-def test_trial_budget_sets_the_epochs(parser_args, budget, epochs):
-    """Hyperband's (int) and BOHB's (float) TRIAL_BUDGET: epochs, rounded up, over the trial command's --epochs."""
-    parser, args = parser_args
-    args.epochs = 13
-    train.apply_params(parser, args, trial_budget({"TRIAL_BUDGET": budget, "lr": 0.01}), "NNI parameters")
-    assert (args.epochs, args.lr) == (epochs, 0.01)
-
-
-@pytest.mark.parametrize("budget", [0, -2, "9", True, None, float("nan")])
-def test_trial_budget_refuses_what_is_not_a_length(budget):
-    with pytest.raises(ValueError, match="TRIAL_BUDGET must be a positive number of epochs"):
-        trial_budget({"TRIAL_BUDGET": budget})
-
-
+@pytest.mark.slow
 def test_invalid_value_one_line(run_train):
     proc = run_train("--epochs", "1", "--lr", "-1", check=False)
     assert proc.returncode == 1 and proc.stderr.strip() == "train.py: error: --lr -1.0: must be positive"
 
 
-def test_yaml_config_sets_defaults_that_flags_override(tmp_path):
-    (tmp_path / "c.yml").write_text("lr: 0.01\nresize: [32, 24]\ncriterion: focal\nfocal_gamma: 3\nfreeze_backbone: true\n")
-    args = train.parse_args(["--config", str(tmp_path / "c.yml"), "--lr", "0.5"])
-    assert (args.lr, args.resize, args.criterion, args.focal_gamma, args.freeze_backbone) == (0.5, [32, 24], "focal", 3.0, True)
-    (tmp_path / "bad.yml").write_text("lr: fast\n")
-    with pytest.raises(ValueError, match="'lr' must be float"):
-        train.parse_args(["--config", str(tmp_path / "bad.yml")])
-
-
-@pytest.mark.parametrize("name", list(train.OPTIMIZERS))
-def test_optimizers(name):
-    params = [torch.nn.Parameter(torch.ones(2))]
-    opt = train.create_optimizer(name, params, lr=0.1, weight_decay=0.0, momentum=0.9)
-    assert opt.param_groups[0]["lr"] == 0.1
-
-
-@pytest.mark.parametrize("name", list(train.SCHEDULERS))
-def test_schedulers_step(name):
-    opt = train.create_optimizer("SGD", [torch.nn.Parameter(torch.ones(2))], lr=1.0)
-    sched = train.create_scheduler(name, opt, epochs=4, lr_decay_step=1, milestones=[1, 2], gamma=0.5)
-    for _ in range(3):
-        opt.step()
-        if sched is not None:
-            sched.step(0.5) if name == "plateau" else sched.step()
-    assert (opt.param_groups[0]["lr"] < 1.0) == (name != "none")
-
-
-def test_warmup_ramps_the_lr_up_then_hands_over_to_the_schedule():
-    opt = train.create_optimizer("SGD", [torch.nn.Parameter(torch.ones(2))], lr=0.3)
-    sched = train.create_scheduler("step", opt, epochs=6, lr_decay_step=4, gamma=0.5, warmup_epochs=2)
-    lrs = []
-    for _ in range(6):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert lrs == pytest.approx([0.1, 0.2, 0.3, 0.3, 0.15, 0.15])
-    with pytest.raises(ValueError, match="--warmup_epochs needs an epoch schedule"):
-        train.create_scheduler("plateau", opt, epochs=6, warmup_epochs=1)
-
-
+@pytest.mark.slow
 def test_step_budget_sets_the_epochs_from_the_data_size(run_train, tmp_path):
     proc = run_train("--steps", "10")
     plan = next(line for line in proc.stdout.splitlines() if line.startswith("training "))
@@ -333,6 +291,7 @@ def test_still_rising_rule(values, warns):
     assert bool(train.still_rising(values)) == warns
 
 
+@pytest.mark.slow
 def test_run_that_ends_still_rising_says_so_in_one_line(run_train):
     proc = run_train("--epochs", "4", "--lr", "3e-4")
     warning = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
@@ -340,26 +299,8 @@ def test_run_that_ends_still_rising_says_so_in_one_line(run_train):
     assert len(warning) == 1 and warning[0].endswith("train longer, e.g. --epochs 8"), proc.stderr
 
 
-def test_help_shows_defaults():
-    text = train.build_parser().format_help()
-    assert "(default: 1000)" in text and "(default: BaseModel)" in text and "optimisation:" in text
-
-
-def test_print_flags_prints_the_resolved_flags_and_touches_nothing(tmp_path):
-    config = tmp_path / "c.yaml"
-    config.write_text("lr: 0.01\nepochs: 3\n")
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--print_flags", "--config", str(config), "--epochs", "4",
-                          "--model_dir", str(tmp_path / "runs"), "--data_dir", str(tmp_path / "missing")],
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    flags = json.loads(out.stdout)
-    expected = train.run_config(train.build_parser().parse_args([]))
-    expected.update(lr=0.01, epochs=4, model_dir=str(tmp_path / "runs"), data_dir=str(tmp_path / "missing"))
-    assert flags == json.loads(json.dumps(expected))  # tuples as lists
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # no run dir, no data made or read
-
-
 # ----------------------------------------------------------------------------- hardening: each case fails on the old code
+@pytest.mark.slow
 def test_crafted_checkpoint_is_real_and_refused_by_resume(run_train, tmp_path):
     proof = tmp_path / "proof.pth"
     crafted_checkpoint(proof, tmp_path / "proof-ran")
@@ -374,6 +315,7 @@ def test_crafted_checkpoint_is_real_and_refused_by_resume(run_train, tmp_path):
                                                 f"tensors and plain values, and loading those could run code"]
 
 
+@pytest.mark.slow
 def test_diverged_run_fails_without_submission(run_train, tmp_path):
     proc = run_train("--lr", "1e6", "--epochs", "3", check=False)
     run = tmp_path / "runs" / "exp"
@@ -395,6 +337,7 @@ def read_row_line(proc, prefix="epoch 1 |", timeout=120):
     raise AssertionError(f"no line starting {prefix!r}: {proc.communicate()}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_stop_right_after_epoch_line_keeps_that_epoch(demo_dir, cache_dir, tmp_path, run_train, signum):
     # the epoch's line is printed after best.pth, last.pth and history.csv are written, never before
@@ -412,6 +355,7 @@ def test_stop_right_after_epoch_line_keeps_that_epoch(demo_dir, cache_dir, tmp_p
     assert torch.load(run / "last.pth", weights_only=True)["epoch"] == last["epoch"] + 1
 
 
+@pytest.mark.slow
 def test_stop_before_first_epoch_says_nothing_to_resume(demo_dir, cache_dir, tmp_path):
     proc = start_train(demo_dir, cache_dir, tmp_path, "--epochs", "40")
     read_row_line(proc, prefix="run dir")
@@ -422,6 +366,7 @@ def test_stop_before_first_epoch_says_nothing_to_resume(demo_dir, cache_dir, tmp
         assert stderr.strip().splitlines()[-1] == "train.py: interrupted; no epoch finished, so there is nothing to resume"
 
 
+@pytest.mark.slow
 def test_sigint_stops_a_background_job_that_started_with_sigint_ignored(demo_dir, cache_dir, tmp_path):
     cmd = [sys.executable, str(ROOT / "train.py"), "--data_dir", str(demo_dir / "train"), "--model_dir", str(tmp_path / "runs"),
            "--cache_dir", str(cache_dir), *TINY, "--epochs", "200"]
@@ -434,6 +379,7 @@ def test_sigint_stops_a_background_job_that_started_with_sigint_ignored(demo_dir
     assert proc.returncode == -signal.SIGINT and "interrupted" in stderr
 
 
+@pytest.mark.slow
 def test_resume_refuses_flags_it_cannot_change_before_writing(run_train, tmp_path):
     run_train("--epochs", "1")
     run = tmp_path / "runs" / "exp"
@@ -442,15 +388,16 @@ def test_resume_refuses_flags_it_cannot_change_before_writing(run_train, tmp_pat
                 (["--model", "resnet18"], "--resume: --model resnet18 differs from the run's BaseModel"),
                 (["--head", "64"], "--resume: --head 64 differs from the run's none"),
                 ([], f"--resume {run / 'best.pth'}: not a last.pth (no optimizer, scheduler, history)")]
-    for flags, expected in refusals:
-        target = run / ("best.pth" if not flags else "last.pth")
-        proc = run_train("--resume", target, *flags, data=False, check=False)
+    for given, expected in refusals:
+        target = run / ("best.pth" if not given else "last.pth")
+        proc = run_train("--resume", target, *given, data=False, check=False)
         assert proc.returncode == 1
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"train.py: error: {expected}"), proc.stderr
         assert (run / "config.json").read_text() == config
 
 
+@pytest.mark.slow
 def test_resume_with_more_epochs_replans_schedule_and_logs_each_epochs_lr(run_train, tmp_path):
     run_train("--epochs", "2", "--lr", "0.004")
     run = tmp_path / "runs" / "exp"
@@ -461,6 +408,7 @@ def test_resume_with_more_epochs_replans_schedule_and_logs_each_epochs_lr(run_tr
     assert lrs == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_continues_the_random_streams_exactly(run_train, tmp_path):
     flags = ["--scheduler", "none", "--early_stopping", "5"]
     run_train("--epochs", "3", "--name", "whole", *flags)
@@ -475,12 +423,10 @@ def test_resume_continues_the_random_streams_exactly(run_train, tmp_path):
     assert last["train_state"]["stale"] == 3 - int(best_epoch)
 
 
-def test_command_line_flags_win_even_at_their_default(run_train, tmp_path):
-    (tmp_path / "c.yml").write_text("lr: 0.01\nepochs: 3\namp: true\nno_cache: true\n")
-    args = train.parse_args(["--config", str(tmp_path / "c.yml"), "--lr", "0.002", "--epochs", "12", "--no-amp", "--cache"])
-    assert (args.lr, args.epochs, args.amp, args.no_cache) == (0.002, 12, False, False)
+@pytest.mark.slow
+def test_command_line_flags_win_over_the_resumed_runs(run_train, tmp_path):
     run_train("--epochs", "1")
-    args = train.parse_args(["--resume", str(tmp_path / "runs" / "exp" / "last.pth"), "--epochs", "12"])
+    args = flags.parse_args(["--resume", str(tmp_path / "runs" / "exp" / "last.pth"), "--epochs", "12"])
     assert args.epochs == 12 and args.resize == [64, 48]
 
 
@@ -515,6 +461,7 @@ def run_limited(demo_dir, cache_dir, tmp_path, limit, *args):
     return subprocess.run(cmd, cwd=tmp_path, env=train_env(), capture_output=True, text=True, timeout=300, preexec_fn=limit)
 
 
+@pytest.mark.slow
 def test_full_disk_in_run_dir_is_one_line_without_orphans(demo_dir, cache_dir, tmp_path, full_disk):
     runs, limit = full_disk("runs", 2048)  # best.pth fits, last.pth (with the optimiser state) does not
     proc = run_limited(demo_dir, cache_dir, tmp_path, limit, "--epochs", "2")
@@ -524,6 +471,7 @@ def test_full_disk_in_run_dir_is_one_line_without_orphans(demo_dir, cache_dir, t
     assert not [p for p in runs.rglob("*") if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_full_disk_for_the_cache_is_one_line_without_orphans(demo_dir, tmp_path, full_disk):
     cache, limit = full_disk("cache", 256)  # the tiny demo decodes to 1.5 MiB
     proc = run_limited(demo_dir, cache, tmp_path, limit, "--epochs", "1")
@@ -533,10 +481,10 @@ def test_full_disk_for_the_cache_is_one_line_without_orphans(demo_dir, tmp_path,
     assert not list(cache.glob("*.tmp")) and not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("flags, expected", [([], False), (["--cudnn_benchmark"], True)])
-def test_cudnn_autotuning_only_when_asked(flags, expected, demo_dir, cache_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("given, expected", [([], False), (["--cudnn_benchmark"], True)])
+def test_cudnn_autotuning_only_when_asked(given, expected, demo_dir, cache_dir, tmp_path, monkeypatch):
     # Autotuning made efficientnet_b0's first CUDA step 5x slower: a short NNI trial must not pay it by default.
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", not expected)
-    train.main(train.parse_args([*TINY, "--epochs", "1", "--data_dir", str(demo_dir / "train"), "--cache_dir", str(cache_dir),
-                                 "--model_dir", str(tmp_path), *flags]))
+    train.main(flags.parse_args([*TINY, "--epochs", "1", "--data_dir", str(demo_dir / "train"), "--cache_dir", str(cache_dir),
+                                 "--model_dir", str(tmp_path), *given]))
     assert torch.backends.cudnn.benchmark is expected

@@ -1,4 +1,4 @@
-"""The training loop's parts: train one epoch, evaluate, predict; the device, seeding and loader-worker rules."""
+"""The training loop's parts: train one epoch, evaluate, predict; the device and seeding rules."""
 import os
 import random
 import time
@@ -18,25 +18,10 @@ def resolve_device(name):
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def loader_workers(requested, cached, device):
-    """-1 = choose: from the cache a batch is a ~1 ms gather that workers would only slow down with
-    inter-process copies on a CPU; decoding (no cache) and feeding a GPU want workers."""
-    if requested >= 0:
-        return requested
-    return 0 if cached and device.type == "cpu" else min(8, os.cpu_count() or 1)
-
-
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def worker_init(worker_id):
-    torch.set_num_threads(1)  # workers only slice and augment; the cores belong to the model
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
 
 
 def process_start():
@@ -49,9 +34,9 @@ def process_start():
 def train_one_epoch(model, loader, *, device, augment, normalize, criterion, optimizer, scaler, classification,
                     amp_dtype=None, channels_last=False, clip_grad=0.0, progress=None, log_first_step=False):
     """One pass over the loader; batches are augmented and normalised on the device.
-    -> dict(loss, accuracy, images_per_s)."""
+    -> dict(loss, accuracy, images_per_s), and first_step_s (seconds from process start) with log_first_step."""
     model.train()
-    total_loss, correct, seen, start = 0.0, 0, 0, time.time()
+    total_loss, correct, seen, start, stats = 0.0, 0, 0, time.time(), {}
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for x, y in (progress(loader) if progress else loader):
         x = x.to(device, non_blocking=True).float()
@@ -72,9 +57,11 @@ def train_one_epoch(model, loader, *, device, augment, normalize, criterion, opt
         total_loss += loss.item() * len(y)
         correct += (class_log_probs(logits.detach(), classification).argmax(1) == y).sum().item()
         if not seen and log_first_step:
-            print(f"first step {time.time() - process_start():.1f}s after process start", flush=True)
+            stats["first_step_s"] = round(time.time() - process_start(), 2)
+            print(f"first step {stats['first_step_s']:.1f}s after process start", flush=True)
         seen += len(y)
-    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "images_per_s": seen / (time.time() - start)}
+    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "images_per_s": seen / (time.time() - start),
+            **stats}
 
 
 @torch.no_grad()

@@ -1,0 +1,69 @@
+"""Safe file I/O: the one torch.load of a file someone hands us, atomic writes, and flag-file checks.
+
+torch is imported only inside load_untrusted, so the CSV-only tools that use the rest start without it.
+"""
+import os
+import pickle
+from pathlib import Path
+
+
+def check_file(flag, path):
+    """ValueError naming the flag unless path is an existing file."""
+    if not Path(path).is_file():
+        raise ValueError(f"{flag} {path}: {'not a file' if Path(path).exists() else 'no such file'}")
+
+
+def load_untrusted(path, what, device="cpu", mmap=False):
+    """torch.load of a file someone handed us: tensors and plain values only (weights_only=True), so
+    loading never runs code. Any failure is a ValueError that starts with `what` (e.g. "--weights FILE")."""
+    import torch
+
+    if not Path(path).is_file():
+        raise ValueError(f"{what}: {'not a file' if Path(path).exists() else 'no such file'}")
+    try:
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():
+            raise ValueError(f"{what}: refused: it holds Python objects other than tensors and plain values, "
+                             f"and loading those could run code") from None
+        raise ValueError(f"{what}: not a PyTorch file (UnpicklingError)") from None
+    except Exception as e:  # zip, EOF and torch errors: the file, not our code
+        raise ValueError(f"{what}: not a PyTorch file ({type(e).__name__})") from None
+
+
+def replace_atomically(path, write):
+    """write(tmp_path), then rename over path: a kill never leaves half a file, and a full disk
+    leaves the old file, no temp file, and a ValueError naming the file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
+        raise ValueError(f"cannot write {path}: {reason}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_mapping(path, what):
+    """A JSON or YAML file (by suffix) holding a mapping -> dict; ValueError naming `what` otherwise.
+    YAML through safe_load: a file never builds Python objects."""
+    check_file(what, path)
+    path = Path(path)
+    is_yaml = path.suffix in (".yml", ".yaml")
+    try:
+        text = path.read_text()
+        if is_yaml:
+            import yaml
+            data = yaml.safe_load(text)
+        else:
+            import json
+            data = json.loads(text)
+    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError: the file, not our code
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"{what} {path}: not valid {'YAML' if is_yaml else 'JSON'} ({reason})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path}: expected a mapping of flag names to values")
+    return data

@@ -1,0 +1,97 @@
+"""training/checkpoint.py: the format, whole, in-process: keys and version, an epoch saved and read
+back, refusal of other files, and what --resume restores and refuses."""
+import argparse
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import crafted_checkpoint
+from model import create_model
+from optim import create_optimizer, create_scheduler
+from training import checkpoint, flags
+
+DATA = SimpleNamespace(classes=[f"c{i}" for i in range(18)], layout="mask", size=(64, 48), mean=[0.5] * 3, std=[0.25] * 3)
+
+
+def saved_epoch(run_dir, epoch=3, improved=True):
+    torch.manual_seed(0)
+    model = create_model("BaseModel", 18, head="32", dropout=0.1)
+    optimizer = create_optimizer("AdamW", model.parameters(), lr=0.01)
+    scheduler = create_scheduler("cosine", optimizer, epochs=10)
+    generators = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    config = dict(flags.defaults(), head="32", dropout=0.1)
+    meta = checkpoint.describe(config, DATA)
+    checkpoint.save_epoch(run_dir, model, meta, improved=improved, epoch=epoch, best=0.7, history=[{"epoch": e} for e in range(1, epoch + 1)],
+                          optimizer=optimizer, scheduler=scheduler, stale=1, generators=generators)
+    return model, config
+
+
+def test_an_epoch_saved_reads_back_with_every_key(tmp_path):
+    model, config = saved_epoch(tmp_path)
+    best, last = checkpoint.read(tmp_path / "best.pth"), checkpoint.read(tmp_path / "last.pth")
+    for ckpt in (best, last):
+        assert set(checkpoint.REQUIRED) <= set(ckpt) and ckpt["format"] == checkpoint.FORMAT_VERSION
+        assert (ckpt["classes"], ckpt["resize"], ckpt["args"]) == (DATA.classes, [64, 48], config)
+        assert ckpt["epoch"] == 3 and ckpt["best_metric"] == 0.7
+    assert not set(checkpoint.TRAINING_STATE[1:]) & set(best)  # best.pth: weights and description only
+    assert set(checkpoint.TRAINING_STATE) <= set(last) and last["train_state"]["stale"] == 1
+    meta = checkpoint.read_meta(tmp_path / "last.pth")
+    assert "state_dict" not in meta and "optimizer" not in meta and meta["head"] == "32"
+    loaded, _ = checkpoint.load_model(tmp_path / "best.pth")
+    x = torch.rand(2, 3, 64, 48)
+    assert torch.allclose(loaded(x), model.eval()(x))
+
+
+def test_not_improved_writes_last_only(tmp_path):
+    saved_epoch(tmp_path, improved=False)
+    assert (tmp_path / "last.pth").is_file() and not (tmp_path / "best.pth").exists()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_newer_format_and_other_files_are_refused(tmp_path):
+    saved_epoch(tmp_path)
+    ckpt = torch.load(tmp_path / "best.pth", weights_only=True)
+    torch.save(dict(ckpt, format=checkpoint.FORMAT_VERSION + 1), tmp_path / "future.pth")
+    with pytest.raises(ValueError, match=f"future.pth: format {checkpoint.FORMAT_VERSION + 1} is newer than this code's"):
+        checkpoint.read(tmp_path / "future.pth")
+    torch.save({"state_dict": {}}, tmp_path / "bare.pth")
+    with pytest.raises(ValueError, match="bare.pth: not a train.py checkpoint \\(no model, classification"):
+        checkpoint.read(tmp_path / "bare.pth")
+    old = {k: v for k, v in ckpt.items() if k != "format"}  # written before the format key: still read
+    torch.save(old, tmp_path / "old.pth")
+    assert checkpoint.read(tmp_path / "old.pth")["model"] == "BaseModel"
+    crafted_checkpoint(tmp_path / "evil.pth", tmp_path / "pwned")
+    with pytest.raises(ValueError, match="evil.pth: refused: it holds Python objects"):
+        checkpoint.read(tmp_path / "evil.pth")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_restore_continues_where_last_pth_ended(tmp_path):
+    saved_epoch(tmp_path)
+    model = create_model("BaseModel", 18, head="32", dropout=0.1)
+    optimizer = create_optimizer("AdamW", model.parameters(), lr=0.01)
+    scheduler = create_scheduler("cosine", optimizer, epochs=6)  # a longer run: the schedule is re-planned
+    generators = [torch.Generator(), torch.Generator()]
+    start = checkpoint.restore(tmp_path / "last.pth", lr=0.01, model=model, optimizer=optimizer, scheduler=scheduler,
+                               generators=generators, device="cpu")
+    assert (start.epoch, start.best, len(start.history), start.stale) == (4, 0.7, 3, 1)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * scheduler.lr_lambdas[0](3))
+    assert generators[0].get_state().equal(torch.Generator().manual_seed(1).get_state())
+    with pytest.raises(ValueError, match="best.pth: not a last.pth"):
+        checkpoint.restore(tmp_path / "best.pth", lr=0.01, model=model, optimizer=optimizer, scheduler=scheduler,
+                           generators=generators, device="cpu")
+
+
+def test_resume_refuses_what_it_cannot_change_and_takes_the_rest():
+    saved = argparse.Namespace(**flags.defaults())
+    checkpoint.check_resume(saved, {"epochs": 30, "lr": 0.1})  # length and LR may change
+    for key in checkpoint.FIXED_ON_RESUME:
+        with pytest.raises(ValueError, match=f"--resume: --{key} .* differs from the run's"):
+            checkpoint.check_resume(saved, {key: "something else"})
+
+
+def test_resume_hint_reads_the_disk(tmp_path):
+    assert checkpoint.resume_hint(tmp_path) == "no epoch finished, so there is nothing to resume"
+    saved_epoch(tmp_path, epoch=5)
+    assert checkpoint.resume_hint(tmp_path) == f"{tmp_path / 'last.pth'} holds epoch 5: continue with --resume {tmp_path / 'last.pth'}"

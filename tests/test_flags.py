@@ -1,0 +1,127 @@
+"""training/flags.py in-process: the parser's defaults and help, --config layering, NNI parameters with
+their types and nested choices, TRIAL_BUDGET, and the range checks (no train.py process needed)."""
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from training import flags
+
+
+@pytest.fixture
+def parser_args():
+    parser = flags.build_parser()
+    return parser, parser.parse_args([])
+
+
+def test_params_merge_with_types_and_nested_choices(parser_args):
+    parser, args = parser_args
+    params = {"lr": 0.01, "batch_size": 32.0, "resize": [64, 48], "freeze_backbone": True,
+              "criterion": {"_name": "focal", "focal_gamma": 1.5}, "model": "resnet18"}
+    flags.apply_params(parser, args, params, "NNI parameters")
+    assert (args.lr, args.batch_size, args.resize, args.freeze_backbone) == (0.01, 32, [64, 48], True)
+    assert isinstance(args.batch_size, int)
+    assert (args.criterion, args.focal_gamma, args.model) == ("focal", 1.5, "resnet18")
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"learning_rate": 0.1}, "unknown parameter 'learning_rate'; valid: data_dir"),
+    ({"batch_size": 32.5}, "'batch_size' must be int"),
+    ({"lr": "fast"}, "'lr' must be float"),
+    ({"model": "vgg"}, "'model': 'vgg' is not one of BaseModel"),
+    ({"resize": 128}, "'resize' must be a list of 2"),
+    ({"pretrained": "yes"}, "'pretrained' must be true/false"),
+    ({"criterion": {"_name": "focal", "gama": 2}}, "unknown parameter 'gama'"),
+    ({"criterion": {"focal_gamma": 2}}, "without '_name'"),
+])
+def test_params_rejected_with_key_named(parser_args, params, message):
+    parser, args = parser_args
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        flags.apply_params(parser, args, params, "NNI parameters")
+
+
+@pytest.mark.parametrize("budget,epochs", [(9, 9), (1, 1), (3.0, 3), (2.5, 3), (1e-3, 1)])
+def test_trial_budget_sets_the_epochs(parser_args, budget, epochs):
+    """Hyperband's (int) and BOHB's (float) TRIAL_BUDGET: epochs, rounded up, over the trial command's --epochs."""
+    parser, args = parser_args
+    args.epochs = 13
+    flags.apply_params(parser, args, flags.trial_budget({"TRIAL_BUDGET": budget, "lr": 0.01}), "NNI parameters")
+    assert (args.epochs, args.lr) == (epochs, 0.01)
+
+
+@pytest.mark.parametrize("budget", [0, -2, "9", True, None, float("nan")])
+def test_trial_budget_refuses_what_is_not_a_length(budget):
+    with pytest.raises(ValueError, match="TRIAL_BUDGET must be a positive number of epochs"):
+        flags.trial_budget({"TRIAL_BUDGET": budget})
+
+
+def test_nni_parameters_go_over_the_command_line_and_the_budget_over_both():
+    args = flags.parse_args(["--lr", "0.5", "--epochs", "7"], {"lr": 0.01, "TRIAL_BUDGET": 3})
+    assert (args.lr, args.epochs) == (0.01, 3)
+    with pytest.raises(ValueError, match="NNI parameters: unknown parameter 'learning_rate'"):
+        flags.parse_args([], {"learning_rate": 0.1})
+
+
+def test_yaml_config_sets_defaults_that_flags_override(tmp_path):
+    (tmp_path / "c.yml").write_text("lr: 0.01\nresize: [32, 24]\ncriterion: focal\nfocal_gamma: 3\nfreeze_backbone: true\n")
+    args = flags.parse_args(["--config", str(tmp_path / "c.yml"), "--lr", "0.5"])
+    assert (args.lr, args.resize, args.criterion, args.focal_gamma, args.freeze_backbone) == (0.5, [32, 24], "focal", 3.0, True)
+    (tmp_path / "bad.yml").write_text("lr: fast\n")
+    with pytest.raises(ValueError, match="'lr' must be float"):
+        flags.parse_args(["--config", str(tmp_path / "bad.yml")])
+
+
+def test_command_line_flags_win_over_the_config_even_at_their_default(tmp_path):
+    (tmp_path / "c.yml").write_text("lr: 0.01\nepochs: 3\namp: true\nno_cache: true\n")
+    args = flags.parse_args(["--config", str(tmp_path / "c.yml"), "--lr", "0.002", "--epochs", "12", "--no-amp", "--cache"])
+    assert (args.lr, args.epochs, args.amp, args.no_cache) == (0.002, 12, False, False)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lr", "-1"], "--lr -1.0: must be positive"),
+    (["--val_ratio", "1.5"], "--val_ratio 1.5: must be between 0 and 1"),
+    (["--resize", "0", "48"], "--resize 0 48: sizes must be positive"),
+    (["--age_bounds", "60", "30"], "--age_bounds 60 30: need 0 < LOW < HIGH"),
+    (["--kfold", "3", "--fold", "3"], "--kfold 3 --fold 3: need K >= 2"),
+    (["--milestones", "0"], "--milestones 0: epochs count from 1"),
+    (["--dropout", "1"], "--dropout 1.0: must be in [0, 1)"),
+    (["--dataset", "ImageFolderDataset", "--classification", "multi_head"], "multi_head needs a mask-layout dataset"),
+])
+def test_ranges_refused_with_the_flag_named(argv, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        flags.parse_args(argv)
+
+
+def test_help_shows_defaults():
+    text = flags.build_parser().format_help()
+    assert "(default: 1000)" in text and "(default: BaseModel)" in text and "optimisation:" in text
+    for group in ("data:", "model:", "optimisation:", "run:"):
+        assert group in text
+
+
+def test_defaults_are_the_parsers_and_what_config_json_holds():
+    d = flags.defaults()
+    assert d == flags.run_config(flags.build_parser().parse_args([]))
+    assert (d["lr"], d["steps"], d["model"], d["resize"]) == (2e-3, 1000, "BaseModel", [128, 96])
+    assert not set(flags.NOT_IN_CONFIG) & set(d)
+    # config.json re-runs: every key is a flag the parser takes back with the same value
+    args = flags.apply_params(flags.build_parser(), argparse.Namespace(**flags.defaults()), d, "config.json")
+    assert flags.run_config(args) == d
+
+
+@pytest.mark.slow
+def test_print_flags_prints_the_resolved_flags_and_touches_nothing(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: 0.01\nepochs: 3\n")
+    out = subprocess.run([sys.executable, str(ROOT / "train.py"), "--print_flags", "--config", str(config), "--epochs", "4",
+                          "--model_dir", str(tmp_path / "runs"), "--data_dir", str(tmp_path / "missing")],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    printed = json.loads(out.stdout)
+    expected = flags.run_config(flags.build_parser().parse_args([]))
+    expected.update(lr=0.01, epochs=4, model_dir=str(tmp_path / "runs"), data_dir=str(tmp_path / "missing"))
+    assert printed == json.loads(json.dumps(expected))  # tuples as lists
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # no run dir, no data made or read

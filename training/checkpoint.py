@@ -1,0 +1,156 @@
+"""The checkpoint format (best.pth, last.pth), whole: what it holds, saving an epoch, reading and
+checking a file, loading its model, and what --resume restores and refuses.
+
+A checkpoint is a dict of plain types and tensors, so that it loads with
+torch.load(weights_only=True): a .pth file someone hands you never runs code.
+    format                                              FORMAT_VERSION (absent in files from before it: 0)
+    state_dict, model, classification, head, dropout   rebuild the model
+    classes, layout, resize, mean, std                  what its outputs and inputs mean
+    metric, args, epoch, best_metric                    how it was trained (args = config.json)
+    optimizer, scheduler, history, train_state          last.pth only: what --resume continues from
+                                                        (train_state: early-stopping count, every RNG's state)
+"""
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.cli import one_line_reason
+from core.files import load_untrusted, replace_atomically
+from model import create_model, num_outputs
+
+FORMAT_VERSION = 1
+REQUIRED = ("state_dict", "model", "classification", "head", "dropout", "classes", "layout", "resize", "mean", "std")
+TRAINING_STATE = ("state_dict", "optimizer", "scheduler", "history", "train_state")
+# What a resumed run cannot change: the data split, the model's shape, the optimiser's state and the metric.
+FIXED_ON_RESUME = ("dataset", "data_dir", "age_bounds", "val_ratio", "kfold", "fold", "seed", "resize", "model",
+                   "classification", "head", "freeze_backbone", "optimizer", "scheduler", "metric")
+
+
+def describe(config, data):
+    """What every checkpoint of a run says about itself: its flags (config.json) and the data's facts."""
+    return dict(format=FORMAT_VERSION, model=config["model"], classification=config["classification"], head=config["head"],
+                dropout=config["dropout"], classes=data.classes, layout=data.layout, resize=list(data.size), mean=data.mean,
+                std=data.std, metric=config["metric"], args=config)
+
+
+def save(path, model, meta, **extra):
+    """Written to a temp file and renamed, so a kill never leaves half a file."""
+    replace_atomically(path, lambda tmp: torch.save({"state_dict": model.state_dict(), **meta, **extra}, tmp))
+
+
+def save_epoch(run_dir, model, meta, *, improved, epoch, best, history, optimizer, scheduler, stale, generators):
+    """best.pth (when the epoch improved) and last.pth, with all that --resume needs."""
+    if improved:
+        save(run_dir / "best.pth", model, meta, epoch=epoch, best_metric=best)
+    save(run_dir / "last.pth", model, meta, epoch=epoch, best_metric=best, history=history, optimizer=optimizer.state_dict(),
+         scheduler=scheduler.state_dict(), train_state=dict(stale=stale, rng=rng_state(generators)))
+
+
+def read(path, device="cpu", mmap=False):
+    """-> the checkpoint dict; ValueError naming the file if it is missing, unreadable, not a train.py
+    checkpoint, from a newer format, or holds anything but plain types and tensors."""
+    ckpt = load_untrusted(path, f"checkpoint {path}", device, mmap)
+    missing = [k for k in REQUIRED if k not in ckpt] if isinstance(ckpt, dict) else ["state_dict"]
+    if missing:
+        raise ValueError(f"checkpoint {path}: not a train.py checkpoint (no {', '.join(missing)})")
+    if ckpt.get("format", 0) > FORMAT_VERSION:
+        raise ValueError(f"checkpoint {path}: format {ckpt['format']} is newer than this code's {FORMAT_VERSION} "
+                         f"(update the code)")
+    return ckpt
+
+
+def read_meta(path):
+    """A checkpoint's description without its weights (memory-mapped, so cheap even for big
+    backbones): lets every checkpoint be checked before any prediction starts."""
+    return {k: v for k, v in read(path, mmap=True).items() if k not in TRAINING_STATE}
+
+
+def build_model(ckpt):
+    """The checkpoint's model, untrained (its weights are ckpt['state_dict'])."""
+    return create_model(ckpt["model"], num_outputs(ckpt["classification"], len(ckpt["classes"])),
+                        head=ckpt["head"], dropout=ckpt["dropout"])
+
+
+def load_model(path, device="cpu"):
+    """best.pth/last.pth -> (model in eval mode on device, checkpoint dict)."""
+    ckpt = read(path, device)
+    model = build_model(ckpt)
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path}: its weights do not fit {ckpt['model']} ({one_line_reason(e)})") from None
+    return model.to(device).eval(), ckpt
+
+
+# ----------------------------------------------------------------------------- resume
+@dataclass
+class Start:
+    """Where training starts: epoch 1 with nothing behind it, or a resumed run's state."""
+    epoch: int = 1
+    best: float = -math.inf
+    history: list = field(default_factory=list)
+    stale: int = 0  # epochs since the best, for --early_stopping
+
+
+def check_resume(saved, explicit):
+    """A resumed run continues the same training: refuse flags that would change what last.pth means."""
+    changed = [k for k in FIXED_ON_RESUME if k in explicit and explicit[k] != getattr(saved, k)]
+    if changed:
+        k = changed[0]
+        raise ValueError(f"--resume: --{k} {explicit[k]} differs from the run's {getattr(saved, k)}; resuming cannot change "
+                         f"{', '.join(FIXED_ON_RESUME)} (start a new run with --config on its config.json instead)")
+
+
+def restore(path, *, lr, model, optimizer, scheduler, generators, device):
+    """last.pth -> model, optimiser, schedule (re-planned for this run's --epochs), random state -> Start."""
+    state = read(path, device)
+    missing = [k for k in ("optimizer", "scheduler", "history", "epoch", "best_metric") if k not in state]
+    if missing:
+        raise ValueError(f"--resume {path}: not a last.pth (no {', '.join(missing)}); only last.pth can be resumed")
+    try:
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.load_state_dict(state["scheduler"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise ValueError(f"--resume {path}: does not fit the run's model and optimiser ({one_line_reason(e)})") from None
+    done = state["epoch"]
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        scheduler.base_lrs, scheduler.last_epoch = [lr] * len(optimizer.param_groups), done
+        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+            group["lr"] = lr * factor(done)
+    train_state = state.get("train_state") or {}
+    if train_state.get("rng"):
+        set_rng_state(train_state["rng"], generators)
+    return Start(epoch=done + 1, best=state["best_metric"], history=state["history"], stale=train_state.get("stale", 0))
+
+
+def rng_state(generators):
+    """Every random stream training draws from, as plain types (last.pth loads with weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return dict(python=random.getstate(), numpy=[name, keys.tolist(), pos, has_gauss, cached], torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+                loaders=[g.get_state() for g in generators])
+
+
+def set_rng_state(state, generators):
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for generator, saved in zip(generators, state["loaders"]):
+        generator.set_state(saved)
+
+
+def resume_hint(run_dir):
+    """The truth about what an interrupted run left, read from disk."""
+    last = Path(run_dir) / "last.pth"
+    if not last.is_file():
+        return "no epoch finished, so there is nothing to resume"
+    return f"{last} holds epoch {read_meta(last)['epoch']}: continue with --resume {last}"

@@ -1,0 +1,237 @@
+"""train.py's flags, whole: the parser (the one source of defaults), types and ranges, the --config
+file and the resumed run's flags under the command line, NNI's parameters (with Hyperband's and
+BOHB's TRIAL_BUDGET) on top. The tuner and preflight import it without starting a run.
+
+    args = parse_args(argv, nni_params)        # flags < --config or --resume's config.json < command line < NNI
+    defaults()                                  # {dest: default} of every flag, as config.json spells them
+"""
+import argparse
+import math
+
+from core.cli import Parser
+from core.files import check_file, read_mapping
+from dataset import DATASETS, DEFAULT_CACHE_DIR, TRANSFORMS
+from loss import LOSSES
+from model import CLASSIFICATIONS, INITS, MODELS
+from optim import OPTIMIZERS, SCHEDULERS
+from training import checkpoint
+
+NOT_IN_CONFIG = ("config", "resume", "print_flags")  # how this run was started, not what it trains
+
+
+def build_parser():
+    p = Parser(prog="train.py", description="Train an image classifier (standalone or as an NNI trial).",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_data_flags(p.add_argument_group("data"))
+    add_model_flags(p.add_argument_group("model"))
+    add_optimisation_flags(p.add_argument_group("optimisation"))
+    add_run_flags(p.add_argument_group("run"))
+    return p
+
+
+def add_data_flags(g):
+    g.add_argument("--data_dir", default=None, help="training data (mask layout: DATA/train; folder layout: DATA/<class>/); "
+                   "unset = demo data in data/demo, made on first use")
+    g.add_argument("--eval_dir", default=None, help="eval data to predict after training (unset with demo data = the demo eval split)")
+    g.add_argument("--dataset", default="MaskSplitByProfileDataset", choices=list(DATASETS), help="layout and split")
+    g.add_argument("--age_bounds", nargs=2, type=int, default=[30, 60], metavar=("LOW", "HIGH"), help="age band bounds (mask layout)")
+    g.add_argument("--val_ratio", type=float, default=0.2, help="validation share")
+    g.add_argument("--kfold", type=int, default=0, help="K for stratified group k-fold (0 = off: use --val_ratio)")
+    g.add_argument("--fold", type=int, default=0, help="which fold is validation, 0..K-1")
+    g.add_argument("--resize", nargs=2, type=int, default=[128, 96], metavar=("H", "W"), help="input size after centre crop")
+    g.add_argument("--augmentation", default="flip_affine", choices=list(TRANSFORMS), help="training augmentation")
+    g.add_argument("--sampler", default="none", choices=["none", "weighted"], help="weighted = inverse class frequency")
+    g.add_argument("--num_workers", type=int, default=-1, help="loader workers (-1 = from the CPU count)")
+    g.add_argument("--cache_dir", default=str(DEFAULT_CACHE_DIR), help="decoded-image cache shared by trials")
+    g.add_argument("--no_cache", action="store_true", help="decode images every epoch instead of caching them")
+    g.add_argument("--cache", dest="no_cache", action="store_false", help="use the cache (undoes no_cache from --config)")
+
+
+def add_model_flags(g):
+    g.add_argument("--model", default="BaseModel", choices=list(MODELS), help="backbone")
+    g.add_argument("--classification", default="single", choices=CLASSIFICATIONS,
+                   help="single 18-way head, or multi_head = mask/gender/age heads (mask layout)")
+    g.add_argument("--head", default="none", help="hidden layers of the head, e.g. 512-256 (BN, ReLU, dropout each)")
+    g.add_argument("--dropout", type=float, default=0.2, help="dropout in the head")
+    g.add_argument("--init", default="default", choices=INITS, help="weight init of new layers")
+    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False, help="start from ImageNet weights (downloads unless --weights)")
+    g.add_argument("--weights", default=None, help="offline ImageNet weights file for the backbone")
+    g.add_argument("--freeze_backbone", action=argparse.BooleanOptionalAction, default=False, help="train the head only")
+
+
+def add_optimisation_flags(g):
+    g.add_argument("--epochs", type=int, default=0, help="epochs (0 = as many as --steps takes on this data)")
+    g.add_argument("--steps", type=int, default=1000,
+                   help="training length in optimiser steps when --epochs is 0: a small data set gets more epochs, a large one fewer")
+    g.add_argument("--batch_size", type=int, default=64, help="training batch size")
+    g.add_argument("--valid_batch_size", type=int, default=256, help="validation/eval batch size")
+    g.add_argument("--lr", type=float, default=2e-3, help="learning rate")
+    g.add_argument("--optimizer", default="AdamW", choices=list(OPTIMIZERS), help="optimizer")
+    g.add_argument("--weight_decay", type=float, default=1e-4, help="weight decay")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--scheduler", default="cosine", choices=list(SCHEDULERS), help="LR schedule")
+    g.add_argument("--lr_decay_step", type=int, default=20, help="step: epochs per decay; plateau: patience")
+    g.add_argument("--milestones", nargs="+", type=int, default=[10, 20, 25], help="multistep: epochs where LR is multiplied by --lr_gamma")
+    g.add_argument("--lr_gamma", type=float, default=0.1, help="LR decay factor (step, multistep, plateau)")
+    g.add_argument("--warmup_epochs", type=int, default=0, help="linear LR warmup over the first N epochs")
+    g.add_argument("--clip_grad", type=float, default=0.0, help="clip the gradient norm to this (0 = off)")
+    g.add_argument("--criterion", default="cross_entropy", choices=list(LOSSES),
+                   help="loss (weighted_cross_entropy: class weights from the training counts)")
+    g.add_argument("--focal_gamma", type=float, default=2.0, help="focal loss gamma")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    g.add_argument("--metric", default="accuracy", choices=["accuracy", "f1"], help="picks the best checkpoint; NNI's 'default'")
+    g.add_argument("--early_stopping", type=int, default=0, help="stop after N epochs without improvement (0 = off)")
+
+
+def add_run_flags(g):
+    g.add_argument("--name", default="exp", help="run name: runs/<name>, incremented (exp2, exp3, ...)")
+    g.add_argument("--model_dir", default="runs", help="where runs go")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = CUDA when available")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="mixed precision on CUDA (bf16 where supported, else fp16)")
+    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=False,
+                   help="channels-last memory format: faster convolutions on CUDA, and BaseModel trained 18%% faster with it on a 2-core CPU")
+    g.add_argument("--cudnn_benchmark", action=argparse.BooleanOptionalAction, default=False,
+                   help="autotune every convolution shape on CUDA: about 10%% faster steps, but efficientnet_b0 at 224 "
+                        "on an H200 waited 40 s for its first step instead of 8; pays in runs of hundreds of epochs")
+    g.add_argument("--seed", type=int, default=42, help="random seed")
+    g.add_argument("--config", default=None, help="JSON/YAML file of flag values (keys = dest names); flags override it")
+    g.add_argument("--resume", default=None, help="last.pth of a run to continue in its directory")
+    g.add_argument("--print_flags", action="store_true",
+                   help="print every flag's value (after --config, --resume and NNI's parameters) as JSON and exit, "
+                        "reading and writing nothing else")
+
+
+# ----------------------------------------------------------------------------- values from files and NNI
+def coerce(action, value):
+    """A value from a config file or NNI -> the type its flag would give, or ValueError."""
+    key = action.dest
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise ValueError(f"parameter {key!r} must be true/false, got {value!r}")
+        return value
+    if action.nargs is not None:
+        if not isinstance(value, (list, tuple)) or (action.nargs == 2 and len(value) != 2):
+            raise ValueError(f"parameter {key!r} must be a list of {action.nargs} values, got {value!r}")
+        return [coerce_one(action, key, v) for v in value]
+    return coerce_one(action, key, value)
+
+
+def coerce_one(action, key, value):
+    kind = action.type or str
+    if value is None and action.default is None:
+        return None
+    if kind is int and isinstance(value, float) and value.is_integer():  # TPE's quniform yields 32.0
+        value = int(value)
+    ok = isinstance(value, str) if kind is str else (isinstance(value, (int, float)) and not isinstance(value, bool))
+    if not ok or (kind is int and not isinstance(value, int)):
+        raise ValueError(f"parameter {key!r} must be {kind.__name__}, got {value!r}")
+    value = kind(value)
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"parameter {key!r}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def apply_params(parser, args, params, source):
+    """Merge a {dest: value} dict (config file or NNI; nested {"_name": ...} choices
+    flattened) into args. Unknown keys and wrong types stop the run."""
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config", "resume")}
+    flat = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            value = dict(value)
+            if "_name" not in value:
+                raise ValueError(f"{source}: parameter {key!r} is a dict without '_name'")
+            flat[key] = value.pop("_name")
+            flat.update(value)
+        else:
+            flat[key] = value
+    for key, value in flat.items():
+        if key not in actions:
+            raise ValueError(f"{source}: unknown parameter {key!r}; valid: {', '.join(actions)}")
+        try:
+            setattr(args, key, coerce(actions[key], value))
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+    return args
+
+
+def trial_budget(params):
+    """NNI's Hyperband and BOHB add TRIAL_BUDGET to each trial's parameters (R / max_budget in their
+    classArgs is the longest trial). Here a budget is epochs, rounded up (BOHB's are floats):
+    -> the parameters with TRIAL_BUDGET replaced by epochs."""
+    if "TRIAL_BUDGET" not in params:
+        return params
+    params = dict(params)
+    budget = params.pop("TRIAL_BUDGET")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1e6:
+        raise ValueError(f"TRIAL_BUDGET must be a positive number of epochs, got {budget!r}")
+    params["epochs"] = math.ceil(budget - 1e-6)
+    return params
+
+
+def parse_args(argv=None, nni_params=None):
+    """Flags given on the command line over (--config file or the resumed run's config) over defaults;
+    then NNI's parameters (a trial's nni.get_next_parameter()) on top."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    base = vars(parser.parse_args([]))
+    explicit = given_flags(argv)
+    if args.resume:
+        check_file("--resume", args.resume)
+        saved = checkpoint.read_meta(args.resume).get("args", {})
+        args = apply_params(parser, argparse.Namespace(**base), saved, f"--resume {args.resume}")
+        checkpoint.check_resume(args, explicit)
+    elif args.config:
+        args = apply_params(parser, argparse.Namespace(**base), read_mapping(args.config, "--config"), f"--config {args.config}")
+    vars(args).update(explicit)
+    if nni_params is not None:
+        apply_params(parser, args, trial_budget(nni_params), "NNI parameters")
+    check_args(args)
+    return args
+
+
+def given_flags(argv):
+    """{dest: value} of the flags on the command line, also those equal to their default."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
+def run_config(args):
+    """The resolved flags, re-runnable with --config (config.json, and a checkpoint's args)."""
+    return {k: v for k, v in vars(args).items() if k not in NOT_IN_CONFIG}
+
+
+def defaults():
+    """{dest: default} of every flag that config.json holds: train.py's defaults, without running it."""
+    return run_config(build_parser().parse_args([]))
+
+
+# ----------------------------------------------------------------------------- ranges
+# What each number must be; NaN fails every test. Values outside these ranges would train on silently.
+POSITIVE, NON_NEGATIVE, FRACTION = (lambda v: 0 < v < math.inf, "positive"), (lambda v: v >= 0, "0 or more"), (lambda v: 0 <= v < 1, "in [0, 1)")
+LIMITS = {"steps": POSITIVE, "batch_size": POSITIVE, "valid_batch_size": POSITIVE, "lr": POSITIVE, "lr_gamma": POSITIVE,
+          "epochs": NON_NEGATIVE, "warmup_epochs": NON_NEGATIVE, "clip_grad": NON_NEGATIVE, "early_stopping": NON_NEGATIVE,
+          "weight_decay": NON_NEGATIVE, "momentum": NON_NEGATIVE, "focal_gamma": NON_NEGATIVE, "lr_decay_step": POSITIVE,
+          "dropout": FRACTION, "smoothing": FRACTION, "num_workers": (lambda v: v >= -1, "-1 (from the CPU count) or more")}
+
+
+def check_args(args):
+    for key, (ok, must) in LIMITS.items():
+        if not ok(getattr(args, key)):
+            raise ValueError(f"--{key} {getattr(args, key)}: must be {must}")
+    if min(args.resize) <= 0:
+        raise ValueError(f"--resize {args.resize[0]} {args.resize[1]}: sizes must be positive")
+    if not 0 < args.val_ratio < 1:
+        raise ValueError(f"--val_ratio {args.val_ratio}: must be between 0 and 1")
+    if not 0 < args.age_bounds[0] < args.age_bounds[1]:
+        raise ValueError(f"--age_bounds {args.age_bounds[0]} {args.age_bounds[1]}: need 0 < LOW < HIGH")
+    if min(args.milestones) < 1:
+        raise ValueError(f"--milestones {' '.join(map(str, args.milestones))}: epochs count from 1")
+    if args.kfold and not (args.kfold >= 2 and 0 <= args.fold < args.kfold):
+        raise ValueError(f"--kfold {args.kfold} --fold {args.fold}: need K >= 2 and 0 <= fold < K")
+    if args.weights:
+        check_file("--weights", args.weights)
+    if args.classification == "multi_head" and DATASETS[args.dataset][0] != "mask":
+        raise ValueError(f"--classification multi_head needs a mask-layout dataset, not {args.dataset}")
