@@ -409,6 +409,7 @@ class TrainingData:
     train_loader: DataLoader
     val_set: "ImageDataset"
     val_loader: DataLoader
+    val_ids: list                # the validation images' paths relative to the data dir, val_set's order
     eval_ids: list = None        # with an eval dir: its image ids and paths
     eval_paths: list = None
 
@@ -440,7 +441,8 @@ def load_training_data(*, dataset, data_dir, eval_dir, age_bounds, val_ratio, se
     return TrainingData(layout=layout, classes=data["classes"], class_counts=counts, size=size, mean=mean, std=std,
                         workers=workers, generators=generators, normalize=Normalize(mean, std).to(device),
                         augment=create_transform(augmentation), train_loader=train_loader, val_set=val_set,
-                        val_loader=DataLoader(val_set, valid_batch_size, **loader_kw), eval_ids=eval_ids, eval_paths=eval_paths)
+                        val_loader=DataLoader(val_set, valid_batch_size, **loader_kw), eval_ids=eval_ids, eval_paths=eval_paths,
+                        val_ids=[Path(data["paths"][i]).relative_to(data_dir).as_posix() for i in val_idx])
 
 
 if __name__ == "__main__":  # the documented way to write the demo data by hand

@@ -32,7 +32,7 @@ import dataset
 from core.cli import make_progress, run_main
 from core.figures import confusion_image, prediction_grid
 from core.metrics import confusion, score
-from core.runs import increment_path, write_config, write_history, write_submission, write_summary
+from core.runs import increment_path, write_config, write_history, write_submission, write_summary, write_val_soft
 from dataset import DataError, ImageDataset
 from loss import create_criterion
 from model import WeightsError, create_model, num_outputs
@@ -176,6 +176,7 @@ def fit(args, data, model, opt, run_dir, start, device):
         raise
     if best_val:  # once, at the end: drawing them at every new best cost seconds per epoch
         log_figures(writer, best_val[1], data.val_set, data.classes, best_val[0])
+        write_val_soft(run_dir / "val_soft.csv", data.val_ids, best_val[1]["labels"], best_val[1]["probs"], data.classes)
     writer.close()
     print(f"best val {args.metric} {best:.4f} -> {run_dir / 'best.pth'}", flush=True)
     rising = warn_if_still_rising(args, [row[f"val_{args.metric}"] for row in history])

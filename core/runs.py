@@ -61,3 +61,13 @@ def write_submission(out_dir, image_ids, probs, classes):
     soft = pd.DataFrame(probs, columns=classes)
     soft.insert(0, "ImageID", image_ids)
     soft.to_csv(out_dir / "submission_soft.csv", index=False, float_format="%.6f")
+
+
+def write_val_soft(path, image_ids, labels, probs, classes):
+    """val_soft.csv: the best epoch's validation predictions, ImageID (path under the data dir), label and one
+    probability column per class. A --kfold run's is its out-of-fold part: K of them cover the training set."""
+    import pandas as pd
+    table = pd.DataFrame(probs, columns=classes)
+    table.insert(0, "label", labels)
+    table.insert(0, "ImageID", image_ids)
+    table.to_csv(path, index=False, float_format="%.6f")

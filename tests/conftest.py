@@ -24,6 +24,14 @@ def demo_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def nni_home(tmp_path_factory):
+    """HOME for nnictl: its experiment registry lands here, not in the real ~/nni-experiments."""
+    home = tmp_path_factory.mktemp("home")
+    (home / "mpl").mkdir()
+    return home
+
+
+@pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 

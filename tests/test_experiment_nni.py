@@ -35,14 +35,6 @@ FINISHED = {"SUCCEEDED", "EARLY_STOPPED", "USER_CANCELED", "FAILED", "SYS_CANCEL
 
 
 # ----------------------------------------------------------------------------- helpers
-@pytest.fixture(scope="module")
-def nni_home(tmp_path_factory):
-    """HOME for nnictl: its experiment registry lands here, not in the real ~/nni-experiments."""
-    home = tmp_path_factory.mktemp("home")
-    (home / "mpl").mkdir()
-    return home
-
-
 def nni_env(home):
     env = {k: v for k, v in os.environ.items() if not k.startswith("NNI_")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"

@@ -18,6 +18,25 @@ from model import create_model
 from training import flags
 
 
+def check_summary_and_val_soft(run, stdout, demo_dir):
+    """summary.json (what the tools read instead of the printed lines) and val_soft.csv -> the summary."""
+    summary = json.loads((run / "summary.json").read_text())  # what the tools read instead of the printed lines
+    first_step = float(re.search(r"first step ([0-9.]+)s", stdout).group(1))
+    assert summary["run_dir"] == str(run) and summary["epochs"] == 2 and summary["first_step_s"] == pytest.approx(first_step, abs=0.06)
+    assert set(summary["files"]) == {"config.json", "best.pth", "last.pth", "history.csv", "submission.csv", "submission_soft.csv",
+                                     "val_soft.csv", "tensorboard"}
+    val_soft = read_csv(run / "val_soft.csv")  # the best epoch's validation predictions, by image under the data dir
+    assert len(val_soft) == summary["val_images"] and list(val_soft[0])[:2] == ["ImageID", "label"]
+    assert all((demo_dir / "train" / r["ImageID"]).is_file() for r in val_soft)
+    val_probs = np.array([[float(r[c]) for c in list(val_soft[0])[2:]] for r in val_soft])
+    val_labels = np.array([int(r["label"]) for r in val_soft])
+    assert np.allclose(val_probs.sum(1), 1, atol=1e-3) and len(val_probs[0]) == 18
+    assert summary["best"]["val_accuracy"] == pytest.approx(float((val_probs.argmax(1) == val_labels).mean()))
+    assert (summary["train_images"], summary["eval_images"], summary["classes"]) == (len(read_csv(demo_dir / "train" / "train.csv")) * 7
+                                                                                     - summary["val_images"], 14, 18)
+    return summary
+
+
 @pytest.mark.slow
 def test_end_to_end_writes_every_output(run_train, tmp_path, demo_dir):
     proc = run_train("--epochs", "2")
@@ -26,13 +45,7 @@ def test_end_to_end_writes_every_output(run_train, tmp_path, demo_dir):
     for name in ("config.json", "best.pth", "last.pth", "history.csv", "submission.csv", "submission_soft.csv", "summary.json"):
         assert (run / name).is_file(), name
     assert not list(run.glob("*.tmp"))
-    summary = json.loads((run / "summary.json").read_text())  # what the tools read instead of the printed lines
-    first_step = float(re.search(r"first step ([0-9.]+)s", proc.stdout).group(1))
-    assert summary["run_dir"] == str(run) and summary["epochs"] == 2 and summary["first_step_s"] == pytest.approx(first_step, abs=0.06)
-    assert set(summary["files"]) == {"config.json", "best.pth", "last.pth", "history.csv", "submission.csv", "submission_soft.csv",
-                                     "tensorboard"}
-    assert (summary["train_images"], summary["eval_images"], summary["classes"]) == (len(read_csv(demo_dir / "train" / "train.csv")) * 7
-                                                                                     - summary["val_images"], 14, 18)
+    summary = check_summary_and_val_soft(run, proc.stdout, demo_dir)
 
     config = json.loads((run / "config.json").read_text())
     assert config["epochs"] == 2 and config["resize"] == [64, 48] and "config" not in config

@@ -1,0 +1,252 @@
+"""baseline/finalize.py: finalist selection, the fold dispatch, greedy ensemble selection on crafted
+probabilities, the fetch (local and over a real loopback sshd) with missing or damaged files, and a
+real search finalized twice, locally and over SSH (the second run trains nothing)."""
+import json
+import pwd
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from nni.experiment.config import ExperimentConfig
+
+from baseline import experiment as expmod
+from baseline import finalize
+from baseline.preflight import Machine
+from conftest import ROOT, read_csv
+from sshd import free_port, start_sshd
+from test_experiment_nni import BIN, local_config, nni_env, nni_experiment
+from training import flags
+
+COMMAND = "python3 train.py --epochs 20 --resize 64 48"
+
+
+def trial(tid, metric, **params):
+    return expmod.Trial(tid, "SUCCEEDED", sequence=int(tid[-1]), params=params, final={"default": metric})
+
+
+def search(*trials):
+    return expmod.Experiment("exp12345", "DONE", {}, list(trials), "test")
+
+
+# ----------------------------------------------------------------------------- finalists and jobs
+def test_finalists_are_distinct_configurations_by_metric_plus_the_defaults():
+    exp = search(trial("t1", 0.80, lr=0.01), trial("t2", 0.90, lr=0.05, criterion={"_name": "focal", "focal_gamma": 2.0}),
+                 trial("t3", 0.85, lr=0.01, TRIAL_BUDGET=6),  # t1's configuration, longer: not another finalist
+                 trial("t4", 0.70, lr=0.2), expmod.Trial("t5", "FAILED", 5, {"lr": 0.3}))
+    finalists = finalize.select_finalists(exp, COMMAND, top=3)
+    assert [(f.name, f.trial, f.search_metric) for f in finalists] == [
+        ("top1", "t2", 0.90), ("top2", "t3", 0.85), ("top3", "t4", 0.70), ("defaults", "", None)]
+    assert finalists[0].params == {"lr": 0.05, "criterion": "focal", "focal_gamma": 2.0}
+    assert finalists[1].params == {"lr": 0.01}  # its TRIAL_BUDGET (--epochs) is not part of it
+    assert finalize.select_finalists(exp, COMMAND, top=1)[1].name == "defaults"
+
+
+def test_defaults_not_added_twice():
+    default_lr = flags.defaults()["lr"]
+    exp = search(trial("t1", 0.9, lr=default_lr), trial("t2", 0.8, lr=0.05))
+    assert [f.name for f in finalize.select_finalists(exp, COMMAND, top=2)] == ["top1", "top2"]
+
+
+def test_fold_jobs_train_every_missing_fold_at_the_standalone_length():
+    finalists = [finalize.Finalist("top1", {"lr": 0.05}), finalize.Finalist("defaults", {})]
+    jobs = finalize.fold_jobs(finalists, 3, done={("top1", 1)})
+    assert jobs == [dict(lr=0.05, epochs=0, kfold=3, fold=0), dict(lr=0.05, epochs=0, kfold=3, fold=2),
+                    dict(epochs=0, kfold=3, fold=0), dict(epochs=0, kfold=3, fold=1), dict(epochs=0, kfold=3, fold=2)]
+    parser = flags.build_parser()
+    for job in jobs:  # every job is a valid set of train.py parameters over the trial command
+        args = flags.apply_params(parser, parser.parse_args(shlex.split(COMMAND)[2:]), job, "job")
+        assert args.epochs == 0 and args.kfold == 3
+
+
+@pytest.mark.parametrize("name", ["config_local.yml", "config_remote.yml"])
+def test_fold_experiment_is_the_search_config_with_batch_tuner(name, tmp_path):
+    jobs = [dict(epochs=0, kfold=2, fold=0), dict(epochs=0, kfold=2, fold=1)]
+    config = finalize.fold_experiment_config(ROOT / name, "abc", jobs)
+    original = yaml.safe_load((ROOT / name).read_text())
+    assert config["tuner"] == {"name": "BatchTuner"} and "assessor" not in config and config["maxTrialNumber"] == 2
+    assert config["searchSpace"]["combine_params"]["_value"] == jobs
+    assert config["trainingService"] == original["trainingService"] and config["trialCommand"] == original["trialCommand"]
+    assert Path(config["trialCodeDirectory"]) == ROOT
+    (tmp_path / "key").write_text("placeholder")
+    for machine in config["trainingService"].get("machineList", []):  # NNI checks that the key file exists
+        machine["sshKeyFile"] = str(tmp_path / "key")
+    ExperimentConfig(**config).validate()  # NNI's own schema check
+
+
+# ----------------------------------------------------------------------------- ensemble selection
+def test_greedy_selection_finds_complementary_members():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    sure0, sure1, sure2 = [0.9, 0.05, 0.05], [0.05, 0.9, 0.05], [0.05, 0.05, 0.9]
+    a = np.array([sure0, sure0, sure1, sure1, [0.4, 0.3, 0.3], [0.4, 0.3, 0.3]])  # right on 0 and 1, unsure and wrong on 2
+    b = np.array([[0.3, 0.4, 0.3], [0.3, 0.4, 0.3], sure1, sure1, sure2, sure2])  # unsure and wrong on 0, right on 1 and 2
+    c = np.full((6, 3), 1 / 3)                 # says nothing
+    weights, f1 = finalize.greedy_selection([c, a, b], labels)
+    assert finalize.macro_f1(labels, a) < 1 and finalize.macro_f1(labels, b) < 1
+    assert f1 == pytest.approx(1.0) and weights[0] == 0 and weights[1] > 0 and weights[2] > 0
+    assert weights.sum() == pytest.approx(1)
+    assert f1 == pytest.approx(finalize.macro_f1(labels, weights[1] * a + weights[2] * b))
+
+
+def test_greedy_selection_of_one_good_member_is_that_member():
+    labels = np.array([0, 1, 2])
+    good, bad = np.eye(3), np.eye(3)[[1, 2, 0]]
+    weights, f1 = finalize.greedy_selection([bad, good], labels)
+    assert list(weights) == [0, 1] and f1 == 1.0
+
+
+# ----------------------------------------------------------------------------- the fetch
+def fake_trial_dir(path, run_dir_files):
+    path.mkdir(parents=True)
+    for name in finalize.FETCHED:
+        src = run_dir_files / name
+        shutil.copyfile(src, path / name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fold_run(tmp_path_factory, demo_dir, cache_dir):
+    """One real train.py --kfold run: the files a fold trial leaves."""
+    out = tmp_path_factory.mktemp("foldrun")
+    cmd = [sys.executable, str(ROOT / "train.py"), "--data_dir", str(demo_dir / "train"), "--eval_dir", str(demo_dir / "eval"),
+           "--cache_dir", str(cache_dir), "--resize", "64", "48", "--batch_size", "32", "--num_workers", "0", "--epochs", "1",
+           "--kfold", "2", "--fold", "1", "--model_dir", str(out), "--name", "run"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    return out / "run"
+
+
+FINALISTS = [finalize.Finalist("defaults", {})]
+FOLD_COMMAND = "python3 train.py"
+
+
+def command_of(fold_run):
+    """A trial command that makes fold_run's config.json the 'defaults' finalist's."""
+    config = json.loads((fold_run / "config.json").read_text())
+    words = ["python3", "train.py"] + [w for k, v in config.items() if k not in ("epochs", "kfold", "fold")
+                                       for w in expmod.flag_words({k: v})]
+    return shlex.join(words)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["none", "missing best.pth", "truncated best.pth", "val_soft.csv not a CSV"])
+def test_local_fetch_checks_every_file_and_leaves_nothing_half_written(damage, fold_run, tmp_path):
+    source = fake_trial_dir(tmp_path / "trial", fold_run)
+    if damage == "missing best.pth":
+        (source / "best.pth").unlink()
+    elif damage == "truncated best.pth":
+        (source / "best.pth").write_bytes((fold_run / "best.pth").read_bytes()[:3000])
+    elif damage == "val_soft.csv not a CSV":
+        (source / "val_soft.csv").write_bytes(b"\x00\x01\x02")
+    run_dir = tmp_path / "final"
+    run_dir.mkdir()
+    t = expmod.Trial("abcde", "SUCCEEDED", log_path=str(source))
+    if damage == "none":
+        assert finalize.bring_home(t, FINALISTS, command_of(fold_run), run_dir, []) == ("defaults", 1)
+        assert sorted(p.name for p in (run_dir / "defaults" / "fold1").iterdir()) == sorted(finalize.FETCHED)
+        assert finalize.folds_home(run_dir, FINALISTS, 2) == {("defaults", 1)}
+        return
+    with pytest.raises(ValueError) as e:
+        finalize.bring_home(t, FINALISTS, command_of(fold_run), run_dir, [])
+    assert len(str(e.value).splitlines()) == 1 and ("best.pth" in str(e.value) or "val_soft.csv" in str(e.value)), e.value
+    assert list(run_dir.iterdir()) == []  # no fold folder, no temp folder
+
+
+@pytest.mark.slow
+def test_remote_fetch_over_ssh_with_a_missing_file(fold_run, tmp_path):
+    with start_sshd(tmp_path / "sshd") as sshd:
+        home = Path(pwd.getpwnam(sshd.user).pw_dir)
+        remote = home / "nni-experiments" / f"finalize-test-{tmp_path.name}" / "trials" / "xyz12"
+        try:
+            fake_trial_dir(remote, fold_run)
+            machines = [Machine(host=sshd.host, port=sshd.port, user=sshd.user, ssh_key_file=str(sshd.key_file))]
+            log_path = f"{sshd.host}:~/{remote.relative_to(home)}"
+            t = expmod.Trial("xyz12", "SUCCEEDED", log_path=log_path)
+            run_dir = tmp_path / "final"
+            run_dir.mkdir()
+            assert finalize.bring_home(t, FINALISTS, command_of(fold_run), run_dir, machines) == ("defaults", 1)
+            for name in finalize.FETCHED:  # byte for byte
+                assert (run_dir / "defaults" / "fold1" / name).read_bytes() == (remote / name).read_bytes(), name
+            (remote / "val_soft.csv").unlink()
+            shutil.rmtree(run_dir / "defaults")
+            with pytest.raises(ValueError, match=r"val_soft.csv: could not copy \(cat: .*No such file"):
+                finalize.bring_home(t, FINALISTS, command_of(fold_run), run_dir, machines)
+            assert list(run_dir.iterdir()) == []
+        finally:
+            shutil.rmtree(remote.parents[1], ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- a real search, finalized
+def run_finalize(nni_home, *args):
+    proc = subprocess.run([sys.executable, str(ROOT / "baseline" / "finalize.py"), *map(str, args)], env=nni_env(nni_home),
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def tiny_search(demo_dir, cache_dir, trials=2):
+    config = local_config(demo_dir, cache_dir, trials, 1)
+    config["trialCommand"] += " --steps 8"  # the folds' standalone length: 8 steps, 2 epochs on the tiny demo
+    config.pop("assessor")
+    return config
+
+
+def check_finalized(run_dir, k, demo_dir):
+    report = json.loads((run_dir / "finalize.json").read_text())
+    names = [f["name"] for f in report["finalists"]]
+    assert "defaults" in names and report["k"] == k and report["winner"] in names
+    for name in names:
+        for fold in range(k):
+            assert sorted(p.name for p in (run_dir / name / f"fold{fold}").iterdir()) == sorted(finalize.FETCHED)
+    assert report["oof_images"] == 24 * 7 and report["winner_oof_f1"] == max(f["oof_f1"] for f in report["finalists"])
+    submission = read_csv(run_dir / "submission.csv")
+    assert [r["ImageID"] for r in submission] == [r["ImageID"] for r in read_csv(demo_dir / "eval" / "info.csv")]
+    assert "out-of-fold macro F1" in (run_dir / "report.md").read_text()
+    return report
+
+
+@pytest.mark.slow
+def test_local_search_finalized_then_reused(tmp_path, demo_dir, cache_dir, nni_home):
+    config = tiny_search(demo_dir, cache_dir)
+    (tmp_path / "search.yml").write_text(yaml.safe_dump(config))
+    with nni_experiment(config, tmp_path / "search", nni_home) as run:
+        run.wait_done(300)
+        exp_id = run.id
+    out = run_finalize(nni_home, "--id", exp_id, "--config", tmp_path / "search.yml", "--top", 1, "--k", 2,
+                       "--out", tmp_path / "final", "--fold_port", free_port())
+    report = check_finalized(tmp_path / "final", 2, demo_dir)
+    assert "fold experiment" in out and len(report["finalists"]) in (1, 2)
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "final").rglob("best.pth")}
+    out = run_finalize(nni_home, "--id", exp_id, "--config", tmp_path / "search.yml", "--top", 1, "--k", 2,
+                       "--out", tmp_path / "final", "--select", "greedy")
+    assert "training nothing" in out and "fold experiment" not in out
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "final").rglob("best.pth")} == stamps
+    assert json.loads((tmp_path / "final" / "finalize.json").read_text())["select"] == "greedy"
+
+
+@pytest.mark.slow
+def test_remote_search_finalized_over_ssh(tmp_path, demo_dir, cache_dir, nni_home):
+    config = tiny_search(demo_dir, cache_dir)
+    with start_sshd(tmp_path / "sshd") as sshd:
+        config["nniManagerIp"] = "127.0.0.1"
+        config["trainingService"] = {"platform": "remote", "machineList": [{
+            "host": sshd.host, "port": sshd.port, "user": sshd.user, "sshKeyFile": str(sshd.key_file), "pythonPath": str(BIN)}]}
+        (tmp_path / "search.yml").write_text(yaml.safe_dump(config))
+        home = Path(pwd.getpwnam(sshd.user).pw_dir)
+        before = set((home / "nni-experiments").glob("*"))
+        try:
+            with nni_experiment(config, tmp_path / "search", nni_home) as run:
+                run.wait_done(420)
+            out = run_finalize(nni_home, "--id", run.id, "--config", tmp_path / "search.yml", "--top", 1, "--k", 2,
+                               "--out", tmp_path / "final", "--fold_port", free_port())
+            report = check_finalized(tmp_path / "final", 2, demo_dir)
+            assert all(f"from {sshd.host}:~/nni-experiments/" in line for line in out.splitlines() if line.startswith("home:"))
+            out = run_finalize(nni_home, "--id", run.id, "--config", tmp_path / "search.yml", "--top", 1, "--k", 2,
+                               "--out", tmp_path / "final")
+            assert "training nothing" in out and report["oof_images"] == 168
+        finally:  # the search's and the fold experiment's files on the "server"
+            for d in set((home / "nni-experiments").glob("*")) - before:
+                shutil.rmtree(d, ignore_errors=True)
