@@ -1,0 +1,149 @@
+"""Does finalize hand over a model that beats the defaults on people it never saw? Real searches and real
+finalize runs, on the demo data and on mask-layout sets drawn unlike it.
+
+    python bench/finalize.py                                   # demo seeds 1-3, then the drawn sets (hours on 2 cores)
+    python bench/finalize.py --sets demo --seeds 1 --work /tmp/fin
+
+For each (set, seed), at --resize 64 48 (as bench/hpo.py): config_local.yml's search (TPE + Medianstop
+from the defaults, 12 trials of 20 epochs) with that seed, then baseline/finalize.py on it (top 3 + the
+defaults, 5 folds, both --select modes), and scored on the set's eval split (macro F1):
+  defaults          `python train.py` with its defaults, one run
+  defaults_kfold    the defaults' own 5-fold vote (finalize's "defaults" finalist)
+  search_best       the search's best trial (by its objective), its best.pth
+  finalize_winner   finalize --select winner
+  finalize_greedy   finalize --select greedy
+and, over the finalists, the Spearman rank correlation of their out-of-fold macro F1 with their eval
+F1 (their own 5-fold votes), beside the same for their single-split validation metric from the search.
+Each (set, seed) lands in --work/results/ as JSON, so a rerun skips what is done (and finalize itself
+trains no fold twice); the table is printed from all of them. Not a test.
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+
+from baseline import experiment as expmod  # noqa: E402
+from baseline.evaluation import evaluate  # noqa: E402
+from bench import hpo  # noqa: E402
+from core import demo  # noqa: E402
+from core.metrics import score  # noqa: E402
+
+# name -> (people, eval people, image size, seed): None = the demo itself
+SETS = {"demo": None, "small": (120, 60, (112, 84), 31), "large": (700, 100, (144, 108), 32)}
+METHODS = ["defaults", "defaults_kfold", "search_best", "finalize_winner", "finalize_greedy"]
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS), help="data sets")
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds on the demo (the drawn sets take the first)")
+    p.add_argument("--port", type=int, default=8093, help="port of the experiments (one at a time)")
+    p.add_argument("--work", type=Path, default=None, help="where everything goes (default: a temp dir)")
+    return p.parse_args()
+
+
+def data_of(name, work):
+    if SETS[name] is None:
+        return demo.ensure_demo_data()
+    people, eval_people, size, seed = SETS[name]
+    root = work / "data" / name
+    if not (root / "train").is_dir():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        demo.make_demo_data(root, people, eval_people, size=size, seed=seed)
+    return root
+
+
+def spearman(a, b):
+    if len(a) < 3:
+        return None
+    return float(np.corrcoef(pd.Series(a).rank(), pd.Series(b).rank())[0, 1])
+
+
+def soft_f1(path, truth):
+    """Macro F1 of a submission_soft.csv-like table (ImageID + class columns) against truth.csv."""
+    table = pd.read_csv(path).set_index("ImageID")
+    labels = pd.read_csv(truth).set_index("ImageID").loc[table.index, "ans"].to_numpy()
+    return score(labels, table.to_numpy().argmax(1), table.shape[1])["f1"]
+
+
+def finalist_eval_f1(run_dir, name, k, truth):
+    folds = [pd.read_csv(run_dir / name / f"fold{i}" / "submission_soft.csv").set_index("ImageID") for i in range(k)]
+    mean = sum(folds) / k
+    labels = pd.read_csv(truth).set_index("ImageID").loc[mean.index, "ans"].to_numpy()
+    return score(labels, mean.to_numpy().argmax(1), mean.shape[1])["f1"]
+
+
+def one(name, seed, work, cli):
+    data = data_of(name, work)
+    truth, data_flags = data / "eval" / "truth.csv", ["--data_dir", str(data / "train"), "--eval_dir", str(data / "eval")]
+    base = hpo.local_config(argparse.Namespace(trial_epochs=None, budget=None))
+    config = hpo.search_config("tpe", seed, base, work)
+    config.update(experimentName=f"fin-{name}-{seed}", assessor=base["assessor"], maxTrialNumber=base["maxTrialNumber"])
+    config["trialCommand"] += " " + shlex.join(data_flags)
+    exp, _, minutes = hpo.run_experiment(config, cli.port, work)
+    (work / f"search_{name}_{seed}.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    best = expmod.best_trial(exp)
+    out = work / "finalize" / f"{name}_{seed}"
+    scores, report = {}, {}
+    for select in ("winner", "greedy"):
+        subprocess.run([sys.executable, str(ROOT / "baseline" / "finalize.py"), "--id", exp.id, "--config",
+                        str(work / f"search_{name}_{seed}.yml"), "--select", select, "--out", str(out),
+                        "--fold_port", str(cli.port + 1)], check=True, cwd=ROOT)
+        scores[f"finalize_{select}"] = evaluate(out / "submission.csv", truth, "mask")["scores"]["f1"]
+        report = json.loads((out / "finalize.json").read_text())
+    k = report["k"]
+    finalists = report["finalists"]
+    eval_f1 = {f["name"]: finalist_eval_f1(out, f["name"], k, truth) for f in finalists}
+    scores["defaults_kfold"] = eval_f1["defaults"]
+    scores["search_best"] = soft_f1(Path(best.log_path) / "submission_soft.csv", truth)
+    words = [sys.executable, str(ROOT / "train.py"), *hpo.SIZE, "--seed", str(seed), "--cache_dir", str(work / "cache"), *data_flags]
+    scores["defaults"] = hpo.train_and_score(words, work / "defaults" / f"{name}_{seed}", data / "eval")[2]
+    searched = [f for f in finalists if f["search_metric"] is not None]
+    return dict(set=name, seed=seed, search_minutes=minutes, experiment=exp.id, scores=scores, finalists=finalists,
+                finalist_eval_f1=eval_f1, winner=report["winner"], greedy_weights=report["greedy_weights"],
+                rank_oof=spearman([f["oof_f1"] for f in finalists], [eval_f1[f["name"]] for f in finalists]),
+                rank_search=spearman([f["search_metric"] for f in searched], [eval_f1[f["name"]] for f in searched]))
+
+
+def table(results):
+    print(f"\n{'set':<6} {'seeds':>5}  " + "  ".join(f"{m:>17}" for m in METHODS) + "  rank(oof,eval) rank(val,eval)")
+    for name in SETS:
+        rows = [r for r in results if r["set"] == name]
+        if not rows:
+            continue
+        cells = []
+        for m in METHODS:
+            v = [r["scores"][m] for r in rows]
+            cells.append(f"{np.mean(v):.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}".rjust(17))
+        ranks = [np.mean([r[key] for r in rows if r[key] is not None] or [np.nan]) for key in ("rank_oof", "rank_search")]
+        print(f"{name:<6} {len(rows):>5}  " + "  ".join(cells) + f"  {ranks[0]:>14.2f} {ranks[1]:>14.2f}")
+
+
+def main():
+    cli = parse_args()
+    work = cli.work or Path(tempfile.mkdtemp(prefix="finalize-bench-"))
+    (work / "results").mkdir(parents=True, exist_ok=True)
+    print(f"work dir {work}", flush=True)
+    for name in cli.sets:
+        for seed in cli.seeds if name == "demo" else cli.seeds[:1]:
+            done = work / "results" / f"{name}_{seed}.json"
+            if not done.is_file():
+                done.write_text(json.dumps(one(name, seed, work, cli), indent=2))
+            print(f"{name} seed {seed}: {json.loads(done.read_text())['scores']}", flush=True)
+    table([json.loads(p.read_text()) for p in sorted((work / "results").glob("*.json"))])
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    main()
