@@ -57,7 +57,7 @@ NOT_CONFIGURATION = ("epochs", "kfold", "fold")  # a run's length and its fold s
 
 @dataclass
 class Finalist:
-    name: str            # "top1", "top2", ... or "defaults"
+    name: str            # "top1", "top2", ... by rank, or "defaults" (the trial command's own flags)
     params: dict         # flat train.py flags over the trial command ({} for the defaults)
     trial: str = ""      # the search trial it comes from
     search_metric: float = None  # that trial's validation metric (the search's objective, one split)
@@ -73,7 +73,7 @@ def configuration(trial_command, params):
 
 def select_finalists(exp, trial_command, top=3):
     """The top distinct configurations by the search's objective, then the trial command's own (the defaults)."""
-    finalists, seen = [], []
+    finalists, seen, defaults = [], [], configuration(trial_command, {})
     for trial in expmod.ranked(exp):
         value = trial.metric if expmod._is_number(trial.metric) else trial.best_intermediate_for(exp.maximize)
         if value is None or len(finalists) == top:
@@ -82,8 +82,9 @@ def select_finalists(exp, trial_command, top=3):
         config = configuration(trial_command, params)
         if config not in seen:
             seen.append(config)
-            finalists.append(Finalist(f"top{len(finalists) + 1}", params, trial.id, value))
-    if configuration(trial_command, {}) not in seen:
+            name = "defaults" if config == defaults else f"top{len(finalists) + 1}"  # e.g. SafeTPE's first trial
+            finalists.append(Finalist(name, params, trial.id, value))
+    if defaults not in seen:
         finalists.append(Finalist("defaults", {}))
     if len(finalists) == 1 and finalists[0].name == "defaults" and not exp.trials:
         raise ValueError(f"experiment {exp.id} has no trials")

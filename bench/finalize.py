@@ -34,6 +34,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from baseline import experiment as expmod  # noqa: E402
+from baseline import finalize  # noqa: E402
 from baseline.evaluation import evaluate  # noqa: E402
 from bench import hpo  # noqa: E402
 from core import demo  # noqa: E402
@@ -91,10 +92,13 @@ def one(name, seed, work, cli):
     config = hpo.search_config("tpe", seed, base, work)
     config.update(experimentName=f"fin-{name}-{seed}", assessor=base["assessor"], maxTrialNumber=base["maxTrialNumber"])
     config["trialCommand"] += " " + shlex.join(data_flags)
-    exp, _, minutes = hpo.run_experiment(config, cli.port, work)
-    (work / f"search_{name}_{seed}.yml").write_text(yaml.safe_dump(config, sort_keys=False))
-    best = expmod.best_trial(exp)
     out = work / "finalize" / f"{name}_{seed}"
+    if (out / "plan.json").is_file():  # searched (and maybe finalized) before: finalize reuses what is home
+        exp, minutes = expmod.from_id(json.loads((out / "plan.json").read_text())["experiment"]), None
+    else:
+        exp, _, minutes = hpo.run_experiment(config, cli.port, work)
+        (work / f"search_{name}_{seed}.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    best = expmod.best_trial(exp)
     scores, report = {}, {}
     for select in ("winner", "greedy"):
         subprocess.run([sys.executable, str(ROOT / "baseline" / "finalize.py"), "--id", exp.id, "--config",
@@ -105,7 +109,9 @@ def one(name, seed, work, cli):
     k = report["k"]
     finalists = report["finalists"]
     eval_f1 = {f["name"]: finalist_eval_f1(out, f["name"], k, truth) for f in finalists}
-    scores["defaults_kfold"] = eval_f1["defaults"]
+    command = config["trialCommand"]  # the defaults: the finalist that trains with the trial command's own flags
+    defaults = next(f["name"] for f in finalists if finalize.configuration(command, f["params"]) == finalize.configuration(command, {}))
+    scores["defaults_kfold"] = eval_f1[defaults]
     scores["search_best"] = soft_f1(Path(best.log_path) / "submission_soft.csv", truth)
     words = [sys.executable, str(ROOT / "train.py"), *hpo.SIZE, "--seed", str(seed), "--cache_dir", str(work / "cache"), *data_flags]
     scores["defaults"] = hpo.train_and_score(words, work / "defaults" / f"{name}_{seed}", data / "eval")[2]

@@ -49,7 +49,8 @@ def test_finalists_are_distinct_configurations_by_metric_plus_the_defaults():
 def test_defaults_not_added_twice():
     default_lr = flags.defaults()["lr"]
     exp = search(trial("t1", 0.9, lr=default_lr), trial("t2", 0.8, lr=0.05))
-    assert [f.name for f in finalize.select_finalists(exp, COMMAND, top=2)] == ["top1", "top2"]
+    finalists = finalize.select_finalists(exp, COMMAND, top=2)
+    assert [(f.name, f.trial) for f in finalists] == [("defaults", "t1"), ("top2", "t2")]  # the defaults' trial, named so
 
 
 def test_fold_jobs_train_every_missing_fold_at_the_standalone_length():
