@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from core import demo
 from core.cli import make_progress
-from core.labels import GENDERS, MASK_FILES, age_band, encode_class, mask_class_names, natural_key
+from core.labels import DEFAULT_AGE_BOUNDS, GENDERS, MASK_FILES, age_band, encode_class, mask_class_names, natural_key
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nni-image-classification"
@@ -43,15 +43,15 @@ def is_image(path):
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def parse_profile(name, age_bounds):
-    """'000123_female_Asian_45' -> (gender, age_band); DataError if malformed."""
+def parse_profile(name):
+    """'000123_female_Asian_45' -> (gender, age); DataError if malformed."""
     parts = name.split("_")
     if len(parts) != 4 or parts[1] not in GENDERS or not parts[3].isdigit():
         raise DataError(f"malformed profile folder name {name!r}: expected {{id}}_{{male|female}}_{{race}}_{{age}}")
     age = int(parts[3])
     if not 0 < age < 130:
         raise DataError(f"profile folder {name!r}: age {age} out of range")
-    return GENDERS[parts[1]], age_band(age, age_bounds)
+    return GENDERS[parts[1]], age
 
 
 def check_dir(path, what):
@@ -61,24 +61,28 @@ def check_dir(path, what):
     return path
 
 
-def read_mask_train(data_dir, age_bounds=(30, 60)):
-    """Mask layout -> dict(paths, labels, groups, strata, classes). Accepts DATA/train or DATA/train/images."""
+def read_mask_train(data_dir, age_bounds=DEFAULT_AGE_BOUNDS):
+    """Mask layout -> dict(paths, labels, truth, groups, strata, classes). Accepts DATA/train or DATA/train/images.
+    labels: what the model trains on (age_bounds); truth: the data's own labels (DEFAULT_AGE_BOUNDS), which
+    validation is scored on and the strata use, so that the split is the same whatever the age_bounds."""
     root = check_dir(data_dir, "data dir")
     image_root = root / "images" if (root / "images").is_dir() else root
-    paths, labels, groups, strata = [], [], [], []
+    paths, labels, truth, groups, strata = [], [], [], [], []
     profiles = sorted((p for p in image_root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: natural_key(p.name))
     for group, profile in enumerate(profiles):
-        gender, band = parse_profile(profile.name, age_bounds)
+        gender, age = parse_profile(profile.name)
         for file in sorted(profile.iterdir()):
             if not is_image(file) or file.stem not in MASK_FILES:
                 continue
             paths.append(str(file))
-            labels.append(encode_class(MASK_FILES[file.stem], gender, band))
+            labels.append(encode_class(MASK_FILES[file.stem], gender, age_band(age, age_bounds)))
+            truth.append(encode_class(MASK_FILES[file.stem], gender, age_band(age)))
             groups.append(group)
-            strata.append(gender * 3 + band)
+            strata.append(gender * 3 + age_band(age))
     if not paths:
         raise DataError(f"no images found in {image_root} (expected {{id}}_{{gender}}_{{race}}_{{age}}/mask1.jpg ...)")
-    return dict(paths=paths, labels=np.array(labels), groups=np.array(groups), strata=np.array(strata), classes=mask_class_names())
+    return dict(paths=paths, labels=np.array(labels), truth=np.array(truth), groups=np.array(groups), strata=np.array(strata),
+                classes=mask_class_names())
 
 
 def read_folder_train(data_dir, age_bounds=None):
@@ -97,7 +101,7 @@ def read_folder_train(data_dir, age_bounds=None):
         raise DataError(f"{root} holds images of {len(found)} class ({', '.join(found)}): a classifier needs at least 2 "
                         f"class folders with images")
     labels = np.array(labels)
-    return dict(paths=paths, labels=labels, groups=np.arange(len(paths)), strata=labels, classes=classes)
+    return dict(paths=paths, labels=labels, truth=labels, groups=np.arange(len(paths)), strata=labels, classes=classes)
 
 
 def read_eval(eval_dir, layout):
@@ -126,11 +130,11 @@ def split_random(data, val_ratio, seed, kfold=0, fold=0):
     """Image-level split (a person's photos may straddle train and validation)."""
     from sklearn.model_selection import StratifiedKFold, train_test_split  # lazy: 1 s of start-up
 
-    index = np.arange(len(data["labels"]))
+    index = np.arange(len(data["truth"]))
     if kfold:
-        return list(StratifiedKFold(kfold, shuffle=True, random_state=seed).split(index, data["labels"]))[fold]
-    counts = np.bincount(data["labels"])
-    stratify = data["labels"] if counts[counts > 0].min() >= 2 else None
+        return list(StratifiedKFold(kfold, shuffle=True, random_state=seed).split(index, data["truth"]))[fold]
+    counts = np.bincount(data["truth"])
+    stratify = data["truth"] if counts[counts > 0].min() >= 2 else None
     return train_test_split(index, test_size=val_ratio, random_state=seed, stratify=stratify)
 
 
@@ -162,7 +166,7 @@ DATASETS = {
 }
 
 
-def create_dataset(name, data_dir, age_bounds=(30, 60)):
+def create_dataset(name, data_dir, age_bounds=DEFAULT_AGE_BOUNDS):
     """-> (layout, data dict, splitter)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
@@ -410,18 +414,21 @@ class TrainingData:
     val_set: "ImageDataset"
     val_loader: DataLoader
     val_ids: list                # the validation images' paths relative to the data dir, val_set's order
+    val_truth: np.ndarray        # their labels in the data's own scheme: what validation is scored on
     eval_ids: list = None        # with an eval dir: its image ids and paths
     eval_paths: list = None
 
 
 def load_training_data(*, dataset, data_dir, eval_dir, age_bounds, val_ratio, seed, kfold, fold, resize, augmentation,
-                       sampler, batch_size, valid_batch_size, num_workers, cache_dir, use_cache, device):
+                       sampler, batch_size, valid_batch_size, num_workers, cache_dir, use_cache, device, split_seed=None):
     """Read, split and decode the data (the demo data when no data_dir) -> TrainingData. Every check that
-    can fail on the inputs (layout, images, the eval dir's listing) runs here, before a run dir exists."""
+    can fail on the inputs (layout, images, the eval dir's listing) runs here, before a run dir exists.
+    split_seed: seeds the train/validation split instead of seed (None: seed)."""
     if data_dir is None and DATASETS[dataset][0] != "mask":
         raise ValueError(f"--dataset {dataset} needs --data_dir (the demo data is in the mask layout)")
     data_dir, eval_dir = demo.data_dirs(data_dir, eval_dir)
-    layout, data, train_idx, val_idx = read_split(dataset, data_dir, age_bounds, val_ratio, seed, kfold, fold)
+    layout, data, train_idx, val_idx = read_split(dataset, data_dir, age_bounds, val_ratio, seed if split_seed is None else split_seed,
+                                                  kfold, fold)
     size = tuple(resize)
     eval_ids, eval_paths = read_eval(eval_dir, layout) if eval_dir else (None, None)
     images = load_images(data["paths"], size, cache_dir, use_cache, make_progress("decoding images"))
@@ -442,7 +449,8 @@ def load_training_data(*, dataset, data_dir, eval_dir, age_bounds, val_ratio, se
                         workers=workers, generators=generators, normalize=Normalize(mean, std).to(device),
                         augment=create_transform(augmentation), train_loader=train_loader, val_set=val_set,
                         val_loader=DataLoader(val_set, valid_batch_size, **loader_kw), eval_ids=eval_ids, eval_paths=eval_paths,
-                        val_ids=[Path(data["paths"][i]).relative_to(data_dir).as_posix() for i in val_idx])
+                        val_ids=[Path(data["paths"][i]).relative_to(data_dir).as_posix() for i in val_idx],
+                        val_truth=data["truth"][val_idx])
 
 
 if __name__ == "__main__":  # the documented way to write the demo data by hand

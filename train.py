@@ -61,6 +61,15 @@ def report_final(best):
     nni.report_final_result(best)
 
 
+def split_seed(args):
+    """--reshuffle_val under NNI: every trial validates on its own people (Nagler et al. 2024), the split seeded
+    by the trial's sequence number. Standalone, and for --kfold folds (which must partition alike), --seed."""
+    if args.reshuffle_val and UNDER_NNI and not args.kfold:
+        import nni
+        return args.seed + nni.get_sequence_id()
+    return args.seed
+
+
 # ----------------------------------------------------------------------------- main
 def main(args):
     """Data, model, run directory, fit, predict. Inputs are read and checked before anything is written."""
@@ -69,12 +78,13 @@ def main(args):
         return None, None
     device = resolve_device(args.device)
     seed_everything(args.seed)
+    split = split_seed(args)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     data = dataset.load_training_data(
         dataset=args.dataset, data_dir=args.data_dir, eval_dir=args.eval_dir, age_bounds=args.age_bounds, val_ratio=args.val_ratio,
         seed=args.seed, kfold=args.kfold, fold=args.fold, resize=args.resize, augmentation=args.augmentation, sampler=args.sampler,
         batch_size=args.batch_size, valid_batch_size=args.valid_batch_size, num_workers=args.num_workers, cache_dir=args.cache_dir,
-        use_cache=not args.no_cache, device=device)
+        use_cache=not args.no_cache, device=device, split_seed=split)
     if not args.epochs:  # the step budget, in whole epochs; config.json then records the epochs it became
         args.epochs = math.ceil(args.steps / len(data.train_loader))
         print(f"training {args.epochs} epochs: --steps {args.steps} at {len(data.train_loader)} steps per epoch", flush=True)
@@ -92,7 +102,7 @@ def main(args):
         predict_eval(args, data, model, run_dir, device)
     write_summary(run_dir, dict(result, format=1, run_dir=str(run_dir.resolve()), model=args.model, classes=len(data.classes),
                                 train_images=len(data.train_loader.dataset), val_images=len(data.val_set),
-                                eval_images=len(data.eval_ids or ()), under_nni=UNDER_NNI,
+                                eval_images=len(data.eval_ids or ()), under_nni=UNDER_NNI, split_seed=split,
                                 files=sorted(p.name for p in run_dir.iterdir())))
     return result["best"]["value"], run_dir
 
@@ -175,8 +185,8 @@ def fit(args, data, model, opt, run_dir, start, device):
                 report_final(best)
         raise
     if best_val:  # once, at the end: drawing them at every new best cost seconds per epoch
-        log_figures(writer, best_val[1], data.val_set, data.classes, best_val[0])
-        write_val_soft(run_dir / "val_soft.csv", data.val_ids, best_val[1]["labels"], best_val[1]["probs"], data.classes)
+        log_figures(writer, best_val[1]["preds"], data.val_truth, data.val_set, data.classes, best_val[0])
+        write_val_soft(run_dir / "val_soft.csv", data.val_ids, data.val_truth, best_val[1]["probs"], data.classes)
     writer.close()
     print(f"best val {args.metric} {best:.4f} -> {run_dir / 'best.pth'}", flush=True)
     rising = warn_if_still_rising(args, [row[f"val_{args.metric}"] for row in history])
@@ -198,7 +208,7 @@ def run_epoch(args, data, model, opt, epoch, device, first):
     if not math.isfinite(val["loss"]) or not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
         raise FloatingPointError(f"epoch {epoch}: validation loss is {val['loss']:.4g} and the weights are not all finite: "
                                  f"training diverged (try a lower --lr); nothing of this epoch was saved")
-    scores = score(val["labels"], val["preds"], len(data.classes), per_task=data.layout == "mask")
+    scores = score(data.val_truth, val["preds"], len(data.classes), per_task=data.layout == "mask")  # the data's own labels
     opt.scheduler.step(scores[args.metric]) if args.scheduler == "plateau" else opt.scheduler.step()
     row = dict(epoch=epoch, train_loss=train_stats["loss"], train_accuracy=train_stats["accuracy"],
                train_images_per_s=train_stats["images_per_s"], val_loss=val["loss"], **{f"val_{k}": v for k, v in scores.items()},
@@ -243,14 +253,13 @@ def log_row(writer, row):
     print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
 
 
-def log_figures(writer, val, val_set, classes, epoch, n=16):
+def log_figures(writer, preds, truth, val_set, classes, epoch, n=16):
     """The best epoch's confusion matrix, and a grid of validation images titled prediction / truth."""
-    matrix = confusion(val["labels"], val["preds"], len(classes))
+    matrix = confusion(truth, preds, len(classes))
     writer.add_image("val/confusion_matrix", np.asarray(confusion_image(matrix, classes)), epoch, dataformats="HWC")
     picks = np.linspace(0, len(val_set) - 1, min(n, len(val_set))).astype(int)
-    samples = [val_set[i] for i in picks]
-    grid = prediction_grid([image.permute(1, 2, 0).numpy() for image, _ in samples], [int(val["preds"][i]) for i in picks],
-                           [label for _, label in samples], classes)
+    grid = prediction_grid([val_set[i][0].permute(1, 2, 0).numpy() for i in picks], [int(preds[i]) for i in picks],
+                           [int(truth[i]) for i in picks], classes)
     writer.add_image("val/predictions", np.asarray(grid), epoch, dataformats="HWC")
 
 

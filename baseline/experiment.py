@@ -3,6 +3,7 @@
     python baseline/experiment.py --port 8080            # a running experiment (REST API)
     python baseline/experiment.py --id EXP_ID            # by id: REST if it runs, else its nni.sqlite
     python baseline/experiment.py --port 8080 --csv trials.csv
+    python baseline/experiment.py --id EXP_ID --fetch TRIAL_ID   # that trial's output dir -> runs/<EXP_ID>_<TRIAL_ID>
 
 The table lists every trial with its status, final metric ("default"), best
 intermediate metric, epochs reported and parameters. The best trial's
@@ -15,15 +16,24 @@ training service hands parameter sets out in the order trials ask for them.
 So a trial's parameters are taken from nnimanager.log's "Trial parameter: ID
 {...}" line when the experiment's log is on this machine, else from the
 parameter id the trial reported with its metrics.
+
+NNI 3.0's remote training service leaves every trial's output dir (best.pth, submissions...) on the
+server that ran it and downloads only its logs: --fetch copies one home over SSH, with the user,
+port and key of the experiment's own machineList.
 """
 import argparse
 import csv
 import json
 import math
 import re
+import os
 import shlex
+import shutil
 import sqlite3
+import subprocess
 import sys
+import tarfile
+import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -31,6 +41,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+from baseline.preflight import machines_of, ssh_base  # noqa: E402
 
 
 STATUS_ORDER = {"SUCCEEDED": 0, "EARLY_STOPPED": 1, "USER_CANCELED": 2, "RUNNING": 3, "WAITING": 4,
@@ -362,6 +374,68 @@ def write_csv(exp, path):
                         t.log_path])
 
 
+# ----------------------------------------------------------------------------- a trial's files
+def fetch(source, target, machines=(), names=None):
+    """A trial's output dir -> target (an existing, empty dir): every file, or only those named.
+    source: a local dir, or NNI's remote "host:~/path" (copied with tar over SSH as machines[host] logs in).
+    ValueError naming what could not be copied; what was copied so far is left for the caller to remove."""
+    target = Path(target)
+    if ":" not in source or Path(source).is_dir():
+        src = Path(source)
+        for name in names or [p.relative_to(src) for p in sorted(src.rglob("*")) if p.is_file()]:
+            if not (src / name).is_file():
+                raise ValueError(f"{src / name}: missing")
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / name, target / name)
+        return
+    host, path = source.split(":", 1)
+    candidates = [m for m in machines if m.host == host]
+    if not candidates:
+        raise ValueError(f"trial output {source}: no machine {host} in the experiment's machineList")
+    path = path.removeprefix("~/")  # ssh runs the command in the user's home
+    command = f"tar -C {shlex.quote(path)} -cf - -- " + (shlex.join(names) if names else ".")
+    with tempfile.TemporaryFile() as archive:
+        for machine in candidates:  # the same host may be listed once per GPU set
+            archive.seek(0)
+            archive.truncate()
+            proc = subprocess.run([*ssh_base(machine, 15), command], stdout=archive, stderr=subprocess.PIPE, timeout=3600)
+            if proc.returncode == 0:
+                break
+        else:
+            reason = [line for line in proc.stderr.decode(errors="replace").splitlines() if line.strip()]
+            raise ValueError(f"{host}:{path}: could not copy ({reason[0] if reason else f'ssh exit {proc.returncode}'})")
+        archive.seek(0)
+        try:
+            with tarfile.open(fileobj=archive) as tar:
+                tar.extractall(target, filter="data")  # "data": no absolute paths, links out or devices
+        except (tarfile.TarError, OSError) as e:
+            raise ValueError(f"{host}:{path}: the copy is damaged ({e})") from None
+
+
+def fetch_trial(exp, trial_id, out):
+    """experiment.py --fetch: one trial's whole output dir -> out, put in place only once all of it is there."""
+    trial = next((t for t in exp.trials if t.id == trial_id), None)
+    if trial is None or not trial.log_path:
+        raise ValueError(f"experiment {exp.id} has no trial {trial_id!r} with an output dir "
+                         f"(trials: {', '.join(t.id for t in exp.trials) or 'none'})")
+    out = Path(out or Path("runs") / f"{exp.id}_{trial_id}")
+    if out.exists():
+        raise ValueError(f"{out} exists: give another --out")
+    ts = exp.params.get("trainingService")
+    remote = any(isinstance(s, dict) and s.get("platform") == "remote" for s in (ts if isinstance(ts, list) else [ts]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        fetch(trial.log_path, tmp, machines_of(exp.params) if remote else [])
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    print(f"trial {trial_id} ({trial.status}): {len(files)} files from {trial.log_path} -> {out}: "
+          f"{', '.join(f for f in files if '/' not in f)}")
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="List an NNI experiment's trials by metric and print the best as a command.")
     g = p.add_mutually_exclusive_group(required=True)
@@ -370,6 +444,9 @@ def main(argv=None):
     p.add_argument("--host", default="127.0.0.1", help="host of the NNI manager with --port (default: 127.0.0.1)")
     p.add_argument("--csv", type=Path, help="also write the table to this CSV file")
     p.add_argument("--json", action="store_true", help="print the best trial as JSON instead of the table")
+    p.add_argument("--fetch", metavar="TRIAL_ID", help="copy that trial's output dir here (over SSH for a remote trial) "
+                                                        "instead of printing the table")
+    p.add_argument("--out", type=Path, help="where --fetch puts it (default: runs/<EXP_ID>_<TRIAL_ID>)")
     a = p.parse_args(argv)
     try:
         exp = from_rest(a.port, a.host) if a.port else from_id(a.id)
@@ -379,6 +456,13 @@ def main(argv=None):
     except LookupError as e:
         print(f"experiment.py: error: {e}", file=sys.stderr)
         return 1
+    if a.fetch:
+        try:
+            fetch_trial(exp, a.fetch, a.out)
+        except ValueError as e:
+            print(f"experiment.py: error: {e}", file=sys.stderr)
+            return 1
+        return 0
     if a.json:
         best = best_trial(exp)
         print(json.dumps(None if best is None else {

@@ -45,7 +45,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from baseline import experiment as expmod  # noqa: E402
-from baseline.preflight import machines_of, ssh_base  # noqa: E402
+from baseline.preflight import machines_of  # noqa: E402
 from core.cli import Parser, run_main  # noqa: E402
 from core.metrics import score  # noqa: E402
 from core.runs import read_summary, write_submission  # noqa: E402
@@ -147,28 +147,6 @@ def exp_id_of(nnictl_output):
 
 
 # ----------------------------------------------------------------------------- bringing the models home
-def fetch_file(source, name, target, machines):
-    """One file of a trial's output dir -> target. source: a local dir, or NNI's remote "host:~/path"."""
-    if ":" not in source or Path(source).is_dir():
-        src = Path(source) / name
-        if not src.is_file():
-            raise ValueError(f"{src}: missing")
-        shutil.copyfile(src, target)
-        return
-    host, path = source.split(":", 1)
-    candidates = [m for m in machines if m.host == host]
-    if not candidates:
-        raise ValueError(f"trial output {source}: no machine {host} in the config's machineList")
-    remote = f"{path.removeprefix('~/')}/{name}"  # ssh runs the command in the user's home
-    for machine in candidates:
-        with open(target, "wb") as out:
-            proc = subprocess.run([*ssh_base(machine, 15), f"cat -- {shlex.quote(remote)}"], stdout=out, stderr=subprocess.PIPE, timeout=600)
-        if proc.returncode == 0:
-            return
-    reason = proc.stderr.decode(errors="replace").strip().splitlines()
-    raise ValueError(f"{host}:{remote}: could not copy ({reason[-1] if reason else f'ssh exit {proc.returncode}'})")
-
-
 def check_fetched(folder):
     """Every copied file is what a finished fold run writes; ValueError naming the first that is not."""
     summary = read_summary(folder)
@@ -190,8 +168,7 @@ def bring_home(trial, finalists, trial_command, run_dir, machines):
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        for name in FETCHED:
-            fetch_file(trial.log_path, name, tmp / name, machines)
+        expmod.fetch(trial.log_path, tmp, machines, FETCHED)
         config = json.loads((tmp / "config.json").read_text())
         ran = {k: v for k, v in config.items() if k not in NOT_CONFIGURATION}
         finalist = next((f for f in finalists if configuration(trial_command, f.params) == ran), None)
@@ -266,8 +243,8 @@ def rank_and_vote(run_dir, finalists, k, select):
         if r["ids"] != first["ids"] or r["classes"] != first["classes"] or r["eval_ids"] != first["eval_ids"]:
             raise ValueError(f"{name}: its folds cover other images or classes than {finalists[0].name}'s")
         if not np.array_equal(r["labels"], first["labels"]):
-            raise ValueError(f"{name}: labels the training images differently from {finalists[0].name} "
-                             f"(another --age_bounds or data?): out-of-fold scores would not compare")
+            raise ValueError(f"{name}: its held-out images carry other labels than {finalists[0].name}'s "
+                             f"(other data?): out-of-fold scores would not compare")
     rows = [dict(asdict(f), oof_f1=macro_f1(first["labels"], results[f.name]["probs"]), fold_f1_mean=float(np.mean(results[f.name]["fold_f1"])),
                  fold_f1_sd=float(np.std(results[f.name]["fold_f1"], ddof=1)) if k > 1 else 0.0) for f in finalists]
     winner = max(rows, key=lambda row: row["oof_f1"])

@@ -101,7 +101,7 @@ def out_of_fold(checkpoints, *, device, tta=False, batch_size=256, num_workers=-
         layout, data, _, val_idx = dataset.read_split(a["dataset"], data_dir, a["age_bounds"], a["val_ratio"], a["seed"],
                                                       a["kfold"], a["fold"])
         if reference is None:
-            reference = dict(paths=data["paths"], labels=data["labels"], classes=ckpt["classes"], layout=layout,
+            reference = dict(paths=data["paths"], labels=data["truth"], classes=ckpt["classes"], layout=layout,
                              split=(a["dataset"], a["kfold"], a["seed"]))
             oof = np.full((len(data["paths"]), len(ckpt["classes"])), np.nan, dtype=np.float32)
             fold_of = np.full(len(data["paths"]), -1)
@@ -118,7 +118,7 @@ def out_of_fold(checkpoints, *, device, tta=False, batch_size=256, num_workers=-
         probs = predict(model, loader, device=device, normalize=Normalize(ckpt["mean"], ckpt["std"]).to(device),
                         classification=ckpt["classification"], tta=tta, progress=make_progress(f"fold {a['fold']}"))
         oof[val_idx], fold_of[val_idx] = probs, a["fold"]
-        scores = score(data["labels"][val_idx], probs.argmax(1), len(ckpt["classes"]), per_task=layout == "mask")
+        scores = score(data["truth"][val_idx], probs.argmax(1), len(ckpt["classes"]), per_task=layout == "mask")
         folds.append(dict(fold=a["fold"], images=len(val_idx), epoch=ckpt["epoch"], **scores))
         log(f"fold {a['fold']}: {len(val_idx)} validation images, best epoch {ckpt['epoch']}, "
             f"accuracy {scores['accuracy']:.4f}, macro F1 {scores['f1']:.4f}")

@@ -1,7 +1,9 @@
 """The label scheme of the mask layout (18 classes = mask x gender x age band) and class ordering.
 
 class = mask * 6 + gender * 3 + age_band; mask wear=0 (mask1-5), incorrect=1, not worn=2;
-male=0, female=1; age band <LOW=0, LOW..HIGH-1=1, >=HIGH=2 (--age_bounds LOW HIGH).
+male=0, female=1; age band <LOW=0, LOW..HIGH-1=1, >=HIGH=2 (--age_bounds LOW HIGH). The data's own
+labels, which every score is taken against, use DEFAULT_AGE_BOUNDS (<30, 30..59, >=60); another
+--age_bounds changes only what a model trains on.
 Pure Python: the CSV-only tools import it without numpy's or torch's start-up.
 """
 import re
@@ -23,7 +25,10 @@ def decode_class(label):
     return label // 6, (label // 3) % 2, label % 3
 
 
-def age_band(age, age_bounds=(30, 60)):
+DEFAULT_AGE_BOUNDS = (30, 60)
+
+
+def age_band(age, age_bounds=DEFAULT_AGE_BOUNDS):
     return int(age >= age_bounds[0]) + int(age >= age_bounds[1])
 
 

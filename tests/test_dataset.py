@@ -35,6 +35,21 @@ def test_labels_cover_all_18_classes(tmp_path):
     assert len(data["classes"]) == 18 and data["classes"][11] == "incorrect_female_old"
 
 
+@pytest.mark.parametrize("name", ["MaskSplitByProfileDataset", "MaskBaseDataset"])
+@pytest.mark.parametrize("kfold", [0, 3])
+def test_other_age_bounds_change_what_trains_not_the_truth_or_the_split(tmp_path, name, kfold):
+    people = [(i, ("male", "female")[i % 2], (20, 45, 58, 59, 60, 75)[i % 6]) for i in range(36)]
+    root = make_profiles(tmp_path, people)
+    _, own, own_train, own_val = dataset.read_split(name, root, (30, 60), 0.25, seed=1, kfold=kfold, fold=1)
+    _, moved, train, val = dataset.read_split(name, root, (30, 58), 0.25, seed=1, kfold=kfold, fold=1)
+    assert list(train) == list(own_train) and list(val) == list(own_val)
+    assert list(moved["truth"]) == list(own["truth"]) == list(own["labels"])
+    is_58 = np.array(["_58/" in p or "_59/" in p for p in moved["paths"]])
+    assert is_58.sum() == 12 * 7
+    assert (moved["labels"][is_58] == own["labels"][is_58] + 1).all()  # middle band -> old band
+    assert (moved["labels"][~is_58] == own["labels"][~is_58]).all()
+
+
 def test_hidden_files_and_non_images_skipped(tmp_path):
     make_profiles(tmp_path, [(1, "male", 25)])
     folder = tmp_path / "images" / "000001_male_Asian_25"

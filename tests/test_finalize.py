@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from nni.experiment.config import ExperimentConfig
@@ -120,6 +121,21 @@ def fold_run(tmp_path_factory, demo_dir, cache_dir):
     return out / "run"
 
 
+@pytest.mark.slow
+def test_a_finalist_on_other_age_bands_is_scored_on_the_datas_own_labels(fold_run, tmp_path):
+    """--age_bounds changes what a model trains on; its held-out part (val_soft.csv), and so its out-of-fold
+    F1, keeps the same images and the data's own labels, so finalize can rank it beside the others."""
+    config = json.loads((fold_run / "config.json").read_text())
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(fold_run / "config.json"), "--age_bounds", "30", "40",
+           "--model_dir", str(tmp_path), "--name", "moved"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    own, moved = pd.read_csv(fold_run / "val_soft.csv"), pd.read_csv(tmp_path / "moved" / "val_soft.csv")
+    assert list(moved["ImageID"]) == list(own["ImageID"]) and list(moved["label"]) == list(own["label"])
+    ages = [int(Path(i).parent.name.split("_")[3]) for i in own["ImageID"]]
+    assert any(40 <= a < 60 for a in ages), "no held-out person whose band the bounds move"
+    assert config["age_bounds"] == [30, 60] and json.loads((tmp_path / "moved" / "config.json").read_text())["age_bounds"] == [30, 40]
+
+
 FINALISTS = [finalize.Finalist("defaults", {})]
 FOLD_COMMAND = "python3 train.py"
 
@@ -173,7 +189,7 @@ def test_remote_fetch_over_ssh_with_a_missing_file(fold_run, tmp_path):
                 assert (run_dir / "defaults" / "fold1" / name).read_bytes() == (remote / name).read_bytes(), name
             (remote / "val_soft.csv").unlink()
             shutil.rmtree(run_dir / "defaults")
-            with pytest.raises(ValueError, match=r"val_soft.csv: could not copy \(cat: .*No such file"):
+            with pytest.raises(ValueError, match=r"could not copy \(tar: val_soft.csv: .*No such file"):
                 finalize.bring_home(t, FINALISTS, command_of(fold_run), run_dir, machines)
             assert list(run_dir.iterdir()) == []
         finally:
@@ -195,6 +211,20 @@ def tiny_search(demo_dir, cache_dir, trials=2):
     return config
 
 
+def fetch_with_experiment_py(nni_home, exp_id, out):
+    """experiment.py --fetch of the search's best trial -> (its trial, the fetch's stdout)."""
+    best = subprocess.run([sys.executable, str(ROOT / "baseline" / "experiment.py"), "--id", exp_id, "--json"],
+                          env=nni_env(nni_home), capture_output=True, text=True, timeout=60)
+    assert best.returncode == 0, best.stderr
+    best = json.loads(best.stdout)
+    cmd = [sys.executable, str(ROOT / "baseline" / "experiment.py"), "--id", exp_id, "--fetch", best["trial"], "--out", str(out)]
+    proc = subprocess.run(cmd, env=nni_env(nni_home), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    again = subprocess.run(cmd, env=nni_env(nni_home), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1 and again.stderr.strip().splitlines() == [f"experiment.py: error: {out} exists: give another --out"]
+    return best, proc.stdout
+
+
 def check_finalized(run_dir, k, demo_dir):
     report = json.loads((run_dir / "finalize.json").read_text())
     names = [f["name"] for f in report["finalists"]]
@@ -212,10 +242,21 @@ def check_finalized(run_dir, k, demo_dir):
 @pytest.mark.slow
 def test_local_search_finalized_then_reused(tmp_path, demo_dir, cache_dir, nni_home):
     config = tiny_search(demo_dir, cache_dir)
+    config["trialCommand"] += " --reshuffle_val"  # each search trial validates on its own people; the folds must not
     (tmp_path / "search.yml").write_text(yaml.safe_dump(config))
     with nni_experiment(config, tmp_path / "search", nni_home) as run:
         run.wait_done(300)
         exp_id = run.id
+        trials = sorted(expmod.from_rest(run.port).trials, key=lambda t: t.sequence)
+    summaries = [json.loads((Path(t.log_path) / "summary.json").read_text()) for t in trials]
+    assert [s["split_seed"] for s in summaries] == [42 + t.sequence for t in trials]
+    held_out = [set(pd.read_csv(Path(t.log_path) / "val_soft.csv")["ImageID"]) for t in trials]
+    assert held_out[0] != held_out[1] and len(held_out[0]) == len(held_out[1])
+    best, out = fetch_with_experiment_py(nni_home, exp_id, tmp_path / "fetched")
+    source = Path(best["output"])
+    assert (tmp_path / "fetched" / "best.pth").read_bytes() == (source / "best.pth").read_bytes()
+    assert {p.relative_to(source) for p in source.rglob("*") if p.is_file()} == \
+        {p.relative_to(tmp_path / "fetched") for p in (tmp_path / "fetched").rglob("*") if p.is_file()}
     out = run_finalize(nni_home, "--id", exp_id, "--config", tmp_path / "search.yml", "--top", 1, "--k", 2,
                        "--out", tmp_path / "final", "--fold_port", free_port())
     report = check_finalized(tmp_path / "final", 2, demo_dir)
@@ -241,6 +282,12 @@ def test_remote_search_finalized_over_ssh(tmp_path, demo_dir, cache_dir, nni_hom
         try:
             with nni_experiment(config, tmp_path / "search", nni_home) as run:
                 run.wait_done(420)
+            best, fetched = fetch_with_experiment_py(nni_home, run.id, tmp_path / "fetched")
+            source = home / best["output"].split(":~/", 1)[1]
+            assert f"from {sshd.host}:~/nni-experiments/" in fetched
+            for name in ("best.pth", "summary.json", "tensorboard"):
+                assert (tmp_path / "fetched" / name).exists(), name
+            assert (tmp_path / "fetched" / "best.pth").read_bytes() == (source / "best.pth").read_bytes()
             out = run_finalize(nni_home, "--id", run.id, "--config", tmp_path / "search.yml", "--top", 1, "--k", 2,
                                "--out", tmp_path / "final", "--fold_port", free_port())
             report = check_finalized(tmp_path / "final", 2, demo_dir)

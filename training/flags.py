@@ -10,6 +10,7 @@ import math
 
 from core.cli import Parser
 from core.files import check_file, read_mapping
+from core.labels import DEFAULT_AGE_BOUNDS
 from dataset import DATASETS, DEFAULT_CACHE_DIR, TRANSFORMS
 from loss import LOSSES
 from model import CLASSIFICATIONS, INITS, MODELS
@@ -34,9 +35,14 @@ def add_data_flags(g):
                    "unset = demo data in data/demo, made on first use")
     g.add_argument("--eval_dir", default=None, help="eval data to predict after training (unset with demo data = the demo eval split)")
     g.add_argument("--dataset", default="MaskSplitByProfileDataset", choices=list(DATASETS), help="layout and split")
-    g.add_argument("--age_bounds", nargs=2, type=int, default=[30, 60], metavar=("LOW", "HIGH"), help="age band bounds (mask layout)")
+    g.add_argument("--age_bounds", nargs=2, type=int, default=list(DEFAULT_AGE_BOUNDS), metavar=("LOW", "HIGH"),
+                   help="age band bounds the model trains on (mask layout); validation is always scored on the data's own "
+                        f"bands, {DEFAULT_AGE_BOUNDS[0]} and {DEFAULT_AGE_BOUNDS[1]}")
     g.add_argument("--val_ratio", type=float, default=0.2, help="validation share")
     g.add_argument("--kfold", type=int, default=0, help="K for stratified group k-fold (0 = off: use --val_ratio)")
+    g.add_argument("--reshuffle_val", action=argparse.BooleanOptionalAction, default=False,
+                   help="under NNI, every trial validates on its own people: the split is seeded by --seed + the trial's "
+                        "sequence number (Nagler et al. 2024); no effect standalone or with --kfold")
     g.add_argument("--fold", type=int, default=0, help="which fold is validation, 0..K-1")
     g.add_argument("--resize", nargs=2, type=int, default=[128, 96], metavar=("H", "W"), help="input size after centre crop")
     g.add_argument("--augmentation", default="flip_affine", choices=list(TRANSFORMS), help="training augmentation")
