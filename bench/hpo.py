@@ -16,6 +16,8 @@ have trained --budget epochs in all (default: config_local's 12 trials x their e
   tpe_plain  the same without start_from_defaults: the first trials are random draws
   hyperband  NNI's Hyperband (baseline.nni_tuner.SafeHyperband), R = a trial's epochs, eta 3 (TRIAL_BUDGET = epochs, see train.py)
   tpe_f1     tpe_plain whose trials pick and report by macro F1 (--metric f1) instead of accuracy
+  tpe_reshuffle  tpe whose trials each validate on their own people (--reshuffle_val, Nagler et al. 2024):
+             does the winner of comparisons on different splits generalise better than on one?
 Every run uses --resize 64 48 (a quarter of the default pixels) so that the 15 experiments
 and 6 default runs fit in about 90 minutes on 2 cores. The best trial of each experiment (by
 its objective, validation accuracy or for tpe_f1 macro F1, within the budget) predicts the demo's eval split from its best.pth, scored against eval/truth.csv; then its
@@ -55,7 +57,7 @@ from core.runs import increment_path, read_summary  # noqa: E402
 
 BIN = Path(sys.executable).parent
 SIZE = ["--resize", "64", "48"]
-METHODS = ["default", "default_trial", "random", "tpe", "tpe_plain", "hyperband", "tpe_f1"]
+METHODS = ["default", "default_trial", "random", "tpe", "tpe_plain", "hyperband", "tpe_f1", "tpe_reshuffle"]
 
 
 def parse_args():
@@ -105,10 +107,12 @@ def search_config(method, seed, base, work):
     elif method.startswith("tpe"):
         config["tuner"] = dict(base["tuner"], codeDirectory=str(ROOT), classArgs=dict(base["tuner"]["classArgs"], seed=seed))
         config["assessor"] = base["assessor"]
-        if method != "tpe":
+        if method in ("tpe_plain", "tpe_f1"):
             config["tuner"]["classArgs"]["start_from_defaults"] = False
         if method == "tpe_f1":
             config["trialCommand"] += " --metric f1"
+        if method == "tpe_reshuffle":
+            config["trialCommand"] += " --reshuffle_val"
     else:  # Hyperband draws from an unseeded RandomState: its seeds are repeats
         config["tuner"] = dict(codeDirectory=str(ROOT), className="baseline.nni_tuner.SafeHyperband",
                                classArgs=dict(optimize_mode="maximize", R=trial_epochs(base), eta=3))
