@@ -1,10 +1,17 @@
 """Model registry: a backbone that yields features, then a head; the two head designs' outputs.
 
     model = create_model("efficientnet_b0", num_outputs=18, head="512-256")
+    model = create_model("timm/convnext_tiny", num_outputs=18, pretrained=True)   # any timm backbone
+
+Names: the registry (BaseModel, efficientnet-pytorch's efficientnet_b0..b7, torchvision's ResNets)
+and `timm/<name>` for any of timm's models (`python -c "import timm; print(timm.list_models('convnext*'))"`).
 
 `classification="multi_head"` asks for 3 + 2 + 3 outputs (mask, gender, age);
 `class_log_probs` turns either design into 18-class (or C-class) log-probabilities.
 """
+import difflib
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,7 +43,7 @@ class BaseModel(nn.Module):
 
 
 def efficientnet(variant):
-    def build(pretrained=False):
+    def build(pretrained=False, input_size=None):
         name = f"efficientnet-{variant}"
         if pretrained:
             try:
@@ -58,7 +65,7 @@ def efficientnet(variant):
 
 
 def resnet(depth):
-    def build(pretrained=False):
+    def build(pretrained=False, input_size=None):
         import torchvision  # lazy: two seconds of start-up that only ResNet trials need
 
         weights = "DEFAULT" if pretrained else None
@@ -74,10 +81,67 @@ def resnet(depth):
 
 
 MODELS = {
-    "BaseModel": lambda pretrained=False: BaseModel(),
+    "BaseModel": lambda pretrained=False, input_size=None: BaseModel(),
     **{f"efficientnet_b{i}": efficientnet(f"b{i}") for i in range(8)},
     **{f"resnet{d}": resnet(d) for d in (18, 34, 50)},
 }
+TIMM_PREFIX = "timm/"
+
+
+def timm_model(name):
+    """timm/<name> -> the timm model name; ValueError with the nearest valid names when timm has none."""
+    import timm  # lazy: seconds of start-up that only timm trials need
+
+    model = name.removeprefix(TIMM_PREFIX)
+    if model not in timm.list_models():
+        near = timm.list_models(f"*{model}*")[:8] or difflib.get_close_matches(model, timm.list_models(), n=8, cutoff=0.5)
+        raise ValueError(f"unknown timm model {model!r}; nearest: {', '.join(TIMM_PREFIX + n for n in near) or 'none'} "
+                         f"(all: timm.list_models())")
+    return model
+
+
+def timm_config(name):
+    """The pretrained config of a timm/<name> model (input size, mean, std, classifier), or None for other names."""
+    if not name.startswith(TIMM_PREFIX):
+        return None
+    import timm
+    return timm.get_pretrained_cfg(timm_model(name))
+
+
+def timm_backbone(name, pretrained=False, input_size=None):
+    """A timm model without its classifier (num_classes=0: pooled features). Models that need a fixed
+    input size (ViTs) are built for input_size (H, W)."""
+    import timm
+
+    model, cfg = timm_model(name), timm_config(name)
+    size = dict(img_size=tuple(input_size)) if input_size and cfg is not None and cfg.fixed_input_size else {}
+    try:
+        return timm.create_model(model, pretrained=pretrained, num_classes=0, **size)
+    except Exception as e:  # no network, no hub access, proxy...: only pretrained=True reaches out
+        if not pretrained:
+            raise
+        raise WeightsError(f"could not download ImageNet weights for {name} ({type(e).__name__}); "
+                           f"download them elsewhere and pass --weights PATH (.pth or .safetensors)") from None
+
+
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # torchvision's and efficientnet-pytorch's
+
+
+def pretrained_stats(name):
+    """(mean, std) that a backbone's ImageNet weights were trained with: inputs must be normalised the same way.
+    None for BaseModel, which has no such weights."""
+    cfg = timm_config(name)
+    if cfg is not None:
+        return tuple(cfg.mean), tuple(cfg.std)
+    return None if name == "BaseModel" else IMAGENET_STATS
+
+
+def check_model_name(name):
+    """ValueError naming the valid models when name is neither in MODELS nor timm/<a timm model>."""
+    if name.startswith(TIMM_PREFIX):
+        timm_model(name)
+    elif name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}, or {TIMM_PREFIX}<name> for any timm model")
 
 
 class Classifier(nn.Module):
@@ -129,16 +193,52 @@ def init_weights(module, init):
                 nn.init.zeros_(m.bias)
 
 
-def load_weights(backbone, path):
-    """Offline ImageNet weights: a state_dict (or {'state_dict': ...}) for the backbone;
-    classifier keys (_fc., fc.) are ignored because our head replaces them."""
+def read_state(path):
+    """A weights file -> its state_dict: .safetensors (tensors only by design), else torch.load with weights_only."""
+    if Path(path).suffix == ".safetensors":
+        if not Path(path).is_file():
+            raise ValueError(f"--weights {path}: {'not a file' if Path(path).exists() else 'no such file'}")
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"--weights {path}: not a safetensors file ({type(e).__name__})") from None
     state = load_untrusted(path, f"--weights {path}")
-    state = state.get("state_dict", state) if isinstance(state, dict) else None
+    return state.get("state_dict", state) if isinstance(state, dict) else None
+
+
+def classifier_names(name):
+    """The classifier's key prefixes in a backbone's ImageNet weights (our head replaces that classifier)."""
+    cfg = timm_config(name)
+    if cfg is None:
+        return ("_fc", "fc")  # efficientnet-pytorch, torchvision
+    return (cfg.classifier,) if isinstance(cfg.classifier, str) else tuple(cfg.classifier)
+
+
+def fit_position_embedding(backbone, state):
+    """A ViT's weights are made for its pretraining size (224, 384...): resample their position embedding to the
+    size this backbone was built for, as timm does when it downloads them."""
+    own = getattr(backbone, "pos_embed", None)
+    if own is None or "pos_embed" not in state or state["pos_embed"].shape == own.shape:
+        return state
+    from timm.layers import resample_abs_pos_embed
+    prefix = 0 if getattr(backbone, "no_embed_class", False) else backbone.num_prefix_tokens
+    return dict(state, pos_embed=resample_abs_pos_embed(state["pos_embed"], new_size=backbone.patch_embed.grid_size,
+                                                        num_prefix_tokens=prefix))
+
+
+def load_weights(backbone, path, classifier):
+    """Offline ImageNet weights (.pth or .safetensors): a state_dict (or {'state_dict': ...}) for the backbone;
+    the classifier's keys (efficientnet-pytorch's _fc, torchvision's fc, a timm model's own) are ignored because
+    our head replaces it."""
+    state = read_state(path)
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"--weights {path}: not a state_dict (a dict of tensors, or {{'state_dict': ...}})")
     # DataParallel saves "module."-prefixed keys: strip before dropping the classifier, which our head replaces
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith(("_fc.", "fc."))}
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(f"{c}." for c in classifier))}
+    state = fit_position_embedding(backbone, state)
     own = backbone.state_dict()
     mismatched = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
     if mismatched:
@@ -150,16 +250,18 @@ def load_weights(backbone, path):
         raise ValueError(f"--weights {path} does not fit this backbone ({len(unexpected)} unexpected keys, e.g. {unexpected[:2]})")
 
 
-def create_model(name, num_outputs, head="", dropout=0.0, init="default", pretrained=False, weights=None, freeze_backbone=False):
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
+def create_model(name, num_outputs, head="", dropout=0.0, init="default", pretrained=False, weights=None, freeze_backbone=False,
+                 input_size=None):
+    """input_size (H, W): what a timm model with a fixed input size (a ViT) is built for."""
+    check_model_name(name)
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
-    backbone = MODELS[name](pretrained=pretrained and not weights)
+    build = MODELS.get(name) or (lambda **kw: timm_backbone(name, **kw))
+    backbone = build(pretrained=pretrained and not weights, input_size=input_size)
     if not (pretrained or weights):
         init_weights(backbone, init)
     if weights:
-        load_weights(backbone, weights)
+        load_weights(backbone, weights, classifier_names(name))
     model = Classifier(backbone, num_outputs, parse_head(head), dropout)
     init_weights(model.head, init)
     if freeze_backbone:

@@ -33,9 +33,9 @@ from core.cli import make_progress, run_main
 from core.figures import confusion_image, prediction_grid
 from core.metrics import confusion, score
 from core.runs import increment_path, write_config, write_history, write_submission, write_summary, write_val_soft
-from dataset import DataError, ImageDataset
+from dataset import DataError, ImageDataset, Normalize
 from loss import create_criterion
-from model import WeightsError, create_model, num_outputs
+from model import WeightsError, create_model, num_outputs, pretrained_stats
 from optim import create_optimizer, create_scheduler
 from training import checkpoint, flags
 from training.engine import evaluate, predict, resolve_device, seed_everything, train_one_epoch
@@ -89,8 +89,12 @@ def main(args):
         args.epochs = math.ceil(args.steps / len(data.train_loader))
         print(f"training {args.epochs} epochs: --steps {args.steps} at {len(data.train_loader)} steps per epoch", flush=True)
     model = create_model(args.model, num_outputs(args.classification, len(data.classes)), head=args.head, dropout=args.dropout,
-                         init=args.init, pretrained=args.pretrained, weights=args.weights, freeze_backbone=args.freeze_backbone)
+                         init=args.init, pretrained=args.pretrained, weights=args.weights, freeze_backbone=args.freeze_backbone,
+                         input_size=args.resize)
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    stats = pretrained_stats(args.model) if args.pretrained or args.weights else None
+    if stats:  # ImageNet weights expect the statistics they were trained with, not this data's
+        data.mean, data.std, data.normalize = list(stats[0]), list(stats[1]), Normalize(*stats).to(device)
     opt = build_optimisation(args, data, model, device)
     run_dir, start = open_run_dir(args, data, model, opt, device)
     try:

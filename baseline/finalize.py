@@ -67,7 +67,7 @@ class Finalist:
 def configuration(trial_command, params):
     """The flags a run trains with, without its length and fold: two trials with the same one are one finalist."""
     words = shlex.split(trial_command)[2:] + expmod.flag_words(params)
-    resolved = flags.run_config(flags.build_parser().parse_args(words))
+    resolved = flags.run_config(flags.resolve(flags.build_parser().parse_args(words)))
     return {k: v for k, v in resolved.items() if k not in NOT_CONFIGURATION}
 
 

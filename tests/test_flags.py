@@ -31,7 +31,8 @@ def test_params_merge_with_types_and_nested_choices(parser_args):
     ({"learning_rate": 0.1}, "unknown parameter 'learning_rate'; valid: data_dir"),
     ({"batch_size": 32.5}, "'batch_size' must be int"),
     ({"lr": "fast"}, "'lr' must be float"),
-    ({"model": "vgg"}, "'model': 'vgg' is not one of BaseModel"),
+    ({"model": "vgg"}, "parameter 'model': unknown model 'vgg'; valid: BaseModel"),
+    ({"model": "timm/convnxt_tiny"}, "parameter 'model': unknown timm model 'convnxt_tiny'; nearest: timm/convnext_tiny"),
     ({"resize": 128}, "'resize' must be a list of 2"),
     ({"pretrained": "yes"}, "'pretrained' must be true/false"),
     ({"criterion": {"_name": "focal", "gama": 2}}, "unknown parameter 'gama'"),
@@ -104,7 +105,7 @@ def test_help_shows_defaults():
 
 def test_defaults_are_the_parsers_and_what_config_json_holds():
     d = flags.defaults()
-    assert d == flags.run_config(flags.build_parser().parse_args([]))
+    assert d == flags.run_config(flags.parse_args([]))
     assert (d["lr"], d["steps"], d["model"], d["resize"]) == (2e-3, 1000, "BaseModel", [128, 96])
     assert not set(flags.NOT_IN_CONFIG) & set(d)
     # config.json re-runs: every key is a flag the parser takes back with the same value
@@ -121,7 +122,7 @@ def test_print_flags_prints_the_resolved_flags_and_touches_nothing(tmp_path):
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     printed = json.loads(out.stdout)
-    expected = flags.run_config(flags.build_parser().parse_args([]))
+    expected = flags.defaults()
     expected.update(lr=0.01, epochs=4, model_dir=str(tmp_path / "runs"), data_dir=str(tmp_path / "missing"))
     assert printed == json.loads(json.dumps(expected))  # tuples as lists
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # no run dir, no data made or read

@@ -143,3 +143,81 @@ def test_batchnorm_running_statistics_keep_up(name):
     net = M.create_model(name, 18)
     momenta = {m.momentum for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
     assert momenta == {0.1}
+
+
+# ----------------------------------------------------------------------------- timm backbones
+# timm's own test models: the architectures of EfficientNet, ConvNeXt, ViT (fixed input size) and ResNet at a
+# size a CPU test builds in well under a second, with random weights (nothing is downloaded)
+TIMM_MODELS = ["timm/test_efficientnet", "timm/test_convnext", "timm/test_vit", "timm/test_resnet"]
+
+
+@pytest.mark.parametrize("classification", M.CLASSIFICATIONS)
+@pytest.mark.parametrize("name", TIMM_MODELS)
+def test_timm_forward_shape_and_finite(name, classification):
+    net = M.create_model(name, M.num_outputs(classification, 18), head="32", input_size=(64, 48)).eval()
+    with torch.no_grad():
+        logits = net(torch.randn(2, 3, 64, 48).contiguous(memory_format=torch.channels_last))
+    assert logits.shape == (2, 8 if classification == "multi_head" else 18) and torch.isfinite(logits).all()
+    assert torch.allclose(M.class_log_probs(logits, classification).exp().sum(1), torch.ones(2), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", TIMM_MODELS[:2])
+def test_timm_freeze_backbone_really_freezes(name):
+    net = M.create_model(name, 18, freeze_backbone=True)
+    assert not any(p.requires_grad for p in net.backbone.parameters())
+    assert all(p.requires_grad for p in net.head.parameters())
+
+
+def timm_weights(name, value):
+    """A timm model's whole state_dict, its ImageNet classifier included, as such files come."""
+    import timm
+    source = timm.create_model(name.removeprefix("timm/"))
+    with torch.no_grad():
+        for p in source.parameters():
+            p.fill_(value)
+    return source.state_dict()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+@pytest.mark.parametrize("name", TIMM_MODELS)
+def test_timm_offline_weights_in_both_formats(tmp_path, name, suffix):
+    from safetensors.torch import save_file
+    state, path = timm_weights(name, 0.125), tmp_path / f"imagenet{suffix}"
+    save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
+    net = M.create_model(name, 18, pretrained=True, weights=str(path), input_size=(64, 48))  # a ViT's made for 160
+    assert all(torch.allclose(p, torch.full_like(p, 0.125)) for p in net.backbone.parameters())
+    assert not torch.all(net.head[-1].weight == 0.125)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_timm_weights_of_another_model_refused(tmp_path, suffix):
+    from safetensors.torch import save_file
+    state, path = timm_weights("timm/test_convnext", 0.5), tmp_path / f"convnext{suffix}"
+    save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
+    with pytest.raises(ValueError, match=r"convnext.* does not fit this backbone"):
+        M.create_model("timm/test_efficientnet", 18, weights=str(path))
+    path.write_bytes(b"not weights at all")
+    with pytest.raises(ValueError, match="not a (safetensors|PyTorch) file|refused"):
+        M.create_model("timm/test_efficientnet", 18, weights=str(path))
+
+
+def test_timm_unknown_name_is_one_line_with_the_nearest():
+    with pytest.raises(ValueError) as e:
+        M.create_model("timm/convnext_tinny", 18)
+    assert len(str(e.value).splitlines()) == 1 and "nearest: timm/convnext_tiny" in str(e.value), e.value
+    with pytest.raises(ValueError, match=r"unknown timm model 'efficientnet_b0x'; nearest: timm/efficientnet_b0"):
+        M.check_model_name("timm/efficientnet_b0x")
+
+
+def test_timm_failed_download_names_weights_flag(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # a server without internet, at once instead of after retries
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(M.WeightsError, match=r"timm/test_efficientnet .*--weights PATH \(.pth or .safetensors\)"):
+        M.create_model("timm/test_efficientnet", 18, pretrained=True)
+
+
+@pytest.mark.parametrize("name,stats", [("timm/test_convnext", ((0.5,) * 3, (0.5,) * 3)), ("resnet18", M.IMAGENET_STATS),
+                                        ("timm/test_efficientnet", M.IMAGENET_STATS), ("BaseModel", None)])
+def test_pretrained_stats_are_the_weights_own(name, stats):
+    assert M.pretrained_stats(name) == stats

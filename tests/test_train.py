@@ -501,3 +501,33 @@ def test_cudnn_autotuning_only_when_asked(given, expected, demo_dir, cache_dir, 
     train.main(flags.parse_args([*TINY, "--epochs", "1", "--data_dir", str(demo_dir / "train"), "--cache_dir", str(cache_dir),
                                  "--model_dir", str(tmp_path), *given]))
     assert torch.backends.cudnn.benchmark is expected
+
+
+# ----------------------------------------------------------------------------- timm backbones
+@pytest.mark.slow
+@pytest.mark.parametrize("name,classification", [("timm/test_efficientnet", "single"), ("timm/test_vit", "multi_head")])
+def test_timm_backbone_trains_resumes_and_predicts(run_train, tmp_path, demo_dir, name, classification):
+    run_train("--model", name, "--classification", classification, "--epochs", "1", "--channels_last")
+    run = tmp_path / "runs" / "exp"
+    proc = run_train("--resume", run / "last.pth", "--epochs", "2", data=False)
+    assert f"resuming {run} at epoch 2" in proc.stdout and len(read_csv(run / "history.csv")) == 2
+    assert json.loads((run / "summary.json").read_text())["model"] == name
+    out = tmp_path / "pred"
+    proc = subprocess.run([sys.executable, str(ROOT / "baseline" / "inference.py"), "--checkpoint", str(run / "best.pth"),
+                           "--eval_dir", str(demo_dir / "eval"), "--out", str(out), "--tta"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert [r["ImageID"] for r in read_csv(out / "submission.csv")] == [r["ImageID"] for r in read_csv(demo_dir / "eval" / "info.csv")]
+
+
+@pytest.mark.slow
+def test_pretrained_timm_backbone_takes_its_weights_statistics_and_input_size(run_train, tmp_path):
+    """Offline weights (.safetensors) for a timm model: inputs normalised with its pretraining mean/std (test_convnext:
+    0.5), and with no --resize the model's own input size (160x160)."""
+    import timm
+    from safetensors.torch import save_file
+    save_file(timm.create_model("test_convnext").state_dict(), tmp_path / "w.safetensors")
+    run_train("--model", "timm/test_convnext", "--pretrained", "--weights", tmp_path / "w.safetensors", "--epochs", "1", "--resize", "96", "96")
+    ckpt = torch.load(tmp_path / "runs" / "exp" / "best.pth", weights_only=True)
+    assert ckpt["mean"] == [0.5] * 3 and ckpt["std"] == [0.5] * 3 and ckpt["resize"] == [96, 96]
+    args = flags.parse_args(["--model", "timm/test_convnext", "--pretrained"])
+    assert args.resize == [160, 160] and flags.parse_args(["--model", "timm/test_convnext"]).resize == list(flags.DEFAULT_SIZE)

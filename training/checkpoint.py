@@ -72,7 +72,7 @@ def read_meta(path):
 def build_model(ckpt):
     """The checkpoint's model, untrained (its weights are ckpt['state_dict'])."""
     return create_model(ckpt["model"], num_outputs(ckpt["classification"], len(ckpt["classes"])),
-                        head=ckpt["head"], dropout=ckpt["dropout"])
+                        head=ckpt["head"], dropout=ckpt["dropout"], input_size=ckpt["resize"])
 
 
 def load_model(path, device="cpu"):

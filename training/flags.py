@@ -13,11 +13,13 @@ from core.files import check_file, read_mapping
 from core.labels import DEFAULT_AGE_BOUNDS
 from dataset import DATASETS, DEFAULT_CACHE_DIR, TRANSFORMS
 from loss import LOSSES
-from model import CLASSIFICATIONS, INITS, MODELS
+from model import CLASSIFICATIONS, INITS, TIMM_PREFIX, check_model_name, timm_config
 from optim import OPTIMIZERS, SCHEDULERS
 from training import checkpoint
 
 NOT_IN_CONFIG = ("config", "resume", "print_flags")  # how this run was started, not what it trains
+NAMES = {"model": check_model_name}  # names checked beyond a choices list (timm's models are too many to list)
+DEFAULT_SIZE = (128, 96)  # BaseModel's: the demo's people at a size a CPU trains in minutes
 
 
 def build_parser():
@@ -44,7 +46,9 @@ def add_data_flags(g):
                    help="under NNI, every trial validates on its own people: the split is seeded by --seed + the trial's "
                         "sequence number (Nagler et al. 2024); no effect standalone or with --kfold")
     g.add_argument("--fold", type=int, default=0, help="which fold is validation, 0..K-1")
-    g.add_argument("--resize", nargs=2, type=int, default=[128, 96], metavar=("H", "W"), help="input size after centre crop")
+    g.add_argument("--resize", nargs=2, type=int, default=None, metavar=("H", "W"),
+                   help=f"input size after centre crop (unset: {DEFAULT_SIZE[0]} {DEFAULT_SIZE[1]}, or a --pretrained timm model's own "
+                        f"input size, e.g. 224 224)")
     g.add_argument("--augmentation", default="flip_affine", choices=list(TRANSFORMS), help="training augmentation")
     g.add_argument("--sampler", default="none", choices=["none", "weighted"], help="weighted = inverse class frequency")
     g.add_argument("--num_workers", type=int, default=-1, help="loader workers (-1 = from the CPU count)")
@@ -54,7 +58,8 @@ def add_data_flags(g):
 
 
 def add_model_flags(g):
-    g.add_argument("--model", default="BaseModel", choices=list(MODELS), help="backbone")
+    g.add_argument("--model", default="BaseModel", metavar="NAME",
+                   help=f"backbone: BaseModel, efficientnet_b0..b7, resnet18/34/50, or {TIMM_PREFIX}<name>, any timm model")
     g.add_argument("--classification", default="single", choices=CLASSIFICATIONS,
                    help="single 18-way head, or multi_head = mask/gender/age heads (mask layout)")
     g.add_argument("--head", default="none", help="hidden layers of the head, e.g. 512-256 (BN, ReLU, dropout each)")
@@ -134,6 +139,11 @@ def coerce_one(action, key, value):
     value = kind(value)
     if action.choices is not None and value not in action.choices:
         raise ValueError(f"parameter {key!r}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+    if key in NAMES:
+        try:
+            NAMES[key](value)
+        except ValueError as e:
+            raise ValueError(f"parameter {key!r}: {e}") from None
     return value
 
 
@@ -193,6 +203,15 @@ def parse_args(argv=None, nni_params=None):
     if nni_params is not None:
         apply_params(parser, args, trial_budget(nni_params), "NNI parameters")
     check_args(args)
+    return resolve(args)
+
+
+def resolve(args):
+    """Fill in what depends on other flags: an unset --resize is a pretrained timm model's own input size, else
+    DEFAULT_SIZE. config.json then records the size the run used."""
+    if args.resize is None:
+        cfg = timm_config(args.model) if args.pretrained else None
+        args.resize = list(cfg.input_size[1:]) if cfg is not None else list(DEFAULT_SIZE)
     return args
 
 
@@ -211,7 +230,7 @@ def run_config(args):
 
 def defaults():
     """{dest: default} of every flag that config.json holds: train.py's defaults, without running it."""
-    return run_config(build_parser().parse_args([]))
+    return run_config(resolve(build_parser().parse_args([])))
 
 
 # ----------------------------------------------------------------------------- ranges
@@ -227,7 +246,8 @@ def check_args(args):
     for key, (ok, must) in LIMITS.items():
         if not ok(getattr(args, key)):
             raise ValueError(f"--{key} {getattr(args, key)}: must be {must}")
-    if min(args.resize) <= 0:
+    check_model_name(args.model)
+    if args.resize is not None and min(args.resize) <= 0:
         raise ValueError(f"--resize {args.resize[0]} {args.resize[1]}: sizes must be positive")
     if not 0 < args.val_ratio < 1:
         raise ValueError(f"--val_ratio {args.val_ratio}: must be between 0 and 1")
