@@ -44,7 +44,6 @@ with an int (``TypeError: '<=' not supported between instances of 'str' and
       className: baseline.nni_tuner.SafeHyperband
       classArgs: {optimize_mode: maximize, R: 20, eta: 3}
 """
-from nni.algorithms.hpo.bohb_advisor.bohb_advisor import BOHB
 from nni.algorithms.hpo.hyperband_advisor import Hyperband
 from nni.algorithms.hpo.tpe_tuner import TpeTuner
 from nni.common.hpo_utils import format_parameters
@@ -111,5 +110,16 @@ class SafeHyperband(StringIdsSafe, Hyperband):
     """Hyperband (same classArgs) whose dispatcher survives its string parameter ids."""
 
 
-class SafeBOHB(StringIdsSafe, BOHB):
-    """BOHB (same classArgs; needs ConfigSpace and statsmodels) whose dispatcher survives its string parameter ids."""
+def __getattr__(name):
+    """SafeBOHB, made on first use: BOHB's imports (ConfigSpace, statsmodels) cost every other tuner a second or
+    more of start-up, and NNI 3.0 fails an experiment whose tuner has not connected within 10 s (seen on a busy CPU)."""
+    if name != "SafeBOHB":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from nni.algorithms.hpo.bohb_advisor.bohb_advisor import BOHB
+
+    class SafeBOHB(StringIdsSafe, BOHB):
+        """BOHB (same classArgs; needs ConfigSpace and statsmodels) whose dispatcher survives its string parameter ids."""
+
+    SafeBOHB.__qualname__ = "SafeBOHB"
+    globals()["SafeBOHB"] = SafeBOHB
+    return SafeBOHB

@@ -567,6 +567,13 @@ def test_invalid_parameter_fails_its_trial_only(tmp_path, demo_dir, cache_dir, n
             assert t.status == "SUCCEEDED" and len(t.intermediates) == 1 and math.isfinite(t.metric), run.diagnose()
 
 
+def test_tuners_start_without_bohbs_imports():
+    """NNI 3.0 fails an experiment whose tuner has not connected within 10 s: SafeTPE must not pay for BOHB's imports."""
+    code = "import sys, baseline.nni_tuner as t; a = 'ConfigSpace' in sys.modules; t.SafeBOHB; print(a, 'ConfigSpace' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.stdout.split() == ["False", "True"], out.stderr
+
+
 @pytest.mark.parametrize("advisor", ["SafeHyperband", "SafeBOHB"])
 def test_budgets_and_the_best_trial_reruns_alike(tmp_path, demo_dir, cache_dir, nni_home, advisor):
     """config_local.yml's multi-fidelity alternatives, tiny: each trial trains TRIAL_BUDGET epochs, and the command
