@@ -12,12 +12,12 @@ SUMMARY = "summary.json"  # written last, when a run ends well: its absence mean
 
 
 def increment_path(path):
-    """runs/exp -> runs/exp if free, else runs/exp2, runs/exp3, ..."""
+    """runs/exp -> runs/exp if free, else runs/exp2, runs/exp3, ... The name is literal: as a glob, 'exp[1]'
+    would match exp1, never itself."""
     path = Path(path)
     if not path.exists():
         return path
-    taken = [int(m.group(1) or 1) for p in path.parent.glob(f"{path.name}*")
-             if (m := re.fullmatch(re.escape(path.name) + r"(\d*)", p.name))]
+    taken = [int(m.group(1) or 1) for p in path.parent.iterdir() if (m := re.fullmatch(re.escape(path.name) + r"(\d*)", p.name))]
     return path.with_name(f"{path.name}{max(taken) + 1}")
 
 
