@@ -13,25 +13,32 @@ The label scheme lives in core/labels.py, the demo data in core/demo.py.
 
     python dataset.py --demo data/demo --profiles 300   # write the demo data set
 """
+import contextlib
 import csv
 import fcntl
 import hashlib
+import math
 import os
 import random
+import signal
+import sys
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from core import demo
 from core.cli import make_progress
 from core.labels import DEFAULT_AGE_BOUNDS, GENDERS, MASK_FILES, age_band, encode_class, mask_class_names, natural_key
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
+# What a camera, a phone (set to "most compatible") or an export from another tool writes; docs/data.md lists them.
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nni-image-classification"
 
 
@@ -39,19 +46,38 @@ class DataError(Exception):
     """Bad input data: main() prints the message as one line and exits non-zero."""
 
 
+def warn(line):
+    print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
 def is_image(path):
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def image_files(root):
+    """Every image under root at any depth, hidden folders left out. Symlinked folders are followed (a class
+    folder made of links to where the photos live), each real folder once, so a link back up cannot loop."""
+    seen, found = set(), []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        stat = os.stat(folder)
+        if (stat.st_dev, stat.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [f for f in (Path(folder) / name for name in sorted(files)) if is_image(f)]
+    return found
+
+
 def parse_profile(name):
-    """'000123_female_Asian_45' -> (gender, age); DataError if malformed."""
+    """'000123_female_Asian_45' -> (id, gender, age); DataError if malformed."""
     parts = name.split("_")
     if len(parts) != 4 or parts[1] not in GENDERS or not parts[3].isdigit():
         raise DataError(f"malformed profile folder name {name!r}: expected {{id}}_{{male|female}}_{{race}}_{{age}}")
     age = int(parts[3])
     if not 0 < age < 130:
         raise DataError(f"profile folder {name!r}: age {age} out of range")
-    return GENDERS[parts[1]], age
+    return parts[0], GENDERS[parts[1]], age
 
 
 def check_dir(path, what):
@@ -69,8 +95,13 @@ def read_mask_train(data_dir, age_bounds=DEFAULT_AGE_BOUNDS):
     image_root = root / "images" if (root / "images").is_dir() else root
     paths, labels, truth, groups, strata = [], [], [], [], []
     profiles = sorted((p for p in image_root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: natural_key(p.name))
+    owners = {}  # profile id -> its folder: the split groups by folder, so one person in two folders would straddle it
     for group, profile in enumerate(profiles):
-        gender, age = parse_profile(profile.name)
+        pid, gender, age = parse_profile(profile.name)
+        if pid in owners:
+            raise DataError(f"profile id {pid} names two folders, {owners[pid]} and {profile}: one person's photos would be "
+                            f"split between training and validation; merge them or give one another id")
+        owners[pid] = profile
         for file in sorted(profile.iterdir()):
             if not is_image(file) or file.stem not in MASK_FILES:
                 continue
@@ -81,48 +112,95 @@ def read_mask_train(data_dir, age_bounds=DEFAULT_AGE_BOUNDS):
             strata.append(gender * 3 + age_band(age))
     if not paths:
         raise DataError(f"no images found in {image_root} (expected {{id}}_{{gender}}_{{race}}_{{age}}/mask1.jpg ...)")
+    check_train_csv((image_root.parent if image_root.name == "images" else image_root) / "train.csv", profiles)
     return dict(paths=paths, labels=np.array(labels), truth=np.array(truth), groups=np.array(groups), strata=np.array(strata),
                 classes=mask_class_names())
 
 
+def check_train_csv(path, profiles):
+    """train.csv (id,gender,race,age,path) is only checked, never read: the folder names are the labels. A
+    deleted, stale or hand-edited one is worth a warning, not a stop; a missing one is fine."""
+    if not path.is_file():
+        return
+    try:
+        rows = read_csv_rows(path, ("id", "gender", "race", "age", "path"))
+    except DataError as e:
+        return warn(f"{e}: not checked against the profile folders")
+    fields = ("id", "gender", "race", "age")
+    listed = {Path(row["path"] or "").name: "_".join(row[k] or "" for k in fields) for row in rows}  # short rows hold None
+    folders = {p.name for p in profiles}
+    problems = [(what, names) for what, names in (
+        ("listed without a folder", sorted(set(listed) - folders)),
+        ("folders not listed", sorted(folders - set(listed))),
+        ("rows whose id,gender,race,age differ from the folder name", sorted(p for p in folders & set(listed) if listed[p] != p)))
+        if names]
+    if problems:
+        warn(f"{path} does not match the profile folders, which are what trains (it is only checked): "
+             + "; ".join(f"{what}: {len(names)} (e.g. {names[0]})" for what, names in problems))
+
+
 def read_folder_train(data_dir, age_bounds=None):
-    """Class-per-folder layout; classes in natural order."""
+    """Class-per-folder layout; classes in natural order. A class folder without images is left out with a
+    warning: as a class it could never be predicted right, and macro F1 would stop at (K-1)/K."""
     root = check_dir(data_dir, "data dir")
-    classes = sorted((p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=natural_key)
+    folders = sorted((p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=natural_key)
+    found = {name: sorted(image_files(root / name), key=lambda f: natural_key(f.name)) for name in folders}
+    classes = [name for name in folders if found[name]]
     paths, labels = [], []
     for index, name in enumerate(classes):
-        files = sorted((f for f in (root / name).rglob("*") if is_image(f)), key=lambda f: natural_key(f.name))
-        paths += [str(f) for f in files]
-        labels += [index] * len(files)
+        paths += [str(f) for f in found[name]]
+        labels += [index] * len(found[name])
     if not paths:
         raise DataError(f"no images found in {root} (expected {root}/<class>/<image>.jpg)")
-    found = sorted({classes[i] for i in labels}, key=natural_key)
-    if len(found) < 2:
-        raise DataError(f"{root} holds images of {len(found)} class ({', '.join(found)}): a classifier needs at least 2 "
+    if len(classes) < 2:
+        raise DataError(f"{root} holds images of {len(classes)} class ({', '.join(classes)}): a classifier needs at least 2 "
                         f"class folders with images")
+    empty = [name for name in folders if not found[name]]
+    if empty:
+        warn(f"left out {len(empty)} of {len(folders)} class folders in {root}, which hold no images: {', '.join(empty[:5])}"
+             f"{', ...' if len(empty) > 5 else ''} (images are {' '.join(sorted(IMAGE_EXTENSIONS))})")
     labels = np.array(labels)
     return dict(paths=paths, labels=labels, truth=labels, groups=np.arange(len(paths)), strata=labels, classes=classes)
 
 
-def read_eval(eval_dir, layout):
-    """-> (image_ids, paths). Mask layout keeps info.csv order; folder layout ids are relative paths."""
+def read_eval(eval_dir, layout, model="the model"):
+    """-> (image_ids, paths). Mask layout keeps info.csv order; folder layout ids are relative paths.
+    model: what reads the eval dir, for the line that refuses a dir of the other layout."""
     root = check_dir(eval_dir, "eval dir")
+    is_mask_dir = (root / "info.csv").is_file() and (root / "images").is_dir()
     if layout == "mask":
-        info = root / "info.csv"
-        if not info.is_file():
-            raise DataError(f"eval dir {root} has no info.csv")
-        with open(info, newline="") as f:
-            ids = [row["ImageID"] for row in csv.DictReader(f)]
+        if not (root / "info.csv").is_file():
+            raise DataError(f"eval dir {root} has no info.csv: {model} is of the mask layout, whose eval dir holds "
+                            f"info.csv (ImageID,ans) and images/")
+        ids = [row["ImageID"] for row in read_csv_rows(root / "info.csv", ["ImageID"])]
         paths = [str(root / "images" / i) for i in ids]
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
-            raise DataError(f"{len(missing)} images listed in {info} are missing, e.g. {missing[0]}")
+            raise DataError(f"{len(missing)} images listed in {root / 'info.csv'} are missing, e.g. {missing[0]}")
+    elif is_mask_dir:  # read as a folder, its images would be predicted under ids images/<id>, and info.csv ignored
+        raise DataError(f"eval dir {root} is of the mask layout (info.csv + images/), but {model} is of the class-per-folder "
+                        f"layout: give it a folder of images, or use a model trained on the mask layout")
     else:
-        files = sorted((f for f in root.rglob("*") if is_image(f)), key=lambda f: natural_key(f.relative_to(root).as_posix()))
+        files = sorted(image_files(root), key=lambda f: natural_key(f.relative_to(root).as_posix()))
         ids, paths = [f.relative_to(root).as_posix() for f in files], [str(f) for f in files]
     if not ids:
         raise DataError(f"eval dir {root} holds no images")
     return ids, paths
+
+
+def read_csv_rows(path, columns):
+    """A CSV -> its rows as dicts; DataError naming the first of `columns` its header lacks. Accepts the byte-order
+    mark that Excel's "CSV UTF-8" writes first (read as part of the first column's name, it would hide that column)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            missing = [c for c in columns if c not in header]
+            if missing:
+                raise DataError(f"{path}: no {missing[0]} column (its header: {','.join(header) or 'none'})")
+            return list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: not a UTF-8 CSV ({type(e).__name__})") from None
 
 
 # ----------------------------------------------------------------------------- splits
@@ -131,11 +209,30 @@ def split_random(data, val_ratio, seed, kfold=0, fold=0):
     from sklearn.model_selection import StratifiedKFold, train_test_split  # lazy: 1 s of start-up
 
     index = np.arange(len(data["truth"]))
-    if kfold:
-        return list(StratifiedKFold(kfold, shuffle=True, random_state=seed).split(index, data["truth"]))[fold]
     counts = np.bincount(data["truth"])
+    if kfold:
+        if kfold > counts.max():  # sklearn's own line would not name the flag
+            raise DataError(f"--kfold {kfold}: no class has {kfold} images (the largest has {counts.max()}), so no fold can be "
+                            f"stratified; use --kfold {max(counts.max(), 2)} or less, or --val_ratio")
+        return list(StratifiedKFold(kfold, shuffle=True, random_state=seed).split(index, data["truth"]))[fold]
     stratify = data["truth"] if counts[counts > 0].min() >= 2 else None
+    if stratify is not None:
+        check_stratified_split(len(index), int((counts > 0).sum()), val_ratio)
     return train_test_split(index, test_size=val_ratio, random_state=seed, stratify=stratify)
+
+
+def check_stratified_split(images, classes, val_ratio):
+    """A stratified split puts one image of every class on each side: say which --val_ratio can, in one line
+    (sklearn's "test_size = ... should be greater or equal to the number of classes" names no flag)."""
+    val = math.ceil(val_ratio * images)  # as train_test_split rounds
+    lowest, highest = math.ceil(100 * classes / images) / 100, math.floor(100 * (images - classes) / images) / 100
+    if val < classes:
+        raise DataError(f"--val_ratio {val_ratio} puts {val} of {images} images in validation, fewer than the {classes} classes: "
+                        f"a stratified split needs one image of each class there; use --val_ratio {lowest:g} or more, or --kfold K")
+    if images - val < classes:
+        raise DataError(f"--val_ratio {val_ratio} leaves {images - val} of {images} images for training, fewer than the {classes} "
+                        f"classes: a stratified split needs one image of each class there; use --val_ratio {highest:g} or less, "
+                        f"or --kfold K")
 
 
 def split_by_profile(data, val_ratio, seed, kfold=0, fold=0):
@@ -180,16 +277,36 @@ def read_split(name, data_dir, age_bounds, val_ratio, seed, kfold=0, fold=0):
     -> (layout, data dict, train indices, validation indices)."""
     layout, data, splitter = create_dataset(name, data_dir, tuple(age_bounds))
     train_idx, val_idx = splitter(data, val_ratio, seed, kfold, fold)
+    for side, indices in (("validation", val_idx), ("training", train_idx)):
+        if not len(indices):  # a few people per stratum round to none at a small --val_ratio
+            raise DataError(f"the split leaves no {side} images ({len(data['paths'])} images, --val_ratio {val_ratio}"
+                            f"{f', --kfold {kfold}' if kfold else ''}): change --val_ratio, or use --kfold K")
     return layout, data, train_idx, val_idx
 
 
 # ----------------------------------------------------------------------------- decoding + cache
+BACKGROUND = (255, 255, 255, 255)  # under transparent pixels, as an image viewer or a web page shows them
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow opens 16-bit greyscale PNG and TIFF as one of these
+
+
+def to_rgb(img):
+    """Any mode Pillow opens -> RGB as a person sees it. convert("RGB") alone clips 16-bit greys (0..65535) to
+    white, and drops transparency, showing whatever colour the transparent pixels happen to store."""
+    if img.mode in SIXTEEN_BIT:
+        grey = np.clip(np.asarray(img, dtype=np.float32) / 257, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if img.has_transparency_data:  # RGBA, LA, PA, and P or L or RGB with a transparent colour
+        return Image.alpha_composite(Image.new("RGBA", img.size, BACKGROUND), img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")  # CMYK (Pillow undoes Adobe's inverted CMYK when it reads one), P, L, 1, YCbCr
+
+
 def decode_image(path, size):
-    """File -> uint8 (H, W, 3): centre crop to the target aspect ratio, then resize."""
+    """The one decoder (training, validation, eval, inference, the cache): file -> uint8 (H, W, 3), turned upright
+    by its EXIF orientation (phone photos are stored sideways), every mode to RGB, centre-cropped to the
+    target aspect ratio, then resized. Animated GIFs and multi-page TIFFs give their first frame."""
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
-            img.load()
+            img = to_rgb(ImageOps.exif_transpose(img))
     except Exception as e:  # PIL raises many types for broken files
         raise DataError(f"cannot read image {path}: {e}") from None
     h, w = size
@@ -235,6 +352,7 @@ def load_images(paths, size, cache_dir=DEFAULT_CACHE_DIR, use_cache=True, progre
     # Trials that start together: one builds while the others wait on the lock.
     with open(cache_dir / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        remove_stale_temps(cache_dir, key)
         array = _valid_cache(target, shape)
         if array is None:
             build_cache(target, paths, size, shape, progress)
@@ -242,26 +360,89 @@ def load_images(paths, size, cache_dir=DEFAULT_CACHE_DIR, use_cache=True, progre
     return array
 
 
+def remove_stale_temps(cache_dir, held_key, legacy_age_s=3600):
+    """Delete the temp files of builds that died without cleaning up (kill -9, a power cut): each could be as big
+    as a whole cache. A build holds its key's lock for as long as its temp file ({key}.*.npy.tmp) exists, so a
+    temp file whose lock is free, or is ours (held_key), is stale. Temp files named before keys were (tmp*.npy.tmp)
+    have no lock to ask: stale once an hour has passed without a write."""
+    for tmp in cache_dir.glob("*.npy.tmp"):
+        key = tmp.name.split(".")[0]
+        try:
+            if key.startswith("tmp"):
+                stale = time.time() - tmp.stat().st_mtime > legacy_age_s
+            else:
+                stale = key == held_key or not is_locked(cache_dir / f"{key}.lock")
+            if stale:
+                tmp.unlink()
+        except FileNotFoundError:  # its build has just renamed it into place
+            pass
+
+
+def is_locked(lock_path):
+    """Whether a live process holds this flock ("a", not "w": opening it leaves a live build's lock file as it is)."""
+    if not lock_path.exists():
+        return False
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+
+
+@contextlib.contextmanager
+def signals_raise():
+    """SIGTERM and SIGHUP, where nothing else handles them (inference.py, a script), raise SystemExit while a
+    cache is built, so that its temp file is removed: by default they end the process without cleanup."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    for signum, handler in previous.items():
+        if handler == signal.SIG_DFL:
+            signal.signal(signum, stop)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def build_cache(target, paths, size, shape, progress=None):
     """Decode every image into a temp .npy next to target, then rename it into place. The file's blocks
-    are reserved first: writing a memory map on a full disk would die of SIGBUS, with no message."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".npy.tmp")
-    try:
+    are reserved first: writing a memory map on a full disk would die of SIGBUS, with no message.
+    The temp file goes on any exit Python sees; remove_stale_temps takes those of killed builds."""
+    with signals_raise():
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f"{target.stem}.", suffix=".npy.tmp")
         try:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-            os.posix_fallocate(fd, 0, out.offset + out.nbytes)
-        except OSError as e:
-            raise DataError(f"cannot build the image cache in {target.parent}: {e.strerror} (it needs "
-                            f"{np.prod(shape) / 2**20:.1f} MiB; free some space, or pass --cache_dir elsewhere or --no_cache)") from None
-        for i, p in enumerate(progress(paths) if progress else paths):
-            out[i] = decode_image(p, size)
-        out.flush()
-        del out
-        os.replace(tmp, target)
-    finally:
-        os.close(fd)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+            try:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+                os.posix_fallocate(fd, 0, out.offset + out.nbytes)
+            except OSError as e:
+                raise DataError(f"cannot build the image cache in {target.parent}: {e.strerror} (it needs "
+                                f"{np.prod(shape) / 2**20:.1f} MiB; free some space, or pass --cache_dir elsewhere or --no_cache)") from None
+            for i, p in enumerate(progress(paths) if progress else paths):
+                out[i] = decode_image(p, size)
+            out.flush()
+            del out
+            os.replace(tmp, target)
+        finally:
+            os.close(fd)
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def decode_all(paths, size, cache_dir=DEFAULT_CACHE_DIR, use_cache=True, desc="decoding images"):
+    """Decode every image now, so that an unreadable one stops a run before it starts, not after training:
+    into the cache, where the images are then read from, or, without one, once, to check them."""
+    if use_cache:
+        return load_images(paths, size, cache_dir, True, make_progress(desc))
+    progress = make_progress(desc) or (lambda it: it)
+    for path in progress(paths):
+        decode_image(path, size)
+    return None
 
 
 def mean_std(images, paths, size, limit=2000):
@@ -422,7 +603,7 @@ class TrainingData:
 def load_training_data(*, dataset, data_dir, eval_dir, age_bounds, val_ratio, seed, kfold, fold, resize, augmentation,
                        sampler, batch_size, valid_batch_size, num_workers, cache_dir, use_cache, device, split_seed=None):
     """Read, split and decode the data (the demo data when no data_dir) -> TrainingData. Every check that
-    can fail on the inputs (layout, images, the eval dir's listing) runs here, before a run dir exists.
+    can fail on the inputs (layout, images, the eval dir and its images) runs here, before a run dir exists.
     split_seed: seeds the train/validation split instead of seed (None: seed)."""
     if data_dir is None and DATASETS[dataset][0] != "mask":
         raise ValueError(f"--dataset {dataset} needs --data_dir (the demo data is in the mask layout)")
@@ -430,8 +611,10 @@ def load_training_data(*, dataset, data_dir, eval_dir, age_bounds, val_ratio, se
     layout, data, train_idx, val_idx = read_split(dataset, data_dir, age_bounds, val_ratio, seed if split_seed is None else split_seed,
                                                   kfold, fold)
     size = tuple(resize)
-    eval_ids, eval_paths = read_eval(eval_dir, layout) if eval_dir else (None, None)
+    eval_ids, eval_paths = read_eval(eval_dir, layout, f"--dataset {dataset}") if eval_dir else (None, None)
     images = load_images(data["paths"], size, cache_dir, use_cache, make_progress("decoding images"))
+    if eval_dir:  # predicting them comes after training: an unreadable one must stop the run now, not then
+        decode_all(eval_paths, size, cache_dir, use_cache, "decoding eval images")
     mean, std = mean_std(images, data["paths"], size)
     workers = loader_workers(num_workers, images is not None, device)
     loader_kw = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
