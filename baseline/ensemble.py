@@ -12,7 +12,8 @@ hard  takes submission.csv files (ImageID,ans); every file votes its answer. A t
       of the earliest file listed among the tied ones: list your most trusted model first.
       Writes submission.csv only.
 Inputs must list the same images (any order; the output keeps the first file's) and,
-for probabilities, the same classes; otherwise nothing is written.
+for probabilities, the same classes; each file is given once, and --out is not a folder
+an input is in (it would be overwritten); otherwise nothing is written.
 """
 import argparse
 import sys
@@ -33,7 +34,7 @@ def read_table(path):
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")  # Excel's "CSV UTF-8" starts with a BOM
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path}: not a readable CSV ({reason})") from None
@@ -143,6 +144,22 @@ def soft_sibling(path):
     return sibling if sibling.is_file() else None
 
 
+def check_inputs(inputs, out):
+    """Each file votes once, and the result overwrites none of them: refuse the same file given twice (by its
+    resolved path: runs/a/../a/x.csv is runs/a/x.csv) and an --out that holds an input, where submission.csv and
+    submission_soft.csv would replace that input or the files of its run."""
+    seen = {}
+    for path in inputs:
+        real = Path(path).resolve()
+        if real in seen:
+            raise ValueError(f"{seen[real]} and {path} are the same file: it would vote twice (to count a model more, "
+                             f"soft voting takes --weights)")
+        seen[real] = path
+        if real.parent == Path(out).resolve():
+            raise ValueError(f"--out {out} holds the input {path}: the ensemble's submission files would overwrite it "
+                             f"or its run's; write them elsewhere")
+
+
 def build_parser():
     p = Parser(prog="ensemble.py", description="Soft or hard voting over submission CSVs -> one submission.",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -156,6 +173,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     out = Path(args.out)
+    check_inputs(args.inputs, out)
     if args.method == "soft":
         if args.weights is not None and (len(args.weights) != len(args.inputs) or min(args.weights) < 0 or sum(args.weights) <= 0):
             raise ValueError(f"--weights: need {len(args.inputs)} non-negative numbers (one per input) with a positive sum, "

@@ -151,6 +151,9 @@ REFUSALS = {
     "hard: weights": (lambda t: ["--method", "hard", *hard_pair(t, IDS), "--weights", "1", "2"], "soft voting only"),
     "missing file": (lambda t: [soft_pair(t)[0], t / "nowhere.csv"], "nowhere.csv: no such file"),
     "unknown method": (lambda t: ["--method", "median", *soft_pair(t)], "'median'"),
+    "soft: one file twice": (lambda t: [*soft_pair(t), soft_pair(t)[0]], "submission_soft.csv are the same file: it would vote twice"),
+    "soft: one file by two paths": (lambda t: [soft_pair(t)[0], t / "b" / ".." / "a" / "submission_soft.csv"], "are the same file"),
+    "hard: one file twice": (lambda t: ["--method", "hard", *hard_pair(t, IDS), hard_pair(t, IDS)[1]], "are the same file"),
 }
 
 
@@ -162,6 +165,25 @@ def test_refusal_is_one_line_and_writes_nothing(case, tmp_path, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ensemble.py: error:") and expected in lines[0], err
     assert not (tmp_path / "ens").exists()
+
+
+@pytest.mark.parametrize("method", ["soft", "hard"])
+def test_out_where_an_input_lives_is_refused(tmp_path, capsys, method):
+    # --out runs/exp with runs/exp/submission_soft.csv as an input overwrote that input with the ensemble
+    files = soft_pair(tmp_path) if method == "soft" else hard_pair(tmp_path, IDS)
+    before = files[1].read_bytes()
+    code, out, err = run_cli(ensemble.cli, capsys, "--method", method, *files, "--out", tmp_path / "b" / ".")
+    assert code == 1 and out == ""
+    assert err == f"ensemble.py: error: --out {tmp_path / 'b'} holds the input {files[1]}: the ensemble's submission files " \
+                  f"would overwrite it or its run's; write them elsewhere\n"
+    assert files[1].read_bytes() == before and [p.name for p in files[1].parent.iterdir()] == [files[1].name]
+
+
+def test_a_csv_saved_by_excel_with_a_bom_is_read(tmp_path, capsys):
+    files = soft_pair(tmp_path)
+    files[1].write_bytes(b"\xef\xbb\xbf" + files[1].read_bytes())
+    code, _, err = run_cli(ensemble.cli, capsys, *files, "--out", tmp_path / "ens")
+    assert code == 0, err
 
 
 def test_script_runs(tmp_path):

@@ -113,6 +113,8 @@ REFUSALS = {
                                                             soft=["1", "2"]), "'0' (image b.jpg) is neither"),
     "truth without ans": (lambda t: [write_csv(t / "s.csv", ["ImageID", "ans"], ROWS), "--truth",
                                      write_csv(t / "t.csv", ["ImageID", "label"], ROWS)], "no ans column"),
+    "truth without ImageID": (lambda t: [write_csv(t / "s.csv", ["ImageID", "ans"], ROWS), "--truth",
+                                         write_csv(t / "t.csv", ["Image", "ans"], ROWS)], "t.csv: no ImageID column"),
     "missing truth": (lambda t: [write_csv(t / "s.csv", ["ImageID", "ans"], ROWS), "--truth", t / "none.csv"], "none.csv: no such file"),
     "submission with a misnamed column": (lambda t: [write_csv(t / "s.csv", ["ImageID", "prediction"], ROWS), "--truth",
                                                      write_csv(t / "t.csv", ["ImageID", "ans"], ROWS)],
@@ -129,6 +131,14 @@ def test_refusal_is_one_line(case, tmp_path, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("evaluation.py: error:") and expected in lines[0], err
     assert not (tmp_path / "cm.png").exists()
+
+
+def test_csvs_saved_by_excel_with_a_bom_are_read(mask_case, capsys):
+    truth, sub, labels, preds, _, _ = mask_case
+    for path in (truth, sub):
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    code, out, err = run_cli(evaluation.cli, capsys, sub, "--truth", truth, "--layout", "mask")
+    assert code == 0 and err == "" and "54 images, 18 classes" in out
 
 
 def test_unwritable_plot_is_one_line(tmp_path, capsys):
