@@ -57,7 +57,7 @@ def predict_checkpoints(checkpoints, eval_dir, *, device="cpu", tta=False, batch
     metas = [checkpoint.read_meta(p) for p in checkpoints]
     check_compatible(checkpoints, metas)
     classes, layout = metas[0]["classes"], metas[0]["layout"]
-    image_ids, paths = dataset.read_eval(eval_dir, layout)
+    image_ids, paths = dataset.read_eval(eval_dir, layout, f"checkpoint {checkpoints[0]} ({len(classes)} classes)")
     device = torch.device(device)
     workers = loader_workers(num_workers, use_cache, device)
 

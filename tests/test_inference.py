@@ -179,3 +179,44 @@ def test_script_error_exit_code(runs, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr == f"inference.py: error: eval dir {tmp_path / 'nowhere'} does not exist or is not a directory\n"
     assert not (tmp_path / "out").exists()
+
+
+def untrained_checkpoint(path, classes, layout):
+    """A real checkpoint of an untrained BaseModel: what the layout checks and the decoder need, without training."""
+    from model import create_model
+    from training import checkpoint
+    meta = dict(format=1, model="BaseModel", classification="single", head="", dropout=0.0, classes=classes, layout=layout,
+                resize=[32, 32], mean=[0.5] * 3, std=[0.01] * 3, metric="accuracy", args={})  # inputs scaled up: outputs far apart
+    torch.manual_seed(0)
+    checkpoint.save(path, create_model("BaseModel", len(classes)), meta, epoch=1, best_metric=0.5)
+    return path
+
+
+def test_a_folder_checkpoint_on_a_mask_eval_dir_is_refused(demo_dir, tmp_path, capsys):
+    # it used to predict every file under the dir as images/<id>, with info.csv ignored
+    ckpt = untrained_checkpoint(tmp_path / "folder.pth", ["cat", "dog"], "folder")
+    code, out, err = run_cli(inference.cli, capsys, "--checkpoint", ckpt, "--eval_dir", demo_dir / "eval", "--out", tmp_path / "out",
+                             "--num_workers", 0)
+    assert code == 1 and out == ""
+    assert err == f"inference.py: error: eval dir {demo_dir / 'eval'} is of the mask layout (info.csv + images/), but checkpoint " \
+                  f"{ckpt} (2 classes) is of the class-per-folder layout: give it a folder of images, or use a model trained on " \
+                  f"the mask layout\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_photos_of_every_kind_are_predicted(tmp_path, capsys):
+    # webp and bmp were left out of a folder eval dir; a 16-bit PNG was predicted as a white image
+    ckpt = untrained_checkpoint(tmp_path / "folder.pth", ["cat", "dog"], "folder")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (40, 30), (90, 20, 200)).save(photos / "a.webp", lossless=True)
+    Image.new("RGB", (40, 30), (90, 20, 200)).save(photos / "b.bmp")
+    Image.fromarray(np.full((30, 40), 4000, dtype=np.uint16)).save(photos / "c.png")
+    Image.fromarray(np.full((30, 40), 255, dtype=np.uint8)).save(photos / "d.png")
+    code, _, err = run_cli(inference.cli, capsys, "--checkpoint", ckpt, "--eval_dir", photos, "--out", tmp_path / "out",
+                           "--num_workers", 0, "--cache_dir", tmp_path / "cache")
+    assert code == 0, err
+    ids, probs = soft_probs(tmp_path / "out" / "submission_soft.csv")
+    assert ids == ["a.webp", "b.bmp", "c.png", "d.png"]
+    assert np.allclose(probs[0], probs[1], atol=1e-5)  # the same picture in two formats
+    assert np.abs(probs[2] - probs[3]).max() > 1e-4  # a dark grey 16-bit PNG is not white (both white: equal to the digit)
