@@ -317,8 +317,11 @@ def decode_image(path, size):
     return np.asarray(img, dtype=np.uint8)
 
 
+DECODER_VERSION = 2  # in the cache key: a cache decoded otherwise (1: EXIF ignored, 16-bit clipped) is never read
+
+
 def cache_key(paths, size):
-    digest = hashlib.sha1(f"{size[0]}x{size[1]}".encode())
+    digest = hashlib.sha1(f"{size[0]}x{size[1]} decoder {DECODER_VERSION}".encode())
     for p in paths:
         st = os.stat(p)
         digest.update(f"\0{p}\0{st.st_mtime_ns}\0{st.st_size}".encode())

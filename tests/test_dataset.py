@@ -516,3 +516,12 @@ def test_a_killed_cache_build_leaves_no_temp_file_behind(tmp_path, signum):
         assert proc.returncode == -signal.SIGKILL and len(list(cache.glob("*.npy.tmp"))) == 1
     images = dataset.load_images(paths, (16, 12), cache)
     assert images[2, 0, 0].tolist() == [100, 0, 0] and not list(cache.glob("*.npy.tmp"))
+
+
+def test_a_cache_from_the_old_decoder_is_not_read(tmp_path, monkeypatch):
+    # the key once held only the paths, their stat and the size: a cache of sideways photos would have been kept
+    write_image(tmp_path / "a.png")
+    paths = [str(tmp_path / "a.png")]
+    key = dataset.cache_key(paths, (16, 12))
+    monkeypatch.setattr(dataset, "DECODER_VERSION", dataset.DECODER_VERSION - 1)
+    assert dataset.cache_key(paths, (16, 12)) != key
