@@ -1,6 +1,11 @@
-"""Check every machine of an NNI remote config before `nnictl create`.
+"""Check an NNI config before `nnictl create`: its search space, then every machine of a remote one.
 
     python baseline/preflight.py config_remote.yml [--port 8080]
+    python baseline/preflight.py config_local.yml             # the search space only
+
+The search space is checked against train.py's own parser, without starting a trial: every key
+is a flag, every value it can draw coerces to the flag's type and lies in its range, every
+choice is a valid name, nested choices are well formed. One FAIL line per problem.
 
 For each machine in trainingService.machineList it prints one line, OK or FAIL:
 
@@ -18,11 +23,14 @@ For each machine in trainingService.machineList it prints one line, OK or FAIL:
   data      the --data_dir of trialCommand exists on that machine
   callback  a TCP connection from the machine back to nniManagerIp:port
             (preflight listens there itself for the duration of the check)
+  weights   with --pretrained (and no --weights): the ImageNet weights of every backbone the
+            search can draw are in that machine's cache, or downloadable from it
 
 Exits 1 if any check fails, naming machine and check.
 """
 import argparse
 import contextlib
+import difflib
 import errno
 import importlib.metadata
 import json
@@ -36,6 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 # Runs on the remote machine, fed to `python -` over SSH; prints one JSON line.
 PROBE = r'''
@@ -78,6 +89,40 @@ if a.get("interpreter"):
                         "error": r.stderr.strip()[-300:]}
     except Exception as e:
         out["trial"] = {"prefix": None, "which": "", "error": str(e)}
+def weights_state(name):
+    """Where a backbone's ImageNet weights would come from on this machine: (cached|downloadable|unavailable, detail)."""
+    import urllib.request
+    try:
+        if name.startswith("timm/"):
+            import timm
+            from huggingface_hub import try_to_load_from_cache
+            cfg = timm.get_pretrained_cfg(name[len("timm/"):])
+            if cfg is None:
+                return "unavailable", "timm has no pretrained weights for it"
+            if cfg.hf_hub_id:
+                for f in ("model.safetensors", "pytorch_model.bin"):
+                    if isinstance(try_to_load_from_cache(cfg.hf_hub_id, f), str):
+                        return "cached", cfg.hf_hub_id
+                url = "https://huggingface.co/%s/resolve/main/model.safetensors" % cfg.hf_hub_id
+            else:
+                url = cfg.url
+        else:
+            import torch
+            if name.startswith("efficientnet"):
+                from efficientnet_pytorch.utils import url_map
+                url = url_map["efficientnet-" + name.split("_")[1]]
+            else:
+                import torchvision
+                url = torchvision.models.get_model_weights(name).DEFAULT.url
+            path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+            if os.path.isfile(path):
+                return "cached", path
+        urllib.request.urlopen(url, timeout=a.get("timeout", 10)).close()  # headers only: the body is never read
+        return "downloadable", url
+    except Exception as e:
+        return "unavailable", "%s: %s" % (type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+if a.get("weights"):
+    out["weights"] = {name: weights_state(name) for name in a["weights"]}
 if a.get("callback"):
     host, port = a["callback"]
     try:
@@ -269,6 +314,99 @@ def gpu_problem(gpus, trial_gpus, per_gpu=1, indices=None):
     return None
 
 
+# ----------------------------------------------------------------------------- the search space
+NNI_TYPES = ("choice", "randint", "uniform", "quniform", "loguniform", "qloguniform", "normal", "qnormal", "lognormal", "qlognormal")
+
+
+def search_space(config, config_path):
+    """The config's search space: inline searchSpace, or searchSpaceFile relative to the config."""
+    if "searchSpace" in config:
+        return config["searchSpace"]
+    if "searchSpaceFile" not in config:
+        raise ValueError("no searchSpace or searchSpaceFile")
+    path = Path(config_path).parent / config["searchSpaceFile"]
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"searchSpaceFile {path}: {e}") from None
+
+
+def draws(spec, integer):
+    """The values a search-space entry can hand a trial, at its ends -> (values, problem or None)."""
+    kind, value = spec.get("_type") if isinstance(spec, dict) else None, spec.get("_value") if isinstance(spec, dict) else None
+    if kind not in NNI_TYPES or not isinstance(value, list) or not value:
+        return [], f"{spec!r} is not {{\"_type\": one of {', '.join(NNI_TYPES)}, \"_value\": [...]}}"
+    if kind == "choice":
+        return value, None
+    if len(value) < 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return [], f"{kind} needs numbers [low, high{', q' if kind.startswith('q') else ''}], got {value!r}"
+    if kind == "randint":
+        return [value[0], value[1] - 1], None
+    if kind in ("uniform", "loguniform", "normal", "lognormal") and integer:
+        return [], f"{kind} draws fractions for an integer flag: use randint, choice, or quniform with q 1"
+    if kind.startswith("q") and integer and (len(value) < 3 or not float(value[2]).is_integer()):
+        return [], f"{kind} with q {value[2] if len(value) > 2 else '?'} draws fractions for an integer flag: use q 1"
+    if "log" in kind and value[0] <= 0:
+        return [], f"{kind} needs low > 0, got {value[0]}"
+    return ([value[0]] if "normal" in kind else value[:2]), None
+
+
+def space_problems(space, trial_command):
+    """Every mistake in a search space that would stop every trial at its start, one message each."""
+    from training import flags  # lazy: torch's start-up, only once a config has a space to check
+
+    parser = flags.build_parser()
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config", "resume", "print_flags")}
+    base = vars(parser.parse_args(shlex.split(trial_command)[2:] if interpreter_of(trial_command) else []))
+    problems = []
+
+    def check(key, params):
+        args = argparse.Namespace(**base)
+        try:
+            flags.apply_params(parser, args, params, "search space")
+            args.weights = None  # a path on the servers, not here
+            flags.check_args(flags.resolve(args))
+        except ValueError as e:
+            problems.append(f"{key}: {str(e).removeprefix('search space: ')}")
+
+    def entry(key, spec, label):
+        if key not in actions:
+            near = difflib.get_close_matches(key, actions, n=1, cutoff=0.5)
+            problems.append(f"{label}: not a train.py flag{f' (did you mean {near[0]}?)' if near else ''}; flags: {', '.join(actions)}")
+            return None
+        values, problem = draws(spec, actions[key].type is int and actions[key].nargs is None)
+        if problem:
+            problems.append(f"{label}: {problem}")
+        return values
+
+    if not isinstance(space, dict) or not space:
+        return ["the search space is empty or not a mapping of flag names"]
+    for key, spec in space.items():
+        for value in entry(key, spec, key) or []:
+            if not isinstance(value, dict):
+                check(key, {key: value})
+                continue
+            if "_name" not in value:  # nested choice: {"_name": value of key, its own flags: specs}
+                problems.append(f"{key}: nested choice {value!r} has no '_name'")
+                continue
+            check(key, {key: value["_name"]})
+            for sub, sub_spec in ((k, v) for k, v in value.items() if k != "_name"):
+                for v in entry(sub, sub_spec, f"{key}={value['_name']} {sub}") or []:
+                    check(f"{key}={value['_name']} {sub}", {key: value["_name"], sub: v})
+    return problems
+
+
+def pretrained_models(command, space):
+    """The backbones whose ImageNet weights every trial downloads: with --pretrained and without --weights."""
+    words = shlex.split(command) if interpreter_of(command) else []
+    choices = (space or {}).get("pretrained", {}).get("_value", []) if isinstance((space or {}).get("pretrained"), dict) else []
+    if "--weights" in words or not ("--pretrained" in words or True in choices):
+        return []
+    spec = (space or {}).get("model")
+    models = spec["_value"] if isinstance(spec, dict) and spec.get("_type") == "choice" else [flag_value(command, "--model") or "BaseModel"]
+    return [m for m in models if isinstance(m, str) and m != "BaseModel"]
+
+
 def _check_ssh(m, res, timeout):
     """The key login; the ssh command prefix for the next checks, or None when it failed (recorded in res)."""
     if m.password is not None and not m.ssh_key_file:
@@ -297,7 +435,8 @@ def _probe_args(m, config, port, callback, timeout):
     command = trial_command(config)
     return {"data_dir": flag_value(command, "--data_dir"), "python_path": m.python_path,
             "interpreter": interpreter_of(command), "timeout": timeout,
-            "callback": [config.get("nniManagerIp"), port] if callback else None}
+            "callback": [config.get("nniManagerIp"), port] if callback else None,
+            "weights": pretrained_models(command, config.get("_space"))}
 
 
 def _run_probe(m, base, args, res, timeout):
@@ -374,6 +513,17 @@ def _judge_resources(m, config, port, callback, info, args, res):
                                 f"({info.get('callback')}): firewall, wrong nniManagerIp or port")
 
 
+def _judge_weights(info, res):
+    """Every pretrained backbone's weights: cached there, or downloadable from there."""
+    states = info.get("weights") or {}
+    for name, (state, detail) in states.items():
+        if state == "unavailable":
+            res.bad("weights", f"{name}: not in the cache there and not downloadable ({detail}): add --weights FILE to "
+                               f"trialCommand, or fill that server's cache once (docs/remote.md#weights-on-offline-servers)")
+    if states and all(state != "unavailable" for state, _ in states.values()):
+        res.good("weights", ", ".join(f"{name} {state}" for name, (state, _) in states.items()))
+
+
 def check_machine(m, config, port, callback, local_nni, timeout):
     """All checks of one machine, as a Result; stops at the first check the others depend on (ssh, python)."""
     res = Result(m)
@@ -386,18 +536,43 @@ def check_machine(m, config, port, callback, local_nni, timeout):
         return res
     _judge_packages(info, args, res, local_nni)
     _judge_resources(m, config, port, callback, info, args, res)
+    _judge_weights(info, res)
     return res
+
+
+def check_space(config, config_path, out):
+    """The search space's FAIL lines, or one OK line -> the number of problems."""
+    try:
+        space = config["_space"] = search_space(config, config_path)
+    except ValueError as e:
+        print(f"FAIL search space: {e}", file=out)
+        return 1
+    problems = space_problems(space, trial_command(config))
+    for problem in problems:
+        print(f"FAIL search space {problem}", file=out)
+    if not problems:
+        print(f"OK   search space: {len(space)} keys, every value a train.py flag value ({', '.join(space)})", file=out)
+    return len(problems)
+
+
+def is_remote(config):
+    ts = config.get("trainingService")
+    return any(isinstance(s, dict) and s.get("platform") == "remote" for s in (ts if isinstance(ts, list) else [ts]))
 
 
 def preflight(config_path, port, timeout=10, out=sys.stdout):
     try:
         config = load_config(config_path)
-        machines = machines_of(config)
+        machines = machines_of(config) if is_remote(config) else []
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:
         print(f"FAIL config {config_path}: {e}", file=out)
         return 1
+    failed = check_space(config, config_path, out)
+    if not machines:
+        print(f"preflight: {'search space ok' if not failed else f'{failed} problems, see FAIL lines'}; "
+              f"no remote machines to check", file=out)
+        return 1 if failed else 0
     local_nni = importlib.metadata.version("nni")
-    failed = 0
     ip = config.get("nniManagerIp")
     if not ip:
         print(f"FAIL config: nniManagerIp is not set in {config_path}: remote trial keepers cannot call back", file=out)
@@ -418,14 +593,14 @@ def preflight(config_path, port, timeout=10, out=sys.stdout):
             failed += bool(res.failed)
     finally:
         listener.__exit__(None, None, None)
-    summary = f"all {len(machines)} machine(s) ready" if not failed else f"{failed} failed, see FAIL lines"
+    summary = f"all {len(machines)} machine(s) ready" if not failed else f"{failed} problems, see FAIL lines"
     print(f"preflight: {summary}", file=out)
     return 1 if failed else 0
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("config", type=Path, help="NNI v3 YAML with trainingService.platform remote")
+    p.add_argument("config", type=Path, help="NNI v3 experiment config (remote: every machine is checked too)")
     p.add_argument("--port", type=int, default=8080, help="the port of `nnictl create --port` (default: 8080)")
     p.add_argument("--timeout", type=int, default=10, help="SSH connect timeout in seconds (default: 10)")
     a = p.parse_args(argv)

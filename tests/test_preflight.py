@@ -1,5 +1,7 @@
 """baseline/preflight.py against a real OpenSSH server on 127.0.0.1 (tests/sshd.py)."""
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -8,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from baseline import preflight as pf
 from baseline.preflight import flag_value, gpu_problem, interpreter_of
 from conftest import ROOT
 from sshd import free_port, keygen, start_sshd
@@ -42,7 +45,13 @@ def write_config(tmp_path, sshd, data_dir, *, interpreter=sys.executable, **mach
     }
     path = tmp_path / "config_remote.yml"
     path.write_text(yaml.safe_dump(config))
+    shutil.copyfile(ROOT / "search_space.json", tmp_path / "search_space.json")
     return path, config
+
+
+def machine_line(proc):
+    """The line preflight printed for the (one) machine, after the search space's."""
+    return next(line for line in proc.stdout.splitlines() if "@127.0.0.1:" in line)
 
 
 def preflight(config_path, port=None):
@@ -57,7 +66,7 @@ def test_all_checks_pass_against_loopback_sshd(tmp_path, sshd, data_dir):
     port = free_port()
     proc = preflight(path, port)
     assert proc.returncode == 0, proc.stdout + proc.stderr + sshd.log()
-    line = proc.stdout.splitlines()[0]
+    line = machine_line(proc)
     assert line.startswith(f"OK   {sshd.user}@127.0.0.1:{sshd.port} ")
     for part in ("ssh ok", f"python {sys.executable}", "nni 3.0", "torch ", "trial same env", "gpu ",
                  f"data {data_dir}", f"callback 127.0.0.1:{port}"):
@@ -69,7 +78,7 @@ def test_wrong_ssh_port_fails_on_ssh(tmp_path, sshd, data_dir):
     path, _ = write_config(tmp_path, sshd, data_dir, port=free_port())
     proc = preflight(path)
     assert proc.returncode == 1
-    line = proc.stdout.splitlines()[0]
+    line = machine_line(proc)
     assert line.startswith(f"FAIL {sshd.user}@127.0.0.1:") and " ssh: login failed" in line
     assert "Connection refused" in line
 
@@ -79,7 +88,7 @@ def test_wrong_key_fails_on_ssh(tmp_path, sshd, data_dir):
     path, _ = write_config(tmp_path, sshd, data_dir, sshKeyFile=str(other))
     proc = preflight(path)
     assert proc.returncode == 1
-    line = proc.stdout.splitlines()[0]
+    line = machine_line(proc)
     assert line.startswith(f"FAIL {sshd.user}@127.0.0.1:{sshd.port} ssh: login failed")
     assert "Permission denied" in line
 
@@ -92,7 +101,7 @@ def test_missing_key_file_and_missing_data_dir(tmp_path, sshd, data_dir):
     path, _ = write_config(tmp_path, sshd, tmp_path / "no" / "such" / "dir")
     proc = preflight(path)
     assert proc.returncode == 1
-    line = proc.stdout.splitlines()[0]
+    line = machine_line(proc)
     assert line.startswith("FAIL ") and "data: --data_dir" in line and "not a directory" in line
     assert "ssh:" not in line and "callback:" not in line  # only the failing check is named
 
@@ -149,3 +158,99 @@ def test_command_parsing():
     assert interpreter_of(cmd) == "python3"
     assert interpreter_of("/opt/venv/bin/python train.py") == "/opt/venv/bin/python"
     assert interpreter_of("bash run.sh") is None
+
+
+# ----------------------------------------------------------------------------- the search space
+SPACE_MISTAKES = {
+    "not a flag": ({"learning_rate": {"_type": "loguniform", "_value": [1e-4, 1e-2]}}, "learning_rate: not a train.py flag"),
+    "fractional batch_size": ({"batch_size": {"_type": "choice", "_value": [32, 48.5]}}, "batch_size: parameter 'batch_size' must be int"),
+    "uniform for an int": ({"batch_size": {"_type": "uniform", "_value": [16, 64]}}, "batch_size: uniform draws fractions"),
+    "q 0.5 for an int": ({"warmup_epochs": {"_type": "quniform", "_value": [0, 5, 0.5]}}, "warmup_epochs: quniform with q 0.5"),
+    "out of range": ({"dropout": {"_type": "uniform", "_value": [0.0, 1.5]}}, "dropout: --dropout 1.5: must be in [0, 1)"),
+    "log of 0": ({"lr": {"_type": "loguniform", "_value": [0, 0.01]}}, "lr: loguniform needs low > 0"),
+    "bad choice": ({"optimizer": {"_type": "choice", "_value": ["AdamW", "Adamw"]}}, "optimizer: parameter 'optimizer': 'Adamw' is not one of"),
+    "bad model": ({"model": {"_type": "choice", "_value": ["resnet18", "vgg"]}}, "model: parameter 'model': unknown model 'vgg'; valid: BaseModel"),
+    "bad timm model": ({"model": {"_type": "choice", "_value": ["timm/convnext_tinny"]}}, "nearest: timm/convnext_tiny"),
+    "list of 1": ({"resize": {"_type": "choice", "_value": [[224]]}}, "resize: parameter 'resize' must be a list of 2"),
+    "nested without _name": ({"criterion": {"_type": "choice", "_value": [{"focal_gamma": 2}]}}, "criterion: nested choice"),
+    "nested unknown key": ({"criterion": {"_type": "choice", "_value": [{"_name": "focal", "focal_gama": {"_type": "uniform", "_value": [1, 2]}}]}},
+                           "criterion=focal focal_gama: not a train.py flag (did you mean focal_gamma?)"),
+    "nested out of range": ({"criterion": {"_type": "choice", "_value": [{"_name": "label_smoothing", "smoothing": {"_type": "uniform", "_value": [0.1, 1.0]}}]}},
+                            "criterion=label_smoothing smoothing: --smoothing 1.0: must be in [0, 1)"),
+    "unknown _type": ({"seed": {"_type": "unifrom", "_value": [1, 2]}}, "seed: {'_type': 'unifrom'"),
+}
+
+
+@pytest.mark.parametrize("case", list(SPACE_MISTAKES))
+def test_search_space_mistake_is_one_fail_line_naming_the_key(case):
+    space, message = SPACE_MISTAKES[case]
+    problems = pf.space_problems(space, "python3 train.py --epochs 2")
+    assert len(problems) == 1 and message in problems[0], problems
+
+
+@pytest.mark.parametrize("name", ["config_local.yml", "config_remote.yml"])
+def test_shipped_search_spaces_pass(name, capsys):
+    config = pf.load_config(ROOT / name)
+    assert pf.check_space(config, ROOT / name, sys.stdout) == 0
+    assert capsys.readouterr().out.startswith("OK   search space: ")
+
+
+def test_local_config_is_checked_for_its_space_only(tmp_path):
+    config = {"searchSpace": SPACE_MISTAKES["bad choice"][0], "trialCommand": "python3 train.py", "trainingService": {"platform": "local"}}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(config))
+    proc = preflight(tmp_path / "c.yml")
+    assert proc.returncode == 1 and proc.stdout.splitlines() == [
+        "FAIL search space optimizer: parameter 'optimizer': 'Adamw' is not one of SGD, Adam, AdamW",
+        "preflight: 1 problems, see FAIL lines; no remote machines to check"], proc.stdout + proc.stderr
+
+
+def test_pretrained_models_are_those_the_search_can_draw():
+    space = {"model": {"_type": "choice", "_value": ["BaseModel", "timm/convnext_tiny", "resnet50"]}}
+    assert pf.pretrained_models("python3 train.py --pretrained", space) == ["timm/convnext_tiny", "resnet50"]
+    assert pf.pretrained_models("python3 train.py", space) == []
+    assert pf.pretrained_models("python3 train.py --pretrained --weights /w.pth", space) == []
+    assert pf.pretrained_models("python3 train.py --pretrained --model efficientnet_b3", {}) == ["efficientnet_b3"]
+
+
+# ----------------------------------------------------------------------------- pretrained weights on the servers
+def fake_cached_weights(home):
+    """What the servers' caches hold after one download: timm's test_efficientnet in huggingface_hub's cache, and
+    torchvision's resnet18 in torch.hub's -> the files made (to remove after)."""
+    import timm
+    import torchvision
+    repo = timm.get_pretrained_cfg("test_efficientnet").hf_hub_id
+    root = home / ".cache" / "huggingface" / "hub" / f"models--{repo.replace('/', '--')}"
+    files = [root / "refs" / "main", root / "snapshots" / ("0" * 40) / "model.safetensors",
+             home / ".cache" / "torch" / "hub" / "checkpoints" / Path(torchvision.models.ResNet18_Weights.DEFAULT.url).name]
+    for f in files:
+        if f.exists():
+            pytest.skip(f"{f} exists: this machine's real cache")
+    files[0].parent.mkdir(parents=True)
+    files[0].write_text("0" * 40)
+    files[1].parent.mkdir(parents=True)
+    files[1].write_bytes(b"weights")
+    return root, files[2]
+
+
+@pytest.mark.slow
+def test_weights_check_over_ssh(tmp_path, sshd, data_dir):
+    """With --pretrained, every backbone the search can draw: cached on the server, else downloadable from it (not
+    here: no network), else FAIL with the fix."""
+    path, config = write_config(tmp_path, sshd, data_dir, interpreter=sys.executable)
+    config["trialCommand"] += " --pretrained"
+    path.write_text(yaml.safe_dump(config))
+    (tmp_path / "search_space.json").write_text(json.dumps({"model": {"_type": "choice", "_value": ["timm/test_efficientnet", "resnet18"]}}))
+    home = Path(os.path.expanduser(f"~{sshd.user}"))
+    hf_repo, resnet = fake_cached_weights(home)
+    try:
+        line = machine_line(preflight(path))
+        assert line.startswith("FAIL ") and "weights: resnet18: not in the cache there and not downloadable" in line, line
+        assert "--weights FILE" in line and "timm/test_efficientnet" not in line
+        resnet.parent.mkdir(parents=True, exist_ok=True)
+        resnet.write_bytes(b"weights")
+        proc = preflight(path)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "weights timm/test_efficientnet cached, resnet18 cached" in machine_line(proc)
+    finally:
+        shutil.rmtree(hf_repo, ignore_errors=True)
+        resnet.unlink(missing_ok=True)
