@@ -148,7 +148,9 @@ class Classifier(nn.Module):
     def __init__(self, backbone, num_outputs, head=(), dropout=0.0):
         super().__init__()
         self.backbone, self.backbone_frozen = backbone, False
-        layers, width = [], backbone.num_features
+        # a timm model without its classifier ends in its pre-logits layer, which can be wider than num_features
+        # (MobileNetV3's 1024 over 288)
+        layers, width = [], getattr(backbone, "head_hidden_size", None) or backbone.num_features
         for hidden in head:
             layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)]
             width = hidden

@@ -147,8 +147,9 @@ def test_batchnorm_running_statistics_keep_up(name):
 
 # ----------------------------------------------------------------------------- timm backbones
 # timm's own test models: the architectures of EfficientNet, ConvNeXt, ViT (fixed input size) and ResNet at a
-# size a CPU test builds in well under a second, with random weights (nothing is downloaded)
-TIMM_MODELS = ["timm/test_efficientnet", "timm/test_convnext", "timm/test_vit", "timm/test_resnet"]
+# size a CPU test builds in well under a second, and MobileNetV3 (its pre-logits layer is wider than its
+# num_features); random weights, nothing is downloaded
+TIMM_MODELS = ["timm/test_efficientnet", "timm/test_convnext", "timm/test_vit", "timm/test_resnet", "timm/mobilenetv3_small_050"]
 
 
 @pytest.mark.parametrize("classification", M.CLASSIFICATIONS)
