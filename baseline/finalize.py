@@ -267,8 +267,9 @@ def write_report(run_dir, report):
         lines.append(f"| {row['name']} | {row['trial'] or '-'} | {metric} | {row['oof_f1']:.4f} | "
                      f"{row['fold_f1_mean']:.4f} ± {row['fold_f1_sd']:.4f} | `{' '.join(expmod.flag_words(row['params'])) or '(the trial command)'}` |")
     voted = ", ".join(f"{name} x {w:.2f}" for name, w in report["voted"].items())
+    greedy = ", ".join(f"{name} x {w:.2f}" for name, w in report["greedy_weights"].items())
     lines += ["", f"Best by out-of-fold macro F1: **{report['winner']}** ({report['winner_oof_f1']:.4f}). Greedy ensemble "
-              f"selection: {report['greedy_weights']} (out-of-fold {report['greedy_oof_f1']:.4f}, optimistic: chosen on the "
+              f"selection: {greedy} (out-of-fold {report['greedy_oof_f1']:.4f}, optimistic: chosen on the "
               f"same predictions).", f"Voted (--select {report['select']}): {voted}; the K fold models of each, soft-voted on "
               f"{report['eval_images']} eval images -> submission.csv, submission_soft.csv."]
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
