@@ -123,7 +123,9 @@ def one(name, seed, work, cli):
 
 
 def table(results):
-    print(f"\n{'set':<6} {'seeds':>5}  " + "  ".join(f"{m:>17}" for m in METHODS) + "  rank(oof,eval) rank(val,eval)")
+    """The figures as a markdown table (docs/finalize.md holds it): mean ± sd over seeds per set."""
+    print("\n| set | seeds | " + " | ".join(METHODS) + " | rank(oof, eval) | rank(val, eval) |")
+    print("|---|---|" + "---|" * (len(METHODS) + 2))
     for name in SETS:
         rows = [r for r in results if r["set"] == name]
         if not rows:
@@ -131,9 +133,9 @@ def table(results):
         cells = []
         for m in METHODS:
             v = [r["scores"][m] for r in rows]
-            cells.append(f"{np.mean(v):.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}".rjust(17))
+            cells.append(f"{np.mean(v):.3f}" + (f" ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else ""))
         ranks = [np.mean([r[key] for r in rows if r[key] is not None] or [np.nan]) for key in ("rank_oof", "rank_search")]
-        print(f"{name:<6} {len(rows):>5}  " + "  ".join(cells) + f"  {ranks[0]:>14.2f} {ranks[1]:>14.2f}")
+        print(f"| {name} | {len(rows)} | " + " | ".join(cells) + f" | {ranks[0]:.2f} | {ranks[1]:.2f} |")
 
 
 def main():
