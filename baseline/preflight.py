@@ -231,6 +231,15 @@ def flag_value(command, flag):
     return None
 
 
+def train_words(command):
+    """The flags trialCommand gives train.py: the words after train.py (VAR=value prefixes and the interpreter skipped)."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return []
+    return words[next((i + 1 for i, w in enumerate(words) if Path(w).name == "train.py"), len(words)):]
+
+
 def interpreter_of(command):
     """First word of trialCommand after VAR=value assignments, if it looks like python, else None."""
     try:
@@ -357,7 +366,7 @@ def space_problems(space, trial_command):
 
     parser = flags.build_parser()
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config", "resume", "print_flags")}
-    base = vars(parser.parse_args(shlex.split(trial_command)[2:] if interpreter_of(trial_command) else []))
+    base = vars(parser.parse_args(train_words(trial_command)))
     problems = []
 
     def check(key, params):
@@ -398,7 +407,7 @@ def space_problems(space, trial_command):
 
 def pretrained_models(command, space):
     """The backbones whose ImageNet weights every trial downloads: with --pretrained and without --weights."""
-    words = shlex.split(command) if interpreter_of(command) else []
+    words = train_words(command)
     choices = (space or {}).get("pretrained", {}).get("_value", []) if isinstance((space or {}).get("pretrained"), dict) else []
     if "--weights" in words or not ("--pretrained" in words or True in choices):
         return []

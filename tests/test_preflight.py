@@ -204,6 +204,14 @@ def test_local_config_is_checked_for_its_space_only(tmp_path):
         "preflight: 1 problems, see FAIL lines; no remote machines to check"], proc.stdout + proc.stderr
 
 
+def test_space_checked_against_the_flags_after_train_py():
+    """An env prefix, as docs/remote.md suggests for offline servers (HF_HUB_OFFLINE=1 python3 train.py ...)."""
+    space = SPACE_MISTAKES["bad choice"][0]
+    assert pf.space_problems(space, "HF_HUB_OFFLINE=1 /opt/env/bin/python train.py --epochs 2") == \
+        pf.space_problems(space, "python3 train.py --epochs 2")
+    assert pf.train_words("HF_HUB_OFFLINE=1 python3 train.py --pretrained") == ["--pretrained"]
+
+
 def test_pretrained_models_are_those_the_search_can_draw():
     space = {"model": {"_type": "choice", "_value": ["BaseModel", "timm/convnext_tiny", "resnet50"]}}
     assert pf.pretrained_models("python3 train.py --pretrained", space) == ["timm/convnext_tiny", "resnet50"]
