@@ -28,7 +28,6 @@ import json
 import math
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -45,7 +44,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from baseline import experiment as expmod  # noqa: E402
-from baseline.preflight import machines_of  # noqa: E402
+from baseline.preflight import machines_of, train_words  # noqa: E402
 from core.cli import Parser, run_main  # noqa: E402
 from core.metrics import score  # noqa: E402
 from core.runs import read_summary, write_submission  # noqa: E402
@@ -66,7 +65,7 @@ class Finalist:
 # ----------------------------------------------------------------------------- finalists
 def configuration(trial_command, params):
     """The flags a run trains with, without its length and fold: two trials with the same one are one finalist."""
-    words = shlex.split(trial_command)[2:] + expmod.flag_words(params)
+    words = train_words(trial_command) + expmod.flag_words(params)
     resolved = flags.run_config(flags.resolve(flags.build_parser().parse_args(words)))
     return {k: v for k, v in resolved.items() if k not in NOT_CONFIGURATION}
 
