@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -566,6 +567,10 @@ class Normalize(torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------- loaders
+FEEDS = ("auto", "device", "loader")
+DEVICE_SHARE = 0.5  # of the device's free memory the decoded images may take; the rest is the model's
+
+
 def loader_workers(requested, cached, device):
     """-1 = choose: from the cache a batch is a ~1 ms gather that workers would only slow down with
     inter-process copies on a CPU; decoding (no cache) and feeding a GPU want workers."""
@@ -574,11 +579,110 @@ def loader_workers(requested, cached, device):
     return 0 if cached and device.type == "cpu" else min(8, os.cpu_count() or 1)
 
 
+def choose_feed(requested, image_bytes, device, free_bytes=None):
+    """How batches reach the model -> ("device" or "loader", the one line that says why).
+    device: the decoded images sit on the training device (copied there once; on a CPU they are the memory-mapped
+    cache itself) and each batch is one indexing there: no workers, no collate, no copy per batch. It needs the
+    cache (image_bytes None: --no_cache) and, on a GPU, at most DEVICE_SHARE of its free memory (free_bytes).
+    loader: the DataLoader, its workers gather or decode, the next batch is copied while this one trains."""
+    size = f"{(image_bytes or 0) / 2**20:.0f} MiB" if (image_bytes or 0) < 2**30 else f"{image_bytes / 2**30:.1f} GiB"
+    if requested == "device" and image_bytes is None:
+        raise ValueError("--feed device needs the decoded-image cache: drop --no_cache")
+    if requested == "loader" or image_bytes is None:
+        return "loader", "data feed: loader (" + ("--feed loader)" if requested == "loader" else "no cache: images decoded by loader workers)")
+    if device.type == "cpu":
+        return "device", f"data feed: device (the {size} cache, memory-mapped, indexed in place)"
+    room = f"{free_bytes / 2**30:.1f} GiB free on {device}, up to {DEVICE_SHARE:.0%} of it for images, the rest for the model"
+    if requested == "device" or image_bytes <= DEVICE_SHARE * free_bytes:
+        return "device", f"data feed: device ({size} of decoded images copied to {device} once; {room}" + \
+            ("; --feed device)" if image_bytes > DEVICE_SHARE * free_bytes else ")")
+    return "loader", f"data feed: loader, not device ({size} of decoded images would not fit: {room}; --feed device forces it)"
+
+
 def worker_init(worker_id):
     torch.set_num_threads(1)  # workers only slice and augment; the cores belong to the model
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+
+
+def device_images(images, device):
+    """The uint8 (N, H, W, 3) cache as a tensor on the device: on a CPU the memory-mapped file itself (read-only,
+    never written: torch's warning about that is silenced), on a GPU one copy."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        host = torch.from_numpy(images)
+    return host if device.type == "cpu" else host.to(device)
+
+
+class DeviceBatches:
+    """A loader whose batches are drawn by indexing images that are already on the device: the epoch's order is
+    drawn on the host and sent once, so no step waits for the host. It draws that order from the same batch sampler
+    and random streams as a DataLoader with num_workers=0 (one number from its generator, the global one without,
+    at each epoch's start), so a fixed seed gives the same batches and the same later random draws either way."""
+
+    def __init__(self, dataset, images, labels, batch_sampler, generator=None):
+        self.dataset, self.images, self.labels = dataset, images, labels  # all images (N, H, W, 3) and labels, on the device
+        self.batch_sampler, self.generator = batch_sampler, generator
+        self.rows = torch.as_tensor(dataset.indices, device=images.device)
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # the draw a DataLoader makes for worker seeds
+        batches = list(self.batch_sampler)
+        order = self.rows[torch.as_tensor([i for b in batches for i in b], device=self.rows.device)]
+        start = 0
+        for batch in batches:
+            rows, start = order[start:start + len(batch)], start + len(batch)
+            x = self.images[rows].permute(0, 3, 1, 2).contiguous()  # NCHW, as the loader's collate makes it
+            yield x, self.labels[rows]
+
+
+class Prefetched:
+    """A DataLoader's batches on a GPU, each copied on a side stream while the one before trains."""
+
+    def __init__(self, loader, device):
+        self.loader, self.dataset, self.device = loader, loader.dataset, device
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        stream, current = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
+
+        def upload(batch):
+            with torch.cuda.stream(stream):
+                return None if batch is None else [t.to(self.device, non_blocking=True) for t in batch]
+
+        batches = iter(self.loader)
+        following = upload(next(batches, None))
+        while following is not None:
+            current.wait_stream(stream)
+            batch = following
+            for t in batch:
+                t.record_stream(current)  # the side stream's memory is in use on this one until the step ends
+            following = upload(next(batches, None))
+            yield tuple(batch)
+
+
+def make_loaders(train_set, val_set, *, images, labels, sampler, generators, batch_size, valid_batch_size, num_workers, feed,
+                 device):
+    """The training and validation loaders for the chosen feed -> (train, val, loader workers used)."""
+    workers = 0 if feed == "device" else loader_workers(num_workers, images is not None, device)
+    loader_kw = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                     worker_init_fn=worker_init)
+    train = DataLoader(train_set, batch_size, shuffle=sampler is None, sampler=sampler,
+                       drop_last=len(train_set) > batch_size, generator=generators[0], **loader_kw)
+    val = DataLoader(val_set, valid_batch_size, **loader_kw)
+    if feed == "device":
+        on_device = device_images(images, device), torch.as_tensor(labels, dtype=torch.int64, device=device)
+        return DeviceBatches(train_set, *on_device, train.batch_sampler, generators[0]), \
+            DeviceBatches(val_set, *on_device, val.batch_sampler), 0
+    if device.type == "cuda":
+        return Prefetched(train, device), Prefetched(val, device), workers
+    return train, val, workers
 
 
 @dataclass
@@ -590,13 +694,15 @@ class TrainingData:
     size: tuple                  # (H, W) after resize
     mean: list                   # per-channel statistics of the training images, in [0, 1]
     std: list
-    workers: int                 # loader workers actually used
+    workers: int                 # loader workers actually used (0 with the device feed)
+    feed: str                    # "device" or "loader" (choose_feed)
+    feed_note: str               # the line that says which and why
     generators: list             # loader order, weighted draws: their state goes into last.pth
     normalize: torch.nn.Module   # on the device
     augment: torch.nn.Module     # on the device; None for no augmentation
-    train_loader: DataLoader
+    train_loader: object         # a DataLoader, or DeviceBatches / Prefetched over one
     val_set: "ImageDataset"
-    val_loader: DataLoader
+    val_loader: object
     val_ids: list                # the validation images' paths relative to the data dir, val_set's order
     val_truth: np.ndarray        # their labels in the data's own scheme: what validation is scored on
     eval_ids: list = None        # with an eval dir: its image ids and paths
@@ -604,10 +710,11 @@ class TrainingData:
 
 
 def load_training_data(*, dataset, data_dir, eval_dir, age_bounds, val_ratio, seed, kfold, fold, resize, augmentation,
-                       sampler, batch_size, valid_batch_size, num_workers, cache_dir, use_cache, device, split_seed=None):
+                       sampler, batch_size, valid_batch_size, num_workers, cache_dir, use_cache, device, split_seed=None,
+                       feed="auto"):
     """Read, split and decode the data (the demo data when no data_dir) -> TrainingData. Every check that
     can fail on the inputs (layout, images, the eval dir and its images) runs here, before a run dir exists.
-    split_seed: seeds the train/validation split instead of seed (None: seed)."""
+    split_seed: seeds the train/validation split instead of seed (None: seed). feed: see choose_feed."""
     if data_dir is None and DATASETS[dataset][0] != "mask":
         raise ValueError(f"--dataset {dataset} needs --data_dir (the demo data is in the mask layout)")
     data_dir, eval_dir = demo.data_dirs(data_dir, eval_dir)
@@ -615,13 +722,12 @@ def load_training_data(*, dataset, data_dir, eval_dir, age_bounds, val_ratio, se
                                                   kfold, fold)
     size = tuple(resize)
     eval_ids, eval_paths = read_eval(eval_dir, layout, f"--dataset {dataset}") if eval_dir else (None, None)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    feed, feed_note = choose_feed(feed, None if not use_cache else len(data["paths"]) * size[0] * size[1] * 3, device, free)
     images = load_images(data["paths"], size, cache_dir, use_cache, make_progress("decoding images"))
     if eval_dir:  # predicting them comes after training: an unreadable one must stop the run now, not then
         decode_all(eval_paths, size, cache_dir, use_cache, "decoding eval images")
     mean, std = mean_std(images, data["paths"], size)
-    workers = loader_workers(num_workers, images is not None, device)
-    loader_kw = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                     worker_init_fn=worker_init)
     train_set = ImageDataset(data["paths"], size, images, data["labels"], train_idx)
     val_set = ImageDataset(data["paths"], size, images, data["labels"], val_idx)
     generators = [torch.Generator().manual_seed(seed) for _ in range(2)]
@@ -629,12 +735,13 @@ def load_training_data(*, dataset, data_dir, eval_dir, age_bounds, val_ratio, se
     draws = None
     if sampler == "weighted":
         draws = WeightedRandomSampler(1.0 / counts[data["labels"][train_idx]], len(train_idx), generator=generators[1])
-    train_loader = DataLoader(train_set, batch_size, shuffle=draws is None, sampler=draws,
-                              drop_last=len(train_idx) > batch_size, generator=generators[0], **loader_kw)
+    train_loader, val_loader, workers = make_loaders(
+        train_set, val_set, images=images, labels=data["labels"], sampler=draws, generators=generators, batch_size=batch_size,
+        valid_batch_size=valid_batch_size, num_workers=num_workers, feed=feed, device=device)
     return TrainingData(layout=layout, classes=data["classes"], class_counts=counts, size=size, mean=mean, std=std,
-                        workers=workers, generators=generators, normalize=Normalize(mean, std).to(device),
-                        augment=create_transform(augmentation), train_loader=train_loader, val_set=val_set,
-                        val_loader=DataLoader(val_set, valid_batch_size, **loader_kw), eval_ids=eval_ids, eval_paths=eval_paths,
+                        workers=workers, feed=feed, feed_note=feed_note, generators=generators,
+                        normalize=Normalize(mean, std).to(device), augment=create_transform(augmentation),
+                        train_loader=train_loader, val_set=val_set, val_loader=val_loader, eval_ids=eval_ids, eval_paths=eval_paths,
                         val_ids=[Path(data["paths"][i]).relative_to(data_dir).as_posix() for i in val_idx],
                         val_truth=data["truth"][val_idx])
 

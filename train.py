@@ -84,7 +84,8 @@ def main(args):
         dataset=args.dataset, data_dir=args.data_dir, eval_dir=args.eval_dir, age_bounds=args.age_bounds, val_ratio=args.val_ratio,
         seed=args.seed, kfold=args.kfold, fold=args.fold, resize=args.resize, augmentation=args.augmentation, sampler=args.sampler,
         batch_size=args.batch_size, valid_batch_size=args.valid_batch_size, num_workers=args.num_workers, cache_dir=args.cache_dir,
-        use_cache=not args.no_cache, device=device, split_seed=split)
+        use_cache=not args.no_cache, device=device, split_seed=split, feed=args.feed)
+    print(data.feed_note, flush=True)
     if not args.epochs:  # the step budget, in whole epochs; config.json then records the epochs it became
         args.epochs = math.ceil(args.steps / len(data.train_loader))
         print(f"training {args.epochs} epochs: --steps {args.steps} at {len(data.train_loader)} steps per epoch", flush=True)
@@ -106,7 +107,7 @@ def main(args):
         predict_eval(args, data, model, run_dir, device)
     write_summary(run_dir, dict(result, format=1, run_dir=str(run_dir.resolve()), model=args.model, classes=len(data.classes),
                                 train_images=len(data.train_loader.dataset), val_images=len(data.val_set),
-                                eval_images=len(data.eval_ids or ()), under_nni=UNDER_NNI, split_seed=split,
+                                eval_images=len(data.eval_ids or ()), under_nni=UNDER_NNI, split_seed=split, feed=data.feed,
                                 files=sorted(p.name for p in run_dir.iterdir())))
     return result["best"]["value"], run_dir
 

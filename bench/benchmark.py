@@ -1,8 +1,11 @@
 """Is the data path the bottleneck? Measures, side by side in one run, on the same data and model:
 
   (a) the bare model step (forward, backward, optimizer step) on preloaded tensors: the limit
-  (b) train.py's end-to-end training images/s with the decoded-image cache
+  (b) train.py's end-to-end training images/s with the decoded-image cache (--feed auto)
   (c) the same with --no_cache (decode + resize every image every epoch)
+  overhead: what train.py adds to each step over (a), in microseconds per batch
+  --proxy: the host's share without a GPU, in this process: the training loop (training/engine.py) over each
+      --feed's loader against the bare step, with a model so small (one linear layer) that the overhead dominates
   (d) trial start-up, process start to first step, with a warm cache, beside `python -c "import torch"`
   (e) peak memory of 1 and of 3 concurrent trials (RSS, and PSS, which splits shared pages
       such as the memory-mapped cache between the processes that map them)
@@ -10,6 +13,12 @@
     python bench/benchmark.py                                  # BaseModel and efficientnet_b0, demo data
     python bench/benchmark.py --models BaseModel --epochs 2
     python bench/benchmark.py --models efficientnet_b0 --resize 224 224 --device cuda --amp --channels_last
+    python bench/benchmark.py --proxy --resize 32 24                            # the host overhead, microseconds per batch
+    python bench/benchmark.py --models BaseModel --compile default reduce-overhead --skip_memory
+
+--compile MODE...: (a) again under torch.compile in each mode (reduce-overhead = CUDA graphs on a GPU): the first
+step's seconds (the compile), images/s after it, and the steps it takes to earn its compile time back, beside
+a trial's --trial_steps.
 
 Prints b/a and c/a. Not a test: numbers depend on the machine and its load.
 """
@@ -30,8 +39,10 @@ sys.path.insert(0, str(ROOT))
 
 import dataset  # noqa: E402
 from core import demo  # noqa: E402
+from core.labels import DEFAULT_AGE_BOUNDS  # noqa: E402
 from core.runs import read_summary  # noqa: E402
 from model import create_model  # noqa: E402
+from training.engine import train_one_epoch  # noqa: E402
 
 
 def parse_args():
@@ -45,12 +56,17 @@ def parse_args():
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device")
     p.add_argument("--amp", action="store_true", help="pass --amp (CUDA)")
     p.add_argument("--channels_last", action="store_true", help="pass --channels_last (CUDA)")
+    p.add_argument("--augmentation", default=None, help="train.py's --augmentation for (b) and (c) (default: train.py's)")
+    p.add_argument("--compile", nargs="*", default=[], metavar="MODE", help="torch.compile modes to measure (a) under")
+    p.add_argument("--trial_steps", type=int, default=1000, help="a trial's steps, for the compile verdict (train.py's --steps)")
+    p.add_argument("--proxy", action="store_true", help="measure only the host overhead per batch of each feed (CPU)")
     p.add_argument("--skip_memory", action="store_true", help="skip (e)")
     return p.parse_args()
 
 
-def bare_step(model_name, size, batch_size, steps, device, amp, channels_last):
-    """(a): images/s of forward + backward + AdamW step on tensors already on the device."""
+def bare_step(model_name, size, batch_size, steps, device, amp, channels_last, compile_mode=None):
+    """(a): images/s of forward + backward + AdamW step on tensors already on the device
+    -> (images/s, seconds of the first step: with compile_mode, torch.compile's cost)."""
     torch.manual_seed(0)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = create_model(model_name, 18).to(device, memory_format=memory_format).train()
@@ -59,24 +75,75 @@ def bare_step(model_name, size, batch_size, steps, device, amp, channels_last):
     x = torch.randn(batch_size, 3, *size, device=device).contiguous(memory_format=memory_format)
     y = torch.randint(0, 18, (batch_size,), device=device)
     amp_dtype = torch.bfloat16 if amp and device == "cuda" else None
+    forward = torch.compile(model, mode=compile_mode) if compile_mode else model
 
     def step():
         with torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = criterion(model(x).float(), y)
+            loss = criterion(forward(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    for _ in range(3):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return steps * batch_size / (time.perf_counter() - start)
+    def timed(n):
+        start = time.perf_counter()
+        for _ in range(n):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    first = timed(1)
+    timed(2)
+    return steps * batch_size / timed(steps), first
+
+
+def host_overhead(data_dir, cache_dir, size, batch_size, feed, epochs=5, repeats=5):
+    """--proxy: microseconds per batch that train_one_epoch, fed by --feed feed, adds to the bare step of a one-layer
+    model on a preloaded batch (both the median of `repeats` timings)."""
+    device = torch.device("cpu")
+    data = dataset.load_training_data(
+        dataset="MaskSplitByProfileDataset", data_dir=data_dir, eval_dir=None, age_bounds=DEFAULT_AGE_BOUNDS, val_ratio=0.2, seed=0,
+        kfold=0, fold=0, resize=size, augmentation="base", sampler="none", batch_size=batch_size, valid_batch_size=batch_size,
+        num_workers=-1, cache_dir=cache_dir, use_cache=True, device=device, feed=feed)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * size[0] * size[1], 18))
+    optimizer, criterion = torch.optim.AdamW(model.parameters(), lr=1e-4), torch.nn.CrossEntropyLoss()
+    x, y = next(iter(data.train_loader))
+    x = data.normalize(x)
+    batches = len(data.train_loader)
+
+    def bare():
+        for _ in range(batches):
+            loss = criterion(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    def loop():
+        train_one_epoch(model, data.train_loader, device=device, augment=None, normalize=data.normalize, criterion=criterion,
+                        optimizer=optimizer, scaler=torch.amp.GradScaler("cpu", enabled=False), classification="single")
+
+    def median_s(fn):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(epochs):
+                fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) / (epochs * batches)
+
+    step, looped = median_s(bare), median_s(loop)
+    return step * 1e6, (looped - step) * 1e6, data.feed
+
+
+def compile_verdicts(cli, name, size, eager):
+    """torch.compile's modes against the eager step (a) -> printed lines."""
+    for mode in cli.compile:
+        rate, first = bare_step(name, size, cli.batch_size, cli.steps, cli.device, cli.amp, cli.channels_last, mode)
+        saved = cli.batch_size / eager - cli.batch_size / rate  # seconds per step
+        even = (first - cli.batch_size / eager) / saved if saved > 0 else float("inf")
+        verdict = f"pays after {even:.0f} steps" if even < cli.trial_steps else f"does not pay within {cli.trial_steps} steps"
+        print(f"{name} torch.compile mode={mode}: first step {first:.1f} s, then {rate:.1f} img/s = {rate / eager:.2f} x eager: "
+              f"{verdict}", flush=True)
 
 
 def train_cmd(cli, data_dir, model_name, cache_dir, run_dir, epochs, *extra):
@@ -84,6 +151,7 @@ def train_cmd(cli, data_dir, model_name, cache_dir, run_dir, epochs, *extra):
            "--resize", *map(str, cli.resize), "--batch_size", str(cli.batch_size), "--epochs", str(epochs),
            "--cache_dir", str(cache_dir), "--model_dir", str(run_dir.parent), "--name", run_dir.name,
            "--device", cli.device, *extra]
+    cmd += ["--augmentation", cli.augmentation] if cli.augmentation else []
     return cmd + ["--amp"] * cli.amp + ["--channels_last"] * cli.channels_last
 
 
@@ -170,18 +238,28 @@ def main():
     subprocess.run([sys.executable, "-c", "import torch"], check=True)
     import_torch = time.perf_counter() - start
 
+    if cli.proxy:
+        for feed in ("loader", "device"):
+            step, overhead, used = host_overhead(data_dir, cache_dir, size, cli.batch_size, feed)
+            print(f"proxy --feed {feed}: bare step {step:.0f} us, the training loop adds {overhead:.0f} us per batch ({used})")
+        return
+
     rows = []
     for name in cli.models:
-        a = bare_step(name, size, cli.batch_size, cli.steps, cli.device, cli.amp, cli.channels_last)
+        a, _ = bare_step(name, size, cli.batch_size, cli.steps, cli.device, cli.amp, cli.channels_last)
         b, summary = train_throughput(train_cmd(cli, data_dir, name, cache_dir, work / f"{name}_cache", cli.epochs), work / f"{name}_cache")
         c, _ = train_throughput(train_cmd(cli, data_dir, name, cache_dir, work / f"{name}_nocache", cli.epochs, "--no_cache"),
                                 work / f"{name}_nocache")
-        rows.append((name, a, b, c, summary["first_step_s"]))
-        print(f"{name}: (a) {a:.1f} img/s  (b) {b:.1f} img/s  (c) {c:.1f} img/s  b/a {b / a:.2f}  c/a {c / a:.2f}", flush=True)
+        overhead = (cli.batch_size / b - cli.batch_size / a) * 1e6  # microseconds per batch
+        rows.append((name, a, b, c, overhead, summary["first_step_s"], summary["feed"]))
+        print(f"{name}: (a) {a:.1f} img/s  (b) {b:.1f} img/s  (c) {c:.1f} img/s  b/a {b / a:.2f}  c/a {c / a:.2f}  "
+              f"overhead {overhead:.0f} us/batch", flush=True)
+        compile_verdicts(cli, name, size, a)
 
-    print("\nmodel            (a) bare step   (b) train.py   (c) no cache    b/a    c/a   (d) first step")
-    for name, a, b, c, d in rows:
-        print(f"{name:<16} {a:>9.1f} img/s {b:>9.1f} img/s {c:>9.1f} img/s  {b / a:5.2f}  {c / a:5.2f}  {d:6.1f} s")
+    print("\nmodel            (a) bare step   (b) train.py   (c) no cache    b/a    c/a   overhead/batch  (d) first step  feed")
+    for name, a, b, c, overhead, d, feed in rows:
+        print(f"{name:<16} {a:>9.1f} img/s {b:>9.1f} img/s {c:>9.1f} img/s  {b / a:5.2f}  {c / a:5.2f}  {overhead:>9.0f} us"
+              f"  {d:9.1f} s      {feed}")
     print(f"(d) python -c 'import torch': {import_torch:.1f} s")
 
     if not cli.skip_memory:

@@ -1,4 +1,5 @@
 """training/engine.py: one training epoch on real tensors, with gradient clipping, and the first-step time."""
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -37,3 +38,29 @@ def test_first_step_time_only_when_asked():
                             optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scaler=torch.amp.GradScaler("cpu", enabled=False),
                             classification="single", log_first_step=True)
     assert 0 < stats["first_step_s"] < 3600
+
+
+def test_epoch_sums_are_the_per_step_reads():
+    """The sums stay on the device and are read once: the same figures as reading every step's loss.item()."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 18))
+    x, y = torch.randn(50, 3, 2, 2), torch.randint(0, 18, (50,))
+    criterion, loader = create_criterion("cross_entropy"), DataLoader(TensorDataset(x, y), batch_size=16)
+    with torch.no_grad():  # lr 0 below: the model these steps see never changes
+        want_loss = sum(criterion(model(bx), by).item() * len(by) for bx, by in loader) / len(y)
+        want_acc = sum((model(bx).argmax(1) == by).sum().item() for bx, by in loader) / len(y)
+    stats = train_one_epoch(model, loader, device=torch.device("cpu"), augment=None, normalize=torch.nn.Identity(),
+                            criterion=criterion, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                            scaler=torch.amp.GradScaler("cpu", enabled=False), classification="single")
+    assert stats["loss"] == want_loss and stats["accuracy"] == want_acc
+
+
+def test_a_diverged_epoch_fails_at_its_end():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 18))
+    x, y = torch.rand(32, 3, 2, 2), torch.randint(0, 18, (32,))
+    x[20] = float("nan")  # the second batch's loss is NaN
+    with pytest.raises(FloatingPointError, match="loss is nan: training diverged"):
+        train_one_epoch(model, DataLoader(TensorDataset(x, y), batch_size=16), device=torch.device("cpu"), augment=None,
+                        normalize=torch.nn.Identity(), criterion=create_criterion("cross_entropy"),
+                        optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scaler=torch.amp.GradScaler("cpu", enabled=False),
+                        classification="single")

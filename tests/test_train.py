@@ -202,6 +202,7 @@ BAD_INPUTS = {
     "negative early stopping": (lambda d, t: (["--early_stopping", "-1"], "--early_stopping -1: must be 0 or more")),
     "negative milestone": (lambda d, t: (["--scheduler", "multistep", "--milestones", "-3", "2"], "--milestones -3 2: epochs count from 1")),
     "workers below -1": (lambda d, t: (["--num_workers", "-5"], "--num_workers -5: must be -1")),
+    "device feed without a cache": (lambda d, t: (["--feed", "device", "--no_cache"], "--feed device needs the decoded-image cache")),
     "reversed age bounds": (lambda d, t: (["--age_bounds", "60", "30"], "--age_bounds 60 30: need 0 < LOW < HIGH")),
     "dropout above 1": (lambda d, t: (["--dropout", "2"], "--dropout 2.0: must be in [0, 1)")),
     "lr nan": (lambda d, t: (["--lr", "nan"], "--lr nan: must be positive")),
@@ -531,3 +532,16 @@ def test_pretrained_timm_backbone_takes_its_weights_statistics_and_input_size(ru
     assert ckpt["mean"] == [0.5] * 3 and ckpt["std"] == [0.5] * 3 and ckpt["resize"] == [96, 96]
     args = flags.parse_args(["--model", "timm/test_convnext", "--pretrained"])
     assert args.resize == [160, 160] and flags.parse_args(["--model", "timm/test_convnext"]).resize == list(flags.DEFAULT_SIZE)
+
+
+def test_both_feeds_train_the_same_model(run_train, tmp_path):
+    """--feed device draws the loader's batches: the same seed gives the same epochs, metric for metric."""
+    runs = {}
+    for feed in ("device", "loader"):
+        proc = run_train("--epochs", "2", "--feed", feed, "--name", feed, "--augmentation", "flip_affine")
+        assert proc.stdout.splitlines()[0].startswith(f"data feed: {feed} ("), proc.stdout
+        runs[feed] = read_csv(tmp_path / "runs" / feed / "history.csv")
+        assert json.loads((tmp_path / "runs" / feed / "summary.json").read_text())["feed"] == feed
+    timing = {"seconds", "train_images_per_s"}
+    assert [{k: v for k, v in row.items() if k not in timing} for row in runs["device"]] == \
+           [{k: v for k, v in row.items() if k not in timing} for row in runs["loader"]]

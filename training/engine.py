@@ -34,9 +34,13 @@ def process_start():
 def train_one_epoch(model, loader, *, device, augment, normalize, criterion, optimizer, scaler, classification,
                     amp_dtype=None, channels_last=False, clip_grad=0.0, progress=None, log_first_step=False):
     """One pass over the loader; batches are augmented and normalised on the device.
-    -> dict(loss, accuracy, images_per_s), and first_step_s (seconds from process start) with log_first_step."""
+    -> dict(loss, accuracy, images_per_s), and first_step_s (seconds from process start) with log_first_step.
+    The loss and accuracy sums stay on the device and are read once, at the end: a read per step would make the
+    host wait for the GPU at every step instead of queueing the next one. A diverged loss (NaN or inf) is found
+    then, in the sum, and the epoch is never saved (run_epoch checks the weights too)."""
     model.train()
-    total_loss, correct, seen, start, stats = 0.0, 0, 0, time.time(), {}
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)  # float64: the same sum as adding loss.item()s
+    correct, seen, start, stats = torch.zeros((), dtype=torch.int64, device=device), 0, time.time(), {}
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for x, y in (progress(loader) if progress else loader):
         x = x.to(device, non_blocking=True).float()
@@ -46,7 +50,7 @@ def train_one_epoch(model, loader, *, device, augment, normalize, criterion, opt
         y = y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
-            loss = finite_loss(criterion(logits.float(), y))
+            loss = criterion(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if clip_grad:
@@ -54,30 +58,32 @@ def train_one_epoch(model, loader, *, device, augment, normalize, criterion, opt
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         scaler.step(optimizer)
         scaler.update()
-        total_loss += loss.item() * len(y)
-        correct += (class_log_probs(logits.detach(), classification).argmax(1) == y).sum().item()
-        if not seen and log_first_step:
+        total_loss += loss.detach().double() * len(y)
+        correct += (class_log_probs(logits.detach(), classification).argmax(1) == y).sum()
+        if not seen and log_first_step:  # the one wait of the epoch on purpose: when the first step is really done
+            finite_loss(loss)
             stats["first_step_s"] = round(time.time() - process_start(), 2)
             print(f"first step {stats['first_step_s']:.1f}s after process start", flush=True)
         seen += len(y)
-    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "images_per_s": seen / (time.time() - start),
+    total_loss = finite_loss(total_loss).item()
+    return {"loss": total_loss / max(seen, 1), "accuracy": correct.item() / max(seen, 1), "images_per_s": seen / (time.time() - start),
             **stats}
 
 
 @torch.no_grad()
 def evaluate(model, loader, *, device, normalize, criterion, classification, amp_dtype=None):
-    """Validation loss, predictions and class probabilities over a labelled loader."""
+    """Validation loss, predictions and class probabilities over a labelled loader (read from the device once)."""
     model.eval()
-    total_loss, labels, probs = 0.0, [], []
+    total_loss, labels, probs = torch.zeros((), dtype=torch.float64, device=device), [], []
     for x, y in loader:
         y = y.to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(normalize(x.to(device))).float()
-        total_loss += criterion(logits, y).item() * len(y)
-        probs.append(class_log_probs(logits, classification).exp().cpu())
-        labels.append(y.cpu())
-    probs, labels = torch.cat(probs).numpy(), torch.cat(labels).numpy()
-    return {"loss": total_loss / max(len(labels), 1), "labels": labels, "preds": probs.argmax(1), "probs": probs}
+        total_loss += criterion(logits, y).double() * len(y)
+        probs.append(class_log_probs(logits, classification).exp())
+        labels.append(y)
+    probs, labels = torch.cat(probs).cpu().numpy(), torch.cat(labels).cpu().numpy()
+    return {"loss": total_loss.item() / max(len(labels), 1), "labels": labels, "preds": probs.argmax(1), "probs": probs}
 
 
 @torch.no_grad()

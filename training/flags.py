@@ -11,7 +11,7 @@ import math
 from core.cli import Parser
 from core.files import check_file, read_mapping
 from core.labels import DEFAULT_AGE_BOUNDS
-from dataset import DATASETS, DEFAULT_CACHE_DIR, TRANSFORMS
+from dataset import DATASETS, DEFAULT_CACHE_DIR, FEEDS, TRANSFORMS
 from loss import LOSSES
 from model import CLASSIFICATIONS, INITS, TIMM_PREFIX, check_model_name, timm_config
 from optim import OPTIMIZERS, SCHEDULERS
@@ -51,7 +51,11 @@ def add_data_flags(g):
                         f"input size, e.g. 224 224)")
     g.add_argument("--augmentation", default="flip_affine", choices=list(TRANSFORMS), help="training augmentation")
     g.add_argument("--sampler", default="none", choices=["none", "weighted"], help="weighted = inverse class frequency")
-    g.add_argument("--num_workers", type=int, default=-1, help="loader workers (-1 = from the CPU count)")
+    g.add_argument("--feed", default="auto", choices=list(FEEDS),
+                   help="how batches reach the model: device = the decoded images on the training device, each batch one "
+                        "indexing there (needs the cache; on a GPU, at most half its free memory); loader = DataLoader "
+                        "workers; auto = device where the images fit")
+    g.add_argument("--num_workers", type=int, default=-1, help="loader workers with --feed loader (-1 = from the CPU count)")
     g.add_argument("--cache_dir", default=str(DEFAULT_CACHE_DIR), help="decoded-image cache shared by trials")
     g.add_argument("--no_cache", action="store_true", help="decode images every epoch instead of caching them")
     g.add_argument("--cache", dest="no_cache", action="store_false", help="use the cache (undoes no_cache from --config)")
