@@ -93,6 +93,8 @@ def main(args):
                          init=args.init, pretrained=args.pretrained, weights=args.weights, freeze_backbone=args.freeze_backbone,
                          input_size=args.resize)
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    if args.compile != "none":  # in place: its state_dict keeps the plain keys that checkpoints and the tools read
+        model.compile(mode=args.compile)
     stats = pretrained_stats(args.model) if args.pretrained or args.weights else None
     if stats:  # ImageNet weights expect the statistics they were trained with, not this data's
         data.mean, data.std, data.normalize = list(stats[0]), list(stats[1]), Normalize(*stats).to(device)

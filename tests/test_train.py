@@ -545,3 +545,13 @@ def test_both_feeds_train_the_same_model(run_train, tmp_path):
     timing = {"seconds", "train_images_per_s"}
     assert [{k: v for k, v in row.items() if k not in timing} for row in runs["device"]] == \
            [{k: v for k, v in row.items() if k not in timing} for row in runs["loader"]]
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_saves_plain_weights(run_train, tmp_path):
+    """--compile compiles in place: the checkpoint keeps the keys a plain model (and every tool) loads."""
+    run_train("--epochs", "1", "--compile", "default", timeout=900)
+    state = torch.load(tmp_path / "runs" / "exp" / "best.pth", weights_only=True)["state_dict"]
+    assert not [k for k in state if "_orig_mod" in k]
+    create_model("BaseModel", 18, dropout=0.2).load_state_dict(state)  # train.py's defaults
+    assert (tmp_path / "runs" / "exp" / "submission.csv").exists()
