@@ -517,12 +517,16 @@ class ColorJitter(torch.nn.Module):
 
     def forward(self, x):
         b, c, s = (1 + torch.empty(3, len(x), 1, 1, 1, device=x.device).uniform_(-self.strength, self.strength)).unbind(0)
-        weights = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
         x = x * b
-        grey_mean = (x * weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+        grey_mean = luma(x).mean((2, 3), keepdim=True)
         x = (x - grey_mean) * c + grey_mean
-        grey = (x * weights).sum(1, keepdim=True)
+        grey = luma(x)
         return ((x - grey) * s + grey).clamp(0, 255)
+
+
+def luma(x):
+    """Grey (N, 1, H, W) of an RGB batch: plain arithmetic, as a weights tensor would be a copy to the device every step."""
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
 class GaussianNoise(torch.nn.Module):
@@ -568,6 +572,7 @@ class Normalize(torch.nn.Module):
 
 # ----------------------------------------------------------------------------- loaders
 FEEDS = ("auto", "device", "loader")
+NO_CACHE_FOR_DEVICE = "--feed device needs the decoded-image cache: drop --no_cache"
 DEVICE_SHARE = 0.5  # of the device's free memory the decoded images may take; the rest is the model's
 
 
@@ -587,12 +592,15 @@ def choose_feed(requested, image_bytes, device, free_bytes=None):
     loader: the DataLoader, its workers gather or decode, the next batch is copied while this one trains."""
     size = f"{(image_bytes or 0) / 2**20:.0f} MiB" if (image_bytes or 0) < 2**30 else f"{image_bytes / 2**30:.1f} GiB"
     if requested == "device" and image_bytes is None:
-        raise ValueError("--feed device needs the decoded-image cache: drop --no_cache")
+        raise ValueError(NO_CACHE_FOR_DEVICE)
     if requested == "loader" or image_bytes is None:
-        return "loader", "data feed: loader (" + ("--feed loader)" if requested == "loader" else "no cache: images decoded by loader workers)")
+        return "loader", "data feed: loader (" + ("--feed loader)" if requested == "loader" else "no cache: the loader decodes the images)")
     if device.type == "cpu":
         return "device", f"data feed: device (the {size} cache, memory-mapped, indexed in place)"
     room = f"{free_bytes / 2**30:.1f} GiB free on {device}, up to {DEVICE_SHARE:.0%} of it for images, the rest for the model"
+    if image_bytes > free_bytes:  # forced or not, the copy itself would fail with CUDA's out-of-memory error
+        raise ValueError(f"--feed device: {size} of decoded images do not fit in the {free_bytes / 2**30:.1f} GiB free on {device}; "
+                         f"use --feed auto or loader, or a smaller --resize")
     if requested == "device" or image_bytes <= DEVICE_SHARE * free_bytes:
         return "device", f"data feed: device ({size} of decoded images copied to {device} once; {room}" + \
             ("; --feed device)" if image_bytes > DEVICE_SHARE * free_bytes else ")")

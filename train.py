@@ -126,7 +126,9 @@ class Optimisation:
 def build_optimisation(args, data, model, device):
     optimizer = create_optimizer(args.optimizer, [p for p in model.parameters() if p.requires_grad],
                                  args.lr, args.weight_decay, args.momentum)
-    amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if args.amp and device.type == "cuda" else None
+    amp_dtype = None
+    if args.amp and device.type == "cuda":  # emulated bf16 (T4, V100) is slower than fp16 with loss scaling
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return Optimisation(
         criterion=create_criterion(args.criterion, args.classification, focal_gamma=args.focal_gamma, smoothing=args.smoothing,
                                    class_counts=data.class_counts).to(device),
@@ -245,7 +247,8 @@ def predict_eval(args, data, model, run_dir, device):
     """best.pth on the eval dir -> submission.csv and submission_soft.csv in the run directory."""
     model.load_state_dict(checkpoint.read(run_dir / "best.pth", device)["state_dict"])
     images = dataset.load_images(data.eval_paths, data.size, args.cache_dir, not args.no_cache, make_progress("decoding eval images"))
-    loader = DataLoader(ImageDataset(data.eval_paths, data.size, images), args.valid_batch_size, num_workers=data.workers)
+    loader = DataLoader(ImageDataset(data.eval_paths, data.size, images), args.valid_batch_size,
+                        num_workers=dataset.loader_workers(args.num_workers, images is not None, device))
     probs = predict(model, loader, device=device, normalize=data.normalize, classification=args.classification,
                     progress=make_progress("predicting"))
     write_submission(run_dir, data.eval_ids, probs, data.classes)

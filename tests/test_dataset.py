@@ -546,9 +546,11 @@ def test_feed_fits_on_the_device_or_falls_back(case):
     assert chosen == feed and words in line and "\n" not in line, line
 
 
-def test_device_feed_needs_the_cache():
-    with pytest.raises(ValueError, match="--feed device needs the decoded-image cache"):
-        dataset.choose_feed("device", None, torch.device("cpu"))
+@pytest.mark.parametrize("image_bytes, free, words", [(None, None, "needs the decoded-image cache"),
+                                                       (12 * GIB, 10 * GIB, "12.0 GiB of decoded images do not fit in the 10.0 GiB free")])
+def test_a_device_feed_that_cannot_work_is_refused(image_bytes, free, words):
+    with pytest.raises(ValueError, match=words):
+        dataset.choose_feed("device", image_bytes, torch.device("cuda" if free else "cpu"), free)
 
 
 @pytest.mark.parametrize("sampler", ["none", "weighted"])

@@ -11,7 +11,7 @@ import math
 from core.cli import Parser
 from core.files import check_file, read_mapping
 from core.labels import DEFAULT_AGE_BOUNDS
-from dataset import DATASETS, DEFAULT_CACHE_DIR, FEEDS, TRANSFORMS
+from dataset import DATASETS, DEFAULT_CACHE_DIR, FEEDS, NO_CACHE_FOR_DEVICE, TRANSFORMS
 from loss import LOSSES
 from model import CLASSIFICATIONS, INITS, TIMM_PREFIX, check_model_name, timm_config
 from optim import OPTIMIZERS, SCHEDULERS
@@ -267,5 +267,7 @@ def check_args(args):
         raise ValueError(f"--kfold {args.kfold} --fold {args.fold}: need K >= 2 and 0 <= fold < K")
     if args.weights:
         check_file("--weights", args.weights)
+    if args.feed == "device" and args.no_cache:  # here too, not only when the data is read: preflight runs this
+        raise ValueError(NO_CACHE_FOR_DEVICE)
     if args.classification == "multi_head" and DATASETS[args.dataset][0] != "mask":
         raise ValueError(f"--classification multi_head needs a mask-layout dataset, not {args.dataset}")
