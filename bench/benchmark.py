@@ -234,15 +234,15 @@ def main():
     print(f"{len(data['paths'])} images at {size[0]}x{size[1]} (cache {cache_mib:.0f} MiB), batch {cli.batch_size}, "
           f"device {cli.device}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}", flush=True)
 
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch"], check=True)
-    import_torch = time.perf_counter() - start
-
     if cli.proxy:
         for feed in ("loader", "device"):
             step, overhead, used = host_overhead(data_dir, cache_dir, size, cli.batch_size, feed)
             print(f"proxy --feed {feed}: bare step {step:.0f} us, the training loop adds {overhead:.0f} us per batch ({used})")
         return
+
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    import_torch = time.perf_counter() - start
 
     rows = []
     for name in cli.models:
