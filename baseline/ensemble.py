@@ -27,61 +27,7 @@ import pandas as pd  # noqa: E402
 
 from core.cli import Parser, run_main  # noqa: E402
 from core.runs import write_submission  # noqa: E402
-
-
-def read_table(path):
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")  # Excel's "CSV UTF-8" starts with a BOM
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: not a readable CSV ({reason})") from None
-    if "ImageID" not in table.columns:
-        raise ValueError(f"{path}: no ImageID column")
-    duplicated = table["ImageID"][table["ImageID"].duplicated()]
-    if len(duplicated):
-        raise ValueError(f"{path}: ImageID {duplicated.iloc[0]} is listed more than once")
-    return table
-
-
-def read_soft(path):
-    """submission_soft.csv -> (image_ids, probs (N, C) float64, classes)."""
-    table = read_table(path)
-    classes = [c for c in table.columns if c != "ImageID"]
-    if not classes or classes == ["ans"]:
-        raise ValueError(f"{path}: no class probability columns (a submission.csv?); soft voting needs submission_soft.csv files")
-    if len(classes) == 1:  # a classifier has two classes or more: this is a submission.csv with a misnamed column
-        raise ValueError(f"{path}: columns ImageID,{classes[0]}: expected ImageID,ans (submission.csv) "
-                         f"or ImageID and one probability column per class (submission_soft.csv)")
-    probs = table[classes].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
-    bad = ~(np.isfinite(probs) & (probs >= 0) & (probs <= 1 + 1e-6))  # logits or scores here would vote with the wrong weight
-    if bad.any():
-        row, col = np.argwhere(bad)[0]
-        value, image = table[classes[col]].iloc[row], table["ImageID"].iloc[row]
-        raise ValueError(f"{path}: {value!r} in column {classes[col]} (image {image}) is not a probability")
-    return table["ImageID"].tolist(), probs, classes
-
-
-def read_hard(path):
-    """submission.csv -> (image_ids, answers as strings: class index or class name)."""
-    table = read_table(path)
-    if "ans" not in table.columns:
-        raise ValueError(f"{path}: no ans column (a submission_soft.csv?); hard voting needs submission.csv files")
-    return table["ImageID"].tolist(), table["ans"].tolist()
-
-
-def alignment(reference_ids, ids, path, reference_path):
-    """Row order that puts `ids` in the reference order; refuses a different set of images."""
-    position = {image_id: i for i, image_id in enumerate(ids)}
-    if len(ids) != len(reference_ids) or any(i not in position for i in reference_ids):
-        only_here = sorted(set(ids) - set(reference_ids))
-        only_there = sorted(set(reference_ids) - set(ids))
-        example = (f"{len(only_here)} not in {reference_path} (e.g. {only_here[0]})" if only_here
-                   else f"{len(only_there)} of {reference_path} missing (e.g. {only_there[0]})")
-        raise ValueError(f"{path} and {reference_path} list different images: {example}")
-    return np.array([position[i] for i in reference_ids])
+from core.submissions import alignment, answer_column, read_hard, read_soft, soft_sibling  # noqa: E402
 
 
 def align_soft(paths):
@@ -107,16 +53,6 @@ def soft_vote(probs, weights=None):
     return np.tensordot(weights / weights.sum(), probs, axes=1)
 
 
-def answer_column(answer, classes):
-    """An ans value -> its probability column: by class name, else by class index (the mask layout's
-    submission.csv), else None. With class names like "2" or "10" an index would be ambiguous: names only."""
-    if answer in classes:
-        return classes.index(answer)
-    if answer.isdigit() and int(answer) < len(classes) and not any(str(c).isdigit() for c in classes):
-        return int(answer)
-    return None
-
-
 def hard_vote(votes, probs=None, classes=None):
     """votes (M, N) answers -> (N,) winners. Ties: the highest summed probability (probs (K, N, C),
     from the inputs that have soft CSVs), then the earliest voter among the tied answers."""
@@ -136,12 +72,6 @@ def hard_vote(votes, probs=None, classes=None):
             tied = [next(a for a in column if a in tied)]  # earliest voter wins what is left
         winners.append(tied[0])
     return winners, tied_images
-
-
-def soft_sibling(path):
-    path = Path(path)
-    sibling = path.with_name(f"{path.stem}_soft{path.suffix}")
-    return sibling if sibling.is_file() else None
 
 
 def check_inputs(inputs, out):

@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from baseline.ensemble import alignment, answer_column, read_hard, read_soft, read_table, soft_sibling  # noqa: E402
 from core.cli import Parser, run_main  # noqa: E402
 from core.labels import NUM_MASK_CLASSES, TASKS, is_mask_scheme, mask_class_names, natural_key  # noqa: E402
 from core.figures import confusion_image  # noqa: E402
 from core.metrics import confusion, score  # noqa: E402
+from core.submissions import alignment, answer_column, read_hard, read_soft, read_table, soft_sibling  # noqa: E402
 
 
 def read_submission(path):

@@ -58,6 +58,20 @@ def test_soft_vote_aligns_rows_and_columns_by_name(tmp_path, capsys):
     assert [int(r["ans"]) for r in sub] == ((p1 + p2) / 2).argmax(1).tolist()  # mask layout: class index
 
 
+def test_columns_in_another_order_vote_as_class_numbers(tmp_path, capsys):
+    """The first input's columns in another order: the answers are still the mask classes' numbers, by name
+    (they were the class names once, and that submission.csv scored 0)."""
+    probs = random_probs(3)
+    cols = np.random.default_rng(4).permutation(len(CLASSES))
+    a = write_soft(tmp_path / "a" / "submission_soft.csv", IDS, probs[:, cols], [CLASSES[j] for j in cols])
+    b = write_soft(tmp_path / "b" / "submission_soft.csv", IDS, probs)
+    code, _, err = run_cli(ensemble.cli, capsys, a, b, "--out", tmp_path / "ens")
+    assert code == 0, err
+    assert [r["ans"] for r in read_csv(tmp_path / "ens" / "submission.csv")] == [str(i) for i in probs.argmax(1)]
+    assert list(read_csv(tmp_path / "ens" / "submission_soft.csv")[0])[1:] == CLASSES
+    assert np.allclose(soft_of(tmp_path / "ens" / "submission_soft.csv")[1], probs, atol=2e-6)
+
+
 def test_soft_vote_weights(tmp_path, capsys):
     probs = [random_probs(s) for s in (3, 4, 5)]
     files = [write_soft(tmp_path / f"m{i}" / "submission_soft.csv", IDS, p) for i, p in enumerate(probs)]
@@ -138,8 +152,12 @@ REFUSALS = {
     "soft: an image missing": (lambda t: soft_pair(t, IDS[:3]), "list different images: 1 of"),
     "soft: another image": (lambda t: soft_pair(t, IDS[:3] + ["zzz.jpg"]), "1 not in"),
     "soft: other classes": (lambda t: soft_pair(t, second_classes=CLASSES[:17] + ["mystery"]),
-                            "different classes: 18 vs 18, only in"),
-    "soft: fewer classes": (lambda t: soft_pair(t, second_classes=CLASSES[:4]), "different classes: 4 vs 18"),
+                            "not the 18 mask classes: missing not_worn_female_old; unknown mystery"),
+    "soft: fewer classes": (lambda t: soft_pair(t, second_classes=CLASSES[:4]), "missing wear_female_middle, wear_female_old"),
+    "soft: first file misses a class": (lambda t: soft_pair(t, second_classes=CLASSES[:4])[::-1], "missing wear_female_middle"),
+    "soft: folder classes differ": (lambda t: [write_soft(t / "a" / "submission_soft.csv", IDS, random_probs(1, c=2), ["cat", "dog"]),
+                                               write_soft(t / "b" / "submission_soft.csv", IDS, random_probs(2, c=2), ["cat", "owl"])],
+                                    "different classes: 2 vs 2, only in"),
     "soft: given a submission.csv": (lambda t: [soft_pair(t)[0], hard_pair(t, IDS)[1]], "no class probability columns"),
     "soft: weights count": (lambda t: soft_pair(t) + ["--weights", "1"], "--weights: need 2"),
     "soft: negative weight": (lambda t: soft_pair(t) + ["--weights", "1", "-1"], "non-negative"),

@@ -67,6 +67,36 @@ def test_soft_submission_scores_by_argmax(mask_case, capsys):
     assert evaluation.evaluate(soft, truth)["scores"]["f1"] == pytest.approx(f1_score(labels, preds, average="macro"))
 
 
+def soft_variant(mask_case, columns):
+    """The mask case's predictions as a soft CSV with these columns (class names), probabilities by name."""
+    truth, _, labels, preds, ids, order = mask_case
+    names = mask_class_names()
+    rows = [(ids[i], *[0.9 if c == names[preds[i]] else 0.1 / 17 for c in columns]) for i in order]
+    return write_csv(truth.parent / "variant" / "submission_soft.csv", ["ImageID", *columns], rows)
+
+
+def test_soft_columns_are_read_by_class_name(mask_case):
+    """The same 18 columns in another order score the same (they scored 0.0000 by position)."""
+    truth, _, labels, preds, _, _ = mask_case
+    shuffled = list(np.random.default_rng(1).permutation(mask_class_names()))
+    result = evaluation.evaluate(soft_variant(mask_case, shuffled), truth)
+    assert result["scores"]["f1"] == pytest.approx(f1_score(labels, preds, average="macro"))
+    assert result["classes"] == mask_class_names()
+
+
+@pytest.mark.parametrize("change, message", [
+    ("missing", "its probability columns are not the 18 mask classes: missing wear_male_middle"),
+    ("extra", "its probability columns are not the 18 mask classes: unknown mystery"),
+])
+def test_soft_columns_missing_or_unknown_class_refused(mask_case, capsys, change, message):
+    """One column missing scored 0.4857 (every class shifted by one), an extra one 0.3714: now one line."""
+    names = mask_class_names()
+    columns = [c for c in names if c != "wear_male_middle"] if change == "missing" else [*names, "mystery"]
+    soft = soft_variant(mask_case, columns)
+    code, out, err = run_cli(evaluation.cli, capsys, soft, "--truth", mask_case[0])
+    assert code == 1 and out == "" and err.splitlines() == [f"evaluation.py: error: {soft}: {message}"]
+
+
 def test_folder_layout_class_names(tmp_path, capsys):
     # class names that look like numbers: --layout folder reads them as names, in natural order
     truth = write_csv(tmp_path / "truth.csv", ["ImageID", "ans"], [("a.png", "2"), ("b/c.png", "10"), ("d.png", "2"), ("e.png", "10")])
