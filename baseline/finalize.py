@@ -24,6 +24,8 @@ trained on the search's own machines, their models brought home, the winner's fo
               eval votes. -> submission.csv, submission_soft.csv, finalize.json and report.md
 """
 import argparse
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -44,11 +46,14 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from baseline import experiment as expmod  # noqa: E402
-from baseline.preflight import machines_of, train_words  # noqa: E402
+from baseline.preflight import is_remote, machines_of, train_words  # noqa: E402
 from core.cli import Parser, run_main  # noqa: E402
 from core.metrics import score  # noqa: E402
+from core.files import replace_atomically  # noqa: E402
 from core.runs import read_summary, write_submission  # noqa: E402
+from core.submissions import alignment, read_soft, read_val_soft  # noqa: E402
 from training import checkpoint, flags  # noqa: E402
+from training.signals import STOP  # noqa: E402
 
 FETCHED = ("config.json", "summary.json", "best.pth", "history.csv", "val_soft.csv", "submission_soft.csv")
 NOT_CONFIGURATION = ("epochs", "kfold", "fold")  # a run's length and its fold say how, not what, it trains
@@ -60,6 +65,7 @@ class Finalist:
     params: dict         # flat train.py flags over the trial command ({} for the defaults)
     trial: str = ""      # the search trial it comes from
     search_metric: float = None  # that trial's validation metric (the search's objective, one split)
+    config: dict = None  # the resolved train.py flags its folds train with (config.json less its length and fold)
 
 
 # ----------------------------------------------------------------------------- finalists
@@ -67,26 +73,46 @@ def configuration(trial_command, params):
     """The flags a run trains with, without its length and fold: two trials with the same one are one finalist."""
     words = train_words(trial_command) + expmod.flag_words(params)
     resolved = flags.run_config(flags.resolve(flags.build_parser().parse_args(words)))
-    return {k: v for k, v in resolved.items() if k not in NOT_CONFIGURATION}
+    return json.loads(json.dumps({k: v for k, v in resolved.items() if k not in NOT_CONFIGURATION}))  # as config.json reads
 
 
-def select_finalists(exp, trial_command, top=3):
-    """The top distinct configurations by the search's objective, then the trial command's own (the defaults)."""
-    finalists, seen, defaults = [], [], configuration(trial_command, {})
+def ran_configuration(folder):
+    """What a fold run trained with, from its own config.json, in configuration()'s terms."""
+    return {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if k not in NOT_CONFIGURATION}
+
+
+def differences(old, new):
+    """Two configurations -> 'flag old -> new' for each flag that differs, for a one-line message."""
+    keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
+    return ", ".join(f"--{k} {old.get(k)} -> {new.get(k)}" for k in keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+
+def finished(exp):
+    """The search's trials that reported a final result: only those rank configurations."""
+    return [t for t in exp.trials if expmod._is_number(t.metric)]
+
+
+def select_finalists(exp, trial_command, top=3, defaults_only=False):
+    """The top distinct configurations by the search's objective, then the trial command's own (the defaults).
+    A search with no finished trial is refused (it would be finalized as the defaults alone) unless defaults_only."""
+    defaults = configuration(trial_command, {})
+    if defaults_only:
+        return [Finalist("defaults", {}, config=defaults)]
+    if not finished(exp):
+        raise ValueError(f"nothing to finalize yet: experiment {exp.id} has {len(exp.trials)} trials, none reported a final "
+                         f"result (wait for the search, or pass --defaults_only to finalize train.py's defaults alone)")
+    finalists = []
     for trial in expmod.ranked(exp):
         value = trial.metric if expmod._is_number(trial.metric) else trial.best_intermediate_for(exp.maximize)
         if value is None or len(finalists) == top:
             continue
         params = {k: v for k, v in expmod.flatten(trial.params).items() if k not in NOT_CONFIGURATION}
         config = configuration(trial_command, params)
-        if config not in seen:
-            seen.append(config)
+        if config not in [f.config for f in finalists]:
             name = "defaults" if config == defaults else f"top{len(finalists) + 1}"  # e.g. SafeTPE's first trial
-            finalists.append(Finalist(name, params, trial.id, value))
-    if defaults not in seen:
-        finalists.append(Finalist("defaults", {}))
-    if len(finalists) == 1 and finalists[0].name == "defaults" and not exp.trials:
-        raise ValueError(f"experiment {exp.id} has no trials")
+            finalists.append(Finalist(name, params, trial.id, value, config))
+    if all(f.config != defaults for f in finalists):
+        finalists.append(Finalist("defaults", {}, config=defaults))
     return finalists
 
 
@@ -96,12 +122,23 @@ def fold_jobs(finalists, k, done):
 
 
 # ----------------------------------------------------------------------------- the NNI experiment
+def read_config(path):
+    """The search's NNI config (YAML, read safely) -> dict; one line naming the file otherwise."""
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        reason = getattr(e, "strerror", None) or getattr(e, "problem", None) or type(e).__name__
+        raise ValueError(f"--config {path}: not a readable YAML file ({reason})") from None
+    if not isinstance(config, dict) or "trialCommand" not in config:
+        raise ValueError(f"--config {path}: not an NNI experiment config (no trialCommand)")
+    return config
+
+
 def fold_experiment_config(config_path, exp_id, jobs):
     """The search's own config (training service, machines, trial command, concurrency) with BatchTuner over the jobs."""
     config_path = Path(config_path)
-    config = yaml.safe_load(config_path.read_text())
-    if not isinstance(config, dict) or "trialCommand" not in config:
-        raise ValueError(f"--config {config_path}: not an NNI experiment config (no trialCommand)")
+    config = read_config(config_path)
     for key in ("searchSpace", "searchSpaceFile", "assessor", "advisor", "maxExperimentDuration", "maxTrialDuration"):
         config.pop(key, None)
     code = Path(config.get("trialCodeDirectory", "."))
@@ -118,26 +155,39 @@ def nnictl(*args, timeout=180):
 
 
 def run_fold_experiment(config, run_dir, port, log=print):
-    """nnictl create, wait until every fold trial has ended, read the trials back, nnictl stop -> the trials."""
+    """nnictl create, wait until every fold trial has ended, read the trials back, nnictl stop -> (trials, how it
+    ended: DONE, ERROR, STOPPED, or INTERRUPTED by SIGINT/SIGTERM here). The experiment is stopped on every way out,
+    so an interrupted finalize leaves no manager holding the port."""
     path = run_dir / "folds.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    code, out = nnictl("create", "--config", str(path), "--port", str(port))
-    if code:
-        raise ValueError(f"nnictl create --config {path} failed: {' '.join(out.split())[-300:]}")
-    exp_id = exp_id_of(out)
-    log(f"fold experiment on port {port} (web UI http://127.0.0.1:{port}): {config['maxTrialNumber']} trials")
+    created = exp_id = None
     try:
-        while True:
-            status = expmod._get(f"http://127.0.0.1:{port}", "check-status", 10)["status"]
-            if status in ("DONE", "ERROR", "STOPPED"):
-                break
-            time.sleep(3)
-        exp = expmod.from_rest(port)
+        with STOP.deferred():  # a signal during the start waits for its id, so the experiment can be stopped
+            code, out = nnictl("create", "--config", str(path), "--port", str(port))
+            if code:
+                raise ValueError(f"nnictl create --config {path} failed: {' '.join(out.split())[-300:]}")
+            created, exp_id = True, exp_id_of(out)
+        log(f"fold experiment on port {port} (web UI http://127.0.0.1:{port}): {config['maxTrialNumber']} trials")
+        try:
+            while (status := expmod._get(f"http://127.0.0.1:{port}", "check-status", 10)["status"]) not in ("DONE", "ERROR", "STOPPED"):
+                time.sleep(3)
+        except KeyboardInterrupt:
+            status = "INTERRUPTED"
+        with STOP.deferred():  # a second signal waits until the trials are read
+            trials = fold_trials(port, exp_id)
     finally:
-        nnictl("stop", exp_id) if exp_id else nnictl("stop", "--port", str(port))
-    if status != "DONE":
-        raise ValueError(f"the fold experiment ended {status}: see {config.get('experimentWorkingDirectory', '~/nni-experiments')}")
-    return exp.trials
+        if created:  # stopped on every way out: no manager is left holding the port
+            with STOP.deferred():
+                nnictl("stop", exp_id) if exp_id else nnictl("stop", "--port", str(port))
+    return trials, status
+
+
+def fold_trials(port, exp_id):
+    """The fold experiment's trials: from its manager, or from its database where the manager is gone."""
+    try:
+        return expmod.from_rest(port).trials
+    except (urllib.error.URLError, OSError, KeyError):
+        return expmod.from_id(exp_id).trials if exp_id else []
 
 
 def exp_id_of(nnictl_output):
@@ -189,29 +239,49 @@ def folds_home(run_dir, finalists, k):
 
 
 # ----------------------------------------------------------------------------- ranking and voting
-def read_soft(path):
-    table = pd.read_csv(path)
-    return table.set_index("ImageID")
+def fold_files(folder, finalist):
+    """A fold at home -> (its summary, val_soft.csv, submission_soft.csv), each checked: present, readable, and
+    trained with the finalist's planned command (a fold of another command is never voted)."""
+    for name in ("summary.json", "config.json", "val_soft.csv", "submission_soft.csv"):
+        if not (folder / name).is_file():
+            raise ValueError(f"{folder / name}: missing (delete {folder} and run finalize again to retrain that fold)")
+    ran = ran_configuration(folder)
+    if finalist.config is not None and ran != finalist.config:
+        raise ValueError(f"{folder}: trained with another command than {finalist.name}'s plan ({differences(finalist.config, ran)}); "
+                         f"delete it and run again, or use another --out")
+    return read_summary(folder), read_val_soft(folder / "val_soft.csv"), read_soft(folder / "submission_soft.csv")
 
 
 def finalist_scores(run_dir, finalist, k):
-    """-> dict(oof probs (sorted ImageID order), labels, ids, classes, fold F1s, eval ids, eval probs (mean of the folds))."""
-    parts, evals, fold_f1 = [], [], []
+    """-> dict(oof probs (sorted ImageID order), labels, ids, classes, fold F1s, eval ids, eval probs (mean of the folds)).
+    The K held-out parts must cover the training images exactly once: a short val_soft.csv would score fewer."""
+    parts, evals, fold_f1, seen = [], [], [], {}
     for fold in range(k):
         folder = run_dir / finalist.name / f"fold{fold}"
-        part = read_soft(folder / "val_soft.csv")
-        classes = [c for c in part.columns if c != "label"]
-        fold_f1.append(score(part["label"].to_numpy(), part[classes].to_numpy().argmax(1), len(classes))["f1"])
-        parts.append(part)
-        evals.append(read_soft(folder / "submission_soft.csv"))
-    oof = pd.concat(parts)
-    if oof.index.duplicated().any():
-        raise ValueError(f"{finalist.name}: an image is in two folds' held-out parts (not one K-fold split?)")
-    oof = oof.sort_index()
-    if any(list(e.columns) != classes or not e.index.equals(evals[0].index) for e in evals):
-        raise ValueError(f"{finalist.name}: its folds' eval predictions list other images or classes")
-    return dict(ids=list(oof.index), labels=oof["label"].to_numpy(), probs=oof[classes].to_numpy(), classes=classes,
-                fold_f1=fold_f1, eval_ids=list(evals[0].index), eval_probs=np.mean([e.to_numpy() for e in evals], axis=0))
+        summary, (ids, labels, probs, classes), (eval_ids, eval_probs, eval_classes) = fold_files(folder, finalist)
+        if len(ids) != summary["val_images"]:
+            raise ValueError(f"{folder / 'val_soft.csv'}: {len(ids)} held-out images, its run held out {summary['val_images']} "
+                             f"(damaged? delete {folder} and run again to retrain it)")
+        again = next((i for i in ids if i in seen), None)
+        if again is not None:
+            raise ValueError(f"{folder / 'val_soft.csv'}: {again} is held out in fold{seen[again]} too (not one K-fold split?)")
+        if (parts and classes != parts[0][3]) or eval_classes != classes:
+            raise ValueError(f"{folder}: its val_soft.csv and submission_soft.csv name other classes than {finalist.name}'s fold0")
+        seen.update(dict.fromkeys(ids, fold))
+        fold_f1.append(score(labels, probs.argmax(1), len(classes))["f1"])
+        parts.append((ids, labels, probs, classes))
+        if evals:  # the same eval images, in fold0's order
+            eval_probs = eval_probs[alignment(evals[0][0], eval_ids, folder / "submission_soft.csv", run_dir / finalist.name / "fold0")]
+        evals.append((eval_ids if not evals else evals[0][0], eval_probs))
+    total = summary["train_images"] + summary["val_images"]
+    if len(seen) != total:
+        raise ValueError(f"{finalist.name}: its {k} held-out parts cover {len(seen)} of the {total} training images "
+                         f"(not one K-fold split of the same data?)")
+    ids = [i for p in parts for i in p[0]]
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    return dict(ids=[ids[i] for i in order], labels=np.concatenate([p[1] for p in parts])[order],
+                probs=np.concatenate([p[2] for p in parts])[order], classes=parts[0][3], fold_f1=fold_f1,
+                eval_ids=evals[0][0], eval_probs=np.mean([e[1] for e in evals], axis=0))
 
 
 def macro_f1(labels, probs):
@@ -257,7 +327,7 @@ def rank_and_vote(run_dir, finalists, k, select):
 
 
 def write_report(run_dir, report):
-    (run_dir / "finalize.json").write_text(json.dumps(report, indent=2))
+    replace_atomically(run_dir / "finalize.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
     lines = [f"# finalize: experiment {report['experiment']}, {report['k']} folds", "",
              "| finalist | search trial | its val metric (one split) | out-of-fold macro F1 | fold F1 mean ± sd | flags |",
              "|---|---|---|---|---|---|"]
@@ -271,7 +341,7 @@ def write_report(run_dir, report):
               f"selection: {greedy} (out-of-fold {report['greedy_oof_f1']:.4f}, optimistic: chosen on the "
               f"same predictions).", f"Voted (--select {report['select']}): {voted}; the K fold models of each, soft-voted on "
               f"{report['eval_images']} eval images -> submission.csv, submission_soft.csv."]
-    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    replace_atomically(run_dir / "report.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
 
 
 # ----------------------------------------------------------------------------- main
@@ -287,6 +357,8 @@ def build_parser():
     p.add_argument("--k", type=int, default=5, help="folds")
     p.add_argument("--select", default="winner", choices=["winner", "greedy"],
                    help="the best finalist's folds, or greedy ensemble selection over every finalist")
+    p.add_argument("--defaults_only", action="store_true",
+                   help="finalize the trial command's own flags alone (for a search that has not reported a result)")
     p.add_argument("--out", default=None, help="run dir (default runs/finalize_<EXP_ID>; a rerun there trains only what is missing)")
     p.add_argument("--fold_port", type=int, default=8091, help="port of the fold experiment's NNI manager")
     return p
@@ -301,51 +373,94 @@ def load_search(args):
         raise ValueError(str(e)) from None
 
 
-def plan(run_dir, exp, finalists, k):
-    """The finalists of the first run in run_dir, so a rerun re-trains and re-ranks the same ones."""
+@contextlib.contextmanager
+def locked(run_dir):
+    """One finalize at a time per run dir: two would train every fold twice and write over each other's results."""
+    with open(run_dir / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise ValueError(f"{run_dir}: another finalize.py (pid {f.read().strip() or '?'}) is running there; "
+                             f"wait for it or use another --out") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+
+
+def plan(run_dir, args, exp, finalists, trial_command):
+    """The finalists of the first run in run_dir, so a rerun re-trains and re-ranks the same ones. A rerun for
+    another search, --top, --k, or with another trial command is refused: its folds would be voted with the old ones."""
     path = run_dir / "plan.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved["k"] != k:
-            raise ValueError(f"{run_dir} was planned with --k {saved['k']}; use that or another --out")
-        return [Finalist(**f) for f in saved["finalists"]]
-    path.write_text(json.dumps(dict(experiment=exp.id, k=k, finalists=[asdict(f) for f in finalists]), indent=2))
+    fixed = dict(experiment=exp.id, top=args.top, k=args.k, defaults_only=args.defaults_only)
+    if not path.is_file():
+        replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(dict(fixed, finalists=[asdict(f) for f in finalists]), indent=2)))
+        return finalists
+    saved = json.loads(path.read_text())
+    changed = [f"--{k} {saved.get(k)} (now {v})" if k != "experiment" else f"experiment {saved.get(k)} (now {v})"
+               for k, v in fixed.items() if saved.get(k) != v]
+    if changed:
+        raise ValueError(f"{run_dir} was planned for {', '.join(changed)}: use another --out")
+    finalists = [Finalist(**f) for f in saved["finalists"]]
+    for f in finalists:
+        now = configuration(trial_command, f.params)
+        if now != f.config:
+            raise ValueError(f"{run_dir} was planned with another trial command: {f.name} {differences(f.config, now)}; "
+                             f"use the config it was planned with, or another --out")
     return finalists
+
+
+def train_missing(args, config, run_dir, finalists, exp_id):
+    """The fold experiment over what is not home yet, then every finished fold brought home, also when it ended early."""
+    jobs = fold_jobs(finalists, args.k, folds_home(run_dir, finalists, args.k))
+    machines = machines_of(config) if is_remote(config) else []
+    trials, status = run_fold_experiment(fold_experiment_config(args.config, exp_id, jobs), run_dir, args.fold_port)
+    with STOP.deferred():  # each fold comes home whole or not at all
+        for trial in (t for t in trials if t.status == "SUCCEEDED"):
+            print(f"home: {bring_home(trial, finalists, config['trialCommand'], run_dir, machines)} from {trial.log_path}", flush=True)
+    missing = fold_jobs(finalists, args.k, folds_home(run_dir, finalists, args.k))
+    if status == "INTERRUPTED":
+        raise KeyboardInterrupt(f"{len(jobs) - len(missing)} of the {len(jobs)} fold trainings came home to {run_dir}, "
+                                f"the fold experiment is stopped; run finalize again to train only the other {len(missing)}")
+    if missing:
+        raise ValueError(f"{len(missing)} fold trainings did not come home (the fold experiment ended {status}; their "
+                         f"trials' trial.stderr say why); run finalize again to train only those")
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.k < 2 or args.top < 1:
         raise ValueError(f"--k {args.k} --top {args.top}: need K >= 2 and at least one finalist")
+    config = read_config(args.config)
     exp = load_search(args)
-    config = yaml.safe_load(Path(args.config).read_text()) if Path(args.config).is_file() else None
-    if not isinstance(config, dict) or "trialCommand" not in config:
-        raise ValueError(f"--config {args.config}: not an NNI experiment config file")
     run_dir = Path(args.out or Path("runs") / f"finalize_{exp.id}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    finalists = plan(run_dir, exp, select_finalists(exp, config["trialCommand"], args.top), args.k)
-    print(f"{len(finalists)} finalists: {', '.join(f.name for f in finalists)}; {args.k} folds each -> {run_dir}", flush=True)
-    done = folds_home(run_dir, finalists, args.k)
-    jobs = fold_jobs(finalists, args.k, done)
-    if jobs:
-        machines = machines_of(config) if (config.get("trainingService") or {}).get("platform") == "remote" else []
-        trials = run_fold_experiment(fold_experiment_config(args.config, exp.id, jobs), run_dir, args.fold_port)
-        for trial in (t for t in trials if t.status == "SUCCEEDED"):
-            print(f"home: {bring_home(trial, finalists, config['trialCommand'], run_dir, machines)} from {trial.log_path}", flush=True)
-        missing = fold_jobs(finalists, args.k, folds_home(run_dir, finalists, args.k))
-        if missing:
-            raise ValueError(f"{len(missing)} fold trainings did not come home (their trials' trial.stderr say why); "
-                             f"run finalize again to train only those")
-    else:
-        print(f"all {len(finalists) * args.k} fold trainings are home: training nothing", flush=True)
-    report = dict(experiment=exp.id, **rank_and_vote(run_dir, finalists, args.k, args.select))
-    write_report(run_dir, report)
+    with locked(run_dir):
+        finalists = plan(run_dir, args, exp, select_finalists(exp, config["trialCommand"], args.top, args.defaults_only),
+                         config["trialCommand"])
+        if len(finalists) == 1 and not args.defaults_only:
+            print(f"warning: every finalist is the defaults: the search's {len(exp.trials)} trials "
+                  f"({len(finished(exp))} finished) found no other configuration", file=sys.stderr, flush=True)
+        print(f"{len(finalists)} finalists: {', '.join(f.name for f in finalists)}; {args.k} folds each -> {run_dir}", flush=True)
+        if fold_jobs(finalists, args.k, folds_home(run_dir, finalists, args.k)):
+            train_missing(args, config, run_dir, finalists, exp.id)
+        else:
+            print(f"all {len(finalists) * args.k} fold trainings are home: training nothing", flush=True)
+        report = dict(experiment=exp.id, **rank_and_vote(run_dir, finalists, args.k, args.select))
+        write_report(run_dir, report)
     print((run_dir / "report.md").read_text(), flush=True)
     return run_dir, report
 
 
 def cli(argv=None):
-    return run_main("finalize.py", main, argv)
+    STOP.install()  # SIGTERM as SIGINT: both stop the fold experiment and keep the folds that finished
+    try:
+        return run_main("finalize.py", main, argv)
+    except KeyboardInterrupt as e:
+        why = e.args[0] if e.args and isinstance(e.args[0], str) else "nothing was half-written; run it again to go on"
+        print(f"finalize.py: interrupted: {why}", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 probabilities, the fetch (local and over a real loopback sshd) with missing or damaged files, and a
 real search finalized twice, locally and over SSH (the second run trains nothing)."""
 import json
+import os
 import pwd
+import re
 import shlex
 import shutil
 import subprocess
@@ -18,7 +20,9 @@ from nni.experiment.config import ExperimentConfig
 from baseline import experiment as expmod
 from baseline import finalize
 from baseline.preflight import Machine
-from conftest import ROOT, read_csv
+from conftest import ROOT, read_csv, run_cli
+from core.labels import mask_class_names
+from core.runs import write_submission, write_val_soft
 from sshd import free_port, start_sshd
 from test_experiment_nni import BIN, local_config, nni_env, nni_experiment
 from training import flags
@@ -298,3 +302,144 @@ def test_remote_search_finalized_over_ssh(tmp_path, demo_dir, cache_dir, nni_hom
         finally:  # the search's and the fold experiment's files on the "server"
             for d in set((home / "nni-experiments").glob("*")) - before:
                 shutil.rmtree(d, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- misuse: plans, folds, the search
+CMD4 = "python3 train.py --steps 4 --resize 32 24"
+
+
+def args_of(**kw):
+    return finalize.build_parser().parse_args(["--id", "x", "--config", "c.yml", *[w for k, v in kw.items() for w in (f"--{k}", str(v))]])
+
+
+def planned(tmp_path, command=CMD4, **kw):
+    exp = search(trial("t1", 0.9, lr=0.05))
+    run_dir = tmp_path / "final"
+    run_dir.mkdir(exist_ok=True)
+    return run_dir, finalize.plan(run_dir, args_of(**kw), exp, finalize.select_finalists(exp, command), command)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(command=CMD4.replace("--steps 4", "--steps 8")), "planned with another trial command: top1 --steps 4 -> 8"),
+    (dict(command=CMD4.replace("32 24", "40 30")), "top1 --resize [32, 24] -> [40, 30]"),
+    (dict(top=2), "was planned for --top 3 (now 2): use another --out"),
+    (dict(k=3), "was planned for --k 5 (now 3)"),
+    (dict(exp="other"), "was planned for experiment exp12345 (now other)"),
+])
+def test_a_rerun_that_would_mix_commands_or_searches_is_refused(tmp_path, change, message):
+    """A changed --steps/--resize trained the missing fold with the new command and voted it with the old ones;
+    an --out of another --id listed the old search's trials; a changed --top was ignored."""
+    run_dir, finalists = planned(tmp_path)
+    assert [f.name for f in finalists] == ["top1", "defaults"] and finalists[1].config["steps"] == 4
+    exp = search(trial("t1", 0.9, lr=0.05))
+    exp.id = change.get("exp", exp.id)
+    command = change.get("command", CMD4)
+    args = args_of(**{k: v for k, v in change.items() if k in ("top", "k")})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        finalize.plan(run_dir, args, exp, finalize.select_finalists(exp, command), command)
+    again = finalize.plan(run_dir, args_of(), search(trial("t1", 0.9, lr=0.05)), [], CMD4)  # unchanged: the saved plan
+    assert [(f.name, f.config) for f in again] == [(f.name, f.config) for f in finalists]
+
+
+@pytest.mark.parametrize("statuses", [[], ["RUNNING", "WAITING"], ["FAILED", "FAILED", "FAILED"]])
+def test_a_search_with_no_finished_trial_is_refused(statuses):
+    """It was finalized as the defaults alone, without a word."""
+    exp = search(*[expmod.Trial(f"t{i}", s, i, {"lr": 0.01 * (i + 1)}) for i, s in enumerate(statuses)])
+    with pytest.raises(ValueError, match=f"nothing to finalize yet: experiment exp12345 has {len(statuses)} trials, "
+                                         "none reported a final result .*--defaults_only"):
+        finalize.select_finalists(exp, COMMAND)
+    only = finalize.select_finalists(exp, COMMAND, defaults_only=True)
+    assert [(f.name, f.params) for f in only] == [("defaults", {})]
+
+
+# Two folds of 4 held-out images each, 3 eval images: the files a fold run leaves, written by hand.
+CLASSES18 = mask_class_names()
+
+
+def fake_fold(folder, config, held_out, eval_ids, seed):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(dict(config, epochs=2, kfold=2, fold=int(folder.name[-1]))))
+    (folder / "summary.json").write_text(json.dumps(dict(train_images=4, val_images=len(held_out), files=[])))
+    write_val_soft(folder / "val_soft.csv", held_out, rng.integers(0, 18, len(held_out)), rng.dirichlet(np.ones(18), len(held_out)), CLASSES18)
+    probs = rng.dirichlet(np.ones(18), len(eval_ids))
+    write_submission(folder, eval_ids, probs, CLASSES18)
+    return probs
+
+
+@pytest.fixture
+def fake_run(tmp_path):
+    run_dir, finalists = planned(tmp_path)
+    folds = [["a.jpg", "b.jpg", "c.jpg", "d.jpg"], ["e.jpg", "f.jpg", "g.jpg", "h.jpg"]]
+    for f in finalists:
+        for fold in range(2):
+            fake_fold(run_dir / f.name / f"fold{fold}", f.config, folds[fold], ["x.jpg", "y.jpg", "z.jpg"], fold)
+    return run_dir, finalists
+
+
+def test_fake_folds_rank(fake_run):
+    run_dir, finalists = fake_run
+    report = finalize.rank_and_vote(run_dir, finalists, 2, "winner")
+    assert report["oof_images"] == 8 and report["eval_images"] == 3
+
+
+def damage(run_dir, how):
+    fold = run_dir / "defaults" / "fold0"
+    if how == "truncated val_soft.csv":
+        lines = (fold / "val_soft.csv").read_text().splitlines()
+        (fold / "val_soft.csv").write_text("\n".join(lines[:3]) + "\n")
+    elif how == "val_soft.csv deleted":
+        (fold / "val_soft.csv").unlink()
+    elif how == "empty submission_soft.csv":
+        (fold / "submission_soft.csv").write_text("")
+    elif how == "eval columns reordered":  # harmless: read by name
+        table = pd.read_csv(fold / "submission_soft.csv")
+        table[["ImageID", *CLASSES18[::-1]]].to_csv(fold / "submission_soft.csv", index=False)
+        return None
+    elif how == "another command":
+        config = json.loads((fold / "config.json").read_text())
+        (fold / "config.json").write_text(json.dumps(dict(config, steps=8)))
+    elif how == "a fold's images held out twice":
+        shutil.copyfile(run_dir / "defaults" / "fold0" / "val_soft.csv", run_dir / "defaults" / "fold1" / "val_soft.csv")
+        return run_dir / "defaults" / "fold1"
+    return fold
+
+
+@pytest.mark.parametrize("how, message", [
+    ("truncated val_soft.csv", "val_soft.csv: 2 held-out images, its run held out 4"),   # scored over 77 of 140, silently
+    ("val_soft.csv deleted", "val_soft.csv: missing (delete "),                          # FileNotFoundError
+    ("empty submission_soft.csv", "submission_soft.csv: not a readable CSV (No columns to parse from file)"),
+    ("another command", "trained with another command than defaults's plan (--steps 4 -> 8)"),
+    ("a fold's images held out twice", "is held out in fold0 too"),
+    ("eval columns reordered", None),
+])
+def test_damaged_or_foreign_folds_are_named_not_voted(fake_run, how, message):
+    """'top1' was blamed for a truncated defaults/fold0/val_soft.csv ("its folds cover other images")."""
+    run_dir, finalists = fake_run
+    before = finalize.rank_and_vote(run_dir, finalists, 2, "winner")
+    fold = damage(run_dir, how)
+    if message is None:
+        after = finalize.rank_and_vote(run_dir, finalists, 2, "winner")
+        assert after["finalists"] == before["finalists"]
+        return
+    with pytest.raises(ValueError) as e:
+        finalize.rank_and_vote(run_dir, finalists, 2, "winner")
+    assert str(e.value).startswith(str(fold)) and message in str(e.value) and len(str(e.value).splitlines()) == 1, e.value
+
+
+def test_config_that_is_not_yaml_is_one_line(capsys, tmp_path):
+    code, out, err = run_cli(finalize.cli, capsys, "--id", "x", "--config", ROOT / "README.md", "--out", tmp_path / "f")
+    assert code == 1 and err.startswith(f"finalize.py: error: --config {ROOT / 'README.md'}: not a readable YAML file ("), err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "f").exists()
+
+
+def test_a_second_finalize_on_one_out_is_refused(tmp_path):
+    run_dir = tmp_path / "final"
+    run_dir.mkdir()
+    with finalize.locked(run_dir):
+        code = ("import sys; sys.path.insert(0, %r); from pathlib import Path; from baseline import finalize\n"
+                "with finalize.locked(Path(%r)): pass") % (str(ROOT), str(run_dir))
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1 and f"another finalize.py (pid {os.getpid()}) is running there" in proc.stderr
+    with finalize.locked(run_dir):  # released when the first ends
+        pass
