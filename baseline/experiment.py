@@ -4,6 +4,7 @@
     python baseline/experiment.py --id EXP_ID            # by id: REST if it runs, else its nni.sqlite
     python baseline/experiment.py --port 8080 --csv trials.csv
     python baseline/experiment.py --id EXP_ID --fetch TRIAL_ID   # that trial's output dir -> runs/<EXP_ID>_<TRIAL_ID>
+    python baseline/experiment.py --id EXP_ID --fetch TRIAL_ID --partial   # also a trial that did not finish
 
 The table lists every trial with its status, final metric ("default"), best
 intermediate metric, epochs reported and parameters. The best trial's
@@ -20,8 +21,20 @@ parameter id the trial reported with its metrics.
 NNI 3.0's remote training service leaves every trial's output dir (best.pth, submissions...) on the
 server that ran it and downloads only its logs: --fetch copies one home over SSH, with the user,
 port and key of the experiment's own machineList.
+
+A fetch is whole or fails, leaving no --out: train.py writes summary.json last, listing the run's
+files, so the copy must hold it and every file it lists, none empty (a listed directory such as
+tensorboard/ must be there; NNI's own trial.stdout/stderr/log may be empty). It refuses a trial
+still RUNNING or WAITING (wait, or stop the experiment: once it is stopped, a trial its database
+still calls RUNNING is judged by its files), one whose output dir is gone, and one without
+summary.json: that run failed or was stopped before its end (by the assessor, or a cancel), and
+the refusal names the files it has. --partial copies such a run as it is, best.pth included
+when it got that far; it never takes a finished run whose copy lacks a listed file.
+
+Every error is one line on stderr and exit 1 (2 for a usage error).
 """
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -43,6 +56,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from baseline.preflight import machines_of, ssh_base  # noqa: E402
+from core.cli import Parser, run_main  # noqa: E402
+from core.runs import SUMMARY  # noqa: E402
 
 
 STATUS_ORDER = {"SUCCEEDED": 0, "EARLY_STOPPED": 1, "USER_CANCELED": 2, "RUNNING": 3, "WAITING": 4,
@@ -339,7 +354,8 @@ def _num(v):
     return f"{v:.4f}" if _is_number(v) else "-"
 
 
-def report(exp, out=sys.stdout):
+def report(exp, out=None):
+    out = out or sys.stdout  # looked up per call: a test's capture replaces sys.stdout after import
     mode = "maximize" if exp.maximize else "minimize"
     tuner = (exp.params.get("tuner") or {}).get("name", "?")
     print(f"experiment {exp.id} [{exp.status}] from {exp.source}: {len(exp.trials)} trials, {tuner} {mode}", file=out)
@@ -412,57 +428,144 @@ def fetch(source, target, machines=(), names=None):
             raise ValueError(f"{host}:{path}: the copy is damaged ({e})") from None
 
 
-def fetch_trial(exp, trial_id, out):
-    """experiment.py --fetch: one trial's whole output dir -> out, put in place only once all of it is there."""
+# NNI's own logs of the trial process (trial keeper, nni.runtime): open while train.py lists its files, and
+# empty when nothing went there, so a copy may hold them empty
+NNI_LOGS = {"trial.stdout", "trial.stderr", "trial.log"}
+FINISHED = {"SUCCEEDED", "EARLY_STOPPED", "USER_CANCELED", "FAILED", "SYS_CANCELED"}
+ENDED = {"STOPPED", "VIEWED"}  # no NNI process runs for it: a trial it still lists as RUNNING is not writing
+
+
+def trial_to_fetch(exp, trial_id):
+    """The trial --fetch copies; ValueError when there is none, it is still being written, or its local dir is gone."""
     trial = next((t for t in exp.trials if t.id == trial_id), None)
     if trial is None or not trial.log_path:
         raise ValueError(f"experiment {exp.id} has no trial {trial_id!r} with an output dir "
                          f"(trials: {', '.join(t.id for t in exp.trials) or 'none'})")
+    if trial.status not in FINISHED and exp.status not in ENDED:
+        raise ValueError(f"trial {trial_id} is {trial.status}: its files are not all written yet; wait for it to end "
+                         f"or stop the experiment (nnictl stop {exp.id}), then fetch it")
+    if ":" not in trial.log_path and not Path(trial.log_path).is_dir():  # fetch() would copy nothing and call it done
+        raise ValueError(f"trial {trial_id} ({trial.status}): its output dir {trial.log_path} is gone, nothing to fetch")
+    return trial
+
+
+def check_copy(folder, trial, partial=False):
+    """ValueError unless folder is the whole of a finished run: summary.json, and every file it lists there and
+    not empty (a listed directory, such as tensorboard/, only there). -> False for an unfinished run's
+    files taken with partial."""
+    source = trial.log_path
+    if not (folder / SUMMARY).is_file():
+        if partial:
+            return False
+        names = sorted(p.name + "/" * p.is_dir() for p in folder.iterdir())
+        raise ValueError(f"trial {trial.id} ({trial.status}): no {SUMMARY}, so the run did not finish; its dir has "
+                         f"{', '.join(names) or 'no files'} (--partial copies them anyway)")
+    try:
+        listed = json.loads((folder / SUMMARY).read_text()).get("files")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise ValueError(f"trial {trial.id}: {source}/{SUMMARY} is not a valid summary, the copy is refused") from None
+    if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
+        raise ValueError(f"trial {trial.id}: {source}/{SUMMARY} lists no files, the copy is refused")
+    missing = [n for n in listed if not (folder / n).exists()]
+    empty = [n for n in listed if n not in NNI_LOGS and (folder / n).is_file() and (folder / n).stat().st_size == 0]
+    if missing or empty:
+        what = "; ".join(f"{kind} {', '.join(names)}" for kind, names in (("missing", missing), ("empty", empty)) if names)
+        raise ValueError(f"trial {trial.id}: the copy of {source} is incomplete ({what}, all listed in its {SUMMARY})")
+    return True
+
+
+def fetch_trial(exp, trial_id, out, partial=False):
+    """experiment.py --fetch: one trial's whole output dir -> out, put in place only once all of it is there
+    and matches the run's summary.json. partial: also take a finished trial without summary.json (a run that
+    failed or was stopped before its end) as it is."""
+    trial = trial_to_fetch(exp, trial_id)
     out = Path(out or Path("runs") / f"{exp.id}_{trial_id}")
     if out.exists():
         raise ValueError(f"{out} exists: give another --out")
     ts = exp.params.get("trainingService")
     remote = any(isinstance(s, dict) and s.get("platform") == "remote" for s in (ts if isinstance(ts, list) else [ts]))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    made = [p for p in out.parents if not p.exists()]  # deepest first: removed again if the fetch fails
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create it ({e.strerror or e})") from None
     try:
         fetch(trial.log_path, tmp, machines_of(exp.params) if remote else [])
+        complete = check_copy(tmp, trial, partial)
         os.rename(tmp, out)
+    except (OSError, subprocess.SubprocessError) as e:  # a local file that cannot be read, ssh missing or hanging
+        raise ValueError(f"trial {trial_id}: could not copy {trial.log_path} ({getattr(e, 'strerror', None) or e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for p in made if not out.exists() else ():
+            with contextlib.suppress(OSError):
+                p.rmdir()
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     print(f"trial {trial_id} ({trial.status}): {len(files)} files from {trial.log_path} -> {out}: "
-          f"{', '.join(f for f in files if '/' not in f)}")
+          f"{', '.join(f for f in files if '/' not in f)}"
+          + ("" if complete else f" (partial: no {SUMMARY}, the run did not finish)"))
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="List an NNI experiment's trials by metric and print the best as a command.")
+def _port(text):
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text} is not a TCP port (1..65535)")
+    return int(text)
+
+
+def build_parser():
+    p = Parser(prog="experiment.py", description="List an NNI experiment's trials by metric and print the best as a command.")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--port", type=int, help="port of a running experiment (nnictl create --port)")
+    g.add_argument("--port", type=_port, help="port of a running experiment (nnictl create --port)")
     g.add_argument("--id", help="experiment id (nnictl experiment list); a stopped one is read from its nni.sqlite")
     p.add_argument("--host", default="127.0.0.1", help="host of the NNI manager with --port (default: 127.0.0.1)")
     p.add_argument("--csv", type=Path, help="also write the table to this CSV file")
     p.add_argument("--json", action="store_true", help="print the best trial as JSON instead of the table")
     p.add_argument("--fetch", metavar="TRIAL_ID", help="copy that trial's output dir here (over SSH for a remote trial) "
-                                                        "instead of printing the table")
+                                                        "instead of printing the table; only a finished trial, and only "
+                                                        "all of it: every file its summary.json lists")
     p.add_argument("--out", type=Path, help="where --fetch puts it (default: runs/<EXP_ID>_<TRIAL_ID>)")
-    a = p.parse_args(argv)
-    try:
-        exp = from_rest(a.port, a.host) if a.port else from_id(a.id)
-    except (urllib.error.URLError, OSError) as e:
-        print(f"experiment.py: error: no NNI experiment answers on {a.host}:{a.port} ({e})", file=sys.stderr)
-        return 1
-    except LookupError as e:
-        print(f"experiment.py: error: {e}", file=sys.stderr)
-        return 1
-    if a.fetch:
+    p.add_argument("--partial", action="store_true",
+                   help="with --fetch: also copy a trial that ended without summary.json (failed, or stopped before its "
+                        "end, e.g. by the assessor) as it is: best.pth may be there, the rest of the run is not")
+    return p
+
+
+def load(args):
+    """The experiment --port or --id names; ValueError in one line when it cannot be read."""
+    if args.port is not None:
+        where = f"{args.host}:{args.port}"
         try:
-            fetch_trial(exp, a.fetch, a.out)
-        except ValueError as e:
-            print(f"experiment.py: error: {e}", file=sys.stderr)
-            return 1
-        return 0
+            return from_rest(args.port, args.host)
+        except (urllib.error.URLError, OSError) as e:
+            raise ValueError(f"no NNI experiment answers on {where} ({getattr(e, 'reason', None) or e})") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # some other HTTP server on that port
+            raise ValueError(f"{where} answers, but not as NNI's REST API ({type(e).__name__}: {e})") from None
+    try:
+        return from_id(args.id)
+    except LookupError as e:  # not registered, or registered without a database
+        raise ValueError(e.args[0] if e.args else repr(e)) from None
+    except (OSError, sqlite3.Error) as e:
+        raise ValueError(f"experiment {args.id}: cannot read its nni.sqlite ({e})") from None
+
+
+def main(argv=None):
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.fetch and (a.csv or a.json):
+        p.error("--fetch prints no table: leave out --csv and --json")
+    if not a.fetch and (a.out or a.partial):
+        p.error("--out and --partial go with --fetch")
+    exp = load(a)
+    if a.fetch:
+        fetch_trial(exp, a.fetch, a.out, a.partial)
+        return
+    if a.csv:  # before the table: a path that cannot be written is the one line the user sees
+        try:
+            write_csv(exp, a.csv)
+        except OSError as e:
+            raise ValueError(f"--csv {a.csv}: cannot write it ({e.strerror or e})") from None
     if a.json:
         best = best_trial(exp)
         print(json.dumps(None if best is None else {
@@ -471,10 +574,12 @@ def main(argv=None):
     else:
         report(exp)
     if a.csv:
-        write_csv(exp, a.csv)
         print(f"wrote {a.csv}", file=sys.stderr)
-    return 0
+
+
+def cli(argv=None):
+    return run_main("experiment.py", main, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -510,6 +510,28 @@ def test_local_experiment(tmp_path, demo_dir, cache_dir, nni_home):
                          env=nni_env(nni_home), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "nni.sqlite" in out.stdout and f"best trial {best.id}" in out.stdout
+    check_fetch(exp, run.id, nni_home, tmp_path, lambda t: Path(t.log_path))
+
+
+def check_fetch(exp, exp_id, nni_home, tmp_path, out_dir_of):
+    """experiment.py --fetch on real trial dirs: a finished one comes whole, as its summary.json lists it; one
+    without summary.json (an assessor's stop) is refused in one line naming what it has, and --partial takes it."""
+    def fetch(trial, out, *extra):
+        return subprocess.run([sys.executable, str(ROOT / "baseline" / "experiment.py"), "--id", exp_id, "--fetch", trial.id,
+                               "--out", str(out), *extra], env=nni_env(nni_home), capture_output=True, text=True, timeout=60)
+    for t in exp.trials:
+        out = tmp_path / f"fetched-{t.id}"
+        proc = fetch(t, out)
+        if (out_dir_of(t) / "summary.json").is_file():
+            assert proc.returncode == 0, proc.stderr
+            listed = json.loads((out / "summary.json").read_text())["files"]
+            assert "best.pth" in listed and set(listed) <= {p.name for p in out.iterdir()}, (listed, proc.stdout)
+            continue
+        assert t.status != "SUCCEEDED" and proc.returncode == 1 and not out.exists(), (t.status, proc.stdout, proc.stderr)
+        assert proc.stderr.strip().splitlines() == [
+            f"experiment.py: error: trial {t.id} ({t.status}): no summary.json, so the run did not finish; its dir has "
+            f"{', '.join(sorted(p.name + '/' * p.is_dir() for p in out_dir_of(t).iterdir()))} (--partial copies them anyway)"]
+        assert fetch(t, out, "--partial").returncode == 0 and (out / "history.csv").is_file()
 
 
 def test_remote_experiment_over_ssh(tmp_path, demo_dir, cache_dir, nni_home):
@@ -541,6 +563,7 @@ def test_remote_experiment_over_ssh(tmp_path, demo_dir, cache_dir, nni_home):
                 # the code went up as a tarball without what .nniignore excludes
                 code = remote_home / "nni-experiments" / run.id / "environments" / "remote-worker1" / "upload" / "trial_code"
                 assert (code / "train.py").is_file() and not (code / ".git").exists() and not (code / ".venv").exists()
+            check_fetch(exp, exp_id, nni_home, tmp_path, out_dir)  # stopped: from its nni.sqlite, over SSH
         finally:
             if exp_id:
                 shutil.rmtree(remote_home / "nni-experiments" / exp_id, ignore_errors=True)
