@@ -44,6 +44,8 @@ with an int (``TypeError: '<=' not supported between instances of 'str' and
       className: baseline.nni_tuner.SafeHyperband
       classArgs: {optimize_mode: maximize, R: 20, eta: 3}
 """
+import math
+
 from nni.algorithms.hpo.hyperband_advisor import Hyperband
 from nni.algorithms.hpo.tpe_tuner import TpeTuner
 from nni.common.hpo_utils import format_parameters
@@ -64,10 +66,22 @@ def default_parameters(space, defaults):
             continue
         if kind == "choice" and value not in values:
             raise ValueError(f"start_from_defaults: train.py's default {key}={value!r} is not among {values}")
-        if kind != "choice" and not values[0] <= value <= values[1]:
+        if kind != "choice" and not can_draw(kind, values, value):
             raise ValueError(f"start_from_defaults: train.py's default {key}={value!r} is outside {kind} {values}")
         params[key] = value
     return params
+
+
+def can_draw(kind, values, value):
+    """Whether a numeric entry can hand a trial `value`: randint's high is exclusive, a normal's values are
+    [mu, sigma(, q)] and reach every number (a lognormal's every positive one: format_parameters takes its log)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if kind == "randint":
+        return values[0] <= value < values[1] and float(value).is_integer()
+    if "normal" in kind:
+        return value > 0 if "log" in kind else math.isfinite(value)
+    return values[0] <= value <= values[1]
 
 
 class SafeTPE(TpeTuner):

@@ -1,4 +1,5 @@
 """baseline/preflight.py against a real OpenSSH server on 127.0.0.1 (tests/sshd.py)."""
+import io
 import json
 import os
 import shutil
@@ -218,6 +219,124 @@ def test_pretrained_models_are_those_the_search_can_draw():
     assert pf.pretrained_models("python3 train.py", space) == []
     assert pf.pretrained_models("python3 train.py --pretrained --weights /w.pth", space) == []
     assert pf.pretrained_models("python3 train.py --pretrained --model efficientnet_b3", {}) == ["efficientnet_b3"]
+
+
+# What NNI 3.0's TPE and train.py do with each entry: TPE never validates a space, it crashes (randint [32, 32]: "high <=
+# 0"; q 0: ZeroDivisionError) or samples forever (uniform low > high) in the dispatcher, and the experiment sits RUNNING.
+def spec(kind, *value):
+    return {"_type": kind, "_value": list(value)}
+
+
+NNI_RULE_MISTAKES = {
+    "randint one value": ({"batch_size": spec("randint", 32, 32)}, "batch_size: randint needs low < high, got 32 and 32"),
+    "randint reversed": ({"batch_size": spec("randint", 64, 16)}, "batch_size: randint needs low < high, got 64 and 16"),
+    "q 0": ({"lr": spec("quniform", 0.001, 0.01, 0)}, "lr: quniform needs q > 0"),
+    "uniform reversed": ({"dropout": spec("uniform", 0.4, 0.1)}, "dropout: uniform needs low < high"),
+    "loguniform one value": ({"lr": spec("loguniform", 0.01, 0.01)}, "lr: loguniform needs low < high"),
+    "normal negative sigma": ({"lr": spec("normal", 0.01, -0.001)}, "lr: normal needs sigma > 0, got -0.001"),
+    "qnormal zero sigma": ({"batch_size": spec("qnormal", 64, 0, 1)}, "batch_size: qnormal needs sigma > 0, got 0"),
+    "lognormal negative sigma": ({"lr": spec("lognormal", -6, -1)}, "lr: lognormal needs sigma > 0, got -1"),
+    "qlognormal zero sigma": ({"batch_size": spec("qlognormal", 3.5, 0, 1)}, "batch_size: qlognormal needs sigma > 0, got 0"),
+    "conflict together": ({"feed": spec("choice", "device"), "no_cache": spec("choice", True)},
+                          "feed=device with no_cache=true: --feed device needs the decoded-image cache: drop --no_cache"),
+    "conflict among others": ({"lr": spec("loguniform", 1e-4, 1e-2), "feed": spec("choice", "auto", "device"),
+                               "dropout": spec("uniform", 0.0, 0.4), "no_cache": spec("choice", False, True)},
+                              "feed=device with no_cache=true: "),
+    "conflict in a nested option": ({"feed": spec("choice", "loader", "device"),
+                                     "criterion": spec("choice", {"_name": "cross_entropy"}, {"_name": "focal", "no_cache": spec("choice", True)})},
+                                    "feed=device with criterion=focal no_cache=true: "),
+    "key at two levels": ({"lr": spec("loguniform", 1e-4, 1e-2), "criterion": spec("choice", {"_name": "focal", "lr": spec("choice", 5.0)})},
+                          "lr: given at the top level and in criterion=focal: "),
+    "key in two nested choices": ({"criterion": spec("choice", {"_name": "focal", "lr": spec("choice", 0.01)}),
+                                   "optimizer": spec("choice", {"_name": "SGD", "lr": spec("choice", 0.1)})},
+                                  "lr: given at criterion=focal and in optimizer=SGD: "),
+}
+
+
+@pytest.mark.parametrize("case", list(NNI_RULE_MISTAKES))
+def test_what_tpe_or_train_py_refuse_is_one_fail_line(case):
+    space, message = NNI_RULE_MISTAKES[case]
+    problems = pf.space_problems(space, "python3 train.py --epochs 2")
+    assert len(problems) == 1 and message in problems[0], problems
+
+
+VALID_SPACES = {
+    "lognormal mu < 0": {"lr": spec("lognormal", -6, 1)},           # exp(N(-6, 1)): 1.2e-4..0.05 within 3 sigma
+    "qlognormal int q 1": {"batch_size": spec("qlognormal", 3.5, 0.5, 1)},  # 7.0..148.0, floats train.py takes as ints
+    "qnormal int": {"batch_size": spec("qnormal", 64, 8, 1)},
+    "normal in bounds": {"dropout": spec("normal", 0.2, 0.05)},
+    "randint high exclusive": {"batch_size": spec("randint", 16, 65), "warmup_epochs": spec("randint", 0, 1)},
+    "quniform int": {"batch_size": spec("quniform", 16, 64, 16), "warmup_epochs": spec("quniform", 1.5, 3, 1)},
+    "sibling options share a key": {"criterion": spec("choice", {"_name": "focal", "smoothing": spec("choice", 0.1)},
+                                                      {"_name": "label_smoothing", "smoothing": spec("uniform", 0.05, 0.2)})},
+    "feed device with the cache": {"feed": spec("choice", "auto", "device"), "no_cache": spec("choice", False)},
+}
+
+
+@pytest.mark.parametrize("case", list(VALID_SPACES))
+def test_what_train_py_takes_is_accepted(case):
+    out = io.StringIO()
+    assert pf.check_space({"searchSpace": VALID_SPACES[case], "trialCommand": "python3 train.py --epochs 2"}, "c.yml", out) == 0
+    assert out.getvalue().startswith("OK   search space: ") and len(out.getvalue().splitlines()) == 1, out.getvalue()
+
+
+def test_normal_tails_warn_and_a_bad_mean_fails():
+    """TPE draws normals unclipped: normal [0.2, 0.5] for dropout drew -0.31 and trials failed."""
+    out = io.StringIO()
+    config = {"searchSpace": {"dropout": spec("normal", 0.2, 0.5)}, "trialCommand": "python3 train.py"}
+    assert pf.check_space(config, "c.yml", out) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("WARN search space dropout: normal [0.2, 0.5] draws -1.3..1.7 within 3 sigma") and \
+        "--dropout -1.3: must be in [0, 1)" in lines[0] and "lower sigma" in lines[0], lines
+    assert lines[1].startswith("OK   search space: ") and len(lines) == 2
+    warnings = []
+    assert pf.space_problems({"lr": spec("normal", 0.001, 0.001)}, "python3 train.py", warnings) == [] and \
+        warnings[0].startswith("lr: normal [0.001, 0.001] draws -0.002..0.004")
+    assert pf.space_problems({"dropout": spec("normal", 1.5, 0.1)}, "python3 train.py") == ["dropout: --dropout 1.5: must be in [0, 1)"]
+
+
+def safe_tpe_refuses(space):
+    from baseline.nni_tuner import SafeTPE
+    try:
+        SafeTPE(optimize_mode="maximize", start_from_defaults=True).update_search_space(space)
+    except ValueError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("space,refused", [
+    ({"optimizer": spec("choice", "SGD")}, "train.py's default optimizer='AdamW' is not among ['SGD']"),
+    ({"batch_size": spec("randint", 16, 64)}, "default batch_size=64 is outside randint [16, 64]"),  # high is exclusive
+    ({"dropout": spec("normal", 0.2, 0.05), "lr": spec("lognormal", -6, 1)}, None),  # [mu, sigma]: every value can be drawn
+    ({"batch_size": spec("randint", 16, 65)}, None),
+])
+def test_start_from_defaults_is_checked_by_safe_tpe_rule(space, refused):
+    """SafeTPE raised on a space without train.py's defaults, and the experiment sat RUNNING with 0 trials."""
+    config = {"searchSpace": space, "trialCommand": "python3 train.py",
+              "tuner": {"className": "baseline.nni_tuner.SafeTPE", "classArgs": {"optimize_mode": "maximize", "start_from_defaults": True}}}
+    out = io.StringIO()
+    assert pf.check_space(config, "c.yml", out) == (1 if refused else 0), out.getvalue()
+    if refused:
+        assert out.getvalue().startswith("FAIL search space start_from_defaults: ") and refused in out.getvalue()
+        assert "set start_from_defaults: false" in out.getvalue()
+    else:
+        assert out.getvalue().startswith("OK   search space: ")
+    assert safe_tpe_refuses(space) == bool(refused)
+    config["tuner"]["classArgs"]["start_from_defaults"] = False
+    assert pf.check_space(config, "c.yml", io.StringIO()) == 0
+    config["tuner"] = {"name": "TPE", "classArgs": {"start_from_defaults": True}}
+    assert pf.check_space(config, "c.yml", out) == 1 and "start_from_defaults is an option of baseline.nni_tuner.SafeTPE" in out.getvalue()
+
+
+def test_combinations_cover_every_pair_within_the_bound():
+    import random
+    points = {f"k{n}": list(range(n % 5 + 1)) for n in range(12)} | {"wide": list(range(12))}
+    configs = pf.covering(points, random.Random(0), 300)
+    assert configs == pf.covering(points, random.Random(0), 300) and len(configs) <= 300
+    assert all(set(c) == set(points) for c in configs)
+    pairs = {(a, c[a], b, c[b]) for c in configs for a in c for b in c if a < b}
+    assert all((a, i, b, j) in pairs for a in points for b in points if a < b for i in points[a] for j in points[b])
+    assert len(pf.covering(points, random.Random(0), 10)) == 10
 
 
 # ----------------------------------------------------------------------------- pretrained weights on the servers
