@@ -347,14 +347,21 @@ def load_images(paths, size, cache_dir=DEFAULT_CACHE_DIR, use_cache=True, progre
     if not use_cache:
         return None
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(unwritable_cache(cache_dir, e)) from None
     key = cache_key(paths, size)
     target, shape = cache_dir / f"{key}.npy", (len(paths), size[0], size[1], 3)
     array = _valid_cache(target, shape)
-    if array is not None:
+    if array is not None:  # read only: a cache built earlier serves from a read-only dir too
         return array
+    try:
+        lock = open(cache_dir / f"{key}.lock", "w")
+    except OSError as e:
+        raise DataError(unwritable_cache(cache_dir, e)) from None
     # Trials that start together: one builds while the others wait on the lock.
-    with open(cache_dir / f"{key}.lock", "w") as lock:
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         remove_stale_temps(cache_dir, key)
         array = _valid_cache(target, shape)
@@ -362,6 +369,11 @@ def load_images(paths, size, cache_dir=DEFAULT_CACHE_DIR, use_cache=True, progre
             build_cache(target, paths, size, shape, progress)
             array = _valid_cache(target, shape)
     return array
+
+
+def unwritable_cache(cache_dir, error):
+    return (f"--cache_dir {cache_dir}: cannot write there ({error.strerror or type(error).__name__}); "
+            f"pass another --cache_dir, or --no_cache")
 
 
 def remove_stale_temps(cache_dir, held_key, legacy_age_s=3600):

@@ -230,10 +230,10 @@ def fit_position_embedding(backbone, state):
                                                         num_prefix_tokens=prefix))
 
 
-def load_weights(backbone, path, classifier):
+def load_weights(backbone, path, classifier, name):
     """Offline ImageNet weights (.pth or .safetensors): a state_dict (or {'state_dict': ...}) for the backbone;
     the classifier's keys (efficientnet-pytorch's _fc, torchvision's fc, a timm model's own) are ignored because
-    our head replaces it."""
+    our head replaces it. Every other tensor of the backbone must be in the file, with its shape."""
     state = read_state(path)
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"--weights {path}: not a state_dict (a dict of tensors, or {{'state_dict': ...}})")
@@ -245,11 +245,19 @@ def load_weights(backbone, path, classifier):
     mismatched = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
     if mismatched:
         k = mismatched[0]
-        raise ValueError(f"--weights {path} does not fit this backbone: {len(mismatched)} tensors have other shapes "
+        raise ValueError(f"--weights {path} does not fit {name}: {len(mismatched)} tensors have other shapes "
                          f"(e.g. {k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here; another variant?)")
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
-    if unexpected or len(missing) == len(own):
-        raise ValueError(f"--weights {path} does not fit this backbone ({len(unexpected)} unexpected keys, e.g. {unexpected[:2]})")
+    # BatchNorm's num_batches_tracked are counts, not weights (torchvision's and efficientnet-pytorch's ImageNet
+    # files predate them): without them a layer is whole. Any other tensor the file lacks would train from random:
+    # a smaller sibling's file (resnet18's for a resnet34) fits every key it has, so only this finds it.
+    weights = [k for k in own if not k.endswith("num_batches_tracked")]
+    missing = [k for k in weights if k not in state]
+    if missing:
+        raise ValueError(f"--weights {path} does not fit {name}: {len(missing)} of {len(weights)} tensors would stay "
+                         f"random (e.g. {missing[0]}); another backbone?")
+    _, unexpected = backbone.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"--weights {path} does not fit {name}: {len(unexpected)} unexpected keys (e.g. {unexpected[:2]})")
 
 
 def create_model(name, num_outputs, head="", dropout=0.0, init="default", pretrained=False, weights=None, freeze_backbone=False,
@@ -263,7 +271,7 @@ def create_model(name, num_outputs, head="", dropout=0.0, init="default", pretra
     if not (pretrained or weights):
         init_weights(backbone, init)
     if weights:
-        load_weights(backbone, weights, classifier_names(name))
+        load_weights(backbone, weights, classifier_names(name), name)
     model = Classifier(backbone, num_outputs, parse_head(head), dropout)
     init_weights(model.head, init)
     if freeze_backbone:

@@ -20,6 +20,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,8 @@ def main(args):
     if args.print_flags:
         print(json.dumps(flags.run_config(args)))
         return None, None
+    if not (args.resume or UNDER_NNI):  # those write into the run's own directory, not a new one under --model_dir
+        check_writable("--model_dir", args.model_dir)
     device = resolve_device(args.device)
     seed_everything(args.seed)
     split = split_seed(args)
@@ -112,6 +115,19 @@ def main(args):
                                 eval_images=len(data.eval_ids or ()), under_nni=UNDER_NNI, split_seed=split, feed=data.feed,
                                 files=sorted(p.name for p in run_dir.iterdir())))
     return result["best"]["value"], run_dir
+
+
+def check_writable(flag, directory):
+    """ValueError naming the flag unless a file can be made in directory (or, before it exists, in the nearest
+    folder above it that does): now, not after the data is decoded and the model built. Tried by making one that
+    has no name, so nothing is left: os.access says yes to root on a read-only disk."""
+    existing = Path(directory).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise ValueError(f"{flag} {directory}: cannot write there ({e.strerror or type(e).__name__})") from None
 
 
 @dataclass

@@ -1,6 +1,9 @@
 """training/checkpoint.py: the format, whole, in-process: keys and version, an epoch saved and read
 back, refusal of other files, and what --resume restores and refuses."""
 import argparse
+import shutil
+import struct
+import zipfile
 from types import SimpleNamespace
 
 import pytest
@@ -58,13 +61,48 @@ def test_a_newer_format_and_other_files_are_refused(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "bare.pth")
     with pytest.raises(ValueError, match="bare.pth: not a train.py checkpoint \\(no model, classification"):
         checkpoint.read(tmp_path / "bare.pth")
-    old = {k: v for k, v in ckpt.items() if k != "format"}  # written before the format key: still read
+    old = {k: v for k, v in ckpt.items() if k not in ("format", checkpoint.HASH_KEY)}  # written before either: still read
     torch.save(old, tmp_path / "old.pth")
     assert checkpoint.read(tmp_path / "old.pth")["model"] == "BaseModel"
     crafted_checkpoint(tmp_path / "evil.pth", tmp_path / "pwned")
     with pytest.raises(ValueError, match="evil.pth: refused: it holds Python objects"):
         checkpoint.read(tmp_path / "evil.pth")
     assert not (tmp_path / "pwned").exists()
+
+
+def damage_largest_tensor(path, n=64):
+    """Overwrite n bytes in the middle of the file's largest tensor. torch.save stores each tensor as an
+    uncompressed zip entry, and torch.load checks no checksum: the file still loads, with other weights."""
+    with zipfile.ZipFile(path) as z:
+        entry = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(entry.header_offset + 26)  # the local header's name and extra-field lengths; the data follows them
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        start = entry.header_offset + 30 + name_len + extra_len + entry.file_size // 2
+        f.seek(start)
+        original = f.read(n)
+        f.seek(start)
+        f.write(bytes(b ^ 0xFF for b in original))
+
+
+@pytest.mark.parametrize("name", ["best.pth", "last.pth"])
+def test_a_checkpoint_damaged_inside_its_tensors_is_refused(tmp_path, name):
+    saved_epoch(tmp_path)
+    path, intact = tmp_path / name, tmp_path / f"intact-{name}"
+    shutil.copy(path, intact)
+    damage_largest_tensor(path)
+    assert path.read_bytes() != intact.read_bytes()
+    torch.load(path, weights_only=True)  # loads: only the hash can tell
+    model = create_model("BaseModel", 18, head="32", dropout=0.1)
+    optimizer = create_optimizer("AdamW", model.parameters(), lr=0.01)
+    uses = [checkpoint.read_meta, checkpoint.load_model,
+            lambda p: checkpoint.restore(p, lr=0.01, model=model, optimizer=optimizer, generators=[], device="cpu",
+                                         scheduler=create_scheduler("cosine", optimizer, epochs=10))]
+    for use in uses:
+        with pytest.raises(ValueError) as e:
+            use(path)
+        assert str(e.value) == f"checkpoint {path}: damaged (its content hash does not match what was saved)"
+    assert checkpoint.read_meta(intact)[checkpoint.HASH_KEY] == checkpoint.content_hash(torch.load(intact, weights_only=True))
 
 
 def test_restore_continues_where_last_pth_ended(tmp_path):

@@ -105,8 +105,32 @@ def test_unknown_names_list_valid_ones():
 
 def test_weights_of_another_variant_is_one_clear_error(tmp_path):
     torch.save(M.MODELS["efficientnet_b1"]().state_dict(), tmp_path / "b1.pth")
-    with pytest.raises(ValueError, match=r"b1.pth does not fit this backbone: \d+ tensors have other shapes .*another variant"):
+    with pytest.raises(ValueError, match=r"b1.pth does not fit efficientnet_b0: \d+ tensors have other shapes .*another variant"):
         M.create_model("efficientnet_b0", 18, weights=str(tmp_path / "b1.pth"))
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_weights_of_a_smaller_sibling_are_refused_not_half_loaded(tmp_path, suffix):
+    # resnet18's keys are a subset of resnet34's with the same shapes: only the tensors it lacks tell them apart
+    import timm
+    from safetensors.torch import save_file
+    state, path = timm.create_model("resnet18", num_classes=0).state_dict(), tmp_path / f"resnet18{suffix}"
+    save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
+    with pytest.raises(ValueError) as e:
+        M.create_model("timm/resnet34", 18, weights=str(path))
+    assert str(e.value) == (f"--weights {path} does not fit timm/resnet34: 80 of 180 tensors would stay random "
+                            f"(e.g. layer1.2.conv1.weight); another backbone?")
+    net = M.create_model("timm/resnet18", 18, weights=str(path))
+    assert net.backbone.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in net.backbone.state_dict().items())
+
+
+def test_weights_without_batchnorm_counters_load(tmp_path):
+    # torchvision's own ImageNet files predate num_batches_tracked: a file without them is whole
+    source = M.MODELS["resnet18"]()
+    torch.save({k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}, tmp_path / "old.pth")
+    net = M.create_model("resnet18", 18, weights=str(tmp_path / "old.pth"))
+    assert all(torch.equal(p, q) for p, q in zip(net.backbone.parameters(), source.parameters()))
 
 
 def test_weights_saved_under_data_parallel_load(tmp_path):
@@ -195,7 +219,7 @@ def test_timm_weights_of_another_model_refused(tmp_path, suffix):
     from safetensors.torch import save_file
     state, path = timm_weights("timm/test_convnext", 0.5), tmp_path / f"convnext{suffix}"
     save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
-    with pytest.raises(ValueError, match=r"convnext.* does not fit this backbone"):
+    with pytest.raises(ValueError, match=r"convnext.* does not fit timm/test_efficientnet"):
         M.create_model("timm/test_efficientnet", 18, weights=str(path))
     path.write_bytes(b"not weights at all")
     with pytest.raises(ValueError, match="not a (safetensors|PyTorch) file|refused"):

@@ -210,6 +210,11 @@ BAD_INPUTS = {
     "negative warmup": (lambda d, t: (["--warmup_epochs", "-1"], "--warmup_epochs -1: must be 0 or more")),
     "config is a directory": (lambda d, t: (["--config", t], f"--config {t}: not a file")),
     "resume is a directory": (lambda d, t: (["--resume", t], f"--resume {t}: not a file")),
+    # as root, chmod blocks no write: a folder under a file is one that fails for everyone (ENOTDIR)
+    "model dir under a file": (lambda d, t: (["--model_dir", write(t / "f", "") / "runs"],
+                                             f"--model_dir {t / 'f' / 'runs'}: cannot write there (Not a directory)")),
+    "cache dir under a file": (lambda d, t: (["--cache_dir", write(t / "f", "") / "cache"],
+                                             f"--cache_dir {t / 'f' / 'cache'}: cannot write there (Not a directory)")),
 }
 
 
@@ -265,7 +270,8 @@ def test_bad_input_one_clear_line(case, train_cli, demo_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["flag typo", "truncated image", "config unknown key"])
+@pytest.mark.parametrize("case", ["flag typo", "truncated image", "config unknown key", "model dir under a file",
+                                  "cache dir under a file"])
 def test_bad_input_one_clear_line_from_a_real_process(case, run_train, demo_dir, tmp_path):
     """The same through a real `python train.py`: nothing else (a warning, a traceback) reaches stderr."""
     earlier_run(tmp_path)
@@ -442,6 +448,25 @@ def test_command_line_flags_win_over_the_resumed_runs(run_train, tmp_path):
     run_train("--epochs", "1")
     args = flags.parse_args(["--resume", str(tmp_path / "runs" / "exp" / "last.pth"), "--epochs", "12"])
     assert args.epochs == 12 and args.resize == [64, 48]
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder on a read-only file system (EROFS), where mounting is allowed (root); else the test is skipped."""
+    path = tmp_path / "ro"
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    yield path
+    subprocess.run(["umount", str(path)], capture_output=True)
+
+
+@pytest.mark.parametrize("flag", ["--model_dir", "--cache_dir"])
+def test_read_only_output_dir_is_one_line(flag, read_only_dir, train_cli, tmp_path):
+    earlier_run(tmp_path)
+    code, _, stderr = train_cli(flag, read_only_dir / "sub")
+    assert_one_line_and_nothing_written(code, stderr, f"{flag} {read_only_dir / 'sub'}: cannot write there (Read-only file system)",
+                                        tmp_path)
 
 
 def small_disk(path, size_kb):

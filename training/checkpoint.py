@@ -4,12 +4,15 @@ checking a file, loading its model, and what --resume restores and refuses.
 A checkpoint is a dict of plain types and tensors, so that it loads with
 torch.load(weights_only=True): a .pth file someone hands you never runs code.
     format                                              FORMAT_VERSION (absent in files from before it: 0)
+    content_hash                                        sha256 of every tensor, written by save, checked by read
+                                                        (format 2 on; older files have none and are read unchecked)
     state_dict, model, classification, head, dropout   rebuild the model
     classes, layout, resize, mean, std                  what its outputs and inputs mean
     metric, args, epoch, best_metric                    how it was trained (args = config.json)
     optimizer, scheduler, history, train_state          last.pth only: what --resume continues from
                                                         (train_state: early-stopping count, every RNG's state)
 """
+import hashlib
 import math
 import random
 from dataclasses import dataclass, field
@@ -22,7 +25,8 @@ from core.cli import one_line_reason
 from core.files import load_untrusted, replace_atomically
 from model import create_model, num_outputs
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: content_hash
+HASH_KEY = "content_hash"
 REQUIRED = ("state_dict", "model", "classification", "head", "dropout", "classes", "layout", "resize", "mean", "std")
 TRAINING_STATE = ("state_dict", "optimizer", "scheduler", "history", "train_state")
 # What a resumed run cannot change: the data split, the model's shape, the optimiser's state and the metric.
@@ -39,7 +43,32 @@ def describe(config, data):
 
 def save(path, model, meta, **extra):
     """Written to a temp file and renamed, so a kill never leaves half a file."""
-    replace_atomically(path, lambda tmp: torch.save({"state_dict": model.state_dict(), **meta, **extra}, tmp))
+    ckpt = {"state_dict": model.state_dict(), **meta, **extra}
+    ckpt[HASH_KEY] = content_hash(ckpt)
+    replace_atomically(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+def content_hash(ckpt):
+    """sha256 over every tensor of a checkpoint (weights, optimiser state, RNG states): its place, dtype, shape
+    and bytes, in the dict's order, which torch.load keeps. torch.load reads tensor data unchecked, so bytes
+    changed on disk or in transfer would otherwise load as other weights and predict otherwise without a word."""
+    digest = hashlib.sha256()
+    for where, tensor in tensors({k: v for k, v in ckpt.items() if k != HASH_KEY}):
+        digest.update(f"{where} {tensor.dtype} {tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.detach().reshape(-1).view(torch.uint8).cpu().numpy())
+    return digest.hexdigest()
+
+
+def tensors(value, where=""):
+    """(path, tensor) for every tensor in nested dicts, lists and tuples."""
+    if torch.is_tensor(value):
+        yield where, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from tensors(v, f"{where}/{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from tensors(v, f"{where}/{i}")
 
 
 def save_epoch(run_dir, model, meta, *, improved, epoch, best, history, optimizer, scheduler, stale, generators):
@@ -52,7 +81,8 @@ def save_epoch(run_dir, model, meta, *, improved, epoch, best, history, optimize
 
 def read(path, device="cpu", mmap=False):
     """-> the checkpoint dict; ValueError naming the file if it is missing, unreadable, not a train.py
-    checkpoint, from a newer format, or holds anything but plain types and tensors."""
+    checkpoint, from a newer format, damaged (its tensors do not hash as saved), or holds anything but plain
+    types and tensors."""
     ckpt = load_untrusted(path, f"checkpoint {path}", device, mmap)
     missing = [k for k in REQUIRED if k not in ckpt] if isinstance(ckpt, dict) else ["state_dict"]
     if missing:
@@ -60,6 +90,8 @@ def read(path, device="cpu", mmap=False):
     if ckpt.get("format", 0) > FORMAT_VERSION:
         raise ValueError(f"checkpoint {path}: format {ckpt['format']} is newer than this code's {FORMAT_VERSION} "
                          f"(update the code)")
+    if HASH_KEY in ckpt and ckpt[HASH_KEY] != content_hash(ckpt):
+        raise ValueError(f"checkpoint {path}: damaged (its content hash does not match what was saved)")
     return ckpt
 
 
