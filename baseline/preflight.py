@@ -53,6 +53,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
+from core.cli import Parser  # noqa: E402
+
 # Runs on the remote machine, fed to `python -` over SSH; prints one JSON line.
 PROBE = r'''
 import json, os, platform, shutil, socket, subprocess, sys
@@ -752,7 +754,9 @@ def preflight(config_path, port, timeout=10, out=sys.stdout):
         config = load_config(config_path)
         machines = machines_of(config) if is_remote(config) else []
     except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as e:
-        print(f"FAIL config {config_path}: {e}", file=out)
+        mark = getattr(e, "problem_mark", None)  # a YAML error's own text runs over several lines
+        reason = f"not valid YAML ({e.problem}, line {mark.line + 1})" if mark else " ".join(str(e).split())
+        print(f"FAIL config {config_path}: {reason}", file=out)
         return 1
     failed = check_space(config, config_path, out)
     if not machines:
@@ -786,7 +790,7 @@ def preflight(config_path, port, timeout=10, out=sys.stdout):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(prog="preflight.py", description=__doc__.split("\n\n")[0])
     p.add_argument("config", type=Path, help="NNI v3 experiment config (remote: every machine is checked too)")
     p.add_argument("--port", type=int, default=8080, help="the port of `nnictl create --port` (default: 8080)")
     p.add_argument("--timeout", type=int, default=10, help="SSH connect timeout in seconds (default: 10)")

@@ -7,8 +7,11 @@ import pwd
 import re
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -443,3 +446,57 @@ def test_a_second_finalize_on_one_out_is_refused(tmp_path):
         assert proc.returncode == 1 and f"another finalize.py (pid {os.getpid()}) is running there" in proc.stderr
     with finalize.locked(run_dir):  # released when the first ends
         pass
+
+
+@pytest.mark.slow
+def test_interrupted_finalize_keeps_finished_folds_then_trains_only_the_rest(tmp_path, demo_dir, cache_dir, nni_home):
+    """SIGTERM ended finalize with no message and left its fold experiment running (the rerun: "Port ... is not
+    idle"); Ctrl-C printed a traceback and the rerun retrained the folds that had finished. Two runs on one --out
+    both trained every fold."""
+    config = tiny_search(demo_dir, cache_dir)
+    (tmp_path / "search.yml").write_text(yaml.safe_dump(config))
+    with nni_experiment(config, tmp_path / "search", nni_home) as run:
+        run.wait_done(300)
+        exp_id = run.id
+    port, out = free_port(), tmp_path / "final"
+    cmd = [sys.executable, str(ROOT / "baseline" / "finalize.py"), "--id", exp_id, "--config", str(tmp_path / "search.yml"),
+           "--top", "1", "--k", "2", "--out", str(out)]
+    first = subprocess.Popen([*cmd, "--fold_port", str(port)], env=nni_env(nni_home), cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if any(t.status == "SUCCEEDED" for t in expmod.from_rest(port).trials):
+                    break
+            except (OSError, KeyError, ValueError):
+                pass
+            time.sleep(1)
+        second = subprocess.run([*cmd, "--fold_port", str(free_port())], env=nni_env(nni_home), cwd=ROOT, text=True,
+                                capture_output=True, timeout=120)
+        assert second.returncode == 1 and second.stderr.splitlines()[-1] == (
+            f"finalize.py: error: {out}: another finalize.py (pid {first.pid}) is running there; wait for it or use another --out")
+        first.send_signal(signal.SIGTERM)
+        stdout, stderr = first.communicate(timeout=180)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    jobs = 2 * len(json.loads((out / "plan.json").read_text())["finalists"])
+    home = sorted(p.parent.relative_to(out).as_posix() for p in out.glob("*/fold*/summary.json"))
+    assert first.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.splitlines()[-1] == (f"finalize.py: interrupted: {len(home)} of the {jobs} fold trainings came home to {out}, "
+                                       f"the fold experiment is stopped; run finalize again to train only the other {jobs - len(home)}")
+    assert 1 <= len(home) < jobs and not list(out.glob(".fetch-*"))
+    with socket.socket() as s:  # the fold experiment's manager is gone: nothing listens on its port (our polls may linger)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/fold*/best.pth")}
+    rerun = run_finalize(nni_home, *cmd[2:], "--fold_port", port)
+    assert f"{jobs - len(home)} trials" in rerun and {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    check_finalized(out, 2, demo_dir)
+    # the search's trial command changed since the plan: refused before anything trains, nothing else written
+    changed = dict(config, trialCommand=config["trialCommand"].replace("--steps 8", "--steps 4"))
+    (tmp_path / "search.yml").write_text(yaml.safe_dump(changed))
+    proc = subprocess.run(cmd, env=nni_env(nni_home), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "was planned with another trial command:" in proc.stderr and "--steps 8 -> 4" in proc.stderr
+    assert len(proc.stderr.splitlines()) == 1
