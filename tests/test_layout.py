@@ -98,7 +98,7 @@ def is_tool(path):
     return 'if __name__ == "__main__":' in path.read_text()
 
 
-TOOLS = {MODULES[p] for p in MODULES if is_tool(p)}
+TOOLS = {MODULES[p] for p in MODULES if is_tool(p) and layer_of(MODULES[p]) == len(LAYERS) - 1}
 
 
 def test_no_tool_imports_another_tool():
