@@ -313,7 +313,7 @@ if __name__ == "__main__":
     if code:  # an error may leave loader workers that only the normal exit stops
         sys.exit(code)
     # Every file is written and closed by now. Skip the interpreter's teardown of torch's, nni's and
-    # dynamo's modules: 1.1 s on a 2-core CPU, a second of every NNI trial's slot.
+    # dynamo's modules: about a second of every NNI trial's slot on a small CPU (docs/speed.md).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -20,14 +20,12 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+import numpy as np
+import pandas as pd
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from core.cli import Parser, run_main  # noqa: E402
-from core.runs import write_submission  # noqa: E402
-from core.submissions import alignment, answer_column, read_hard, read_soft, soft_sibling  # noqa: E402
+from core.cli import Parser, run_main
+from core.runs import write_submission
+from core.submissions import alignment, answer_column, read_hard, read_soft, soft_sibling
 
 
 def align_soft(paths):

@@ -16,65 +16,12 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+import pandas as pd
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from core.cli import Parser, run_main  # noqa: E402
-from core.labels import NUM_MASK_CLASSES, TASKS, is_mask_scheme, mask_class_names, natural_key  # noqa: E402
-from core.figures import confusion_image  # noqa: E402
-from core.metrics import confusion, score  # noqa: E402
-from core.submissions import alignment, answer_column, read_hard, read_soft, read_table, soft_sibling  # noqa: E402
-
-
-def read_submission(path):
-    """-> (image_ids, answers or None, probs or None, classes or None)."""
-    if "ans" not in read_table(path).columns:
-        ids, probs, classes = read_soft(path)
-        return ids, None, probs, classes
-    ids, answers = read_hard(path)
-    sibling = soft_sibling(path)
-    classes = read_soft(sibling)[2] if sibling else None
-    return ids, answers, None, classes
-
-
-def class_list(truth_answers, answers, layout):
-    """Classes when no soft CSV names them: --layout mask = the 18 mask classes by index, folder = the names seen.
-    auto refuses to guess when every answer is an integer: class folders are often named 1, 2, ..., 10."""
-    answers = truth_answers + answers
-    if layout == "auto" and all(a.lstrip("-").isdigit() for a in truth_answers):
-        raise ValueError("every ans in the truth is an integer and no submission_soft.csv names the classes: "
-                         "say --layout mask (indices of the 18 mask classes) or --layout folder (class names such as 1, 10)")
-    if layout == "mask":
-        bad = [a for a in answers if not (a.isdigit() and int(a) < NUM_MASK_CLASSES)]
-        if bad:
-            raise ValueError(f"ans {bad[0]!r} is not a mask-layout class index 0..{NUM_MASK_CLASSES - 1} "
-                             f"(class names need --layout folder)")
-        return mask_class_names()
-    return sorted(set(answers), key=natural_key)
-
-
-def to_indices(answers, classes, ids, path):
-    indices = [answer_column(a, classes) for a in answers]
-    if None in indices:
-        i = indices.index(None)
-        raise ValueError(f"{path}: ans {answers[i]!r} (image {ids[i]}) is neither a class name nor a class index "
-                         f"of the {len(classes)} classes ({', '.join(classes[:4])}, ...)")
-    return np.array(indices)
-
-
-def evaluate(submission, truth, layout="auto"):
-    """-> dict(scores, matrix, classes, images). Raises ValueError on mismatched files."""
-    ids, answers, probs, classes = read_submission(submission)
-    truth_ids, truth_answers = read_hard(truth)
-    rows = alignment(truth_ids, ids, submission, truth)
-    if classes is None:
-        classes = class_list(truth_answers, answers, layout)
-    labels = to_indices(truth_answers, classes, truth_ids, truth)
-    preds = probs.argmax(1)[rows] if probs is not None else to_indices(answers, classes, ids, submission)[rows]
-    return dict(scores=score(labels, preds, len(classes), per_task=is_mask_scheme(classes)), matrix=confusion(labels, preds, len(classes)),
-                classes=classes, images=len(labels))
+from core.cli import Parser, run_main
+from core.figures import confusion_image
+from core.labels import TASKS
+from core.scoring import evaluate
 
 
 def report(result):

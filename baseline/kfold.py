@@ -24,24 +24,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+import dataset
+from core import demo
+from core.folds import join_folds
+from core.cli import Parser, make_progress, run_main
+from core.labels import TASKS, natural_key
+from core.metrics import score
+from core.runs import increment_path, read_summary, write_submission
+from dataset import DataError, ImageDataset, Normalize, loader_workers
+from training import checkpoint
+from training.engine import predict, resolve_device
+from training.predict import predict_checkpoints, say
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-import dataset  # noqa: E402
-from baseline.inference import predict_checkpoints, say  # noqa: E402
-from core import demo  # noqa: E402
-from core.cli import Parser, make_progress, run_main  # noqa: E402
-from core.labels import TASKS, natural_key  # noqa: E402
-from core.metrics import score  # noqa: E402
-from core.runs import increment_path, read_summary, write_submission  # noqa: E402
-from dataset import DataError, ImageDataset, Normalize, loader_workers  # noqa: E402
-from training import checkpoint  # noqa: E402
-from training.engine import predict, resolve_device  # noqa: E402
 
 OWNED = ("--kfold", "--fold", "--name", "--model_dir", "--resume")  # flags this script sets for train.py
 
@@ -90,8 +90,7 @@ def fold_checkpoints(run_dir):
 def out_of_fold(checkpoints, *, device, tta=False, batch_size=256, num_workers=-1, log=say):
     """Each fold's model on its own validation part -> dict(labels, probs, fold, paths, classes, layout, folds=[scores]).
     The split is dataset.read_split with the flags saved in the checkpoint: the one train.py trained on."""
-    reference = oof = None
-    folds = []
+    reference, parts, folds = None, [], []
     for path in checkpoints:
         model, ckpt = checkpoint.load_model(path, device)
         a = ckpt["args"]
@@ -101,15 +100,10 @@ def out_of_fold(checkpoints, *, device, tta=False, batch_size=256, num_workers=-
         layout, data, _, val_idx = dataset.read_split(a["dataset"], data_dir, a["age_bounds"], a["val_ratio"], a["seed"],
                                                       a["kfold"], a["fold"])
         if reference is None:
-            reference = dict(paths=data["paths"], labels=data["truth"], classes=ckpt["classes"], layout=layout,
-                             split=(a["dataset"], a["kfold"], a["seed"]))
-            oof = np.full((len(data["paths"]), len(ckpt["classes"])), np.nan, dtype=np.float32)
-            fold_of = np.full(len(data["paths"]), -1)
+            reference = dict(paths=data["paths"], classes=ckpt["classes"], layout=layout, split=(a["dataset"], a["kfold"], a["seed"]))
         elif data["paths"] != reference["paths"] or (a["dataset"], a["kfold"], a["seed"]) != reference["split"]:
             raise ValueError(f"{path}: trained on other data or another split (dataset, K, seed) than {checkpoints[0]}; "
                              f"out-of-fold parts would not line up")
-        if (fold_of[val_idx] >= 0).any():
-            raise ValueError(f"{path}: fold {a['fold']} overlaps an earlier fold (the same fold twice?)")
         size = tuple(ckpt["resize"])
         # the whole training set, as train.py cached it, so the cache file is reused instead of rebuilt per fold
         images = dataset.load_images(data["paths"], size, a["cache_dir"], not a["no_cache"], make_progress("decoding images"))
@@ -117,18 +111,15 @@ def out_of_fold(checkpoints, *, device, tta=False, batch_size=256, num_workers=-
                             num_workers=loader_workers(num_workers, images is not None, device))
         probs = predict(model, loader, device=device, normalize=Normalize(ckpt["mean"], ckpt["std"]).to(device),
                         classification=ckpt["classification"], tta=tta, progress=make_progress(f"fold {a['fold']}"))
-        oof[val_idx], fold_of[val_idx] = probs, a["fold"]
+        parts.append((path, a["fold"], [data["paths"][i] for i in val_idx], data["truth"][val_idx], probs))
         scores = score(data["truth"][val_idx], probs.argmax(1), len(ckpt["classes"]), per_task=layout == "mask")
         folds.append(dict(fold=a["fold"], images=len(val_idx), epoch=ckpt["epoch"], **scores))
         log(f"fold {a['fold']}: {len(val_idx)} validation images, best epoch {ckpt['epoch']}, "
             f"accuracy {scores['accuracy']:.4f}, macro F1 {scores['f1']:.4f}")
         del model
-    missing = int((fold_of < 0).sum())
-    if missing:
-        raise ValueError(f"{missing} of {len(fold_of)} training images belong to no given fold "
-                         f"(expected all {reference['split'][1]} folds)")
-    return dict(reference, probs=oof, fold=fold_of, folds=folds,
-                scores=score(reference["labels"], oof.argmax(1), len(reference["classes"]), per_task=reference["layout"] == "mask"))
+    oof = join_folds(parts, expected=reference["paths"])
+    return dict(reference, labels=oof["labels"], probs=oof["probs"].astype(np.float32), fold=oof["fold"], folds=folds,
+                scores=score(oof["labels"], oof["probs"].argmax(1), len(reference["classes"]), per_task=reference["layout"] == "mask"))
 
 
 def write_oof(path, result):

@@ -34,19 +34,19 @@ from pathlib import Path
 
 import torch
 
+import dataset
+from core import demo
+from core.cli import Parser, run_main
+from core.labels import DEFAULT_AGE_BOUNDS
+from core.runs import read_summary
+from model import create_model
+from training.engine import train_one_epoch
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import dataset  # noqa: E402
-from core import demo  # noqa: E402
-from core.labels import DEFAULT_AGE_BOUNDS  # noqa: E402
-from core.runs import read_summary  # noqa: E402
-from model import create_model  # noqa: E402
-from training.engine import train_one_epoch  # noqa: E402
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None):
+    p = Parser(prog="benchmark.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", nargs="+", default=["BaseModel", "efficientnet_b0"], help="models to measure")
     p.add_argument("--data_dir", default=None, help="mask-layout train dir (default: the demo data)")
     p.add_argument("--resize", nargs=2, type=int, default=[128, 96], metavar=("H", "W"), help="input size")
@@ -61,7 +61,7 @@ def parse_args():
     p.add_argument("--trial_steps", type=int, default=1000, help="a trial's steps, for the compile verdict (train.py's --steps)")
     p.add_argument("--proxy", action="store_true", help="measure only the host overhead per batch of each feed (CPU)")
     p.add_argument("--skip_memory", action="store_true", help="skip (e)")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def bare_step(model_name, size, batch_size, steps, device, amp, channels_last, compile_mode=None):
@@ -221,8 +221,8 @@ def peak_memory(cmds, cache_dir):
     return peak_rss / 1024, peak_pss / 1024, peak_cache / 1024
 
 
-def main():
-    cli = parse_args()
+def main(argv=None):
+    cli = parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     data_dir, _ = demo.data_dirs(cli.data_dir, None)
     work = Path(tempfile.mkdtemp(prefix="bench."))
@@ -273,5 +273,9 @@ def main():
     print(f"work dir {work}")
 
 
+def cli(argv=None):
+    return run_main("benchmark.py", main, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -4,8 +4,8 @@
                 and 1000 people): the default length (--steps) beside three times it
   levers        the demo data: the default run beside each imbalance lever and warmup + clipping
 
-    python bench/defaults.py convergence        # about 35 minutes on 2 cores
-    python bench/defaults.py levers             # about 35 minutes on 2 cores
+    python bench/defaults.py convergence        # its time on 2 cores: docs/defaults.md
+    python bench/defaults.py levers
     python bench/defaults.py levers --only weighted_cross_entropy sampler
     python bench/defaults.py convergence --only large --seeds 1 2   # the pairs again with other training seeds
 
@@ -22,12 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from baseline.evaluation import evaluate  # noqa: E402
-from core import demo  # noqa: E402
-from core.runs import increment_path, read_summary  # noqa: E402
+from core import demo
+from core.cli import Parser, run_main
+from core.runs import increment_path, read_summary
+from core.scoring import evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # (name, profiles, eval profiles, image size, seed): drawn unlike the demo (300 people, 128x96, seed 0)
 SETS = [("small", 100, 100, (144, 108), 11), ("large", 1000, 150, (112, 84), 12)]
@@ -44,14 +45,14 @@ LEVERS = {
 }
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None):
+    p = Parser(prog="defaults.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("study", choices=["convergence", "levers"], help="which study")
     p.add_argument("--only", nargs="+", default=None,
                    help=f"levers (of {', '.join(LEVERS)}) or sets (of {', '.join(s[0] for s in SETS)}) to run")
     p.add_argument("--seeds", nargs="+", type=int, default=[42], help="convergence: train.py --seed of each pair")
     p.add_argument("--work", type=Path, default=None, help="where data and runs go (default: a temp dir)")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def run(data, name, work, *flags):
@@ -79,8 +80,8 @@ def show(row):
           f"{row['eval_accuracy']:>9.4f} {row['eval_f1']:>8.4f} {'yes' if row['still_rising'] else '':>6}", flush=True)
 
 
-def main():
-    cli = parse_args()
+def main(argv=None):
+    cli = parse_args(argv)
     work = cli.work or Path(tempfile.mkdtemp(prefix="defaults-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"work dir {work}\n{'run':<28} {'epochs':>6} {'minutes':>7} {'val acc':>8} {'val F1':>7} {'eval acc':>9} "
@@ -103,6 +104,10 @@ def main():
             show(run(data, lever, work, *LEVERS[lever]))
 
 
+def cli(argv=None):
+    return run_main("defaults.py", main, argv)
+
+
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    main()
+    sys.exit(cli())

@@ -104,14 +104,14 @@ def add_run_flags(g):
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = CUDA when available")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="mixed precision on CUDA (bf16 where supported, else fp16)")
     g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=False,
-                   help="channels-last memory format: faster convolutions on CUDA, and BaseModel trained 18%% faster with it on a 2-core CPU")
+                   help="channels-last memory format: faster convolutions on CUDA, often on a CPU too (docs/speed.md)")
     g.add_argument("--cudnn_benchmark", action=argparse.BooleanOptionalAction, default=False,
-                   help="autotune every convolution shape on CUDA: about 10%% faster steps, but efficientnet_b0 at 224 "
-                        "on an H200 waited 40 s for its first step instead of 8; pays in runs of hundreds of epochs")
+                   help="autotune every convolution shape on CUDA: faster steps after a much longer first one; "
+                        "pays in long runs (measured in docs/speed.md)")
     g.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"],
                    help="torch.compile the model in this mode (reduce-overhead adds CUDA graphs on a GPU): its first steps "
-                        "wait for the compile, train and eval each (2-core CPU: BaseModel 46 s, efficientnet_b0 134 s, "
-                        "then steps 1.45x and 1.74x as fast: bench/benchmark.py --compile)")
+                        "wait for the compile, train and eval each, then steps run faster; whether it pays within a run "
+                        "is measured by bench/benchmark.py --compile (docs/speed.md)")
     g.add_argument("--seed", type=int, default=42, help="random seed")
     g.add_argument("--config", default=None, help="JSON/YAML file of flag values (keys = dest names); flags override it")
     g.add_argument("--resume", default=None, help="last.pth of a run to continue in its directory")
