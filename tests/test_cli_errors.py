@@ -7,6 +7,7 @@ import pytest
 
 from conftest import ROOT, train_env
 from sshd import free_port
+from test_experiment import EXP, registered
 
 TOOLS = {"train.py": "train.py", **{name: f"baseline/{name}" for name in (
     "inference.py", "ensemble.py", "evaluation.py", "kfold.py", "experiment.py", "finalize.py", "preflight.py")}}
@@ -25,7 +26,8 @@ def files(t):
 CASES = {
     "train.py": [["--data_dir", "{t}/nowhere"], ["--lr", "-1"], ["--modle", "BaseModel"], ["--model", "nosuch"],
                  ["--weights", "{t}/text.pth", "--model", "resnet18"], ["--resume", "{t}/text.pth"],
-                 ["--config", "{t}/README.md"], ["--model_dir", "{t}/afile/runs", "--data_dir", "{t}/nowhere"]],
+                 ["--config", "{t}/README.md"], ["--data_dir", "{demo}/train", "--model_dir", "{t}/afile/runs"],
+                 ["--data_dir", "{demo}/train", "--cache_dir", "{t}/afile/cache"]],
     "inference.py": [["--checkpoint", "{t}/nowhere.pth", "--eval_dir", "{t}"], ["--checkpoint", "{t}/text.pth", "--eval_dir", "{t}"],
                      ["--checkpoint", "{t}/text.pth", "--eval_dir", "{t}/nowhere"], ["--no_such_flag"]],
     "ensemble.py": [["{t}/nowhere.csv", "{t}/empty.csv"], ["{t}/empty.csv", "{t}/binary.csv"], ["{t}/binary.csv"],
@@ -34,7 +36,8 @@ CASES = {
     "kfold.py": [["--k", "1"], ["--reuse", "{t}/nowhere"], ["--eval_dir", "{t}/nowhere"], ["--no_such_flag"],
                  ["--k", "2", "--", "--fold", "1"]],
     "experiment.py": [["--id", "nosuch"], ["--port", "{port}"], [], ["--id", "nosuch", "--fetch"]],
-    "finalize.py": [["--id", "x", "--config", "{t}/README.md"], ["--id", "x", "--config", "{t}/nowhere.yml"],
+    "finalize.py": [["--id", "{exp}", "--config", "{t}/README.md"], ["--id", "{exp}", "--config", "{t}/list.yml"],
+                    ["--id", "x", "--config", "{t}/README.md"], ["--id", "x", "--config", "{t}/nowhere.yml"],
                     ["--id", "x", "--config", "{t}/list.yml"], ["--id", "x", "--config", "{t}/nocmd.yml"],
                     ["--id", "nosuch", "--config", str(ROOT / "config_local.yml")], ["--id", "x", "--config", "c", "--k", "1"],
                     ["--port", "{port}", "--config", str(ROOT / "config_local.yml")], ["--config", "c.yml"]],
@@ -45,10 +48,11 @@ CASES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("tool, argv", [(tool, argv) for tool, cases in CASES.items() for argv in cases],
                          ids=[f"{tool} {' '.join(argv)}" for tool, cases in CASES.items() for argv in cases])
-def test_bad_input_is_one_line_and_no_traceback(tool, argv, tmp_path):
+def test_bad_input_is_one_line_and_no_traceback(tool, argv, tmp_path, demo_dir):
     t = files(tmp_path)
-    args = [a.format(t=t, port=free_port()) for a in argv]
-    env = dict(train_env(), HOME=str(tmp_path))  # an empty NNI registry: no experiment 'nosuch'
+    registered(tmp_path, ("trial1", "SUCCEEDED", tmp_path))  # a stopped search in nnictl's registry under HOME
+    args = [a.format(t=t, port=free_port(), demo=demo_dir, exp=EXP) for a in argv]
+    env = dict(train_env(), HOME=str(tmp_path))  # that registry: no experiment 'nosuch'
     proc = subprocess.run([sys.executable, str(ROOT / TOOLS[tool]), *args], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
