@@ -34,13 +34,16 @@ from core.cli import make_progress, run_main
 from core.figures import confusion_image, prediction_grid
 from core.metrics import confusion, score
 from core.runs import increment_path, write_config, write_history, write_submission, write_summary, write_val_soft
-from dataset import DataError, ImageDataset, Normalize
+from core.signals import STOP
+from imagedata.augment import Normalize
+from imagedata.decode import load_images
+from imagedata.feed import ImageDataset, loader_workers
+from imagedata.layouts import DataError
 from loss import create_criterion
 from model import WeightsError, create_model, num_outputs, pretrained_stats
 from optim import create_optimizer, create_scheduler
 from training import checkpoint, flags
 from training.engine import evaluate, predict, resolve_device, seed_everything, train_one_epoch
-from training.signals import STOP
 
 # ----------------------------------------------------------------------------- the NNI contract
 # As in NNI's own mnist example: parameters in at the start, a metric out every epoch, the best at the end.
@@ -262,9 +265,9 @@ def warn_if_still_rising(args, values):
 def predict_eval(args, data, model, run_dir, device):
     """best.pth on the eval dir -> submission.csv and submission_soft.csv in the run directory."""
     model.load_state_dict(checkpoint.read(run_dir / "best.pth", device)["state_dict"])
-    images = dataset.load_images(data.eval_paths, data.size, args.cache_dir, not args.no_cache, make_progress("decoding eval images"))
+    images = load_images(data.eval_paths, data.size, args.cache_dir, not args.no_cache, make_progress("decoding eval images"))
     loader = DataLoader(ImageDataset(data.eval_paths, data.size, images), args.valid_batch_size,
-                        num_workers=dataset.loader_workers(args.num_workers, images is not None, device))
+                        num_workers=loader_workers(args.num_workers, images is not None, device))
     probs = predict(model, loader, device=device, normalize=data.normalize, classification=args.classification,
                     progress=make_progress("predicting"))
     write_submission(run_dir, data.eval_ids, probs, data.classes)

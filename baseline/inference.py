@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-import dataset
 from core.cli import Parser, run_main
 from core.runs import write_submission
-from dataset import DataError
+from imagedata.constants import DEFAULT_CACHE_DIR
+from imagedata.layouts import DataError
 from training.engine import resolve_device
 from training.predict import predict_checkpoints
 
@@ -37,7 +37,7 @@ def build_parser():
     p.add_argument("--batch_size", type=int, default=256, help="images per forward pass")
     p.add_argument("--num_workers", type=int, default=-1, help="loader workers (-1 = from the CPU count)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = CUDA when available")
-    p.add_argument("--cache_dir", default=str(dataset.DEFAULT_CACHE_DIR), help="decoded-image cache (shared with train.py)")
+    p.add_argument("--cache_dir", default=str(DEFAULT_CACHE_DIR), help="decoded-image cache (shared with train.py)")
     p.add_argument("--no_cache", action="store_true", help="decode images on the fly instead of caching them")
     return p
 

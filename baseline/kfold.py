@@ -36,7 +36,10 @@ from core.cli import Parser, make_progress, run_main
 from core.labels import TASKS, natural_key
 from core.metrics import score
 from core.runs import increment_path, read_summary, write_submission
-from dataset import DataError, ImageDataset, Normalize, loader_workers
+from imagedata.augment import Normalize
+from imagedata.decode import load_images
+from imagedata.feed import ImageDataset, loader_workers
+from imagedata.layouts import DataError, check_dir
 from training import checkpoint
 from training.engine import predict, resolve_device
 from training.predict import predict_checkpoints, say
@@ -106,7 +109,7 @@ def out_of_fold(checkpoints, *, device, tta=False, batch_size=256, num_workers=-
                              f"out-of-fold parts would not line up")
         size = tuple(ckpt["resize"])
         # the whole training set, as train.py cached it, so the cache file is reused instead of rebuilt per fold
-        images = dataset.load_images(data["paths"], size, a["cache_dir"], not a["no_cache"], make_progress("decoding images"))
+        images = load_images(data["paths"], size, a["cache_dir"], not a["no_cache"], make_progress("decoding images"))
         loader = DataLoader(ImageDataset(data["paths"], size, images, indices=val_idx), batch_size,
                             num_workers=loader_workers(num_workers, images is not None, device))
         probs = predict(model, loader, device=device, normalize=Normalize(ckpt["mean"], ckpt["std"]).to(device),
@@ -202,7 +205,7 @@ def parse_args(argv):
     if args.batch_size <= 0:
         raise ValueError("--batch_size must be positive")
     if args.eval_dir:
-        dataset.check_dir(args.eval_dir, "eval dir")  # fail now, not after hours of training
+        check_dir(args.eval_dir, "eval dir")  # fail now, not after hours of training
     if args.reuse and train_args:
         raise ValueError("--reuse trains nothing: drop the train.py flags after --")
     return args, train_args

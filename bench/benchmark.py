@@ -39,6 +39,8 @@ from core import demo
 from core.cli import Parser, run_main
 from core.labels import DEFAULT_AGE_BOUNDS
 from core.runs import read_summary
+from imagedata.decode import load_images
+from imagedata.layouts import read_mask_train
 from model import create_model
 from training.engine import train_one_epoch
 
@@ -227,9 +229,9 @@ def main(argv=None):
     data_dir, _ = demo.data_dirs(cli.data_dir, None)
     work = Path(tempfile.mkdtemp(prefix="bench."))
     cache_dir = work / "cache"
-    data = dataset.read_mask_train(data_dir)
+    data = read_mask_train(data_dir)
     size = tuple(cli.resize)
-    dataset.load_images(data["paths"], size, cache_dir)  # warm: (b) and (d) measure a warm cache
+    load_images(data["paths"], size, cache_dir)  # warm: (b) and (d) measure a warm cache
     cache_mib = len(data["paths"]) * size[0] * size[1] * 3 / 2**20
     print(f"{len(data['paths'])} images at {size[0]}x{size[1]} (cache {cache_mib:.0f} MiB), batch {cli.batch_size}, "
           f"device {cli.device}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}", flush=True)

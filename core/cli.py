@@ -16,7 +16,7 @@ class Parser(argparse.ArgumentParser):
 def one_line(error):
     # an error raised in a loader worker arrives wrapped in the worker's traceback: keep its last line
     lines = str(error).strip().splitlines() or [type(error).__name__]
-    return lines[-1].removeprefix("dataset.DataError: ")
+    return lines[-1].removeprefix("imagedata.layouts.DataError: ")
 
 
 def one_line_reason(error):

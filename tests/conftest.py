@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from core import demo
+from core.labels import MASK_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,6 +62,20 @@ def run_train(demo_dir, cache_dir, tmp_path):
 def read_csv(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+# Image files for the data tests (test_layouts, test_split, test_decode, test_dataset).
+def write_image(path, colour=(120, 80, 40), size=(48, 64)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+def make_profiles(root, people):
+    """people: [(id, gender, age)] -> mask layout under root/images."""
+    for pid, gender, age in people:
+        for stem in MASK_FILES:
+            write_image(root / "images" / f"{pid:06d}_{gender}_Asian_{age}" / f"{stem}.jpg")
+    return root
 
 
 def run_cli(cli, capsys, *args):

@@ -3,29 +3,29 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import dataset
 from conftest import read_csv
 from core import demo
 from core.labels import age_band, decode_class
+from imagedata.layouts import read_eval, read_mask_train
 
 
 def test_demo_data_deterministic_and_complete(tmp_path, demo_dir):
     again = demo.make_demo_data(tmp_path / "demo", profiles=24, eval_profiles=2, size=(64, 48), seed=1)
-    first, second = dataset.read_mask_train(demo_dir / "train"), dataset.read_mask_train(again / "train")
+    first, second = read_mask_train(demo_dir / "train"), read_mask_train(again / "train")
     assert np.array_equal(first["labels"], second["labels"])
     a = np.asarray(Image.open(first["paths"][10]))
     b = np.asarray(Image.open(second["paths"][10]))
     assert np.array_equal(a, b)
     assert len(set(first["strata"].tolist())) >= 4  # gender x age band mixed
     truth = (demo_dir / "eval" / "truth.csv").read_text().split()[1:]
-    assert len(truth) == len(dataset.read_eval(demo_dir / "eval", "mask")[0]) == 14
+    assert len(truth) == len(read_eval(demo_dir / "eval", "mask")[0]) == 14
 
 
 def test_demo_data_made_once_at_default_path_with_a_line(tmp_path, capsys):
     root = tmp_path / "data" / "demo"
     demo.ensure_demo_data(root, profiles=3, eval_profiles=1, size=(32, 24))
     assert "making demo data" in capsys.readouterr().out
-    assert len(dataset.read_mask_train(root / "train")["paths"]) == 21
+    assert len(read_mask_train(root / "train")["paths"]) == 21
     demo.ensure_demo_data(root, profiles=3, eval_profiles=1, size=(32, 24))
     assert capsys.readouterr().out == ""
     assert not [p for p in root.parent.iterdir() if p.name.startswith(".")]  # no temp dir left behind
@@ -46,7 +46,7 @@ def test_demo_people_have_the_competitions_shares_at_any_size(n):
 
 def test_demo_train_and_eval_follow_the_same_distribution(tmp_path):
     root = demo.make_demo_data(tmp_path / "demo", profiles=150, eval_profiles=60, size=(32, 24), seed=3)
-    train_labels = dataset.read_mask_train(root / "train")["labels"]
+    train_labels = read_mask_train(root / "train")["labels"]
     truth = np.array([int(row["ans"]) for row in read_csv(root / "eval" / "truth.csv")])
     for labels in (train_labels, truth):
         mask, gender, band = decode_class(labels)

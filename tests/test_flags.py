@@ -126,3 +126,11 @@ def test_print_flags_prints_the_resolved_flags_and_touches_nothing(tmp_path):
     expected.update(lr=0.01, epochs=4, model_dir=str(tmp_path / "runs"), data_dir=str(tmp_path / "missing"))
     assert printed == json.loads(json.dumps(expected))  # tuples as lists
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # no run dir, no data made or read
+
+
+def test_parsing_flags_loads_none_of_the_data_code():
+    # flags takes its choices from imagedata/constants.py; the model and loss registries it also reads need torch
+    code = ("import sys, training.flags\n"
+            "print(sorted(m for m in sys.modules if m == 'dataset' or m.startswith('imagedata.') and m != 'imagedata.constants'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

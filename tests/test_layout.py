@@ -30,7 +30,7 @@ GRAPH = {MODULES[p]: imports_of(p) - {MODULES[p]} for p in MODULES}
 # The layers, bottom first (README, Layout). A module may import its own layer and those below, never above.
 LAYERS = [
     ("bottom: pure helpers", lambda m: m.split(".")[0] == "core"),
-    ("middle: data, model, loss, optim", lambda m: m in ("dataset", "model", "loss", "optim") or m.split(".")[0] == "imagedata"),
+    ("middle: data, model, loss, optim", lambda m: m in ("dataset", "model", "weights", "loss", "optim") or m.split(".")[0] == "imagedata"),
     ("training: flags, engine, checkpoint format, signals", lambda m: m.split(".")[0] == "training"),
     ("top: train.py and the tools", lambda m: m == "train" or m.split(".")[0] in ("search", "baseline", "bench")),
 ]

@@ -11,7 +11,7 @@ import math
 from core.cli import Parser
 from core.files import check_file, read_mapping
 from core.labels import DEFAULT_AGE_BOUNDS
-from dataset import DATASETS, DEFAULT_CACHE_DIR, FEEDS, NO_CACHE_FOR_DEVICE, TRANSFORMS
+from imagedata.constants import DATASET_LAYOUTS, DEFAULT_CACHE_DIR, FEEDS, NO_CACHE_FOR_DEVICE, TRANSFORM_NAMES
 from loss import LOSSES
 from model import CLASSIFICATIONS, INITS, TIMM_PREFIX, check_model_name, timm_config
 from optim import OPTIMIZERS, SCHEDULERS
@@ -36,7 +36,7 @@ def add_data_flags(g):
     g.add_argument("--data_dir", default=None, help="training data (mask layout: DATA/train; folder layout: DATA/<class>/); "
                    "unset = demo data in data/demo, made on first use")
     g.add_argument("--eval_dir", default=None, help="eval data to predict after training (unset with demo data = the demo eval split)")
-    g.add_argument("--dataset", default="MaskSplitByProfileDataset", choices=list(DATASETS), help="layout and split")
+    g.add_argument("--dataset", default="MaskSplitByProfileDataset", choices=list(DATASET_LAYOUTS), help="layout and split")
     g.add_argument("--age_bounds", nargs=2, type=int, default=list(DEFAULT_AGE_BOUNDS), metavar=("LOW", "HIGH"),
                    help="age band bounds the model trains on (mask layout); validation is always scored on the data's own "
                         f"bands, {DEFAULT_AGE_BOUNDS[0]} and {DEFAULT_AGE_BOUNDS[1]}")
@@ -49,7 +49,7 @@ def add_data_flags(g):
     g.add_argument("--resize", nargs=2, type=int, default=None, metavar=("H", "W"),
                    help=f"input size after centre crop (unset: {DEFAULT_SIZE[0]} {DEFAULT_SIZE[1]}, or a --pretrained timm model's own "
                         f"input size, e.g. 224 224)")
-    g.add_argument("--augmentation", default="flip_affine", choices=list(TRANSFORMS), help="training augmentation")
+    g.add_argument("--augmentation", default="flip_affine", choices=list(TRANSFORM_NAMES), help="training augmentation")
     g.add_argument("--sampler", default="none", choices=["none", "weighted"], help="weighted = inverse class frequency")
     g.add_argument("--feed", default="auto", choices=list(FEEDS),
                    help="how batches reach the model: device = the decoded images on the training device, each batch one "
@@ -269,5 +269,5 @@ def check_args(args):
         check_file("--weights", args.weights)
     if args.feed == "device" and args.no_cache:  # here too, not only when the data is read: preflight runs this
         raise ValueError(NO_CACHE_FOR_DEVICE)
-    if args.classification == "multi_head" and DATASETS[args.dataset][0] != "mask":
+    if args.classification == "multi_head" and DATASET_LAYOUTS[args.dataset] != "mask":
         raise ValueError(f"--classification multi_head needs a mask-layout dataset, not {args.dataset}")

@@ -6,9 +6,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-import dataset
 from core.cli import make_progress
-from dataset import ImageDataset, Normalize, loader_workers
+from imagedata.augment import Normalize
+from imagedata.constants import DEFAULT_CACHE_DIR
+from imagedata.decode import load_images
+from imagedata.feed import ImageDataset, loader_workers
+from imagedata.layouts import read_eval
 from training import checkpoint
 from training.engine import predict
 
@@ -30,7 +33,7 @@ def say(line):
 
 
 def predict_checkpoints(checkpoints, eval_dir, *, device="cpu", tta=False, batch_size=256, num_workers=-1,
-                        cache_dir=dataset.DEFAULT_CACHE_DIR, use_cache=True, log=say):
+                        cache_dir=DEFAULT_CACHE_DIR, use_cache=True, log=say):
     """Soft vote of the checkpoints over an eval dir -> (image_ids, probs (N, C), classes, layout).
     Everything is checked (files, classes, eval dir) before the first model runs."""
     checkpoints = [Path(p) for p in checkpoints]
@@ -39,7 +42,7 @@ def predict_checkpoints(checkpoints, eval_dir, *, device="cpu", tta=False, batch
     metas = [checkpoint.read_meta(p) for p in checkpoints]
     check_compatible(checkpoints, metas)
     classes, layout = metas[0]["classes"], metas[0]["layout"]
-    image_ids, paths = dataset.read_eval(eval_dir, layout, f"checkpoint {checkpoints[0]} ({len(classes)} classes)")
+    image_ids, paths = read_eval(eval_dir, layout, f"checkpoint {checkpoints[0]} ({len(classes)} classes)")
     device = torch.device(device)
     workers = loader_workers(num_workers, use_cache, device)
 
@@ -48,7 +51,7 @@ def predict_checkpoints(checkpoints, eval_dir, *, device="cpu", tta=False, batch
     for path, meta in zip(checkpoints, metas):
         size = tuple(meta["resize"])
         if size not in decoded:
-            decoded[size] = dataset.load_images(paths, size, cache_dir, use_cache, make_progress(f"decoding {size[0]}x{size[1]}"))
+            decoded[size] = load_images(paths, size, cache_dir, use_cache, make_progress(f"decoding {size[0]}x{size[1]}"))
         model, ckpt = checkpoint.load_model(path, device)
         loader = DataLoader(ImageDataset(paths, size, decoded[size]), batch_size, num_workers=workers,
                             pin_memory=device.type == "cuda")
