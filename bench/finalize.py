@@ -5,7 +5,7 @@ finalize runs, on the demo data and on mask-layout sets drawn unlike it.
     python bench/finalize.py --sets demo --seeds 1 --work /tmp/fin
 
 For each (set, seed), at --resize 64 48 (as bench/hpo.py): config_local.yml's search (TPE + Medianstop
-from the defaults, 12 trials of 20 epochs) with that seed, then baseline/finalize.py on it (top 3 + the
+from the defaults, 12 trials of 20 epochs) with that seed, then search/finalize.py on it (top 3 + the
 defaults, 5 folds, both --select modes), and scored on the set's eval split (macro F1):
   defaults          `python train.py` with its defaults, one run
   defaults_kfold    the defaults' own 5-fold vote (finalize's "defaults" finalist)
@@ -26,32 +26,30 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
+import pandas as pd
+import yaml
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
-
-from baseline import experiment as expmod  # noqa: E402
-from baseline import finalize  # noqa: E402
-from baseline.evaluation import evaluate  # noqa: E402
-from bench import hpo  # noqa: E402
-from core import demo  # noqa: E402
-from core.metrics import score  # noqa: E402
+from core.scoring import evaluate
+from bench.searches import ROOT, SIZE, local_config, run_experiment, search_config, train_run
+from core import demo
+from core.cli import Parser, run_main
+from core.metrics import score
+from search.finalists import configuration
+from search.trials import best_trial, from_id
 
 # name -> (people, eval people, image size, seed): None = the demo itself
 SETS = {"demo": None, "small": (120, 60, (112, 84), 31), "large": (700, 100, (144, 108), 32)}
 METHODS = ["defaults", "defaults_kfold", "search_best", "finalize_winner", "finalize_greedy"]
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser():
+    p = Parser(prog="finalize.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS), help="data sets")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds on the demo (the drawn sets take the first)")
     p.add_argument("--port", type=int, default=8093, help="port of the experiments (one at a time)")
     p.add_argument("--work", type=Path, default=None, help="where everything goes (default: a temp dir)")
-    return p.parse_args()
+    return p
 
 
 def data_of(name, work):
@@ -88,20 +86,20 @@ def finalist_eval_f1(run_dir, name, k, truth):
 def one(name, seed, work, cli):
     data = data_of(name, work)
     truth, data_flags = data / "eval" / "truth.csv", ["--data_dir", str(data / "train"), "--eval_dir", str(data / "eval")]
-    base = hpo.local_config(argparse.Namespace(trial_epochs=None, budget=None))
-    config = hpo.search_config("tpe", seed, base, work)
+    base = local_config()
+    config = search_config("tpe", seed, base, work)
     config.update(experimentName=f"fin-{name}-{seed}", assessor=base["assessor"], maxTrialNumber=base["maxTrialNumber"])
     config["trialCommand"] += " " + shlex.join(data_flags)
     out = work / "finalize" / f"{name}_{seed}"
     if (out / "plan.json").is_file():  # searched (and maybe finalized) before: finalize reuses what is home
-        exp, minutes = expmod.from_id(json.loads((out / "plan.json").read_text())["experiment"]), None
+        exp, minutes = from_id(json.loads((out / "plan.json").read_text())["experiment"]), None
     else:
-        exp, _, minutes = hpo.run_experiment(config, cli.port, work)
+        exp, _, minutes = run_experiment(config, cli.port, work)
         (work / f"search_{name}_{seed}.yml").write_text(yaml.safe_dump(config, sort_keys=False))
-    best = expmod.best_trial(exp)
+    best = best_trial(exp)
     scores, report = {}, {}
     for select in ("winner", "greedy"):
-        subprocess.run([sys.executable, str(ROOT / "baseline" / "finalize.py"), "--id", exp.id, "--config",
+        subprocess.run([sys.executable, str(ROOT / "search" / "finalize.py"), "--id", exp.id, "--config",
                         str(work / f"search_{name}_{seed}.yml"), "--select", select, "--out", str(out),
                         "--fold_port", str(cli.port + 1)], check=True, cwd=ROOT)
         scores[f"finalize_{select}"] = evaluate(out / "submission.csv", truth, "mask")["scores"]["f1"]
@@ -110,11 +108,12 @@ def one(name, seed, work, cli):
     finalists = report["finalists"]
     eval_f1 = {f["name"]: finalist_eval_f1(out, f["name"], k, truth) for f in finalists}
     command = config["trialCommand"]  # the defaults: the finalist that trains with the trial command's own flags
-    defaults = next(f["name"] for f in finalists if finalize.configuration(command, f["params"]) == finalize.configuration(command, {}))
+    defaults = next(f["name"] for f in finalists if configuration(command, f["params"]) == configuration(command, {}))
     scores["defaults_kfold"] = eval_f1[defaults]
     scores["search_best"] = soft_f1(Path(best.log_path) / "submission_soft.csv", truth)
-    words = [sys.executable, str(ROOT / "train.py"), *hpo.SIZE, "--seed", str(seed), "--cache_dir", str(work / "cache"), *data_flags]
-    scores["defaults"] = hpo.train_and_score(words, work / "defaults" / f"{name}_{seed}", data / "eval")[2]
+    words = [sys.executable, str(ROOT / "train.py"), *SIZE, "--seed", str(seed), "--cache_dir", str(work / "cache"), *data_flags]
+    run_dir, _ = train_run(words, work / "defaults" / f"{name}_{seed}")
+    scores["defaults"] = evaluate(run_dir / "submission.csv", truth, "mask")["scores"]["f1"]
     searched = [f for f in finalists if f["search_metric"] is not None]
     return dict(set=name, seed=seed, search_minutes=minutes, experiment=exp.id, scores=scores, finalists=finalists,
                 finalist_eval_f1=eval_f1, winner=report["winner"], greedy_weights=report["greedy_weights"],
@@ -138,8 +137,8 @@ def table(results):
         print(f"| {name} | {len(rows)} | " + " | ".join(cells) + f" | {ranks[0]:.2f} | {ranks[1]:.2f} |")
 
 
-def main():
-    cli = parse_args()
+def main(argv=None):
+    cli = build_parser().parse_args(argv)
     work = cli.work or Path(tempfile.mkdtemp(prefix="finalize-bench-"))
     (work / "results").mkdir(parents=True, exist_ok=True)
     print(f"work dir {work}", flush=True)
@@ -152,6 +151,10 @@ def main():
     table([json.loads(p.read_text()) for p in sorted((work / "results").glob("*.json"))])
 
 
+def cli(argv=None):
+    return run_main("finalize.py", main, argv)
+
+
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    main()
+    sys.exit(cli())

@@ -14,7 +14,7 @@ have trained --budget epochs in all (default: config_local's 12 trials x their e
   random     NNI's Random tuner
   tpe        config_local.yml's tuner and assessor: TPE (its n_startup_jobs, the defaults first) + Medianstop
   tpe_plain  the same without start_from_defaults: the first trials are random draws
-  hyperband  NNI's Hyperband (baseline.nni_tuner.SafeHyperband), R = a trial's epochs, eta 3 (TRIAL_BUDGET = epochs, see train.py)
+  hyperband  NNI's Hyperband (search.nni_tuner.SafeHyperband), R = a trial's epochs, eta 3 (TRIAL_BUDGET = epochs, see train.py)
   tpe_f1     tpe_plain whose trials pick and report by macro F1 (--metric f1) instead of accuracy
   tpe_reshuffle  tpe whose trials each validate on their own people (--reshuffle_val, Nagler et al. 2024):
              does the winner of comparisons on different splits generalise better than on one?
@@ -35,33 +35,27 @@ import argparse
 import csv
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from core.scoring import evaluate
+from bench.searches import ROOT, SIZE, default_budget, local_config, run_experiment, search_config, train_run, trial_words
+from core import demo
+from core.cli import Parser, run_main
+from core.runs import read_summary
+from search.trials import best_command
 
-from baseline import experiment as expmod  # noqa: E402
-from baseline.evaluation import evaluate  # noqa: E402
-from core import demo  # noqa: E402
-from core.runs import increment_path, read_summary  # noqa: E402
-
-BIN = Path(sys.executable).parent
-SIZE = ["--resize", "64", "48"]
 METHODS = ["default", "default_trial", "random", "tpe", "tpe_plain", "hyperband", "tpe_f1", "tpe_reshuffle"]
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser():
+    p = Parser(prog="hpo.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("study", choices=["study", "efficiency"], help="what to measure")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="methods to run")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="tuner and training seeds")
@@ -69,95 +63,7 @@ def parse_args():
     p.add_argument("--trial_epochs", type=int, default=None, help="a trial's epochs, in place of config_local's --epochs")
     p.add_argument("--port", type=int, default=8091, help="port of the experiments (one at a time)")
     p.add_argument("--work", type=Path, default=None, help="where experiments and results go (default: a temp dir)")
-    return p.parse_args()
-
-
-# ----------------------------------------------------------------------------- running experiments
-def local_config(cli):
-    """config_local.yml, its trials' --epochs replaced by --trial_epochs when given."""
-    base = yaml.safe_load((ROOT / "config_local.yml").read_text())
-    words = shlex.split(base["trialCommand"])
-    if cli.trial_epochs:
-        words[words.index("--epochs") + 1] = str(cli.trial_epochs)
-        base["trialCommand"] = shlex.join(words)
-    if cli.budget is None:
-        cli.budget = base["maxTrialNumber"] * trial_epochs(base)
-    return base
-
-
-def trial_epochs(config):
-    """The --epochs of a config's trialCommand: every trial's length, and Hyperband's longest."""
-    words = shlex.split(config["trialCommand"])
-    return int(words[words.index("--epochs") + 1])
-
-
-def trial_words(config, *extra):
-    """config_local.yml's trialCommand with the venv's absolute python (trials must not depend on PATH)."""
-    words = shlex.split(config["trialCommand"])
-    return [sys.executable, *words[1:], *extra]
-
-
-def search_config(method, seed, base, work):
-    config = dict(experimentName=f"hpo-{method}-{seed}", searchSpace=base["searchSpace"],
-                  trialCommand=shlex.join(trial_words(base, *SIZE, "--seed", str(seed), "--cache_dir", str(work / "cache"))),
-                  trialCodeDirectory=str(ROOT), trialConcurrency=1, maxTrialNumber=10000, maxExperimentDuration="3h",
-                  experimentWorkingDirectory=str(work / "nni"), trainingService=base["trainingService"])
-    if method == "random":
-        config["tuner"] = dict(name="Random", classArgs=dict(seed=seed))
-    elif method.startswith("tpe"):
-        config["tuner"] = dict(base["tuner"], codeDirectory=str(ROOT), classArgs=dict(base["tuner"]["classArgs"], seed=seed))
-        config["assessor"] = base["assessor"]
-        if method in ("tpe_plain", "tpe_f1"):
-            config["tuner"]["classArgs"]["start_from_defaults"] = False
-        if method == "tpe_f1":
-            config["trialCommand"] += " --metric f1"
-        if method == "tpe_reshuffle":
-            config["trialCommand"] += " --reshuffle_val"
-    else:  # Hyperband draws from an unseeded RandomState: its seeds are repeats
-        config["tuner"] = dict(codeDirectory=str(ROOT), className="baseline.nni_tuner.SafeHyperband",
-                               classArgs=dict(optimize_mode="maximize", R=trial_epochs(base), eta=3))
-    return config
-
-
-def nnictl(*args, env, timeout=180):
-    proc = subprocess.run([str(BIN / "nnictl"), *args], env=env, capture_output=True, text=True, timeout=timeout)
-    return proc.returncode, re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr)
-
-
-def rest(port, path):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/nni/{path}", timeout=10) as r:
-        return json.loads(r.read().decode())
-
-
-def run_experiment(config, port, work, budget=None):
-    """nnictl create; wait until DONE or until the trials have reported `budget` epochs; read it back; stop.
-    -> (baseline.experiment.Experiment, the REST trial list, minutes)."""
-    path = work / f"{config['experimentName']}.yml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    t0 = time.time()
-    code, out = nnictl("create", "--config", str(path), "--port", str(port), env=env)
-    found = re.search(r"Experiment ID: (\w+)", out)
-    if code or not found:
-        sys.exit(f"nnictl create failed:\n{out}")
-    try:
-        seen, since = -1, time.time()
-        while True:
-            time.sleep(1)
-            status = rest(port, "check-status")["status"]
-            epochs = sum(m.get("type") == "PERIODICAL" for m in rest(port, "metric-data"))
-            if status in ("DONE", "ERROR", "STOPPED") or (budget and epochs >= budget):
-                break
-            seen, since = (epochs, time.time()) if epochs != seen else (seen, since)
-            if time.time() - since > 600:  # a dead dispatcher leaves the experiment RUNNING with nothing to run
-                status = "ERROR"
-                break
-        exp, jobs = expmod.from_rest(port), rest(port, "trial-jobs")
-    finally:
-        nnictl("stop", found.group(1), env=env)
-    if status == "ERROR":
-        sys.exit(f"experiment {found.group(1)} failed or stalled; see {work / 'nni' / found.group(1) / 'log'}")
-    return exp, jobs, (time.time() - t0) / 60
+    return p
 
 
 def eval_f1(checkpoint, out_dir, work, eval_dir):
@@ -184,7 +90,7 @@ def search_run(method, seed, base, work, cli, eval_dir):
     if best is None:
         sys.exit(f"{method} seed {seed}: no trial reported a metric")
     trial = best[1]
-    command = expmod.best_command(config["trialCommand"], trial.params)
+    command = best_command(config["trialCommand"], trial.params)
     return dict(method=method, seed=seed, curve=rows, trials=len({t.id for t in exp.trials if t.intermediates}), minutes=minutes,
                 eval_f1=eval_f1(Path(trial.log_path) / "best.pth", work / "eval" / f"{method}_{seed}", work, eval_dir),
                 best_trial=trial.id, command=command)
@@ -193,13 +99,7 @@ def search_run(method, seed, base, work, cli, eval_dir):
 def train_and_score(cmd, run_dir, eval_dir):
     """Run a standalone train.py command into run_dir (or the next free name beside it, as train.py picks)
     -> (run dir, its (val accuracy, val F1) per epoch, eval-split macro F1)."""
-    run_dir = increment_path(run_dir)
-    proc = subprocess.run([*cmd, "--model_dir", str(run_dir.parent), "--name", run_dir.name], capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode:
-        sys.exit(f"train.py failed: {proc.stderr.strip()}")
-    read_summary(run_dir)  # the run finished, there
-    with open(run_dir / "history.csv", newline="") as f:
-        rows = [(float(r["val_accuracy"]), float(r["val_f1"])) for r in csv.DictReader(f)]
+    run_dir, rows = train_run(cmd, run_dir)
     return run_dir, rows, evaluate(run_dir / "submission.csv", eval_dir / "truth.csv", "mask")["scores"]["f1"]
 
 
@@ -301,7 +201,8 @@ def write_curves(results, path):
 
 
 def study(cli, work):
-    base = local_config(cli)
+    base = local_config(cli.trial_epochs)
+    cli.budget = default_budget(base) if cli.budget is None else cli.budget
     eval_dir = demo.ensure_demo_data() / "eval"
     (work / "runs").mkdir(parents=True, exist_ok=True)
     for seed in cli.seeds:
@@ -335,7 +236,7 @@ def study(cli, work):
 
 # ----------------------------------------------------------------------------- trial efficiency
 def efficiency(cli, work):
-    base = local_config(cli)
+    base = local_config(cli.trial_epochs)
     config = dict(experimentName="hpo-efficiency", searchSpace={"lr": {"_type": "choice", "_value": [2e-3]}},
                   trialCommand=shlex.join(trial_words(base)),
                   trialCodeDirectory=str(ROOT), trialConcurrency=1, maxTrialNumber=1,
@@ -352,14 +253,18 @@ def efficiency(cli, work):
           f"the rest (NNI's launch, checkpoints between epochs) {wall - training - first_step - after:.1f} s")
 
 
-def main():
-    cli = parse_args()
+def main(argv=None):
+    cli = build_parser().parse_args(argv)
     work = cli.work or Path(tempfile.mkdtemp(prefix="hpo-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"work dir {work}", flush=True)
     study(cli, work) if cli.study == "study" else efficiency(cli, work)
 
 
+def cli(argv=None):
+    return run_main("hpo.py", main, argv)
+
+
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    main()
+    sys.exit(cli())

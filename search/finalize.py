@@ -1,9 +1,9 @@
 """From a search to a submission you can trust: the best few configurations re-ranked on every fold,
 trained on the search's own machines, their models brought home, the winner's folds voted.
 
-    python baseline/finalize.py --id EXP_ID --config config_local.yml        # a finished or running search
-    python baseline/finalize.py --port 8080 --config config_remote.yml --top 3 --k 5
-    python baseline/finalize.py --id EXP_ID --config config_local.yml --select greedy
+    python search/finalize.py --id EXP_ID --config config_local.yml        # a finished or running search
+    python search/finalize.py --port 8080 --config config_remote.yml --top 3 --k 5
+    python search/finalize.py --id EXP_ID --config config_local.yml --select greedy
 
 1. finalists  the top --top distinct configurations by the search's objective (a trial's length,
               --epochs or TRIAL_BUDGET, is not part of a configuration), plus the trial command's own
@@ -27,112 +27,37 @@ import argparse
 import contextlib
 import fcntl
 import json
-import math
 import os
-import re
 import shutil
-import subprocess
 import sys
 import time
 import urllib.error
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+import pandas as pd
+import yaml
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
-
-from baseline import experiment as expmod  # noqa: E402
-from baseline.preflight import is_remote, machines_of, train_words  # noqa: E402
-from core.cli import Parser, run_main  # noqa: E402
-from core.metrics import score  # noqa: E402
-from core.files import replace_atomically  # noqa: E402
-from core.runs import read_summary, write_submission  # noqa: E402
-from core.submissions import alignment, read_soft, read_val_soft  # noqa: E402
-from training import checkpoint, flags  # noqa: E402
-from training.signals import STOP  # noqa: E402
+from core.cli import Parser, run_main
+from core.files import replace_atomically
+from core.runs import read_summary
+from core.signals import STOP
+from search import nni_io
+from search.finalists import Finalist, configuration, differences, finished, fold_jobs, ran_configuration, select_finalists
+from search.trials import from_id, from_rest
+from search.vote import rank_and_vote, write_report
+from training import checkpoint
 
 FETCHED = ("config.json", "summary.json", "best.pth", "history.csv", "val_soft.csv", "submission_soft.csv")
-NOT_CONFIGURATION = ("epochs", "kfold", "fold")  # a run's length and its fold say how, not what, it trains
-
-
-@dataclass
-class Finalist:
-    name: str            # "top1", "top2", ... by rank, or "defaults" (the trial command's own flags)
-    params: dict         # flat train.py flags over the trial command ({} for the defaults)
-    trial: str = ""      # the search trial it comes from
-    search_metric: float = None  # that trial's validation metric (the search's objective, one split)
-    config: dict = None  # the resolved train.py flags its folds train with (config.json less its length and fold)
-
-
-# ----------------------------------------------------------------------------- finalists
-def configuration(trial_command, params):
-    """The flags a run trains with, without its length and fold: two trials with the same one are one finalist."""
-    words = train_words(trial_command) + expmod.flag_words(params)
-    resolved = flags.run_config(flags.resolve(flags.build_parser().parse_args(words)))
-    return json.loads(json.dumps({k: v for k, v in resolved.items() if k not in NOT_CONFIGURATION}))  # as config.json reads
-
-
-def ran_configuration(folder):
-    """What a fold run trained with, from its own config.json, in configuration()'s terms."""
-    return {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if k not in NOT_CONFIGURATION}
-
-
-def differences(old, new):
-    """Two configurations -> 'flag old -> new' for each flag that differs, for a one-line message."""
-    keys = [k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
-    return ", ".join(f"--{k} {old.get(k)} -> {new.get(k)}" for k in keys[:3]) + (", ..." if len(keys) > 3 else "")
-
-
-def finished(exp):
-    """The search's trials that reported a final result: only those rank configurations."""
-    return [t for t in exp.trials if expmod._is_number(t.metric)]
-
-
-def select_finalists(exp, trial_command, top=3, defaults_only=False):
-    """The top distinct configurations by the search's objective, then the trial command's own (the defaults).
-    A search with no finished trial is refused (it would be finalized as the defaults alone) unless defaults_only."""
-    defaults = configuration(trial_command, {})
-    if defaults_only:
-        return [Finalist("defaults", {}, config=defaults)]
-    if not finished(exp):
-        raise ValueError(f"nothing to finalize yet: experiment {exp.id} has {len(exp.trials)} trials, none reported a final "
-                         f"result (wait for the search, or pass --defaults_only to finalize train.py's defaults alone)")
-    finalists = []
-    for trial in expmod.ranked(exp):
-        value = trial.metric if expmod._is_number(trial.metric) else trial.best_intermediate_for(exp.maximize)
-        if value is None or len(finalists) == top:
-            continue
-        params = {k: v for k, v in expmod.flatten(trial.params).items() if k not in NOT_CONFIGURATION}
-        config = configuration(trial_command, params)
-        if config not in [f.config for f in finalists]:
-            name = "defaults" if config == defaults else f"top{len(finalists) + 1}"  # e.g. SafeTPE's first trial
-            finalists.append(Finalist(name, params, trial.id, value, config))
-    if all(f.config != defaults for f in finalists):
-        finalists.append(Finalist("defaults", {}, config=defaults))
-    return finalists
-
-
-def fold_jobs(finalists, k, done):
-    """BatchTuner's parameter sets: every (finalist, fold) not yet home, trained at the standalone length."""
-    return [dict(f.params, epochs=0, kfold=k, fold=fold) for f in finalists for fold in range(k) if (f.name, fold) not in done]
 
 
 # ----------------------------------------------------------------------------- the NNI experiment
 def read_config(path):
-    """The search's NNI config (YAML, read safely) -> dict; one line naming the file otherwise."""
-    path = Path(path)
+    """The search's NNI config -> dict; one line naming the file otherwise."""
     try:
-        config = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        reason = getattr(e, "strerror", None) or getattr(e, "problem", None) or type(e).__name__
-        raise ValueError(f"--config {path}: not a readable YAML file ({reason})") from None
-    if not isinstance(config, dict) or "trialCommand" not in config:
-        raise ValueError(f"--config {path}: not an NNI experiment config (no trialCommand)")
-    return config
+        return nni_io.load_config(path)
+    except ValueError as e:
+        raise ValueError(f"--config {e}") from None
 
 
 def fold_experiment_config(config_path, exp_id, jobs):
@@ -148,12 +73,6 @@ def fold_experiment_config(config_path, exp_id, jobs):
     return config
 
 
-def nnictl(*args, timeout=180):
-    binary = Path(sys.executable).parent / "nnictl"
-    proc = subprocess.run([str(binary if binary.exists() else "nnictl"), *args], capture_output=True, text=True, timeout=timeout)
-    return proc.returncode, proc.stdout + proc.stderr
-
-
 def run_fold_experiment(config, run_dir, port, log=print):
     """nnictl create, wait until every fold trial has ended, read the trials back, nnictl stop -> (trials, how it
     ended: DONE, ERROR, STOPPED, or INTERRUPTED by SIGINT/SIGTERM here). The experiment is stopped on every way out,
@@ -163,13 +82,13 @@ def run_fold_experiment(config, run_dir, port, log=print):
     created = exp_id = None
     try:
         with STOP.deferred():  # a signal during the start waits for its id, so the experiment can be stopped
-            code, out = nnictl("create", "--config", str(path), "--port", str(port))
+            code, out = nni_io.nnictl("create", "--config", str(path), "--port", str(port))
             if code:
                 raise ValueError(f"nnictl create --config {path} failed: {' '.join(out.split())[-300:]}")
-            created, exp_id = True, exp_id_of(out)
+            created, exp_id = True, nni_io.exp_id_of(out)
         log(f"fold experiment on port {port} (web UI http://127.0.0.1:{port}): {config['maxTrialNumber']} trials")
         try:
-            while (status := expmod._get(f"http://127.0.0.1:{port}", "check-status", 10)["status"]) not in ("DONE", "ERROR", "STOPPED"):
+            while (status := nni_io.rest(port, "check-status")["status"]) not in ("DONE", "ERROR", "STOPPED"):
                 time.sleep(3)
         except KeyboardInterrupt:
             status = "INTERRUPTED"
@@ -178,21 +97,16 @@ def run_fold_experiment(config, run_dir, port, log=print):
     finally:
         if created:  # stopped on every way out: no manager is left holding the port
             with STOP.deferred():
-                nnictl("stop", exp_id) if exp_id else nnictl("stop", "--port", str(port))
+                nni_io.nnictl("stop", exp_id) if exp_id else nni_io.nnictl("stop", "--port", str(port))
     return trials, status
 
 
 def fold_trials(port, exp_id):
     """The fold experiment's trials: from its manager, or from its database where the manager is gone."""
     try:
-        return expmod.from_rest(port).trials
+        return from_rest(port).trials
     except (urllib.error.URLError, OSError, KeyError):
-        return expmod.from_id(exp_id).trials if exp_id else []
-
-
-def exp_id_of(nnictl_output):
-    found = re.search(r"Experiment ID: (\w+)", re.sub(r"\x1b\[[0-9;]*m", "", nnictl_output))
-    return found.group(1) if found else None
+        return from_id(exp_id).trials if exp_id else []
 
 
 # ----------------------------------------------------------------------------- bringing the models home
@@ -217,9 +131,9 @@ def bring_home(trial, finalists, trial_command, run_dir, machines):
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        expmod.fetch(trial.log_path, tmp, machines, FETCHED)
+        nni_io.fetch(trial.log_path, tmp, machines, FETCHED)
         config = json.loads((tmp / "config.json").read_text())
-        ran = {k: v for k, v in config.items() if k not in NOT_CONFIGURATION}
+        ran = ran_configuration(tmp)
         finalist = next((f for f in finalists if configuration(trial_command, f.params) == ran), None)
         if finalist is None:
             raise ValueError(f"trial {trial.id}: its config.json matches no finalist")
@@ -236,112 +150,6 @@ def bring_home(trial, finalists, trial_command, run_dir, machines):
 def folds_home(run_dir, finalists, k):
     """(finalist, fold) pairs whose files are home (their folder exists only once every file checked out)."""
     return {(f.name, fold) for f in finalists for fold in range(k) if (run_dir / f.name / f"fold{fold}" / "summary.json").is_file()}
-
-
-# ----------------------------------------------------------------------------- ranking and voting
-def fold_files(folder, finalist):
-    """A fold at home -> (its summary, val_soft.csv, submission_soft.csv), each checked: present, readable, and
-    trained with the finalist's planned command (a fold of another command is never voted)."""
-    for name in ("summary.json", "config.json", "val_soft.csv", "submission_soft.csv"):
-        if not (folder / name).is_file():
-            raise ValueError(f"{folder / name}: missing (delete {folder} and run finalize again to retrain that fold)")
-    ran = ran_configuration(folder)
-    if finalist.config is not None and ran != finalist.config:
-        raise ValueError(f"{folder}: trained with another command than {finalist.name}'s plan ({differences(finalist.config, ran)}); "
-                         f"delete it and run again, or use another --out")
-    return read_summary(folder), read_val_soft(folder / "val_soft.csv"), read_soft(folder / "submission_soft.csv")
-
-
-def finalist_scores(run_dir, finalist, k):
-    """-> dict(oof probs (sorted ImageID order), labels, ids, classes, fold F1s, eval ids, eval probs (mean of the folds)).
-    The K held-out parts must cover the training images exactly once: a short val_soft.csv would score fewer."""
-    parts, evals, fold_f1, seen = [], [], [], {}
-    for fold in range(k):
-        folder = run_dir / finalist.name / f"fold{fold}"
-        summary, (ids, labels, probs, classes), (eval_ids, eval_probs, eval_classes) = fold_files(folder, finalist)
-        if len(ids) != summary["val_images"]:
-            raise ValueError(f"{folder / 'val_soft.csv'}: {len(ids)} held-out images, its run held out {summary['val_images']} "
-                             f"(damaged? delete {folder} and run again to retrain it)")
-        again = next((i for i in ids if i in seen), None)
-        if again is not None:
-            raise ValueError(f"{folder / 'val_soft.csv'}: {again} is held out in fold{seen[again]} too (not one K-fold split?)")
-        if (parts and classes != parts[0][3]) or eval_classes != classes:
-            raise ValueError(f"{folder}: its val_soft.csv and submission_soft.csv name other classes than {finalist.name}'s fold0")
-        seen.update(dict.fromkeys(ids, fold))
-        fold_f1.append(score(labels, probs.argmax(1), len(classes))["f1"])
-        parts.append((ids, labels, probs, classes))
-        if evals:  # the same eval images, in fold0's order
-            eval_probs = eval_probs[alignment(evals[0][0], eval_ids, folder / "submission_soft.csv", run_dir / finalist.name / "fold0")]
-        evals.append((eval_ids if not evals else evals[0][0], eval_probs))
-    total = summary["train_images"] + summary["val_images"]
-    if len(seen) != total:
-        raise ValueError(f"{finalist.name}: its {k} held-out parts cover {len(seen)} of the {total} training images "
-                         f"(not one K-fold split of the same data?)")
-    ids = [i for p in parts for i in p[0]]
-    order = sorted(range(len(ids)), key=ids.__getitem__)
-    return dict(ids=[ids[i] for i in order], labels=np.concatenate([p[1] for p in parts])[order],
-                probs=np.concatenate([p[2] for p in parts])[order], classes=parts[0][3], fold_f1=fold_f1,
-                eval_ids=evals[0][0], eval_probs=np.mean([e[1] for e in evals], axis=0))
-
-
-def macro_f1(labels, probs):
-    return score(labels, probs.argmax(1), probs.shape[1])["f1"]
-
-
-def greedy_selection(oofs, labels, rounds=None):
-    """Ensemble selection with replacement (Caruana et al. 2004, as auto-sklearn does): add, round by round,
-    the member whose addition gives the averaged out-of-fold probabilities the best macro F1; keep the best
-    ensemble seen. -> (weights summing to 1, its out-of-fold macro F1)."""
-    rounds = rounds or 5 * len(oofs)
-    counts, total, best = np.zeros(len(oofs)), np.zeros_like(oofs[0], dtype=np.float64), (-math.inf, None)
-    for r in range(rounds):
-        trial = [macro_f1(labels, (total + o) / (r + 1)) for o in oofs]
-        j = int(np.argmax(trial))  # ties go to the earlier member: the better-ranked finalist
-        counts[j] += 1
-        total += oofs[j]
-        if trial[j] > best[0]:
-            best = (trial[j], counts / counts.sum())
-    return best[1], best[0]
-
-
-def rank_and_vote(run_dir, finalists, k, select):
-    """Score every finalist out of fold on the same images and labels, pick, vote -> the report dict."""
-    results = {f.name: finalist_scores(run_dir, f, k) for f in finalists}
-    first = results[finalists[0].name]
-    for name, r in results.items():
-        if r["ids"] != first["ids"] or r["classes"] != first["classes"] or r["eval_ids"] != first["eval_ids"]:
-            raise ValueError(f"{name}: its folds cover other images or classes than {finalists[0].name}'s")
-        if not np.array_equal(r["labels"], first["labels"]):
-            raise ValueError(f"{name}: its held-out images carry other labels than {finalists[0].name}'s "
-                             f"(other data?): out-of-fold scores would not compare")
-    rows = [dict(asdict(f), oof_f1=macro_f1(first["labels"], results[f.name]["probs"]), fold_f1_mean=float(np.mean(results[f.name]["fold_f1"])),
-                 fold_f1_sd=float(np.std(results[f.name]["fold_f1"], ddof=1)) if k > 1 else 0.0) for f in finalists]
-    winner = max(rows, key=lambda row: row["oof_f1"])
-    weights, greedy_f1 = greedy_selection([results[f.name]["probs"] for f in finalists], first["labels"])
-    chosen = {"winner": {winner["name"]: 1.0}, "greedy": {f.name: float(w) for f, w in zip(finalists, weights) if w > 0}}
-    eval_probs = sum(w * results[name]["eval_probs"] for name, w in chosen[select].items())
-    write_submission(run_dir, first["eval_ids"], eval_probs, first["classes"])
-    return dict(k=k, select=select, finalists=rows, winner=winner["name"], winner_oof_f1=winner["oof_f1"],
-                greedy_weights=chosen["greedy"], greedy_oof_f1=greedy_f1, voted=chosen[select],
-                oof_images=len(first["ids"]), eval_images=len(first["eval_ids"]))
-
-
-def write_report(run_dir, report):
-    replace_atomically(run_dir / "finalize.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
-    lines = [f"# finalize: experiment {report['experiment']}, {report['k']} folds", "",
-             "| finalist | search trial | its val metric (one split) | out-of-fold macro F1 | fold F1 mean ± sd | flags |",
-             "|---|---|---|---|---|---|"]
-    for row in report["finalists"]:
-        metric = "-" if row["search_metric"] is None else f"{row['search_metric']:.4f}"
-        lines.append(f"| {row['name']} | {row['trial'] or '-'} | {metric} | {row['oof_f1']:.4f} | "
-                     f"{row['fold_f1_mean']:.4f} ± {row['fold_f1_sd']:.4f} | `{' '.join(expmod.flag_words(row['params'])) or '(the trial command)'}` |")
-    voted = ", ".join(f"{name} x {w:.2f}" for name, w in report["voted"].items())
-    greedy = ", ".join(f"{name} x {w:.2f}" for name, w in report["greedy_weights"].items())
-    lines += ["", f"Best by out-of-fold macro F1: **{report['winner']}** ({report['winner_oof_f1']:.4f}). Greedy ensemble "
-              f"selection: {greedy} (out-of-fold {report['greedy_oof_f1']:.4f}, optimistic: chosen on the "
-              f"same predictions).", f"Voted (--select {report['select']}): {voted}; the K fold models of each, soft-voted on "
-              f"{report['eval_images']} eval images -> submission.csv, submission_soft.csv."]
-    replace_atomically(run_dir / "report.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
 
 
 # ----------------------------------------------------------------------------- main
@@ -366,7 +174,7 @@ def build_parser():
 
 def load_search(args):
     try:
-        return expmod.from_rest(args.port) if args.port else expmod.from_id(args.id)
+        return from_rest(args.port) if args.port else from_id(args.id)
     except (urllib.error.URLError, OSError) as e:
         raise ValueError(f"no NNI experiment answers on port {args.port} ({e})") from None
     except LookupError as e:
@@ -414,11 +222,11 @@ def plan(run_dir, args, exp, finalists, trial_command):
 def train_missing(args, config, run_dir, finalists, exp_id):
     """The fold experiment over what is not home yet, then every finished fold brought home, also when it ended early."""
     jobs = fold_jobs(finalists, args.k, folds_home(run_dir, finalists, args.k))
-    machines = machines_of(config) if is_remote(config) else []
+    machines = nni_io.machines_of(config)
     trials, status = run_fold_experiment(fold_experiment_config(args.config, exp_id, jobs), run_dir, args.fold_port)
     with STOP.deferred():  # each fold comes home whole or not at all
         for trial in (t for t in trials if t.status == "SUCCEEDED"):
-            print(f"home: {bring_home(trial, finalists, config['trialCommand'], run_dir, machines)} from {trial.log_path}", flush=True)
+            print(f"home: {bring_home(trial, finalists, nni_io.trial_command(config), run_dir, machines)} from {trial.log_path}", flush=True)
     missing = fold_jobs(finalists, args.k, folds_home(run_dir, finalists, args.k))
     if status == "INTERRUPTED":
         raise KeyboardInterrupt(f"{len(jobs) - len(missing)} of the {len(jobs)} fold trainings came home to {run_dir}, "
@@ -437,8 +245,8 @@ def main(argv=None):
     run_dir = Path(args.out or Path("runs") / f"finalize_{exp.id}")
     run_dir.mkdir(parents=True, exist_ok=True)
     with locked(run_dir):
-        finalists = plan(run_dir, args, exp, select_finalists(exp, config["trialCommand"], args.top, args.defaults_only),
-                         config["trialCommand"])
+        command = nni_io.trial_command(config)
+        finalists = plan(run_dir, args, exp, select_finalists(exp, command, args.top, args.defaults_only), command)
         if len(finalists) == 1 and not args.defaults_only:
             print(f"warning: every finalist is the defaults: the search's {len(exp.trials)} trials "
                   f"({len(finished(exp))} finished) found no other configuration", file=sys.stderr, flush=True)

@@ -17,7 +17,7 @@ always paired correctly: the trial reports the id it really ran.
 
     tuner:
       codeDirectory: .                      # the repository root
-      className: baseline.nni_tuner.SafeTPE
+      className: search.nni_tuner.SafeTPE
       classArgs: {optimize_mode: maximize}
 
 ``SafeTPE(start_from_defaults=True)`` makes the first trial ``python train.py``'s
@@ -41,7 +41,7 @@ with an int (``TypeError: '<=' not supported between instances of 'str' and
 
     tuner:
       codeDirectory: .
-      className: baseline.nni_tuner.SafeHyperband
+      className: search.nni_tuner.SafeHyperband
       classArgs: {optimize_mode: maximize, R: 20, eta: 3}
 """
 import math

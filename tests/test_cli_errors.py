@@ -9,8 +9,8 @@ from conftest import ROOT, train_env
 from sshd import free_port
 from test_experiment import EXP, registered
 
-TOOLS = {"train.py": "train.py", **{name: f"baseline/{name}" for name in (
-    "inference.py", "ensemble.py", "evaluation.py", "kfold.py", "experiment.py", "finalize.py", "preflight.py")}}
+TOOLS = {"train.py": "train.py", **{name: f"baseline/{name}" for name in ("inference.py", "ensemble.py", "evaluation.py", "kfold.py")},
+         **{name: f"search/{name}" for name in ("experiment.py", "finalize.py", "preflight.py")}}
 
 
 def files(t):

@@ -1,4 +1,4 @@
-"""baseline/experiment.py without NNI: --fetch on hand-made trial dirs (complete, unfinished, damaged, gone,
+"""search/experiment.py without NNI: --fetch on hand-made trial dirs (complete, unfinished, damaged, gone,
 still running) and every error path of the command as one stderr line with a non-zero exit.
 An experiment is nnictl's registry plus an nni.sqlite written here, under a HOME of the test's own."""
 import json
@@ -7,7 +7,8 @@ import sqlite3
 
 import pytest
 
-from baseline import experiment as expmod
+from search import experiment as expmod
+from search.trials import Experiment, Trial
 from conftest import run_cli
 
 EXP = "abcd1234"
@@ -29,8 +30,8 @@ def trial_dir(path, summary=True, files=WRITTEN):
 
 def experiment(*trials, status="DONE"):
     """trials: (id, status, log_path)."""
-    return expmod.Experiment(EXP, status, {"trainingService": {"platform": "local"}},
-                             [expmod.Trial(tid, s, i, log_path=str(p)) for i, (tid, s, p) in enumerate(trials)], "test")
+    return Experiment(EXP, status, {"trainingService": {"platform": "local"}},
+                      [Trial(tid, s, i, log_path=str(p)) for i, (tid, s, p) in enumerate(trials)], "test")
 
 
 def registered(home, *trials, status="STOPPED"):

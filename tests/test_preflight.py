@@ -1,4 +1,4 @@
-"""baseline/preflight.py against a real OpenSSH server on 127.0.0.1 (tests/sshd.py)."""
+"""search/preflight.py against a real OpenSSH server on 127.0.0.1 (tests/sshd.py)."""
 import io
 import json
 import os
@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from baseline import preflight as pf
-from baseline.preflight import flag_value, gpu_problem, interpreter_of
+from search import preflight as pf
+from search.nni_io import flag_value, interpreter_of, load_config, train_words
+from search.preflight import gpu_problem
+from search.space import covering, pretrained_models, space_problems
 from conftest import ROOT
 from sshd import free_port, keygen, start_sshd
 
@@ -57,7 +59,7 @@ def machine_line(proc):
 
 def preflight(config_path, port=None):
     port = port or free_port()
-    proc = subprocess.run([sys.executable, str(ROOT / "baseline" / "preflight.py"), str(config_path), "--port", str(port),
+    proc = subprocess.run([sys.executable, str(ROOT / "search" / "preflight.py"), str(config_path), "--port", str(port),
                            "--timeout", "5"], capture_output=True, text=True, timeout=300)
     return proc
 
@@ -185,13 +187,13 @@ SPACE_MISTAKES = {
 @pytest.mark.parametrize("case", list(SPACE_MISTAKES))
 def test_search_space_mistake_is_one_fail_line_naming_the_key(case):
     space, message = SPACE_MISTAKES[case]
-    problems = pf.space_problems(space, "python3 train.py --epochs 2")
+    problems = space_problems(space, "python3 train.py --epochs 2")
     assert len(problems) == 1 and message in problems[0], problems
 
 
 @pytest.mark.parametrize("name", ["config_local.yml", "config_remote.yml"])
 def test_shipped_search_spaces_pass(name, capsys):
-    config = pf.load_config(ROOT / name)
+    config = load_config(ROOT / name)
     assert pf.check_space(config, ROOT / name, sys.stdout) == 0
     assert capsys.readouterr().out.startswith("OK   search space: ")
 
@@ -208,17 +210,17 @@ def test_local_config_is_checked_for_its_space_only(tmp_path):
 def test_space_checked_against_the_flags_after_train_py():
     """An env prefix, as docs/remote.md suggests for offline servers (HF_HUB_OFFLINE=1 python3 train.py ...)."""
     space = SPACE_MISTAKES["bad choice"][0]
-    assert pf.space_problems(space, "HF_HUB_OFFLINE=1 /opt/env/bin/python train.py --epochs 2") == \
-        pf.space_problems(space, "python3 train.py --epochs 2")
-    assert pf.train_words("HF_HUB_OFFLINE=1 python3 train.py --pretrained") == ["--pretrained"]
+    assert space_problems(space, "HF_HUB_OFFLINE=1 /opt/env/bin/python train.py --epochs 2") == \
+        space_problems(space, "python3 train.py --epochs 2")
+    assert train_words("HF_HUB_OFFLINE=1 python3 train.py --pretrained") == ["--pretrained"]
 
 
 def test_pretrained_models_are_those_the_search_can_draw():
     space = {"model": {"_type": "choice", "_value": ["BaseModel", "timm/convnext_tiny", "resnet50"]}}
-    assert pf.pretrained_models("python3 train.py --pretrained", space) == ["timm/convnext_tiny", "resnet50"]
-    assert pf.pretrained_models("python3 train.py", space) == []
-    assert pf.pretrained_models("python3 train.py --pretrained --weights /w.pth", space) == []
-    assert pf.pretrained_models("python3 train.py --pretrained --model efficientnet_b3", {}) == ["efficientnet_b3"]
+    assert pretrained_models("python3 train.py --pretrained", space) == ["timm/convnext_tiny", "resnet50"]
+    assert pretrained_models("python3 train.py", space) == []
+    assert pretrained_models("python3 train.py --pretrained --weights /w.pth", space) == []
+    assert pretrained_models("python3 train.py --pretrained --model efficientnet_b3", {}) == ["efficientnet_b3"]
 
 
 # What NNI 3.0's TPE and train.py do with each entry: TPE never validates a space, it crashes (randint [32, 32]: "high <=
@@ -256,7 +258,7 @@ NNI_RULE_MISTAKES = {
 @pytest.mark.parametrize("case", list(NNI_RULE_MISTAKES))
 def test_what_tpe_or_train_py_refuse_is_one_fail_line(case):
     space, message = NNI_RULE_MISTAKES[case]
-    problems = pf.space_problems(space, "python3 train.py --epochs 2")
+    problems = space_problems(space, "python3 train.py --epochs 2")
     assert len(problems) == 1 and message in problems[0], problems
 
 
@@ -290,13 +292,13 @@ def test_normal_tails_warn_and_a_bad_mean_fails():
         "--dropout -1.3: must be in [0, 1)" in lines[0] and "lower sigma" in lines[0], lines
     assert lines[1].startswith("OK   search space: ") and len(lines) == 2
     warnings = []
-    assert pf.space_problems({"lr": spec("normal", 0.001, 0.001)}, "python3 train.py", warnings) == [] and \
+    assert space_problems({"lr": spec("normal", 0.001, 0.001)}, "python3 train.py", warnings) == [] and \
         warnings[0].startswith("lr: normal [0.001, 0.001] draws -0.002..0.004")
-    assert pf.space_problems({"dropout": spec("normal", 1.5, 0.1)}, "python3 train.py") == ["dropout: --dropout 1.5: must be in [0, 1)"]
+    assert space_problems({"dropout": spec("normal", 1.5, 0.1)}, "python3 train.py") == ["dropout: --dropout 1.5: must be in [0, 1)"]
 
 
 def safe_tpe_refuses(space):
-    from baseline.nni_tuner import SafeTPE
+    from search.nni_tuner import SafeTPE
     try:
         SafeTPE(optimize_mode="maximize", start_from_defaults=True).update_search_space(space)
     except ValueError:
@@ -313,7 +315,7 @@ def safe_tpe_refuses(space):
 def test_start_from_defaults_is_checked_by_safe_tpe_rule(space, refused):
     """SafeTPE raised on a space without train.py's defaults, and the experiment sat RUNNING with 0 trials."""
     config = {"searchSpace": space, "trialCommand": "python3 train.py",
-              "tuner": {"className": "baseline.nni_tuner.SafeTPE", "classArgs": {"optimize_mode": "maximize", "start_from_defaults": True}}}
+              "tuner": {"className": "search.nni_tuner.SafeTPE", "classArgs": {"optimize_mode": "maximize", "start_from_defaults": True}}}
     out = io.StringIO()
     assert pf.check_space(config, "c.yml", out) == (1 if refused else 0), out.getvalue()
     if refused:
@@ -325,18 +327,18 @@ def test_start_from_defaults_is_checked_by_safe_tpe_rule(space, refused):
     config["tuner"]["classArgs"]["start_from_defaults"] = False
     assert pf.check_space(config, "c.yml", io.StringIO()) == 0
     config["tuner"] = {"name": "TPE", "classArgs": {"start_from_defaults": True}}
-    assert pf.check_space(config, "c.yml", out) == 1 and "start_from_defaults is an option of baseline.nni_tuner.SafeTPE" in out.getvalue()
+    assert pf.check_space(config, "c.yml", out) == 1 and "start_from_defaults is an option of search.nni_tuner.SafeTPE" in out.getvalue()
 
 
 def test_combinations_cover_every_pair_within_the_bound():
     import random
     points = {f"k{n}": list(range(n % 5 + 1)) for n in range(12)} | {"wide": list(range(12))}
-    configs = pf.covering(points, random.Random(0), 300)
-    assert configs == pf.covering(points, random.Random(0), 300) and len(configs) <= 300
+    configs = covering(points, random.Random(0), 300)
+    assert configs == covering(points, random.Random(0), 300) and len(configs) <= 300
     assert all(set(c) == set(points) for c in configs)
     pairs = {(a, c[a], b, c[b]) for c in configs for a in c for b in c if a < b}
     assert all((a, i, b, j) in pairs for a in points for b in points if a < b for i in points[a] for j in points[b])
-    assert len(pf.covering(points, random.Random(0), 10)) == 10
+    assert len(covering(points, random.Random(0), 10)) == 10
 
 
 # ----------------------------------------------------------------------------- pretrained weights on the servers

@@ -1,0 +1,112 @@
+"""The benches' NNI searches on the demo data (bench/hpo.py, bench/finalize.py): config_local.yml as every
+search starts from it, a search config per method and seed, an experiment run to a budget of trial-epochs,
+and a standalone train.py run to compare against."""
+import csv
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from core.runs import increment_path, read_summary
+from search import nni_io
+from search.trials import from_rest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SIZE = ["--resize", "64", "48"]  # a quarter of the default pixels: the studies fit in hours on 2 cores
+
+
+def local_config(epochs=None):
+    """config_local.yml, its trials' --epochs replaced by `epochs` when given."""
+    base = nni_io.load_config(ROOT / "config_local.yml")
+    if epochs:
+        words = shlex.split(base["trialCommand"])
+        words[words.index("--epochs") + 1] = str(epochs)
+        base["trialCommand"] = shlex.join(words)
+    return base
+
+
+def trial_epochs(config):
+    """The --epochs of a config's trialCommand: every trial's length, and Hyperband's longest."""
+    return int(nni_io.flag_value(config["trialCommand"], "--epochs"))
+
+
+def default_budget(config):
+    """Trial-epochs of config_local's own search: its trials x their epochs."""
+    return config["maxTrialNumber"] * trial_epochs(config)
+
+
+def trial_words(config, *extra):
+    """config_local.yml's trialCommand with the venv's absolute python (trials must not depend on PATH)."""
+    words = shlex.split(config["trialCommand"])
+    return [sys.executable, *words[1:], *extra]
+
+
+def search_config(method, seed, base, work):
+    config = dict(experimentName=f"hpo-{method}-{seed}", searchSpace=nni_io.search_space(base, ROOT / "config_local.yml"),
+                  trialCommand=shlex.join(trial_words(base, *SIZE, "--seed", str(seed), "--cache_dir", str(work / "cache"))),
+                  trialCodeDirectory=str(ROOT), trialConcurrency=1, maxTrialNumber=10000, maxExperimentDuration="3h",
+                  experimentWorkingDirectory=str(work / "nni"), trainingService=base["trainingService"])
+    if method == "random":
+        config["tuner"] = dict(name="Random", classArgs=dict(seed=seed))
+    elif method.startswith("tpe"):
+        config["tuner"] = dict(base["tuner"], codeDirectory=str(ROOT), classArgs=dict(base["tuner"]["classArgs"], seed=seed))
+        config["assessor"] = base["assessor"]
+        if method in ("tpe_plain", "tpe_f1"):
+            config["tuner"]["classArgs"]["start_from_defaults"] = False
+        if method == "tpe_f1":
+            config["trialCommand"] += " --metric f1"
+        if method == "tpe_reshuffle":
+            config["trialCommand"] += " --reshuffle_val"
+    else:  # Hyperband draws from an unseeded RandomState: its seeds are repeats
+        config["tuner"] = dict(codeDirectory=str(ROOT), className="search.nni_tuner.SafeHyperband",
+                               classArgs=dict(optimize_mode="maximize", R=trial_epochs(base), eta=3))
+    return config
+
+
+def run_experiment(config, port, work, budget=None):
+    """nnictl create; wait until DONE or until the trials have reported `budget` epochs; read it back; stop.
+    -> (search.trials.Experiment, the REST trial list, minutes)."""
+    path = work / f"{config['experimentName']}.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    t0 = time.time()
+    code, out = nni_io.nnictl("create", "--config", str(path), "--port", str(port), env=env)
+    exp_id = nni_io.exp_id_of(out)
+    if code or not exp_id:
+        sys.exit(f"nnictl create failed:\n{out}")
+    try:
+        seen, since = -1, time.time()
+        while True:
+            time.sleep(1)
+            status = nni_io.rest(port, "check-status")["status"]
+            epochs = sum(m.get("type") == "PERIODICAL" for m in nni_io.rest(port, "metric-data"))
+            if status in ("DONE", "ERROR", "STOPPED") or (budget and epochs >= budget):
+                break
+            seen, since = (epochs, time.time()) if epochs != seen else (seen, since)
+            if time.time() - since > 600:  # a dead dispatcher leaves the experiment RUNNING with nothing to run
+                status = "ERROR"
+                break
+        exp, jobs = from_rest(port), nni_io.rest(port, "trial-jobs")
+    finally:
+        nni_io.nnictl("stop", exp_id, env=env)
+    if status == "ERROR":
+        sys.exit(f"experiment {exp_id} failed or stalled; see {work / 'nni' / exp_id / 'log'}")
+    return exp, jobs, (time.time() - t0) / 60
+
+
+def train_run(cmd, run_dir):
+    """Run a standalone train.py command into run_dir (or the next free name beside it, as train.py picks)
+    -> (run dir, its (val accuracy, val F1) per epoch)."""
+    run_dir = increment_path(run_dir)
+    proc = subprocess.run([*cmd, "--model_dir", str(run_dir.parent), "--name", run_dir.name], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        sys.exit(f"train.py failed: {proc.stderr.strip()}")
+    read_summary(run_dir)  # the run finished, there
+    with open(run_dir / "history.csv", newline="") as f:
+        rows = [(float(r["val_accuracy"]), float(r["val_f1"])) for r in csv.DictReader(f)]
+    return run_dir, rows

@@ -1,0 +1,271 @@
+"""What the search tools know of NNI 3.0 itself, in one place: an experiment config (read and checked), its
+training service and machines, its trial command and the train.py flags in it, its search space, `nnictl`,
+the REST API, the experiment's files on disk (nnictl's registry, nni.sqlite), SSH to its machines and a
+trial's output dir copied home.
+
+Named nni_io, not nni: `python search/preflight.py` puts search/ first on sys.path, where a search/nni.py
+would stand in for the nni package itself (and the tuners in search/nni_tuner.py import that).
+"""
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+
+# ----------------------------------------------------------------------------- the config
+def load_config(path):
+    """An NNI v3 experiment config (YAML, read safely) -> dict; ValueError in one line naming the file when it
+    cannot be read, is no YAML, or is no experiment (no trialCommand, no training service, a remote one
+    without machines)."""
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: not a readable YAML file ({reason_of(e)})") from None
+    problem = config_problem(config)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
+    return config
+
+
+def reason_of(error):
+    """Why a file did not load, in a few words (a YAML error's own text runs over several lines)."""
+    mark = getattr(error, "problem_mark", None)
+    if isinstance(error, yaml.YAMLError):
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        return f"{problem}, line {mark.line + 1}" if mark else problem
+    return getattr(error, "strerror", None) or type(error).__name__
+
+
+def config_problem(config):
+    """Why a loaded YAML document is no NNI experiment config, or None."""
+    if not isinstance(config, dict):
+        return "not an NNI experiment config (not a mapping of its keys)"
+    if not trial_command(config):
+        return "not an NNI experiment config (no trialCommand)"
+    services = services_of(config)
+    if not services or not all(isinstance(s, dict) and s.get("platform") for s in services):
+        return "not an NNI experiment config (trainingService: a mapping with a platform, or a list of them)"
+    try:
+        machines_of(config)
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return None
+
+
+def services_of(config):
+    """The training services of a config: NNI takes one mapping or a list of them (hybrid mode)."""
+    ts = config.get("trainingService")
+    return ts if isinstance(ts, list) else [] if ts is None else [ts]
+
+
+def is_remote(config):
+    return any(isinstance(s, dict) and s.get("platform") == "remote" for s in services_of(config))
+
+
+def setting(config, key):
+    """A key given at the top level of a config, else in its (first) training service, as NNI reads it; or None."""
+    if config.get(key) is not None:
+        return config[key]
+    return next((s.get(key) for s in services_of(config) if isinstance(s, dict)), None)
+
+
+def trial_command(config):
+    return setting(config, "trialCommand") or ""
+
+
+def search_space(config, config_path):
+    """The config's search space: inline searchSpace, or searchSpaceFile relative to the config."""
+    if "searchSpace" in config:
+        return config["searchSpace"]
+    if "searchSpaceFile" not in config:
+        raise ValueError("no searchSpace or searchSpaceFile")
+    path = Path(config_path).parent / config["searchSpaceFile"]
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"searchSpaceFile {path}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- its machines
+@dataclass
+class Machine:
+    host: str
+    port: int = 22
+    user: str = ""
+    ssh_key_file: str | None = "~/.ssh/id_rsa"
+    password: str | None = None
+    python_path: str | None = None
+    max_trial_number_per_gpu: int = 1
+    gpu_indices: list[int] | None = None
+    use_active_gpu: bool = False
+
+    @property
+    def name(self):
+        return f"{self.user}@{self.host}:{self.port}"
+
+
+def gpu_indices(value):
+    """gpuIndices (an int, "0,1" or a list) as a list of ints; None when not set."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, str):
+        return [int(v) for v in value.split(",") if v.strip()]
+    return [int(v) for v in value]
+
+
+def machines_of(config):
+    """The machineList of every remote training service ([] for a config that runs here); ValueError for a remote
+    service without machines."""
+    machines = []
+    for svc in (s for s in services_of(config) if isinstance(s, dict) and s.get("platform") == "remote"):
+        for m in svc.get("machineList") or []:
+            if not isinstance(m, dict) or "host" not in m:
+                raise ValueError(f"trainingService.machineList: {m!r} is not a machine with a host")
+            machines.append(Machine(
+                host=str(m["host"]), port=int(m.get("port", 22)), user=str(m.get("user", "")),
+                ssh_key_file=m.get("sshKeyFile", "~/.ssh/id_rsa"), password=m.get("password"),
+                python_path=m.get("pythonPath"), max_trial_number_per_gpu=int(m.get("maxTrialNumberPerGpu", 1)),
+                gpu_indices=gpu_indices(m.get("gpuIndices")), use_active_gpu=bool(m.get("useActiveGpu", False)),
+            ))
+    if is_remote(config) and not machines:
+        raise ValueError("trainingService.machineList is empty")
+    return machines
+
+
+def ssh_base(m, timeout):
+    """The ssh command that logs in to machine m as NNI does (its user, port and key), never asking anything."""
+    cmd = ["ssh", "-p", str(m.port), "-o", "BatchMode=yes", "-o", f"ConnectTimeout={timeout}",
+           "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
+    if m.ssh_key_file:
+        cmd += ["-i", str(Path(m.ssh_key_file).expanduser()), "-o", "IdentitiesOnly=yes"]
+    return cmd + [f"{m.user}@{m.host}" if m.user else m.host]
+
+
+# ----------------------------------------------------------------------------- the trial command
+def split(command):
+    try:
+        return shlex.split(command)
+    except ValueError:  # an unbalanced quote: NNI's bash would refuse it, the checks report what they can
+        return None
+
+
+def flag_value(command, flag):
+    """X of `--flag X` or `--flag=X` in a shell command line, or None."""
+    words = split(command)
+    words = command.split() if words is None else words
+    for i, w in enumerate(words):
+        if w == flag and i + 1 < len(words):
+            return words[i + 1]
+        if w.startswith(flag + "="):
+            return w.split("=", 1)[1]
+    return None
+
+
+def train_words(command):
+    """The flags trialCommand gives train.py: the words after train.py (VAR=value prefixes and the interpreter skipped)."""
+    words = split(command) or []
+    return words[next((i + 1 for i, w in enumerate(words) if Path(w).name == "train.py"), len(words)):]
+
+
+def interpreter_of(command):
+    """First word of trialCommand after VAR=value assignments, if it looks like python, else None."""
+    words = [w for w in split(command) or [] if not ("=" in w and not w.startswith("-") and "/" not in w.split("=")[0])]
+    if words and "python" in Path(words[0]).name:
+        return words[0]
+    return None
+
+
+# ----------------------------------------------------------------------------- nnictl, the REST API, the files
+EXPERIMENT_ID = re.compile(r"Experiment ID: (\w+)")
+COLOURS = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def nnictl(*args, env=None, timeout=180):
+    """The venv's nnictl (beside this interpreter; else the one on PATH) -> (exit code, its output, colours removed)."""
+    binary = Path(sys.executable).parent / "nnictl"
+    proc = subprocess.run([str(binary if binary.exists() else "nnictl"), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc.returncode, COLOURS.sub("", proc.stdout + proc.stderr)
+
+
+def exp_id_of(nnictl_output):
+    """The id `nnictl create` printed, or None."""
+    found = EXPERIMENT_ID.search(COLOURS.sub("", nnictl_output))
+    return found.group(1) if found else None
+
+
+def rest(port, path, host="127.0.0.1", timeout=10):
+    """GET /api/v1/nni/<path> of the experiment on host:port, as JSON."""
+    with urllib.request.urlopen(f"http://{host}:{port}/api/v1/nni/{path}", timeout=timeout) as r:
+        return json.loads(r.read().decode())
+
+
+def registry_path(home=None):
+    return (home or Path.home()) / "nni-experiments" / ".experiment"
+
+
+def registry(home=None):
+    """nnictl's registry of experiments: id -> {status, port, logDir, ...}; {} when there is none."""
+    try:
+        return json.loads(registry_path(home).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def database(exp_id, info):
+    """Where an experiment's nni.sqlite is, from its registry entry."""
+    return Path(info.get("logDir") or Path.home() / "nni-experiments") / exp_id / "db" / "nni.sqlite"
+
+
+def log_dir_of(db):
+    """The log dir (nnimanager.log) beside an experiment's database."""
+    return Path(db).parent.parent / "log"
+
+
+def fetch(source, target, machines=(), names=None):
+    """A trial's output dir -> target (an existing, empty dir): every file, or only those named.
+    source: a local dir, or NNI's remote "host:~/path" (copied with tar over SSH as machines[host] logs in).
+    ValueError naming what could not be copied; what was copied so far is left for the caller to remove."""
+    target = Path(target)
+    if ":" not in source or Path(source).is_dir():
+        src = Path(source)
+        for name in names or [p.relative_to(src) for p in sorted(src.rglob("*")) if p.is_file()]:
+            if not (src / name).is_file():
+                raise ValueError(f"{src / name}: missing")
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / name, target / name)
+        return
+    host, path = source.split(":", 1)
+    candidates = [m for m in machines if m.host == host]
+    if not candidates:
+        raise ValueError(f"trial output {source}: no machine {host} in the experiment's machineList")
+    path = path.removeprefix("~/")  # ssh runs the command in the user's home
+    command = f"tar -C {shlex.quote(path)} -cf - -- " + (shlex.join(names) if names else ".")
+    with tempfile.TemporaryFile() as archive:
+        for machine in candidates:  # the same host may be listed once per GPU set
+            archive.seek(0)
+            archive.truncate()
+            proc = subprocess.run([*ssh_base(machine, 15), command], stdout=archive, stderr=subprocess.PIPE, timeout=3600)
+            if proc.returncode == 0:
+                break
+        else:
+            reason = [line for line in proc.stderr.decode(errors="replace").splitlines() if line.strip()]
+            raise ValueError(f"{host}:{path}: could not copy ({reason[0] if reason else f'ssh exit {proc.returncode}'})")
+        archive.seek(0)
+        try:
+            with tarfile.open(fileobj=archive) as tar:
+                tar.extractall(target, filter="data")  # "data": no absolute paths, links out or devices
+        except (tarfile.TarError, OSError) as e:
+            raise ValueError(f"{host}:{path}: the copy is damaged ({e})") from None

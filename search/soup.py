@@ -1,0 +1,122 @@
+"""finalize --select soup: model soups (Wortsman et al., ICML 2022). Per fold, the weights of finalists that share
+a backbone and input size are averaged greedily: the ingredients in order of their held-out F1 on that fold, each
+kept when the averaged weights, BatchNorm statistics recomputed on that fold's training images, do not score
+lower on the fold's held-out images. The K soups are then soft-voted on the eval dir: one model's inference
+cost per fold, where a greedy ensemble pays one per member."""
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import dataset
+from core import demo
+from core.folds import join_folds
+from core.metrics import score
+from core.submissions import alignment
+from imagedata.augment import Normalize
+from imagedata.feed import ImageDataset
+from imagedata.layouts import read_eval
+from training import checkpoint
+from training.engine import predict, resolve_device
+
+SHAPE = ("model", "classification", "head", "resize", "classes", "mean", "std")  # what averaged weights must share
+
+
+def shape_of(meta):
+    return tuple(str(meta[k]) for k in SHAPE)
+
+
+def ingredients(run_dir, finalists, winner, k):
+    """The finalists whose fold checkpoints have the winner's backbone, head, input size and input statistics."""
+    shape = shape_of(checkpoint.read_meta(run_dir / winner / "fold0" / "best.pth"))
+    return [f.name for f in finalists if all(shape_of(checkpoint.read_meta(run_dir / f.name / f"fold{i}" / "best.pth")) == shape
+                                             for i in range(k))]
+
+
+class Fold:
+    """One fold's images as its runs trained on them: the split rebuilt from a checkpoint's own flags."""
+
+    def __init__(self, meta, device, batch_size=128):
+        a = meta["args"]
+        data_dir, eval_dir = demo.data_dirs(a["data_dir"], a.get("eval_dir"), make=False)
+        if not Path(data_dir).is_dir():
+            raise ValueError(f"--select soup recomputes BatchNorm statistics on each fold's training images, and the folds' "
+                             f"data dir {data_dir} is not on this machine: run finalize where the data is, or pick --select "
+                             f"winner or greedy")
+        _, data, self.train_idx, self.val_idx = dataset.read_split(a["dataset"], data_dir, a["age_bounds"], a["val_ratio"],
+                                                                   a["seed"], a["kfold"], a["fold"])
+        self.paths, self.labels, self.size, self.eval_dir = data["paths"], data["truth"], tuple(meta["resize"]), eval_dir
+        self.ids = [Path(p).relative_to(data_dir).as_posix() for p in np.asarray(self.paths)[self.val_idx]]
+        self.images = dataset.load_images(self.paths, self.size, a["cache_dir"], not a["no_cache"])
+        self.device, self.batch_size = device, batch_size
+        self.normalize = Normalize(meta["mean"], meta["std"]).to(device)
+
+    def loader(self, indices):
+        return DataLoader(ImageDataset(self.paths, self.size, self.images, indices=indices), self.batch_size)
+
+    def held_out(self, model, classification):
+        """-> (probs of the held-out images, their macro F1)."""
+        probs = predict(model, self.loader(self.val_idx), device=self.device, normalize=self.normalize, classification=classification)
+        return probs, score(self.labels[self.val_idx], probs.argmax(1), probs.shape[1])["f1"]
+
+    def recompute_batchnorm(self, model):
+        """Averaged weights need the statistics of their own activations: a cumulative mean over the training images."""
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        with torch.no_grad():
+            for x in self.loader(self.train_idx):
+                model(self.normalize(x.to(self.device)))
+        model.eval()
+
+
+def averaged(states):
+    """The mean of state dicts; integer tensors (BatchNorm's counters) are the first's."""
+    return {k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype) if v.is_floating_point() else v
+            for k, v in states[0].items()}
+
+
+def fold_soup(run_dir, names, k, device, log):
+    """Greedy soup on fold k over the ingredient finalists -> (soup's members, held-out F1, held-out probs, Fold, model, meta)."""
+    loaded = {n: checkpoint.load_model(run_dir / n / f"fold{k}" / "best.pth", device) for n in names}
+    fold = Fold(loaded[names[0]][1], device)
+    scored = {n: fold.held_out(model, ckpt["classification"]) for n, (model, ckpt) in loaded.items()}
+    order = sorted(names, key=lambda n: -scored[n][1])  # stable: ties keep the finalists' rank order
+    members, (probs, best) = [order[0]], scored[order[0]]
+    model, meta = loaded[order[0]]
+    soup = checkpoint.build_model(meta).to(device)
+    for candidate in order[1:]:
+        soup.load_state_dict(averaged([loaded[n][1]["state_dict"] for n in [*members, candidate]]))
+        fold.recompute_batchnorm(soup)
+        trial_probs, f1 = fold.held_out(soup, meta["classification"])
+        log(f"soup fold{k}: {'+'.join(members)} + {candidate}: held-out F1 {f1:.4f} against {best:.4f}"
+            f" -> {'kept' if f1 >= best else 'left out'}")
+        if f1 >= best:
+            members, best, probs = [*members, candidate], f1, trial_probs
+            model = soup
+            soup = checkpoint.build_model(meta).to(device)
+    return members, best, probs, fold, model, meta
+
+
+def soup_vote(run_dir, finalists, winner, k, eval_ids, log=print):
+    """Every fold's greedy soup over the finalists shaped like the winner -> dict(members per fold, out-of-fold F1
+    of the soups (optimistic: each chose on its fold), their eval probabilities, averaged, in eval_ids' order)."""
+    device = resolve_device("auto")
+    names = ingredients(run_dir, finalists, winner, k)
+    parts, evals, members = [], [], []
+    for i in range(k):
+        chosen, _, probs, fold, model, meta = fold_soup(run_dir, names, i, device, log)
+        members.append(chosen)
+        parts.append((f"soup fold{i}", i, fold.ids, fold.labels[fold.val_idx], probs))
+        ids, paths = read_eval(fold.eval_dir, meta["layout"])
+        eval_set = ImageDataset(paths, fold.size, dataset.load_images(paths, fold.size, meta["args"]["cache_dir"],
+                                                                      not meta["args"]["no_cache"]))
+        probs = predict(model, DataLoader(eval_set, fold.batch_size), device=device, normalize=fold.normalize,
+                        classification=meta["classification"])
+        evals.append(probs[alignment(eval_ids, ids, fold.eval_dir, "the finalists' eval predictions")])
+    oof = join_folds(parts)
+    return dict(ingredients=names, members=members, oof_f1=score(oof["labels"], oof["probs"].argmax(1), oof["probs"].shape[1])["f1"],
+                eval_probs=np.mean(evals, axis=0))

@@ -1,0 +1,119 @@
+"""finalize's ranking and vote: every finalist scored out of fold on the same images and labels, the winner (or a
+greedy ensemble of all) soft-voted on the eval dir, and the report of what was picked and why."""
+import json
+import math
+from dataclasses import asdict
+
+import numpy as np
+
+from core.files import replace_atomically
+from core.metrics import score
+from core.runs import read_summary, write_submission
+from core.submissions import alignment, read_soft, read_val_soft
+from search.finalists import differences, ran_configuration
+from search.trials import flag_words
+
+
+def fold_files(folder, finalist):
+    """A fold at home -> (its summary, val_soft.csv, submission_soft.csv), each checked: present, readable, and
+    trained with the finalist's planned command (a fold of another command is never voted)."""
+    for name in ("summary.json", "config.json", "val_soft.csv", "submission_soft.csv"):
+        if not (folder / name).is_file():
+            raise ValueError(f"{folder / name}: missing (delete {folder} and run finalize again to retrain that fold)")
+    ran = ran_configuration(folder)
+    if finalist.config is not None and ran != finalist.config:
+        raise ValueError(f"{folder}: trained with another command than {finalist.name}'s plan ({differences(finalist.config, ran)}); "
+                         f"delete it and run again, or use another --out")
+    return read_summary(folder), read_val_soft(folder / "val_soft.csv"), read_soft(folder / "submission_soft.csv")
+
+
+def finalist_scores(run_dir, finalist, k):
+    """-> dict(oof probs (sorted ImageID order), labels, ids, classes, fold F1s, eval ids, eval probs (mean of the folds)).
+    The K held-out parts must cover the training images exactly once: a short val_soft.csv would score fewer."""
+    parts, evals, fold_f1, seen = [], [], [], {}
+    for fold in range(k):
+        folder = run_dir / finalist.name / f"fold{fold}"
+        summary, (ids, labels, probs, classes), (eval_ids, eval_probs, eval_classes) = fold_files(folder, finalist)
+        if len(ids) != summary["val_images"]:
+            raise ValueError(f"{folder / 'val_soft.csv'}: {len(ids)} held-out images, its run held out {summary['val_images']} "
+                             f"(damaged? delete {folder} and run again to retrain it)")
+        again = next((i for i in ids if i in seen), None)
+        if again is not None:
+            raise ValueError(f"{folder / 'val_soft.csv'}: {again} is held out in fold{seen[again]} too (not one K-fold split?)")
+        if (parts and classes != parts[0][3]) or eval_classes != classes:
+            raise ValueError(f"{folder}: its val_soft.csv and submission_soft.csv name other classes than {finalist.name}'s fold0")
+        seen.update(dict.fromkeys(ids, fold))
+        fold_f1.append(score(labels, probs.argmax(1), len(classes))["f1"])
+        parts.append((ids, labels, probs, classes))
+        if evals:  # the same eval images, in fold0's order
+            eval_probs = eval_probs[alignment(evals[0][0], eval_ids, folder / "submission_soft.csv", run_dir / finalist.name / "fold0")]
+        evals.append((eval_ids if not evals else evals[0][0], eval_probs))
+    total = summary["train_images"] + summary["val_images"]
+    if len(seen) != total:
+        raise ValueError(f"{finalist.name}: its {k} held-out parts cover {len(seen)} of the {total} training images "
+                         f"(not one K-fold split of the same data?)")
+    ids = [i for p in parts for i in p[0]]
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    return dict(ids=[ids[i] for i in order], labels=np.concatenate([p[1] for p in parts])[order],
+                probs=np.concatenate([p[2] for p in parts])[order], classes=parts[0][3], fold_f1=fold_f1,
+                eval_ids=evals[0][0], eval_probs=np.mean([e[1] for e in evals], axis=0))
+
+
+def macro_f1(labels, probs):
+    return score(labels, probs.argmax(1), probs.shape[1])["f1"]
+
+
+def greedy_selection(oofs, labels, rounds=None):
+    """Ensemble selection with replacement (Caruana et al. 2004, as auto-sklearn does): add, round by round,
+    the member whose addition gives the averaged out-of-fold probabilities the best macro F1; keep the best
+    ensemble seen. -> (weights summing to 1, its out-of-fold macro F1)."""
+    rounds = rounds or 5 * len(oofs)
+    counts, total, best = np.zeros(len(oofs)), np.zeros_like(oofs[0], dtype=np.float64), (-math.inf, None)
+    for r in range(rounds):
+        trial = [macro_f1(labels, (total + o) / (r + 1)) for o in oofs]
+        j = int(np.argmax(trial))  # ties go to the earlier member: the better-ranked finalist
+        counts[j] += 1
+        total += oofs[j]
+        if trial[j] > best[0]:
+            best = (trial[j], counts / counts.sum())
+    return best[1], best[0]
+
+
+def rank_and_vote(run_dir, finalists, k, select):
+    """Score every finalist out of fold on the same images and labels, pick, vote -> the report dict."""
+    results = {f.name: finalist_scores(run_dir, f, k) for f in finalists}
+    first = results[finalists[0].name]
+    for name, r in results.items():
+        if r["ids"] != first["ids"] or r["classes"] != first["classes"] or r["eval_ids"] != first["eval_ids"]:
+            raise ValueError(f"{name}: its folds cover other images or classes than {finalists[0].name}'s")
+        if not np.array_equal(r["labels"], first["labels"]):
+            raise ValueError(f"{name}: its held-out images carry other labels than {finalists[0].name}'s "
+                             f"(other data?): out-of-fold scores would not compare")
+    rows = [dict(asdict(f), oof_f1=macro_f1(first["labels"], results[f.name]["probs"]), fold_f1_mean=float(np.mean(results[f.name]["fold_f1"])),
+                 fold_f1_sd=float(np.std(results[f.name]["fold_f1"], ddof=1)) if k > 1 else 0.0) for f in finalists]
+    winner = max(rows, key=lambda row: row["oof_f1"])
+    weights, greedy_f1 = greedy_selection([results[f.name]["probs"] for f in finalists], first["labels"])
+    chosen = {"winner": {winner["name"]: 1.0}, "greedy": {f.name: float(w) for f, w in zip(finalists, weights) if w > 0}}
+    eval_probs = sum(w * results[name]["eval_probs"] for name, w in chosen[select].items())
+    write_submission(run_dir, first["eval_ids"], eval_probs, first["classes"])
+    return dict(k=k, select=select, finalists=rows, winner=winner["name"], winner_oof_f1=winner["oof_f1"],
+                greedy_weights=chosen["greedy"], greedy_oof_f1=greedy_f1, voted=chosen[select],
+                oof_images=len(first["ids"]), eval_images=len(first["eval_ids"]))
+
+
+def write_report(run_dir, report):
+    replace_atomically(run_dir / "finalize.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    lines = [f"# finalize: experiment {report['experiment']}, {report['k']} folds", "",
+             "| finalist | search trial | its val metric (one split) | out-of-fold macro F1 | fold F1 mean ± sd | flags |",
+             "|---|---|---|---|---|---|"]
+    for row in report["finalists"]:
+        metric = "-" if row["search_metric"] is None else f"{row['search_metric']:.4f}"
+        lines.append(f"| {row['name']} | {row['trial'] or '-'} | {metric} | {row['oof_f1']:.4f} | "
+                     f"{row['fold_f1_mean']:.4f} ± {row['fold_f1_sd']:.4f} | `{' '.join(flag_words(row['params'])) or '(the trial command)'}` |")
+    voted = ", ".join(f"{name} x {w:.2f}" for name, w in report["voted"].items())
+    greedy = ", ".join(f"{name} x {w:.2f}" for name, w in report["greedy_weights"].items())
+    lines += ["", f"Best by out-of-fold macro F1: **{report['winner']}** ({report['winner_oof_f1']:.4f}). Greedy ensemble "
+              f"selection: {greedy} (out-of-fold {report['greedy_oof_f1']:.4f}, optimistic: chosen on the "
+              f"same predictions).", f"Voted (--select {report['select']}): {voted}; the K fold models of each, soft-voted on "
+              f"{report['eval_images']} eval images -> submission.csv, submission_soft.csv."]
+    replace_atomically(run_dir / "report.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))

@@ -1,0 +1,66 @@
+"""search/soup.py: greedy model soups over real fold checkpoints (train.py --kfold runs on the tiny demo)."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TINY, train_env
+from search import soup
+from search.finalists import Finalist
+from training import checkpoint
+from training.engine import predict
+
+FINALISTS = {"defaults": [], "top1": ["--lr", "0.003"], "top2": ["--lr", "0.0005", "--seed", "7"]}
+
+
+@pytest.fixture(scope="module")
+def fold_runs(tmp_path_factory, demo_dir, cache_dir):
+    """Three finalists x 2 folds of BaseModel (it has BatchNorm), as finalize brings them home."""
+    run_dir = tmp_path_factory.mktemp("finalize")
+    for name, flags in FINALISTS.items():
+        for fold in range(2):
+            cmd = [sys.executable, str(ROOT / "train.py"), "--data_dir", str(demo_dir / "train"), "--eval_dir",
+                   str(demo_dir / "eval"), "--cache_dir", str(cache_dir), *TINY, "--steps", "24", "--kfold", "2",
+                   "--fold", str(fold), "--model_dir", str(run_dir / name), "--name", f"fold{fold}", *flags]
+            subprocess.run(cmd, check=True, capture_output=True, timeout=300, env=train_env())
+    return run_dir
+
+
+@pytest.mark.slow
+def test_a_soup_of_one_ingredient_is_that_model(fold_runs):
+    members, f1, probs, fold, model, meta = soup.fold_soup(fold_runs, ["top1"], 0, torch.device("cpu"), log=lambda line: None)
+    alone, ckpt = checkpoint.load_model(fold_runs / "top1" / "fold0" / "best.pth")
+    expected = predict(alone, fold.loader(fold.val_idx), device=torch.device("cpu"), normalize=fold.normalize,
+                       classification=ckpt["classification"])
+    assert members == ["top1"] and np.array_equal(probs, expected)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), alone.state_dict().values()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fold", [0, 1])
+def test_a_soup_never_scores_below_its_best_ingredient_on_its_fold(fold_runs, fold):
+    lines = []
+    members, f1, probs, data, model, meta = soup.fold_soup(fold_runs, list(FINALISTS), fold, torch.device("cpu"), lines.append)
+    alone = [data.held_out(checkpoint.load_model(fold_runs / n / f"fold{fold}" / "best.pth")[0], "single")[1] for n in FINALISTS]
+    assert f1 >= max(alone) and members[0] == list(FINALISTS)[int(np.argmax(alone))]
+    assert len(lines) == len(FINALISTS) - 1 and all("held-out F1" in line for line in lines)
+    assert data.held_out(model, "single")[1] == pytest.approx(f1)  # the model handed back is the soup scored
+
+
+@pytest.mark.slow
+def test_soup_vote_over_the_folds(fold_runs, demo_dir):
+    finalists = [Finalist(name, {}) for name in FINALISTS]
+    eval_ids = [line.split(",")[0] for line in (demo_dir / "eval" / "info.csv").read_text().splitlines()[1:]][::-1]
+    result = soup.soup_vote(fold_runs, finalists, "defaults", 2, eval_ids, log=lambda line: None)
+    assert result["ingredients"] == list(FINALISTS) and len(result["members"]) == 2
+    assert result["eval_probs"].shape == (len(eval_ids), 18) and np.allclose(result["eval_probs"].sum(1), 1, atol=1e-5)
+    assert 0 <= result["oof_f1"] <= 1
+
+
+def test_averaged_weights_keep_integer_counters():
+    a = {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor(5)}
+    b = {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(9)}
+    mean = soup.averaged([a, b])
+    assert mean["w"].tolist() == [2.0, 4.0] and mean["n"].item() == 5 and mean["w"].dtype == torch.float32
