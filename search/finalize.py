@@ -4,6 +4,7 @@ trained on the search's own machines, their models brought home, the winner's fo
     python search/finalize.py --id EXP_ID --config config_local.yml        # a finished or running search
     python search/finalize.py --port 8080 --config config_remote.yml --top 3 --k 5
     python search/finalize.py --id EXP_ID --config config_local.yml --select greedy
+    python search/finalize.py --id EXP_ID --config config_local.yml --select soup
 
 1. finalists  the top --top distinct configurations by the search's objective (a trial's length,
               --epochs or TRIAL_BUDGET, is not part of a configuration), plus the trial command's own
@@ -21,7 +22,9 @@ trained on the search's own machines, their models brought home, the winner's fo
 5. vote       --select winner: the best finalist by out-of-fold F1, its K fold models soft-voted on
               the eval dir; --select greedy: greedy ensemble selection with replacement over all the
               finalists' out-of-fold probabilities (Caruana et al. 2004), its weights applied to their
-              eval votes. -> submission.csv, submission_soft.csv, finalize.json and report.md
+              eval votes; --select soup: per fold, a greedy model soup (Wortsman et al. 2022) of the
+              finalists that share the winner's backbone and input size, its K soups soft-voted (one
+              model per fold at inference). -> submission.csv, submission_soft.csv, finalize.json, report.md
 """
 import argparse
 import contextlib
@@ -163,8 +166,9 @@ def build_parser():
     p.add_argument("--config", required=True, help="the search's NNI config file: its training service runs the folds")
     p.add_argument("--top", type=int, default=3, help="distinct configurations to re-rank (the defaults join them)")
     p.add_argument("--k", type=int, default=5, help="folds")
-    p.add_argument("--select", default="winner", choices=["winner", "greedy"],
-                   help="the best finalist's folds, or greedy ensemble selection over every finalist")
+    p.add_argument("--select", default="winner", choices=["winner", "greedy", "soup"],
+                   help="the best finalist's folds, greedy ensemble selection over every finalist, or per fold a greedy "
+                        "soup (averaged weights) of the finalists shaped like the winner (needs the data here)")
     p.add_argument("--defaults_only", action="store_true",
                    help="finalize the trial command's own flags alone (for a search that has not reported a result)")
     p.add_argument("--out", default=None, help="run dir (default runs/finalize_<EXP_ID>; a rerun there trains only what is missing)")

