@@ -3,6 +3,7 @@ that never import train.py, no import cycles, short functions, and CSV-only tool
 import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -176,3 +177,25 @@ def test_csv_tools_start_without_torch(tool):
             f"print('TORCH' if 'torch' in sys.modules else 'NO TORCH')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "usage:" in out and out.strip().endswith("NO TORCH")
+
+
+def console_scripts():
+    import tomllib
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+def test_every_tool_is_a_console_script():
+    """pyproject.toml names a console script for each tool a user runs (bench's studies are for developers, and
+    search/probe.py runs on the servers, sent by preflight)."""
+    targets = {target.split(":")[0] for target in console_scripts().values()}
+    users = {t for t in TOOLS if not t.startswith("bench.") and t != "search.probe"}
+    assert users - targets == set()
+
+
+@pytest.mark.parametrize("script", ["imgcls-evaluation", "imgcls-finalize"])
+def test_a_console_script_runs_from_the_venv(script, tmp_path):
+    """The project installs (requirements.txt's -e .): the entry point runs from the venv's bin, from any folder."""
+    path = Path(sys.executable).parent / script
+    assert path.is_file(), f"{path}: not installed (pip install -r requirements.txt installs the project)"
+    proc = subprocess.run([str(path), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: "), proc.stderr
