@@ -30,16 +30,13 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from core.scoring import evaluate
-from bench.searches import ROOT, SIZE, local_config, run_experiment, search_config, train_run
-from core import demo
+from bench.searches import ROOT, SETS, SIZE, data_of, local_config, run_experiment, search_config, train_run
 from core.cli import Parser, run_main
 from core.metrics import score
+from core.scoring import evaluate
 from search.finalists import configuration
 from search.trials import best_trial, from_id
 
-# name -> (people, eval people, image size, seed): None = the demo itself
-SETS = {"demo": None, "small": (120, 60, (112, 84), 31), "large": (700, 100, (144, 108), 32)}
 METHODS = ["defaults", "defaults_kfold", "search_best", "finalize_winner", "finalize_greedy"]
 
 
@@ -50,17 +47,6 @@ def build_parser():
     p.add_argument("--port", type=int, default=8093, help="port of the experiments (one at a time)")
     p.add_argument("--work", type=Path, default=None, help="where everything goes (default: a temp dir)")
     return p
-
-
-def data_of(name, work):
-    if SETS[name] is None:
-        return demo.ensure_demo_data()
-    people, eval_people, size, seed = SETS[name]
-    root = work / "data" / name
-    if not (root / "train").is_dir():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        demo.make_demo_data(root, people, eval_people, size=size, seed=seed)
-    return root
 
 
 def spearman(a, b):

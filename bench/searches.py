@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from core import demo
 from core.runs import increment_path, read_summary
 from search import nni_io
 from search.trials import from_rest
@@ -110,3 +111,18 @@ def train_run(cmd, run_dir):
     with open(run_dir / "history.csv", newline="") as f:
         rows = [(float(r["val_accuracy"]), float(r["val_f1"])) for r in csv.DictReader(f)]
     return run_dir, rows
+
+
+# name -> (people, eval people, image size, seed): None = the demo itself
+SETS = {"demo": None, "small": (120, 60, (112, 84), 31), "large": (700, 100, (144, 108), 32)}
+
+
+def data_of(name, work):
+    if SETS[name] is None:
+        return demo.ensure_demo_data()
+    people, eval_people, size, seed = SETS[name]
+    root = work / "data" / name
+    if not (root / "train").is_dir():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        demo.make_demo_data(root, people, eval_people, size=size, seed=seed)
+    return root
