@@ -363,23 +363,25 @@ def fake_cached_weights(home):
 
 @pytest.mark.slow
 def test_weights_check_over_ssh(tmp_path, sshd, data_dir):
-    """With --pretrained, every backbone the search can draw: cached on the server, else downloadable from it (not
-    here: no network), else FAIL with the fix."""
+    """With --pretrained, every backbone the search can draw: cached on the server, else in an installed weights
+    package, else downloadable from it (not here: no network), else FAIL with the fix."""
     path, config = write_config(tmp_path, sshd, data_dir, interpreter=sys.executable)
     config["trialCommand"] += " --pretrained"
     path.write_text(yaml.safe_dump(config))
-    (tmp_path / "search_space.json").write_text(json.dumps({"model": {"_type": "choice", "_value": ["timm/test_efficientnet", "resnet18"]}}))
+    models = ["timm/test_efficientnet", "resnet18", "timm/tf_efficientnet_lite0"]  # the last from its weights package
+    (tmp_path / "search_space.json").write_text(json.dumps({"model": {"_type": "choice", "_value": models}}))
     home = Path(os.path.expanduser(f"~{sshd.user}"))
     hf_repo, resnet = fake_cached_weights(home)
     try:
         line = machine_line(preflight(path))
-        assert line.startswith("FAIL ") and "weights: resnet18: not in the cache there and not downloadable" in line, line
-        assert "--weights FILE" in line and "timm/test_efficientnet" not in line
+        assert line.startswith("FAIL ") and "weights: resnet18: not in the cache there, no weights package, and not " \
+            "downloadable" in line, line
+        assert "--weights FILE" in line and "timm/test_efficientnet" not in line and "lite0" not in line
         resnet.parent.mkdir(parents=True, exist_ok=True)
         resnet.write_bytes(b"weights")
         proc = preflight(path)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert "weights timm/test_efficientnet cached, resnet18 cached" in machine_line(proc)
+        assert "weights timm/test_efficientnet cached, resnet18 cached, timm/tf_efficientnet_lite0 package" in machine_line(proc)
     finally:
         shutil.rmtree(hf_repo, ignore_errors=True)
         resnet.unlink(missing_ok=True)
