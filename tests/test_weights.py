@@ -91,4 +91,5 @@ def test_fine_tuning_from_imagenet_beats_random_weights(run_train, tmp_path):
             summary = json.loads((tmp_path / "runs" / f"p{int(pretrained)}s{seed}" / "summary.json").read_text())
             scores.setdefault(pretrained, []).append(summary["best"]["value"])
     pre, rnd = np.array(scores[True]), np.array(scores[False])
+    print(f"best val accuracy, pretrained {pre.round(3).tolist()}, random {rnd.round(3).tolist()}")
     assert (pre > rnd).all() and pre.mean() - rnd.mean() > 2 * max(pre.std(), rnd.std()), (pre, rnd)
