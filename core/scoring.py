@@ -11,15 +11,16 @@ import numpy as np
 
 from core.labels import NUM_MASK_CLASSES, is_mask_scheme, mask_class_names, natural_key
 from core.metrics import confusion, score
-from core.submissions import alignment, answer_column, read_hard, read_soft, read_table, soft_sibling
+from core.submissions import alignment, answer_column, read_hard, read_soft, read_table, soft_columns, soft_sibling
 
 
 def read_submission(path):
     """-> (image_ids, answers or None, probs or None, classes or None)."""
-    if "ans" not in read_table(path).columns:
-        ids, probs, classes = read_soft(path)
+    table = read_table(path)
+    if "ans" not in table.columns:
+        ids, probs, classes = soft_columns(table, path)
         return ids, None, probs, classes
-    ids, answers = read_hard(path)
+    ids, answers = table["ImageID"].tolist(), table["ans"].tolist()
     sibling = soft_sibling(path)
     classes = read_soft(sibling)[2] if sibling else None
     return ids, answers, None, classes

@@ -47,11 +47,24 @@ def class_order(columns, path):
     return mask
 
 
-def read_soft(path, extra=()):
-    """submission_soft.csv -> (image_ids, probs (N, C) float64, classes), columns in the model's class order.
+def read_soft(path):
+    """submission_soft.csv -> (image_ids, probs (N, C) float64, classes), columns in the model's class order."""
+    return soft_columns(read_table(path), path)
+
+
+def read_val_soft(path):
+    """val_soft.csv -> (image_ids, labels (N,) int, probs (N, C), classes)."""
+    table = read_table(path)
+    ids, probs, classes = soft_columns(table, path, extra=("label",))
+    if not table["label"].str.fullmatch(r"\d+").all():
+        raise ValueError(f"{path}: its label column holds something other than class indices")
+    return ids, table["label"].astype(int).to_numpy(), probs, classes
+
+
+def soft_columns(table, path, extra=()):
+    """A soft CSV's table -> (image_ids, probs (N, C) float64, classes) in the model's class order.
     extra: non-class columns the file carries (val_soft.csv's label)."""
     import pandas as pd
-    table = read_table(path)
     missing = [c for c in extra if c not in table.columns]
     if missing:
         raise ValueError(f"{path}: no {', '.join(missing)} column")
@@ -69,15 +82,6 @@ def read_soft(path, extra=()):
         value, image = table[classes[col]].iloc[row], table["ImageID"].iloc[row]
         raise ValueError(f"{path}: {value!r} in column {classes[col]} (image {image}) is not a probability")
     return table["ImageID"].tolist(), probs, classes
-
-
-def read_val_soft(path):
-    """val_soft.csv -> (image_ids, labels (N,) int, probs (N, C), classes)."""
-    ids, probs, classes = read_soft(path, extra=("label",))
-    labels = read_table(path)["label"]
-    if not labels.str.fullmatch(r"\d+").all():
-        raise ValueError(f"{path}: its label column holds something other than class indices")
-    return ids, labels.astype(int).to_numpy(), probs, classes
 
 
 def read_hard(path):

@@ -159,10 +159,11 @@ def _check_ssh(m, res, timeout):
 def probe_args(m, config, space, port, callback, timeout):
     """The JSON argument of search/probe.py: what to look at on that machine."""
     command = trial_command(config)
+    models = pretrained_models(command, space)
     return {"data_dir": flag_value(command, "--data_dir"), "python_path": m.python_path,
             "interpreter": interpreter_of(command), "timeout": timeout,
             "callback": [config.get("nniManagerIp"), port] if callback else None,
-            "weights": pretrained_models(command, space), "weights_packages": weights_packages(pretrained_models(command, space))}
+            "weights": models, "weights_packages": weights_packages(models)}
 
 
 def weights_packages(models):
