@@ -30,7 +30,10 @@ from them, the search's best trial is never worse than the defaults on the
 validation metric, and TPE's first model of good and bad has a good point in
 it (SMAC's initial design evaluates the default configuration first for the
 same reason). A default outside the search space stops the tuner with a
-ValueError naming it.
+ValueError naming it. With ``trial_command`` (config_finetune.yml passes its own
+trialCommand through a YAML alias), the first trial is that command's flags
+instead, so a search whose space leaves train.py's defaults (a pretrained
+backbone, its input size) starts from the configuration the config names.
 
 ``SafeHyperband`` and ``SafeBOHB``: NNI 3.0's stock Hyperband and BOHB crash
 their dispatcher at the first metric a trial reports (the experiment then hangs
@@ -49,6 +52,8 @@ import math
 from nni.algorithms.hpo.hyperband_advisor import Hyperband
 from nni.algorithms.hpo.tpe_tuner import TpeTuner
 from nni.common.hpo_utils import format_parameters
+
+from search.nni_io import train_words
 
 
 def default_parameters(space, defaults):
@@ -87,16 +92,17 @@ def can_draw(kind, values, value):
 class SafeTPE(TpeTuner):
     """TPE (same classArgs, and start_from_defaults) that survives the NNI 3.0 parameter swap described above."""
 
-    def __init__(self, *args, start_from_defaults=False, **kwargs):
+    def __init__(self, *args, start_from_defaults=False, trial_command=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.start_from_defaults = start_from_defaults
+        self.start_from_defaults, self.trial_command = start_from_defaults, trial_command
         self._first = None  # the defaults' parameters until the first trial takes them
 
     def update_search_space(self, space):
         super().update_search_space(space)
         if self.start_from_defaults and not self._params:
             from training.flags import defaults  # lazy: it imports torch, which only this option needs
-            self._first = default_parameters(space, defaults())
+            words = train_words(self.trial_command) if self.trial_command else []
+            self._first = default_parameters(space, defaults(words))
 
     def generate_parameters(self, parameter_id, **kwargs):
         if self._first is None:

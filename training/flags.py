@@ -69,7 +69,7 @@ def add_model_flags(g):
     g.add_argument("--head", default="none", help="hidden layers of the head, e.g. 512-256 (BN, ReLU, dropout each)")
     g.add_argument("--dropout", type=float, default=0.2, help="dropout in the head")
     g.add_argument("--init", default="default", choices=INITS, help="weight init of new layers")
-    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False, help="start from ImageNet weights (downloads unless --weights)")
+    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False, help="start from ImageNet weights: --weights, else the hub caches or an installed weights package, else a download")
     g.add_argument("--weights", default=None, help="offline ImageNet weights file for the backbone")
     g.add_argument("--freeze_backbone", action=argparse.BooleanOptionalAction, default=False, help="train the head only")
 
@@ -236,9 +236,9 @@ def run_config(args):
     return {k: v for k, v in vars(args).items() if k not in NOT_IN_CONFIG}
 
 
-def defaults():
-    """{dest: default} of every flag that config.json holds: train.py's defaults, without running it."""
-    return run_config(resolve(build_parser().parse_args([])))
+def defaults(words=()):
+    """{dest: value} of every flag that config.json holds: train.py's defaults (with `words`' flags), without running it."""
+    return run_config(resolve(build_parser().parse_args(list(words))))
 
 
 # ----------------------------------------------------------------------------- ranges
