@@ -30,9 +30,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from bench.searches import ROOT, SETS, SIZE, data_of, local_config, run_experiment, search_config, train_run
+from bench.searches import (ROOT, SETS, SIZE, data_flags, data_of, finalist_eval_f1, local_config, run_experiment, search_config,
+                            soft_f1, train_run)
 from core.cli import Parser, run_main
-from core.metrics import score
 from core.scoring import evaluate
 from search.finalists import configuration
 from search.trials import best_trial, from_id
@@ -55,27 +55,13 @@ def spearman(a, b):
     return float(np.corrcoef(pd.Series(a).rank(), pd.Series(b).rank())[0, 1])
 
 
-def soft_f1(path, truth):
-    """Macro F1 of a submission_soft.csv-like table (ImageID + class columns) against truth.csv."""
-    table = pd.read_csv(path).set_index("ImageID")
-    labels = pd.read_csv(truth).set_index("ImageID").loc[table.index, "ans"].to_numpy()
-    return score(labels, table.to_numpy().argmax(1), table.shape[1])["f1"]
-
-
-def finalist_eval_f1(run_dir, name, k, truth):
-    folds = [pd.read_csv(run_dir / name / f"fold{i}" / "submission_soft.csv").set_index("ImageID") for i in range(k)]
-    mean = sum(folds) / k
-    labels = pd.read_csv(truth).set_index("ImageID").loc[mean.index, "ans"].to_numpy()
-    return score(labels, mean.to_numpy().argmax(1), mean.shape[1])["f1"]
-
-
 def one(name, seed, work, cli):
     data = data_of(name, work)
-    truth, data_flags = data / "eval" / "truth.csv", ["--data_dir", str(data / "train"), "--eval_dir", str(data / "eval")]
+    truth, flags = data / "eval" / "truth.csv", data_flags(data)
     base = local_config()
     config = search_config("tpe", seed, base, work)
     config.update(experimentName=f"fin-{name}-{seed}", assessor=base["assessor"], maxTrialNumber=base["maxTrialNumber"])
-    config["trialCommand"] += " " + shlex.join(data_flags)
+    config["trialCommand"] += " " + shlex.join(flags)
     out = work / "finalize" / f"{name}_{seed}"
     if (out / "plan.json").is_file():  # searched (and maybe finalized) before: finalize reuses what is home
         exp, minutes = from_id(json.loads((out / "plan.json").read_text())["experiment"]), None
@@ -97,7 +83,7 @@ def one(name, seed, work, cli):
     defaults = next(f["name"] for f in finalists if configuration(command, f["params"]) == configuration(command, {}))
     scores["defaults_kfold"] = eval_f1[defaults]
     scores["search_best"] = soft_f1(Path(best.log_path) / "submission_soft.csv", truth)
-    words = [sys.executable, str(ROOT / "train.py"), *SIZE, "--seed", str(seed), "--cache_dir", str(work / "cache"), *data_flags]
+    words = [sys.executable, str(ROOT / "train.py"), *SIZE, "--seed", str(seed), "--cache_dir", str(work / "cache"), *flags]
     run_dir, _ = train_run(words, work / "defaults" / f"{name}_{seed}")
     scores["defaults"] = evaluate(run_dir / "submission.csv", truth, "mask")["scores"]["f1"]
     searched = [f for f in finalists if f["search_metric"] is not None]

@@ -34,12 +34,12 @@ import numpy as np
 from nni.algorithms.hpo.medianstop_assessor import MedianstopAssessor
 from nni.assessor import AssessResult
 
-from bench.finalize import finalist_eval_f1, soft_f1
-from bench.searches import ROOT, SETS, SIZE, data_of, local_config, run_experiment, train_run
+from bench.searches import ROOT, SETS, SIZE, data_flags, data_of, finalist_eval_f1, local_config, run_experiment, soft_f1, train_run
 from core.cli import Parser, run_main
 from core.scoring import evaluate
 from search import nni_io
 from search.trials import best_trial, from_id
+from training import flags
 
 CONFIG = ROOT / "config_finetune.yml"
 STEPS, TRIAL_STEPS, TRIALS, TOP, K = 200, 150, 8, 2, 3
@@ -54,14 +54,12 @@ def finetune_words(epochs=0):
 
 def replaced(words, values):
     """Command words with each flag's value(s) replaced (or the flag added): one occurrence of each, so that finalize
-    reads the same flags as train.py."""
-    out, i = [], 0
-    while i < len(words):
-        if words[i] in values:
-            i += 1 + len(values[words[i]])
-        else:
-            out.append(words[i])
-            i += 1
+    reads the same flags as train.py. A flag's old values are the words up to the next --flag."""
+    out, skipping = [], False
+    for w in words:
+        skipping = w in values or (skipping and not w.startswith("--"))
+        if not skipping:
+            out.append(w)
     return out + [w for flag, v in values.items() for w in (flag, *v)]
 
 
@@ -84,10 +82,6 @@ def build_parser():
     return p
 
 
-def data_flags(data):
-    return ["--data_dir", str(data / "train"), "--eval_dir", str(data / "eval")]
-
-
 def one(run, name, seed, work):
     data = data_of(name, work)
     t0 = time.time()
@@ -98,17 +92,20 @@ def one(run, name, seed, work):
                 minutes=(time.time() - t0) / 60, epochs=len(history))
 
 
-def trial_epochs(data):
-    """Epochs of about TRIAL_STEPS steps on this set's training split (the trials report each epoch)."""
+def epochs_of_steps(data, words):
+    """Epochs of about TRIAL_STEPS steps of the command's batch size on this set's training split (a trial reports each
+    epoch, and Medianstop needs a few)."""
+    args = flags.build_parser().parse_args(words[2:])
     images = sum(1 for p in (data / "train").rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    return max(2, round(TRIAL_STEPS * 32 / (0.8 * images)))
+    return max(2, round(TRIAL_STEPS * args.batch_size / ((1 - args.val_ratio) * images)))
 
 
 def search_config(name, seed, work):
     data = data_of(name, work)
     base = nni_io.load_config(CONFIG)
     space = {k: v for k, v in base["searchSpace"].items() if k not in ("model", "resize")}
-    words = [*finetune_words(trial_epochs(data)), *data_flags(data), "--seed", str(seed), "--cache_dir", str(work / "cache")]
+    words = [*finetune_words(epochs_of_steps(data, finetune_words())), *data_flags(data), "--seed", str(seed),
+             "--cache_dir", str(work / "cache")]
     command = shlex.join(words)
     return dict(experimentName=f"pre-{name}-{seed}", searchSpace=space, trialCommand=command,
                 trialCodeDirectory=str(ROOT), trialConcurrency=1, maxTrialNumber=TRIALS, maxExperimentDuration="2h",
@@ -119,7 +116,8 @@ def search_config(name, seed, work):
 
 def medianstop_replay(exp):
     """config_local.yml's assessor, NNI's own class, fed the whole curves in the order the trials ran: per trial the
-    epoch it would have been ended at (None: kept), its final metric and its rank among all trials' finals."""
+    epoch it would have been ended at (None: kept), its final metric and its rank among all trials' finals. What TPE
+    would have drawn after a stop (it learns the stopped trial's best so far) is not replayed."""
     args = local_config()["assessor"]["classArgs"]
     assessor = MedianstopAssessor(**args)
     trials = sorted((t for t in exp.trials if t.metric is not None), key=lambda t: t.sequence)
@@ -131,6 +129,8 @@ def medianstop_replay(exp):
             if assessor.assess_trial(t.id, curve[:step]) == AssessResult.Bad:
                 stopped = step
                 break
+        # judged at its last epoch, a trial has already trained: NNI's stop may come after it finished (SUCCEEDED)
+        stopped = None if stopped == len(curve) else stopped
         assessor.trial_end(t.id, stopped is None)
         out.append(dict(trial=t.id, sequence=t.sequence, curve=curve, final=t.metric, rank=finals.index(t.metric) + 1, stopped_at=stopped))
     return dict(start_step=args["start_step"], trials=out)
@@ -142,7 +142,8 @@ def study(name, seed, work, port):
     config = search_config(name, seed, work)
     path, searched = work / f"{config['experimentName']}.yml", work / "results" / f"searched_{name}_{seed}.json"
     if searched.is_file():  # the search ran before: its finalize trains only the folds not home yet
-        minutes, exp = json.loads(searched.read_text())["minutes"], from_id(json.loads(searched.read_text())["experiment"])
+        done = json.loads(searched.read_text())
+        minutes, exp = done["minutes"], from_id(done["experiment"])
     else:
         exp, _, minutes = run_experiment(config, port, work)
         searched.write_text(json.dumps(dict(experiment=exp.id, minutes=minutes)))
@@ -151,6 +152,7 @@ def study(name, seed, work, port):
                   search_best=soft_f1(Path(best.log_path) / "submission_soft.csv", truth), best_params=best.params,
                   medianstop=medianstop_replay(exp), finalize={})
     out = work / "finalize" / f"{name}_{seed}"
+    result["finalize_minutes_whole"] = not (out / "plan.json").is_file()  # else some folds were trained by an earlier run
     for select in SELECTS:
         t0 = time.time()
         subprocess.run([sys.executable, str(ROOT / "search" / "finalize.py"), "--id", exp.id, "--config", str(path),
@@ -165,9 +167,15 @@ def study(name, seed, work, port):
 
 
 def finalize_minutes(study, select):
-    """The first finalize run trains the folds; the others reuse them and only select and vote."""
+    """The first finalize run trains the folds; the others reuse them and only select and vote. None: not timed whole."""
+    if not study.get("finalize_minutes_whole", True):
+        return None
     first = study["finalize"][SELECTS[0]]["minutes"]
     return first + (study["finalize"][select]["minutes"] if select != SELECTS[0] else 0)
+
+
+def mean(values):
+    return float(np.mean(values)) if values else None
 
 
 def spread(values):
@@ -182,11 +190,12 @@ def table(results, studies, base_searches):
     minutes derived from the measured one-run minutes (fold trainings x one run) rather than timed."""
     sets = [s for s in SETS if any(r["set"] == s for r in results + studies)]
     one_run = {(run, s): [r["minutes"] for r in results if (r["run"], r["set"]) == (run, s)] for run in RUNS for s in sets}
-    mean = lambda v: float(np.mean(v)) if v else None  # noqa: E731
     rows = [(f"{run} (one run)", {s: [r["eval_f1"] for r in results if (r["run"], r["set"]) == (run, s)] for s in sets},
              {s: mean(one_run[run, s]) for s in sets}, "") for run in RUNS]
     b = {s: [r for r in base_searches if r["set"] == s] for s in sets}
     folds = {s: 5 * mean(one_run["base", s]) if one_run["base", s] else None for s in sets}
+    # the BaseModel searches and finalize runs are bench/finalize.py's (bench/results/finalize/): their minutes are
+    # that bench's search minutes, plus fold trainings x this bench's one-run minutes
     rows.append(("base 5-fold vote", {s: [r["scores"]["defaults_kfold"] for r in b[s]] for s in sets}, folds, "≈"))
     rows.append(("base search best trial", {s: [r["scores"]["search_best"] for r in b[s]] for s in sets},
                  {s: mean([r["search_minutes"] for r in b[s] if r["search_minutes"]]) for s in sets}, ""))
@@ -201,7 +210,8 @@ def table(results, studies, base_searches):
                  {s: mean([r["search_minutes"] for r in st[s]]) for s in sets}, ""))
     for select in SELECTS:
         rows.append((f"lite0 search + finalize {select}", {s: [r["finalize"][select]["eval_f1"] for r in st[s]] for s in sets},
-                     {s: mean([r["search_minutes"] + finalize_minutes(r, select) for r in st[s]]) for s in sets}, ""))
+                     {s: mean([r["search_minutes"] + finalize_minutes(r, select) for r in st[s] if finalize_minutes(r, select)])
+                      for s in sets}, ""))
     lines = ["| pipeline | " + " | ".join(f"{s} F1 | {s} min" for s in sets) + " |", "|---|" + "---|---|" * len(sets)]
     for label, f1, minutes, mark in rows:
         if any(f1[s] for s in sets):

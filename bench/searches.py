@@ -9,9 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import yaml
 
 from core import demo
+from core.metrics import score
 from core.runs import increment_path, read_summary
 from search import nni_io
 from search.trials import from_rest
@@ -126,3 +128,21 @@ def data_of(name, work):
         root.parent.mkdir(parents=True, exist_ok=True)
         demo.make_demo_data(root, people, eval_people, size=size, seed=seed)
     return root
+
+
+def data_flags(data):
+    return ["--data_dir", str(data / "train"), "--eval_dir", str(data / "eval")]
+
+
+def soft_f1(path, truth):
+    """Macro F1 of a submission_soft.csv-like table (ImageID + class columns) against truth.csv."""
+    table = pd.read_csv(path).set_index("ImageID")
+    labels = pd.read_csv(truth).set_index("ImageID").loc[table.index, "ans"].to_numpy()
+    return score(labels, table.to_numpy().argmax(1), table.shape[1])["f1"]
+
+
+def finalist_eval_f1(run_dir, name, k, truth):
+    folds = [pd.read_csv(run_dir / name / f"fold{i}" / "submission_soft.csv").set_index("ImageID") for i in range(k)]
+    mean = sum(folds) / k
+    labels = pd.read_csv(truth).set_index("ImageID").loc[mean.index, "ans"].to_numpy()
+    return score(labels, mean.to_numpy().argmax(1), mean.shape[1])["f1"]

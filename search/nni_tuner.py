@@ -102,7 +102,7 @@ class SafeTPE(TpeTuner):
         if self.start_from_defaults and not self._params:
             from training.flags import defaults  # lazy: it imports torch, which only this option needs
             words = train_words(self.trial_command) if self.trial_command else []
-            self._first = default_parameters(space, defaults(words))
+            self._first = default_parameters(space, defaults(words, f"SafeTPE trial_command {self.trial_command!r}"))
 
     def generate_parameters(self, parameter_id, **kwargs):
         if self._first is None:

@@ -5,9 +5,7 @@ formed, no key is given twice across nesting levels, the values of different key
 sampled), and with start_from_defaults train.py's defaults are in the space.
 """
 import argparse
-import contextlib
 import difflib
-import io
 import itertools
 import json
 import math
@@ -74,18 +72,6 @@ def spread(spec):
     return [normal_draw(spec["_type"], spec["_value"], z) for z in (-3, 3)]
 
 
-def parse_flags(parser, words, what):
-    """parser.parse_args(words), a refusal raised as ValueError naming `what` rather than argparse's exit, so that
-    preflight goes on to its other checks."""
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            return parser.parse_args(words)
-    except SystemExit:
-        said = (err.getvalue().strip().splitlines() or ["its flags do not parse"])[-1]
-        raise ValueError(f"{what}: {said.split(' error: ', 1)[-1]}") from None
-
-
 class SpaceCheck:
     """train.py's parser over trialCommand's flags: takes NNI parameter sets as a trial would."""
 
@@ -95,7 +81,7 @@ class SpaceCheck:
 
         self.flags, self.parser = flags, flags.build_parser()
         self.actions = {a.dest: a for a in self.parser._actions if a.dest not in ("help", "config", "resume", "print_flags")}
-        self.base = vars(parse_flags(self.parser, train_words(trial_command), f"trialCommand {trial_command!r}"))
+        self.base = vars(flags.parse_flags(self.parser, train_words(trial_command), f"trialCommand {trial_command!r}"))
         self.problems, self.warnings = [], []
 
     def error(self, params):
@@ -261,13 +247,12 @@ def defaults_problem(config, space, well_formed=True):
     from search.nni_tuner import default_parameters
     from training import flags
     command = tuner["classArgs"].get("trial_command")
-    words = train_words(str(command)) if command else []
     try:
-        parse_flags(flags.build_parser(), words, f"tuner: trial_command {command!r}")
+        start = flags.defaults(train_words(str(command)), f"tuner: trial_command {command!r}") if command else flags.defaults()
     except ValueError as e:
         return str(e)
     try:
-        default_parameters(space, flags.defaults(words))
+        default_parameters(space, start)
     except ValueError as e:
         return f"{e}: widen that entry to hold it, or set start_from_defaults: false in tuner.classArgs"
     return None

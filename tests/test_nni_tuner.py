@@ -55,9 +55,8 @@ def test_safe_tpe_starts_from_the_trial_command_it_is_given():
     tuner = SafeTPE(**raw["tuner"]["classArgs"])
     tuner.update_search_space(raw["searchSpace"])
     first = tuner.generate_parameters(0)
-    parser = flags.build_parser()
-    written = parser.parse_args(shlex.split(raw["trialCommand"])[2:])
-    assert flags.apply_params(parser, written, first, "NNI parameters") == written  # the command as written
+    parser, words = flags.build_parser(), shlex.split(raw["trialCommand"])[2:]
+    assert flags.apply_params(parser, parser.parse_args(words), first, "NNI parameters") == parser.parse_args(words)
     assert first["model"] == "timm/tf_efficientnet_lite0" and first["resize"] == [96, 72] and first["warmup_epochs"] == 1
     with pytest.raises(ValueError, match=r"default model='BaseModel' is not among"):  # without it: train.py's defaults
         SafeTPE(optimize_mode="maximize", start_from_defaults=True).update_search_space(raw["searchSpace"])

@@ -6,6 +6,8 @@ BOHB's TRIAL_BUDGET) on top. The tuner and preflight import it without starting 
     defaults()                                  # {dest: default} of every flag, as config.json spells them
 """
 import argparse
+import contextlib
+import io
 import math
 
 from core.cli import Parser
@@ -236,9 +238,22 @@ def run_config(args):
     return {k: v for k, v in vars(args).items() if k not in NOT_IN_CONFIG}
 
 
-def defaults(words=()):
-    """{dest: value} of every flag that config.json holds: train.py's defaults (with `words`' flags), without running it."""
-    return run_config(resolve(build_parser().parse_args(list(words))))
+def defaults(words=(), what="train.py"):
+    """{dest: value} of every flag that config.json holds: train.py's defaults (with `words`' flags), without running it.
+    Flags train.py refuses raise ValueError naming `what`."""
+    return run_config(resolve(parse_flags(build_parser(), list(words), what)))
+
+
+def parse_flags(parser, words, what):
+    """parser.parse_args(words), a refusal raised as ValueError naming `what` rather than argparse's exit: preflight
+    goes on to its other checks, and a tuner's dispatcher says why it stopped."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return parser.parse_args(words)
+    except SystemExit:
+        said = (err.getvalue().strip().splitlines() or ["its flags do not parse"])[-1]
+        raise ValueError(f"{what}: {said.split(' error: ', 1)[-1]}") from None
 
 
 # ----------------------------------------------------------------------------- ranges
