@@ -91,8 +91,9 @@ def rank_and_vote(run_dir, finalists, k, select):
     if select == "soup":
         from search.soup import soup_vote  # lazy: torch and the data, only for a soup
         made = soup_vote(run_dir, finalists, winner["name"], k, first["eval_ids"])
+        used = [n for n in made["ingredients"] if any(n in members for members in made["members"])]  # what some fold kept
         report.update(soup=dict(ingredients=made["ingredients"], members=made["members"], oof_f1=made["oof_f1"]),
-                      cost=dict(report["cost"], soup=k), voted={f"soup of {', '.join(made['ingredients'])}": 1.0})
+                      cost=dict(report["cost"], soup=k), voted={f"the {k} fold soups of {' + '.join(used)}": 1.0})
         eval_probs = made["eval_probs"]
     else:
         report["voted"] = chosen[select]

@@ -73,7 +73,8 @@ def test_finalize_select_soup_reports_the_three_side_by_side(fold_runs):
     report = rank_and_vote(fold_runs, finalists, 2, "soup")
     assert report["soup"]["ingredients"] == list(FINALISTS) and report["cost"]["soup"] == 2
     assert report["cost"]["winner"] == 2 and report["cost"]["greedy"] == 2 * len(report["greedy_weights"])
-    assert list(report["voted"]) == [f"soup of {', '.join(FINALISTS)}"]
+    used = [n for n in FINALISTS if any(n in members for members in report["soup"]["members"])]  # not the candidates
+    assert used and list(report["voted"]) == [f"the 2 fold soups of {' + '.join(used)}"]
     write_report(fold_runs, dict(report, experiment="test"))
     text = (fold_runs / "report.md").read_text()
     assert "| soup per fold (fold0: " in text and "models evaluated per image" in text and "Voted (--select soup)" in text
