@@ -3,7 +3,7 @@ file and the resumed run's flags under the command line, NNI's parameters (with 
 BOHB's TRIAL_BUDGET) on top. The tuner and preflight import it without starting a run.
 
     args = parse_args(argv, nni_params)        # flags < --config or --resume's config.json < command line < NNI
-    defaults()                                  # {dest: default} of every flag, as config.json spells them
+    defaults(words)                             # {dest: value} of every flag as config.json spells them: the defaults, or a command's
 """
 import argparse
 import contextlib
