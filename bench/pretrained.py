@@ -104,8 +104,8 @@ def search_config(name, seed, work):
     data = data_of(name, work)
     base = nni_io.load_config(CONFIG)
     space = {k: v for k, v in base["searchSpace"].items() if k not in ("model", "resize")}
-    words = [*finetune_words(epochs_of_steps(data, finetune_words())), *data_flags(data), "--seed", str(seed),
-             "--cache_dir", str(work / "cache")]
+    epochs = epochs_of_steps(data, finetune_words())
+    words = [*finetune_words(epochs), *data_flags(data), "--seed", str(seed), "--cache_dir", str(work / "cache")]
     command = shlex.join(words)
     return dict(experimentName=f"pre-{name}-{seed}", searchSpace=space, trialCommand=command,
                 trialCodeDirectory=str(ROOT), trialConcurrency=1, maxTrialNumber=TRIALS, maxExperimentDuration="2h",

@@ -134,15 +134,18 @@ def data_flags(data):
     return ["--data_dir", str(data / "train"), "--eval_dir", str(data / "eval")]
 
 
-def soft_f1(path, truth):
-    """Macro F1 of a submission_soft.csv-like table (ImageID + class columns) against truth.csv."""
-    table = pd.read_csv(path).set_index("ImageID")
+def table_f1(table, truth):
+    """Macro F1 of soft votes (ImageID index, a column per class) against truth.csv."""
     labels = pd.read_csv(truth).set_index("ImageID").loc[table.index, "ans"].to_numpy()
     return score(labels, table.to_numpy().argmax(1), table.shape[1])["f1"]
 
 
+def soft_f1(path, truth):
+    """Macro F1 of a submission_soft.csv-like file against truth.csv."""
+    return table_f1(pd.read_csv(path).set_index("ImageID"), truth)
+
+
 def finalist_eval_f1(run_dir, name, k, truth):
+    """Macro F1 of one finalist's K fold models, soft-voted on the eval split."""
     folds = [pd.read_csv(run_dir / name / f"fold{i}" / "submission_soft.csv").set_index("ImageID") for i in range(k)]
-    mean = sum(folds) / k
-    labels = pd.read_csv(truth).set_index("ImageID").loc[mean.index, "ans"].to_numpy()
-    return score(labels, mean.to_numpy().argmax(1), mean.shape[1])["f1"]
+    return table_f1(sum(folds) / k, truth)

@@ -56,6 +56,15 @@ from nni.common.hpo_utils import format_parameters
 from search.nni_io import train_words
 
 
+def first_trial_flags(trial_command=None):
+    """{dest: value} the first trial starts from: trial_command's flags over train.py's defaults (the defaults alone
+    without one). Flags train.py refuses raise ValueError naming the command. SafeTPE and preflight both ask here."""
+    from training.flags import defaults  # lazy: it imports torch, which only start_from_defaults needs
+    if not trial_command:
+        return defaults()
+    return defaults(train_words(str(trial_command)), f"tuner: trial_command {trial_command!r}")
+
+
 def default_parameters(space, defaults):
     """`defaults` (train.py's, by argparse dest) for the keys of an NNI search space, in NNI's parameter format."""
     params = {}
@@ -100,9 +109,7 @@ class SafeTPE(TpeTuner):
     def update_search_space(self, space):
         super().update_search_space(space)
         if self.start_from_defaults and not self._params:
-            from training.flags import defaults  # lazy: it imports torch, which only this option needs
-            words = train_words(self.trial_command) if self.trial_command else []
-            self._first = default_parameters(space, defaults(words, f"SafeTPE trial_command {self.trial_command!r}"))
+            self._first = default_parameters(space, first_trial_flags(self.trial_command))
 
     def generate_parameters(self, parameter_id, **kwargs):
         if self._first is None:

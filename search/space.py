@@ -244,11 +244,9 @@ def defaults_problem(config, space, well_formed=True):
                 f"{tuner.get('className') or tuner.get('name')}: use className: search.nni_tuner.SafeTPE, or drop it")
     if not well_formed:
         return None  # default_parameters reads a well-formed space, and would repeat the FAIL lines of a broken one
-    from search.nni_tuner import default_parameters
-    from training import flags
-    command = tuner["classArgs"].get("trial_command")
+    from search.nni_tuner import default_parameters, first_trial_flags
     try:
-        start = flags.defaults(train_words(str(command)), f"tuner: trial_command {command!r}") if command else flags.defaults()
+        start = first_trial_flags(tuner["classArgs"].get("trial_command"))
     except ValueError as e:
         return str(e)
     try:
