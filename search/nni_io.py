@@ -193,9 +193,9 @@ COLOURS = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def nnictl(*args, env=None, timeout=180):
-    """The venv's nnictl (beside this interpreter; else the one on PATH) -> (exit code, its output, colours removed)."""
-    binary = Path(sys.executable).parent / "nnictl"
-    proc = subprocess.run([str(binary if binary.exists() else "nnictl"), *args], env=env, capture_output=True, text=True,
+    """nnictl of this interpreter, with time for its manager to start (search/nnictl.py) -> (exit code, its output,
+    colours removed)."""
+    proc = subprocess.run([sys.executable, "-m", "search.nnictl", *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
     return proc.returncode, COLOURS.sub("", proc.stdout + proc.stderr)
 

@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from conftest import ROOT, TINY
+from search import nni_io
 from search.trials import ASSESSOR_STOP, best_trial, flatten, from_rest
 from sshd import free_port, start_sshd
 from test_configs import commented_hyperband, load_yaml
@@ -31,7 +32,6 @@ from test_nni_tuner import are_train_defaults
 from training import flags
 
 BIN = Path(sys.executable).parent
-NNICTL = BIN / "nnictl"
 FINISHED = {"SUCCEEDED", "EARLY_STOPPED", "USER_CANCELED", "FAILED", "SYS_CANCELED"}
 
 
@@ -110,16 +110,13 @@ def nni_experiment(config, workdir, home):
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = nni_env(home)
     port = free_port()
-    proc = subprocess.run([str(NNICTL), "create", "--config", str(path), "--port", str(port)], env=env,
-                          capture_output=True, text=True, timeout=180)
-    out = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout + proc.stderr)
-    found = re.search(r"Experiment ID: (\w+)", out)
+    code, out = nni_io.nnictl("create", "--config", str(path), "--port", str(port), env=env)
+    exp_id = nni_io.exp_id_of(out)
     try:
-        assert proc.returncode == 0 and found, f"nnictl create failed ({proc.returncode}):\n{out}"
-        yield Running(port, found.group(1), workdir, env)
+        assert code == 0 and exp_id, f"nnictl create failed ({code}):\n{out}"
+        yield Running(port, exp_id, workdir, env)
     finally:
-        stop = [str(NNICTL), "stop", found.group(1)] if found else [str(NNICTL), "stop", "--port", str(port)]
-        subprocess.run(stop, env=env, capture_output=True, timeout=120)
+        nni_io.nnictl("stop", *([exp_id] if exp_id else ["--port", str(port)]), env=env, timeout=120)
 
 
 def in_space(space, params):
