@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -61,11 +60,6 @@ def derive_command(command, demo_dir, cache_dir, epochs, extra=()):
     return shlex.join(words)
 
 
-def rest(port, path):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/nni/{path}", timeout=10) as r:
-        return json.loads(r.read().decode())
-
-
 class Running:
     def __init__(self, port, exp_id, workdir, env):
         self.port, self.id, self.workdir, self.env = port, exp_id, workdir, env
@@ -93,7 +87,7 @@ class Running:
         deadline = time.monotonic() + timeout
         status = None
         while time.monotonic() < deadline:
-            status = rest(self.port, "check-status")
+            status = nni_io.rest(self.port, "check-status")
             if status["status"] in ("DONE", "ERROR", "STOPPED"):
                 break
             time.sleep(2)
