@@ -20,8 +20,9 @@ def load_untrusted(path, what, device="cpu", mmap=False):
 
     if not Path(path).is_file():
         raise ValueError(f"{what}: {'not a file' if Path(path).exists() else 'no such file'}")
-    try:
-        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    import zipfile
+    try:  # mmap needs torch's zip format; a legacy (pre-1.6) file loads whole
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower():
             raise ValueError(f"{what}: refused: it holds Python objects other than tensors and plain values, "

@@ -101,8 +101,54 @@ def test_a_checkpoint_damaged_inside_its_tensors_is_refused(tmp_path, name):
     for use in uses:
         with pytest.raises(ValueError) as e:
             use(path)
-        assert str(e.value) == f"checkpoint {path}: damaged (its content hash does not match what was saved)"
+        assert str(e.value) == f"checkpoint {path}: damaged or edited since it was saved (state_dict do not match its content hash)"
     assert checkpoint.read_meta(intact)[checkpoint.HASH_KEY] == checkpoint.content_hash(torch.load(intact, weights_only=True))
+
+
+@pytest.mark.parametrize("edit, changed", [
+    (lambda c: c["mean"].__setitem__(0, 0.9), "mean"),                   # inputs scaled otherwise
+    (lambda c: c["classes"].reverse(), "classes"),                        # answers named otherwise
+    (lambda c: c["args"].__setitem__("seed", 7), "args"),                 # the split rebuilt otherwise
+    (lambda c: c.__setitem__("resize", [48, 64]), "resize"),
+    (lambda c: c.__setitem__("extra", 1), "extra"),                       # a key added
+    (lambda c: c.pop("best_metric"), "best_metric")])                    # ... or removed
+def test_edited_metadata_is_refused_naming_what_changed(tmp_path, edit, changed):
+    saved_epoch(tmp_path)
+    ckpt = torch.load(tmp_path / "best.pth", weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, tmp_path / "edited.pth")
+    with pytest.raises(ValueError) as e:
+        checkpoint.read(tmp_path / "edited.pth")
+    assert str(e.value) == (f"checkpoint {tmp_path / 'edited.pth'}: damaged or edited since it was saved ({changed} do not match "
+                            f"its content hash)")
+
+
+def test_a_checkpoint_without_its_hash_is_refused_and_format_2_still_reads(tmp_path):
+    saved_epoch(tmp_path)
+    ckpt = torch.load(tmp_path / "best.pth", weights_only=True)
+    ckpt["state_dict"] = {k: -v if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    for version in (2, 3):
+        torch.save({k: v for k, v in dict(ckpt, format=version).items() if k != checkpoint.HASH_KEY}, tmp_path / "bare.pth")
+        with pytest.raises(ValueError, match=f"bare.pth: format {version} without its content hash \\(removed\\?\\): refused"):
+            checkpoint.read(tmp_path / "bare.pth")
+    v2 = dict(ckpt, format=2)
+    v2[checkpoint.HASH_KEY] = checkpoint.tensor_hash(v2)  # what the last release wrote: its tensors checked
+    torch.save(v2, tmp_path / "v2.pth")
+    assert checkpoint.read(tmp_path / "v2.pth")["format"] == 2
+    v2["state_dict"] = ckpt["state_dict"] | {"features.0.weight": torch.zeros(1)}
+    torch.save(v2, tmp_path / "v2.pth")
+    with pytest.raises(ValueError, match="v2.pth: damaged \\(its tensors do not match"):
+        checkpoint.read(tmp_path / "v2.pth")
+
+
+def test_a_checkpoint_in_torchs_legacy_format_reads(tmp_path):
+    saved_epoch(tmp_path)
+    ckpt = torch.load(tmp_path / "best.pth", weights_only=True)
+    torch.save(ckpt, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert checkpoint.read_meta(tmp_path / "legacy.pth")["classes"] == DATA.classes
+    model, _ = checkpoint.load_model(tmp_path / "legacy.pth")
+    x = torch.rand(2, 3, 64, 48)
+    assert torch.equal(model(x), checkpoint.load_model(tmp_path / "best.pth")[0](x))
 
 
 def test_restore_continues_where_last_pth_ended(tmp_path):

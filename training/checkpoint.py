@@ -4,8 +4,9 @@ checking a file, loading its model, and what --resume restores and refuses.
 A checkpoint is a dict of plain types and tensors, so that it loads with
 torch.load(weights_only=True): a .pth file someone hands you never runs code.
     format                                              FORMAT_VERSION (absent in files from before it: 0)
-    content_hash                                        sha256 of every tensor, written by save, checked by read
-                                                        (format 2 on; older files have none and are read unchecked)
+    content_hash                                        {key: sha256 of its value} for every other key, tensors and
+                                                        metadata alike, written by save, checked by read (format 3;
+                                                        format 2 hashed its tensors only; older files are unchecked)
     state_dict, model, classification, head, dropout   rebuild the model
     classes, layout, resize, mean, std                  what its outputs and inputs mean
     metric, args, epoch, best_metric                    how it was trained (args = config.json)
@@ -25,7 +26,7 @@ from core.cli import one_line_reason
 from core.files import load_untrusted, replace_atomically
 from model import create_model, num_outputs
 
-FORMAT_VERSION = 2  # 2: content_hash
+FORMAT_VERSION = 3  # 2: content_hash of the tensors; 3: of every key
 HASH_KEY = "content_hash"
 REQUIRED = ("state_dict", "model", "classification", "head", "dropout", "classes", "layout", "resize", "mean", "std")
 TRAINING_STATE = ("state_dict", "optimizer", "scheduler", "history", "train_state")
@@ -49,9 +50,40 @@ def save(path, model, meta, **extra):
 
 
 def content_hash(ckpt):
-    """sha256 over every tensor of a checkpoint (weights, optimiser state, RNG states): its place, dtype, shape
-    and bytes, in the dict's order, which torch.load keeps. torch.load reads tensor data unchecked, so bytes
-    changed on disk or in transfer would otherwise load as other weights and predict otherwise without a word."""
+    """{key: sha256 of its value} for every key but the hash: tensors (place, dtype, shape, bytes) and metadata
+    alike, since a reader uses both (class names name the answers, mean/std scale the input). torch.load reads
+    tensor data unchecked, so bytes changed on disk, in transfer or by hand would otherwise load and predict
+    otherwise without a word; per key, so that a refusal can say what changed."""
+    hashes = {}
+    for key, value in ckpt.items():
+        if key != HASH_KEY:
+            digest = hashlib.sha256()
+            feed(digest, value)
+            hashes[key] = digest.hexdigest()
+    return hashes
+
+
+def feed(digest, value):
+    """A value's canonical bytes into digest: type-tagged and length-prefixed, so no two values share bytes."""
+    if torch.is_tensor(value):
+        digest.update(f"T{value.dtype}{tuple(value.shape)}\0".encode())
+        digest.update(value.detach().reshape(-1).view(torch.uint8).cpu().numpy())
+    elif isinstance(value, dict):
+        digest.update(f"D{len(value)}\0".encode())
+        for k, v in value.items():
+            feed(digest, k)
+            feed(digest, v)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{'L' if isinstance(value, list) else 'U'}{len(value)}\0".encode())
+        for v in value:
+            feed(digest, v)
+    else:  # str, bytes, numbers, bool, None, torch.Size/dtype: their repr is exact and typed by the tag
+        text = repr(value).encode("utf-8", "backslashreplace")
+        digest.update(f"{type(value).__name__}{len(text)}\0".encode() + text)
+
+
+def tensor_hash(ckpt):
+    """Format 2's content_hash: sha256 over every tensor only, in the dict's order."""
     digest = hashlib.sha256()
     for where, tensor in tensors({k: v for k, v in ckpt.items() if k != HASH_KEY}):
         digest.update(f"{where} {tensor.dtype} {tuple(tensor.shape)}\0".encode())
@@ -71,6 +103,26 @@ def tensors(value, where=""):
             yield from tensors(v, f"{where}/{i}")
 
 
+def check_hash(path, ckpt):
+    """ValueError naming the file and what changed, unless its content hash matches (format 2 on; older files carry
+    none and are read as they are)."""
+    version, saved = ckpt.get("format", 0), ckpt.get(HASH_KEY)
+    if version < 2:
+        return
+    if saved is None:
+        raise ValueError(f"checkpoint {path}: format {version} without its content hash (removed?): refused, as a "
+                         f"changed file would be")
+    if version == 2:
+        if saved != tensor_hash(ckpt):
+            raise ValueError(f"checkpoint {path}: damaged (its tensors do not match the content hash saved with them)")
+        return
+    now = content_hash(ckpt) if isinstance(saved, dict) else {}
+    changed = sorted(k for k in set(now) | set(saved if isinstance(saved, dict) else {}) if now.get(k) != saved.get(k))
+    if not isinstance(saved, dict) or changed:
+        what = ", ".join(changed[:6]) + (", ..." if len(changed) > 6 else "") if changed else "the hash itself"
+        raise ValueError(f"checkpoint {path}: damaged or edited since it was saved ({what} do not match its content hash)")
+
+
 def save_epoch(run_dir, model, meta, *, improved, epoch, best, history, optimizer, scheduler, stale, generators):
     """best.pth (when the epoch improved) and last.pth, with all that --resume needs."""
     if improved:
@@ -81,7 +133,7 @@ def save_epoch(run_dir, model, meta, *, improved, epoch, best, history, optimize
 
 def read(path, device="cpu", mmap=False):
     """-> the checkpoint dict; ValueError naming the file if it is missing, unreadable, not a train.py
-    checkpoint, from a newer format, damaged (its tensors do not hash as saved), or holds anything but plain
+    checkpoint, from a newer format, damaged or edited (any key not hashing as saved), or holds anything but plain
     types and tensors."""
     ckpt = load_untrusted(path, f"checkpoint {path}", device, mmap)
     missing = [k for k in REQUIRED if k not in ckpt] if isinstance(ckpt, dict) else ["state_dict"]
@@ -90,8 +142,7 @@ def read(path, device="cpu", mmap=False):
     if ckpt.get("format", 0) > FORMAT_VERSION:
         raise ValueError(f"checkpoint {path}: format {ckpt['format']} is newer than this code's {FORMAT_VERSION} "
                          f"(update the code)")
-    if HASH_KEY in ckpt and ckpt[HASH_KEY] != content_hash(ckpt):
-        raise ValueError(f"checkpoint {path}: damaged (its content hash does not match what was saved)")
+    check_hash(path, ckpt)
     return ckpt
 
 
