@@ -27,10 +27,26 @@ def is_image(path):
     return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def shown(path):
+    """A path as text that names it even when its bytes are not UTF-8 (those bytes as \\xNN)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def utf8_named(path):
+    """path, or DataError naming it when its name is not UTF-8: the run's CSV and JSON files could not hold it."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{shown(path)}: its name is not UTF-8 text, which the run's CSV and JSON files cannot hold; "
+                        f"rename it") from None
+    return path
+
+
 def image_files(root):
-    """Every image under root at any depth, hidden folders left out. Symlinked folders are followed (a class
-    folder made of links to where the photos live), each real folder once, so a link back up cannot loop."""
-    seen, found = set(), []
+    """Every image under root at any depth, hidden folders left out, each real file once. Symlinked folders are
+    followed (a class folder made of links to where the photos live), each real folder once, so a link back up
+    cannot loop."""
+    seen, found, real = set(), [], set()
     for folder, dirs, files in os.walk(root, followlinks=True):
         stat = os.stat(folder)
         if (stat.st_dev, stat.st_ino) in seen:
@@ -38,8 +54,29 @@ def image_files(root):
             continue
         seen.add((stat.st_dev, stat.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [f for f in (Path(folder) / name for name in sorted(files)) if is_image(f)]
+        for file in (Path(folder) / name for name in sorted(files)):
+            if is_image(file) and os.path.realpath(file) not in real:
+                real.add(os.path.realpath(file))
+                found.append(utf8_named(file))
     return found
+
+
+def check_one_label(paths, root, what):
+    """One image, one label: DataError when a real file is reached twice (a link into another class folder or
+    person, or up to the data dir), since it would train under two labels and sit on both sides of the split; one
+    warning line for links that leave root (fine when meant: a class folder of links to where photos live)."""
+    owner, outside, inside = {}, [], os.path.realpath(root) + os.sep
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in owner:
+            raise DataError(f"{real} is reached as {owner[real]} and as {path}: one image under two {what}; remove the "
+                            f"link that reaches it twice")
+        owner[real] = path
+        if not real.startswith(inside):
+            outside.append((path, real))
+    if outside:
+        warn(f"{len(outside)} of {len(paths)} images under {root} are links to files outside it (e.g. {outside[0][0]} -> "
+             f"{outside[0][1]}): they train as if they were there")
 
 
 def parse_profile(name):
@@ -78,13 +115,14 @@ def read_mask_train(data_dir, age_bounds=DEFAULT_AGE_BOUNDS):
         for file in sorted(profile.iterdir()):
             if not is_image(file) or file.stem not in MASK_FILES:
                 continue
-            paths.append(str(file))
+            paths.append(str(utf8_named(file)))
             labels.append(encode_class(MASK_FILES[file.stem], gender, age_band(age, age_bounds)))
             truth.append(encode_class(MASK_FILES[file.stem], gender, age_band(age)))
             groups.append(group)
             strata.append(gender * 3 + age_band(age))
     if not paths:
         raise DataError(f"no images found in {image_root} (expected {{id}}_{{gender}}_{{race}}_{{age}}/mask1.jpg ...)")
+    check_one_label(paths, image_root, "people")
     check_train_csv((image_root.parent if image_root.name == "images" else image_root) / "train.csv", profiles)
     return dict(paths=paths, labels=np.array(labels), truth=np.array(truth), groups=np.array(groups), strata=np.array(strata),
                 classes=mask_class_names())
@@ -116,7 +154,7 @@ def read_folder_train(data_dir, age_bounds=None):
     """Class-per-folder layout; classes in natural order. A class folder without images is left out with a
     warning: as a class it could never be predicted right, and macro F1 would stop at (K-1)/K."""
     root = check_dir(data_dir, "data dir")
-    folders = sorted((p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=natural_key)
+    folders = sorted((utf8_named(p).name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=natural_key)
     found = {name: sorted(image_files(root / name), key=lambda f: natural_key(f.name)) for name in folders}
     classes = [name for name in folders if found[name]]
     paths, labels = [], []
@@ -128,6 +166,7 @@ def read_folder_train(data_dir, age_bounds=None):
     if len(classes) < 2:
         raise DataError(f"{root} holds images of {len(classes)} class ({', '.join(classes)}): a classifier needs at least 2 "
                         f"class folders with images")
+    check_one_label(paths, root, "classes")
     empty = [name for name in folders if not found[name]]
     if empty:
         warn(f"left out {len(empty)} of {len(folders)} class folders in {root}, which hold no images: {', '.join(empty[:5])}"
@@ -146,6 +185,9 @@ def read_eval(eval_dir, layout, model="the model"):
             raise DataError(f"eval dir {root} has no info.csv: {model} is of the mask layout, whose eval dir holds "
                             f"info.csv (ImageID,ans) and images/")
         ids = [row["ImageID"] for row in read_csv_rows(root / "info.csv", ["ImageID"])]
+        outside = [i for i in ids if Path(i).is_absolute() or ".." in Path(i).parts]
+        if outside:  # read, it would predict an image from elsewhere (the training data, say) as an eval image
+            raise DataError(f"{root / 'info.csv'}: ImageID {outside[0]!r} is not a file name under {root / 'images'}")
         paths = [str(root / "images" / i) for i in ids]
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:

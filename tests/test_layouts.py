@@ -180,3 +180,53 @@ def test_a_mask_eval_dir_is_refused_for_a_folder_model(tmp_path, demo_dir):
         read_eval(demo_dir / "eval", "folder", "checkpoint x.pth")
     with pytest.raises(DataError, match="has no info.csv: --dataset MaskBaseDataset is of the mask layout"):
         read_eval(demo_dir / "train", "mask", "--dataset MaskBaseDataset")
+
+
+@pytest.mark.parametrize("link, target", [("cat/up", ".."), ("cat/dogs", "../dog"), ("dog/again.jpg", "../cat/own.jpg")])
+def test_one_image_reached_under_two_classes_is_refused(tmp_path, link, target):
+    write_image(tmp_path / "data" / "cat" / "own.jpg")
+    write_image(tmp_path / "data" / "dog" / "d.jpg")
+    (tmp_path / "data" / link).symlink_to(target)
+    with pytest.raises(DataError, match=r"is reached as .* and as .*: one image under two classes; remove the link"):
+        read_folder_train(tmp_path / "data")
+
+
+def test_a_person_linked_twice_is_refused_and_a_link_out_is_one_warning(tmp_path, capsys):
+    make_profiles(tmp_path, [(1, "male", 25), (2, "female", 45)])
+    (tmp_path / "images" / "000003_female_Asian_45").symlink_to("000002_female_Asian_45")
+    with pytest.raises(DataError, match="one image under two people"):
+        read_mask_train(tmp_path)
+    (tmp_path / "images" / "000003_female_Asian_45").unlink()
+    write_image(tmp_path / "photos" / "a.jpg")
+    write_image(tmp_path / "photos" / "b.jpg")
+    write_image(tmp_path / "data" / "dog" / "d.jpg")
+    (tmp_path / "data" / "cat").symlink_to(tmp_path / "photos")
+    (tmp_path / "photos" / "a_again.jpg").symlink_to("a.jpg")  # the same photo twice in one class: kept once
+    assert sorted(Path(p).name for p in read_folder_train(tmp_path / "data")["paths"]) == ["a.jpg", "b.jpg", "d.jpg"]
+    assert capsys.readouterr().err == (f"warning: 2 of 3 images under {tmp_path / 'data'} are links to files outside it "
+                                       f"(e.g. {tmp_path / 'data' / 'cat' / 'a.jpg'} -> {tmp_path / 'photos' / 'a.jpg'}): they "
+                                       f"train as if they were there\n")
+
+
+def test_a_name_that_is_not_utf8_is_named(tmp_path):
+    write_image(tmp_path / "cat" / "a.jpg")
+    write_image(tmp_path / "dog" / "b.jpg")
+    os.rename(tmp_path / "cat" / "a.jpg", os.fsencode(tmp_path / "cat") + b"/\xff.jpg")
+    with pytest.raises(DataError) as e:
+        read_folder_train(tmp_path)
+    assert str(e.value) == f"{tmp_path}/cat/\\xff.jpg: its name is not UTF-8 text, which the run's CSV and JSON files cannot hold; rename it"
+    with pytest.raises(DataError, match=r"cat/\\xff.jpg: its name is not UTF-8"):
+        read_eval(tmp_path, "folder")
+    os.rename(tmp_path / "dog", os.fsencode(tmp_path) + b"/d\xfeg")
+    with pytest.raises(DataError, match=r"d\\xfeg: its name is not UTF-8"):
+        read_folder_train(tmp_path)
+
+
+@pytest.mark.parametrize("image_id", ["../../train/images/000001_male_Asian_25/mask1.jpg", "/etc/hostname", "sub/../../x.jpg"])
+def test_an_eval_image_id_outside_the_eval_dir_is_refused(tmp_path, image_id):
+    make_profiles(tmp_path / "train", [(1, "male", 25)])
+    write_image(tmp_path / "eval" / "images" / "a.jpg")
+    (tmp_path / "eval" / "info.csv").write_text(f"ImageID,ans\na.jpg,0\n{image_id},0\n")
+    with pytest.raises(DataError) as e:
+        read_eval(tmp_path / "eval", "mask")
+    assert str(e.value) == f"{tmp_path / 'eval' / 'info.csv'}: ImageID {image_id!r} is not a file name under {tmp_path / 'eval' / 'images'}"
