@@ -32,6 +32,22 @@ def age_band(age, age_bounds=DEFAULT_AGE_BOUNDS):
     return int(age >= age_bounds[0]) + int(age >= age_bounds[1])
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def formula_like(text):
+    """A cell a spreadsheet would run as a formula (CSV injection): it starts with = + - @ or a tab/CR and is not
+    a number. No class name or answer may be one: they are copied into the submission CSVs a user opens."""
+    text = str(text)
+    if not text.startswith(FORMULA_START):
+        return False
+    try:
+        float(text)
+        return False
+    except ValueError:
+        return True
+
+
 def mask_class_names():
     masks, genders, ages = TASK_NAMES
     return [f"{m}_{g}_{a}" for m in masks for g in genders for a in ages]

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from core.labels import mask_class_names, natural_key
+from core.labels import formula_like, mask_class_names, natural_key
+
+
+ROW_SUM_TOLERANCE = 1e-3  # what rounding to 6 decimals leaves over 1000 classes
 
 
 def read_table(path):
@@ -36,6 +39,9 @@ def read_table(path):
 def class_order(columns, path):
     """Probability columns -> the classes in the model's order; ValueError naming the file for a mask-layout file
     with a class missing or a column that is no mask class."""
+    formula = [c for c in columns if formula_like(c)]
+    if formula:  # it would reach submission.csv's answers, and run when a spreadsheet opens the file
+        raise ValueError(f"{path}: column {formula[0]!r} is no class name (it starts as a spreadsheet formula)")
     mask = mask_class_names()
     if not any(c in mask for c in columns):
         return sorted(columns, key=natural_key)
@@ -81,6 +87,11 @@ def soft_columns(table, path, extra=()):
         row, col = np.argwhere(bad)[0]
         value, image = table[classes[col]].iloc[row], table["ImageID"].iloc[row]
         raise ValueError(f"{path}: {value!r} in column {classes[col]} (image {image}) is not a probability")
+    off = np.abs(probs.sum(1) - 1) > ROW_SUM_TOLERANCE  # all zeros, all ones, scores: not one image's probabilities
+    if off.any():
+        row = int(np.argmax(off))
+        raise ValueError(f"{path}: the probabilities of image {table['ImageID'].iloc[row]} sum to {probs[row].sum():.4g}, "
+                         f"not 1 ({int(off.sum())} of {len(probs)} rows)")
     return table["ImageID"].tolist(), probs, classes
 
 
@@ -89,6 +100,9 @@ def read_hard(path):
     table = read_table(path)
     if "ans" not in table.columns:
         raise ValueError(f"{path}: no ans column (a submission_soft.csv?); hard voting needs submission.csv files")
+    formula = table["ans"][table["ans"].map(formula_like)]
+    if len(formula):
+        raise ValueError(f"{path}: answer {formula.iloc[0]!r} is no class (it starts as a spreadsheet formula)")
     return table["ImageID"].tolist(), table["ans"].tolist()
 
 

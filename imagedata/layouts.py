@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from core.labels import DEFAULT_AGE_BOUNDS, GENDERS, MASK_FILES, age_band, encode_class, mask_class_names, natural_key
+from core.labels import (DEFAULT_AGE_BOUNDS, GENDERS, MASK_FILES, age_band, encode_class, formula_like, mask_class_names,
+                         natural_key)
 from imagedata.constants import IMAGE_EXTENSIONS
 
 
@@ -157,6 +158,9 @@ def read_folder_train(data_dir, age_bounds=None):
     folders = sorted((utf8_named(p).name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=natural_key)
     found = {name: sorted(image_files(root / name), key=lambda f: natural_key(f.name)) for name in folders}
     classes = [name for name in folders if found[name]]
+    formula = [name for name in classes if formula_like(name)]
+    if formula:  # as a class name it becomes submission.csv's answers, which a spreadsheet would run
+        raise DataError(f"class folder {root / formula[0]}: its name starts as a spreadsheet formula; rename it")
     paths, labels = [], []
     for index, name in enumerate(classes):
         paths += [str(f) for f in found[name]]

@@ -106,6 +106,7 @@ def test_hard_vote_majority_and_tie_breaks(tmp_path, capsys):
     probs[1, 2, 2] = 0.6  # image c: model 1 is sure of its class 2; the others are lukewarm about theirs
     probs[0, 2, 1] = probs[2, 2, 0] = 0.3
     probs[:, 3, 4] = probs[:, 3, 5] = probs[:, 3, 6] = 0.2  # image d: exactly tied mass -> still the earliest file
+    probs /= probs.sum(-1, keepdims=True)  # probabilities: each image's row sums to 1
     for i in range(3):
         write_soft(tmp_path / f"m{i}" / "submission_soft.csv", IDS, probs[i])
     code, out, _ = run_cli(ensemble.cli, capsys, "--method", "hard", *files, "--out", tmp_path / "soft")
@@ -163,6 +164,16 @@ REFUSALS = {
     "soft: negative weight": (lambda t: soft_pair(t) + ["--weights", "1", "-1"], "non-negative"),
     "soft: not a number": (lambda t: corrupt(soft_pair(t), "x.5"), "'x.5' in column wear_male_young (image b.jpg) is not a probability"),
     "soft: a logit": (lambda t: corrupt(soft_pair(t), "-3.2"), "'-3.2' in column wear_male_young (image b.jpg) is not a probability"),
+    "soft: a row of zeros": (lambda t: [soft_pair(t)[0], write_soft(t / "z" / "submission_soft.csv", IDS, np.zeros((4, 18)))],
+                             "the probabilities of image a.jpg sum to 0, not 1 (4 of 4 rows)"),
+    "soft: a row of ones": (lambda t: [soft_pair(t)[0], write_soft(t / "o" / "submission_soft.csv", IDS, np.ones((4, 18)))],
+                            "the probabilities of image a.jpg sum to 18, not 1 (4 of 4 rows)"),
+    "soft: a formula for a class": (lambda t: [write_soft(t / f / "submission_soft.csv", IDS, random_probs(1, c=2),
+                                                          ["=cmd|' /C calc'!A0", "dog"]) for f in "ab"],
+                                    "column \"=cmd|' /C calc'!A0\" is no class name (it starts as a spreadsheet formula)"),
+    "hard: a formula for an answer": (lambda t: ["--method", "hard", *hard_pair(t, IDS)[:1],
+                                                 write_hard(t / "f" / "submission.csv", IDS, ["@SUM(1+1)*cmd|' /C calc'!A0"] * 4)],
+                                      "answer \"@SUM(1+1)*cmd|' /C calc'!A0\" is no class (it starts as a spreadsheet formula)"),
     "hard: different images": (lambda t: ["--method", "hard", *hard_pair(t, IDS[1:] + ["e.jpg"])], "list different images"),
     "hard: duplicated image": (lambda t: ["--method", "hard", *hard_pair(t, IDS + ["a.jpg"])], "a.jpg is listed more than once"),
     "hard: given a soft CSV": (lambda t: ["--method", "hard", *soft_pair(t)], "no ans column"),

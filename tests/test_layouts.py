@@ -230,3 +230,13 @@ def test_an_eval_image_id_outside_the_eval_dir_is_refused(tmp_path, image_id):
     with pytest.raises(DataError) as e:
         read_eval(tmp_path / "eval", "mask")
     assert str(e.value) == f"{tmp_path / 'eval' / 'info.csv'}: ImageID {image_id!r} is not a file name under {tmp_path / 'eval' / 'images'}"
+
+
+def test_a_class_folder_named_as_a_spreadsheet_formula_is_refused(tmp_path):
+    write_image(tmp_path / "=HYPERLINK(evil)" / "a.jpg")
+    write_image(tmp_path / "-1" / "b.jpg")  # a number: no formula
+    with pytest.raises(DataError, match=re.escape(f"class folder {tmp_path / '=HYPERLINK(evil)'}: its name starts as a "
+                                                  f"spreadsheet formula; rename it")):
+        read_folder_train(tmp_path)
+    os.rename(tmp_path / "=HYPERLINK(evil)", tmp_path / "cat")
+    assert read_folder_train(tmp_path)["classes"] == ["-1", "cat"]
