@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 import dataset
 from core import demo
-from core.folds import join_folds
+from core.folds import check_held_out, join_folds
 from core.cli import Parser, make_progress, run_main
 from core.labels import TASKS, natural_key
 from core.metrics import score
@@ -102,6 +102,8 @@ def out_of_fold(checkpoints, *, device, tta=False, batch_size=256, num_workers=-
         data_dir, _ = demo.data_dirs(a["data_dir"], None, make=False)
         layout, data, _, val_idx = dataset.read_split(a["dataset"], data_dir, a["age_bounds"], a["val_ratio"], a["seed"],
                                                       a["kfold"], a["fold"])
+        check_held_out(Path(path).parent / "val_soft.csv", [Path(data["paths"][i]).relative_to(data_dir).as_posix() for i in val_idx],
+                       data["truth"][val_idx], f"fold {a['fold']} ({path})")
         if reference is None:
             reference = dict(paths=data["paths"], classes=ckpt["classes"], layout=layout, split=(a["dataset"], a["kfold"], a["seed"]))
         elif data["paths"] != reference["paths"] or (a["dataset"], a["kfold"], a["seed"]) != reference["split"]:

@@ -1,6 +1,8 @@
 """Out of fold: the K held-out parts of a K-fold split, put together and checked to cover the training images
 exactly once, so the score over them is over every image, once. kfold.py (parts predicted from the fold
 checkpoints) and finalize.py (parts read from the folds' val_soft.csv) share it."""
+from pathlib import Path
+
 import numpy as np
 
 
@@ -33,3 +35,21 @@ def join_folds(parts, expected=None, total=None):
         raise ValueError(f"{missing} of the {len(expected)} training images are held out by none of the {len(parts)} "
                          f"folds given (not all K folds?)")
     return dict(ids=list(expected), labels=labels, probs=probs, fold=fold)
+
+
+def check_held_out(val_soft, ids, labels, fold):
+    """A fold's held-out images as rebuilt now from the data dir (ids relative to it, labels) must be those it held out
+    when it trained, as its val_soft.csv records them: images added, removed or relabelled since would be scored
+    in their place, without a word. ValueError naming the fold and what changed."""
+    from core.submissions import read_val_soft  # lazy: pandas, only where folds are rebuilt
+    if not Path(val_soft).is_file():
+        raise ValueError(f"{fold}: no {val_soft}, so its held-out images cannot be checked against what it trained on")
+    recorded = dict(zip(*read_val_soft(val_soft)[:2]))
+    now = dict(zip(ids, (int(label) for label in labels)))
+    added, gone = sorted(set(now) - set(recorded)), sorted(set(recorded) - set(now))
+    relabelled = sorted(i for i in set(now) & set(recorded) if now[i] != recorded[i])
+    if added or gone or relabelled:
+        what = "; ".join(f"{len(names)} {how} (e.g. {names[0]})" for how, names in
+                         (("added", added), ("gone", gone), ("relabelled", relabelled)) if names)
+        raise ValueError(f"{fold}: its held-out images differ from the {len(recorded)} it held out when it trained "
+                         f"({val_soft}): {what}. The data dir changed since; restore it or train the folds again")

@@ -7,7 +7,8 @@ from search.nni_io import train_words
 from search.trials import flag_words, flatten, is_number, ranked
 from training import flags
 
-NOT_CONFIGURATION = ("epochs", "kfold", "fold")  # a run's length and its fold say how, not what, it trains
+# a run's length and its fold say how, not what, it trains; the data dirs, where the data lies on the machine that ran it
+NOT_CONFIGURATION = ("epochs", "kfold", "fold", *flags.DATA_PLACES)
 
 
 @dataclass

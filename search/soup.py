@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 import dataset
 from core import demo
-from core.folds import join_folds
+from core.folds import check_held_out, join_folds
 from core.metrics import score
 from core.submissions import alignment
 from imagedata.augment import Normalize
@@ -37,7 +37,7 @@ def ingredients(run_dir, finalists, winner, k):
 class Fold:
     """One fold's images as its runs trained on them: the split rebuilt from a checkpoint's own flags."""
 
-    def __init__(self, meta, device, batch_size=128):
+    def __init__(self, meta, device, fold_dirs, batch_size=128):
         a = meta["args"]
         data_dir, eval_dir = demo.data_dirs(a["data_dir"], a.get("eval_dir"), make=False)
         if not Path(data_dir).is_dir():
@@ -48,6 +48,8 @@ class Fold:
                                                                    a["seed"], a["kfold"], a["fold"])
         self.paths, self.labels, self.size, self.eval_dir = data["paths"], data["truth"], tuple(meta["resize"]), eval_dir
         self.ids = [Path(p).relative_to(data_dir).as_posix() for p in np.asarray(self.paths)[self.val_idx]]
+        for folder in fold_dirs:  # every ingredient's fold held out these very images
+            check_held_out(folder / "val_soft.csv", self.ids, self.labels[self.val_idx], str(folder))
         self.images = dataset.load_images(self.paths, self.size, a["cache_dir"], not a["no_cache"])
         self.device, self.batch_size = device, batch_size
         self.normalize = Normalize(meta["mean"], meta["std"]).to(device)
@@ -82,7 +84,7 @@ def averaged(states):
 def fold_soup(run_dir, names, k, device, log):
     """Greedy soup on fold k over the ingredient finalists -> (soup's members, held-out F1, held-out probs, Fold, model, meta)."""
     loaded = {n: checkpoint.load_model(run_dir / n / f"fold{k}" / "best.pth", device) for n in names}
-    fold = Fold(loaded[names[0]][1], device)
+    fold = Fold(loaded[names[0]][1], device, [run_dir / n / f"fold{k}" for n in names])
     scored = {n: fold.held_out(model, ckpt["classification"]) for n, (model, ckpt) in loaded.items()}
     order = sorted(names, key=lambda n: -scored[n][1])  # stable: ties keep the finalists' rank order
     members, (probs, best) = [order[0]], scored[order[0]]

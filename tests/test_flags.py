@@ -1,5 +1,6 @@
 """training/flags.py in-process: the parser's defaults and help, --config layering, NNI parameters with
 their types and nested choices, TRIAL_BUDGET, and the range checks (no train.py process needed)."""
+import os
 import argparse
 import json
 import subprocess
@@ -134,3 +135,10 @@ def test_parsing_flags_loads_none_of_the_data_code():
             "print(sorted(m for m in sys.modules if m == 'dataset' or m.startswith('imagedata.') and m != 'imagedata.constants'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_data_dirs_are_stored_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = flags.defaults(["--data_dir", "data/train", "--eval_dir", "~/eval"])
+    assert (config["data_dir"], config["eval_dir"]) == (str(tmp_path / "data" / "train"), os.path.expanduser("~/eval"))
+    assert flags.defaults()["data_dir"] is None  # the demo data: found where it is made

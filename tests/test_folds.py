@@ -34,3 +34,18 @@ def test_parts_are_put_in_the_expected_order():
 def test_parts_that_do_not_cover_the_images_once_are_refused(folds, kw, message):
     with pytest.raises(ValueError, match=message):
         join_folds(parts_of(*folds), **kw)
+
+
+def test_held_out_images_are_checked_against_what_the_fold_recorded(tmp_path):
+    from core.folds import check_held_out
+    from core.runs import write_val_soft
+    write_val_soft(tmp_path / "val_soft.csv", ["a.jpg", "b.jpg", "c.jpg"], [0, 1, 1], np.full((3, 2), 0.5), ["cat", "dog"])
+    check_held_out(tmp_path / "val_soft.csv", ["c.jpg", "a.jpg", "b.jpg"], np.array([1, 0, 1]), "fold 0")  # any order
+    for ids, labels, message in [(["a.jpg", "b.jpg", "c.jpg", "d.jpg"], [0, 1, 1, 0], "1 added \\(e.g. d.jpg\\)"),
+                                 (["a.jpg", "b.jpg"], [0, 1], "1 gone \\(e.g. c.jpg\\)"),
+                                 (["a.jpg", "b.jpg", "c.jpg"], [0, 1, 0], "1 relabelled \\(e.g. c.jpg\\)")]:
+        with pytest.raises(ValueError, match=f"fold 0: its held-out images differ from the 3 it held out when it trained "
+                                             f"\\({tmp_path / 'val_soft.csv'}\\): {message}. The data dir changed since"):
+            check_held_out(tmp_path / "val_soft.csv", ids, np.array(labels), "fold 0")
+    with pytest.raises(ValueError, match="fold 1: no .*nowhere.csv, so its held-out images cannot be checked"):
+        check_held_out(tmp_path / "nowhere.csv", ["a.jpg"], np.array([0]), "fold 1")

@@ -112,3 +112,34 @@ def test_failed_fold_stops_with_its_name(tmp_path, demo_dir, cache_dir, capfd):
         "train.py: error: --lr -1.0: must be positive",
         f"kfold.py: error: fold 0: train.py exited with code 1 (its message is above); "
         f"the folds trained so far are in {tmp_path / 'runs' / 'kfold'}"]
+
+
+@pytest.mark.slow
+def test_folds_rebuilt_from_changed_data_are_refused_and_data_dirs_are_absolute(tmp_path, demo_dir, cache_dir, capsys, monkeypatch):
+    """Trained from a relative --data_dir; then scored from another directory (found: config.json holds it absolute),
+    then after 6 people joined the data dir (refused by kfold --reuse and by the soup: they would score other images)."""
+    shutil.copytree(demo_dir / "train", tmp_path / "data" / "train")
+    (tmp_path / "data" / "train" / "train.csv").unlink()  # only checked: its warning about the new people is not the point
+    cmd = [sys.executable, str(ROOT / "baseline" / "kfold.py"), "--k", "2", "--model_dir", "runs", "--name", "cv",
+           "--num_workers", "0", "--", "--data_dir", "data/train", "--eval_dir", str(demo_dir / "eval"),
+           "--cache_dir", str(cache_dir), *TINY, "--epochs", "1"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=train_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = tmp_path / "runs" / "cv"
+    assert json.loads((run / "fold0" / "config.json").read_text())["data_dir"] == str(tmp_path / "data" / "train")
+    monkeypatch.chdir(ROOT)
+    assert kfold.cli(["--reuse", str(run), "--num_workers", "0"]) == 0
+    assert "out-of-fold (168 images)" in capsys.readouterr().out
+
+    people = sorted((tmp_path / "data" / "train" / "images").iterdir())
+    for n, person in enumerate(people[:6]):
+        shutil.copytree(person, person.with_name(f"{900 + n:06d}_" + person.name.split("_", 1)[1]))
+    code, out, err = run_cli(kfold.cli, capsys, "--reuse", run, "--num_workers", "0")
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"kfold.py: error: fold 0 ({run / 'fold0' / 'best.pth'}): its held-out images differ from the ") and \
+        f"it held out when it trained ({run / 'fold0' / 'val_soft.csv'}): " in err and " added (e.g. images/" in err and \
+        "The data dir changed since; restore it or train the folds again" in err
+
+    from search import soup
+    with pytest.raises(ValueError, match=f"{tmp_path / 'runs' / 'cv' / 'fold0'}: its held-out images differ"):
+        soup.fold_soup(tmp_path / "runs", ["cv"], 0, torch.device("cpu"), log=lambda line: None)

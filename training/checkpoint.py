@@ -15,6 +15,7 @@ torch.load(weights_only=True): a .pth file someone hands you never runs code.
 """
 import hashlib
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,7 +182,10 @@ class Start:
 
 def check_resume(saved, explicit):
     """A resumed run continues the same training: refuse flags that would change what last.pth means."""
-    changed = [k for k in FIXED_ON_RESUME if k in explicit and explicit[k] != getattr(saved, k)]
+    def same(key):  # config.json holds the data dirs absolute
+        given, was = explicit[key], getattr(saved, key)
+        return given == was or (key.endswith("_dir") and given and was and os.path.abspath(given) == os.path.abspath(was))
+    changed = [k for k in FIXED_ON_RESUME if k in explicit and not same(k)]
     if changed:
         k = changed[0]
         raise ValueError(f"--resume: --{k} {explicit[k]} differs from the run's {getattr(saved, k)}; resuming cannot change "

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import io
 import math
+import os
 
 from core.cli import Parser
 from core.files import check_file, read_mapping
@@ -21,6 +22,7 @@ from training import checkpoint
 
 NOT_IN_CONFIG = ("config", "resume", "print_flags")  # how this run was started, not what it trains
 NAMES = {"model": check_model_name}  # names checked beyond a choices list (timm's models are too many to list)
+DATA_PLACES = ("data_dir", "eval_dir")  # where the data lies on the machine that trains, not what trains
 DEFAULT_SIZE = (128, 96)  # BaseModel's: the demo's people at a size a CPU trains in minutes
 
 
@@ -218,10 +220,13 @@ def parse_args(argv=None, nni_params=None):
 
 def resolve(args):
     """Fill in what depends on other flags: an unset --resize is a pretrained timm model's own input size, else
-    DEFAULT_SIZE. config.json then records the size the run used."""
+    DEFAULT_SIZE; the data dirs made absolute. config.json then records the size and the dirs the run used."""
     if args.resize is None:
         cfg = timm_config(args.model) if args.pretrained else None
         args.resize = list(cfg.input_size[1:]) if cfg is not None else list(DEFAULT_SIZE)
+    for key in DATA_PLACES:  # absolute: the tools that rebuild a run's split find its data from any directory
+        if getattr(args, key):
+            setattr(args, key, os.path.abspath(os.path.expanduser(getattr(args, key))))
     return args
 
 
