@@ -1,8 +1,8 @@
 """training/flags.py in-process: the parser's defaults and help, --config layering, NNI parameters with
 their types and nested choices, TRIAL_BUDGET, and the range checks (no train.py process needed)."""
-import os
 import argparse
 import json
+import os
 import subprocess
 import sys
 
