@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from efficientnet_pytorch import EfficientNet
 
 from core.labels import TASK_SIZES
-from weights import WEIGHTS_PACKAGES, load_weights, local_weights, package_install_name
+from weights import WEIGHTS_PACKAGES, download_host_problem, load_weights, local_weights, package_install_name
 
 
 class WeightsError(RuntimeError):
@@ -120,13 +120,16 @@ def timm_backbone(name, pretrained=False, input_size=None):
         backbone = timm.create_model(model, pretrained=False, num_classes=0, **size)
         load_weights(backbone, source, classifier_names(name), name, by_order=by_order, what=f"ImageNet weights {source}")
         return backbone
+    unreachable = download_host_problem(cfg) if pretrained else None
     try:
+        if unreachable:  # huggingface_hub retries a failed name lookup for about a minute, 20 lines on the way
+            raise ConnectionError(unreachable)
         return timm.create_model(model, pretrained=pretrained, num_classes=0, **size)
     except Exception as e:  # no network, no hub access, proxy...: only pretrained=True reaches out
         if not pretrained:
             raise
         raise WeightsError(f"no ImageNet weights for {name} here: {where_looked(model)}, and the download failed "
-                           f"({type(e).__name__}); pass --weights FILE (.pth or .safetensors)") from None
+                           f"({unreachable or type(e).__name__}); pass --weights FILE (.pth or .safetensors)") from None
 
 
 def where_looked(model):

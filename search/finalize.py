@@ -225,6 +225,9 @@ def plan(run_dir, args, exp, finalists, trial_command):
 
 def train_missing(args, config, run_dir, finalists, exp_id):
     """The fold experiment over what is not home yet, then every finished fold brought home, also when it ended early."""
+    problem = nni_io.port_problem(args.fold_port, " (--fold_port)")
+    if problem:
+        raise ValueError(problem)
     jobs = fold_jobs(finalists, args.k, folds_home(run_dir, finalists, args.k))
     machines = nni_io.machines_of(config)
     trials, status = run_fold_experiment(fold_experiment_config(args.config, exp_id, jobs), run_dir, args.fold_port)
@@ -236,8 +239,10 @@ def train_missing(args, config, run_dir, finalists, exp_id):
         raise KeyboardInterrupt(f"{len(jobs) - len(missing)} of the {len(jobs)} fold trainings came home to {run_dir}, "
                                 f"the fold experiment is stopped; run finalize again to train only the other {len(missing)}")
     if missing:
-        raise ValueError(f"{len(missing)} fold trainings did not come home (the fold experiment ended {status}; their "
-                         f"trials' trial.stderr say why); run finalize again to train only those")
+        failed = [f"{t.log_path}/trial.stderr" for t in trials if t.status != "SUCCEEDED"]
+        why = f"; why: {', '.join(failed[:2])}{f' and {len(failed) - 2} more' if len(failed) > 2 else ''}" if failed else ""
+        raise ValueError(f"{len(missing)} fold trainings did not come home (the fold experiment ended {status}{why}); "
+                         f"run finalize again to train only those")
 
 
 def main(argv=None):

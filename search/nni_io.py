@@ -10,6 +10,7 @@ import json
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -198,6 +199,16 @@ def nnictl(*args, env=None, timeout=180):
     proc = subprocess.run([sys.executable, "-m", "search.nnictl", *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
     return proc.returncode, COLOURS.sub("", proc.stdout + proc.stderr)
+
+
+def port_problem(port, why=""):
+    """Why an NNI manager could not start on port here, by NNI's own test (something answers on localhost:port),
+    or None. `nnictl create` meets a busy port with a traceback, finalize after planning its folds."""
+    with socket.socket() as sock:
+        if sock.connect_ex(("localhost", int(port))) == 0:
+            return (f"port {port}{why} is in use here (an experiment on it? `nnictl stop --port {port}`; else pick "
+                    f"another port)")
+    return None
 
 
 def exp_id_of(nnictl_output):

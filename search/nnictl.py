@@ -4,12 +4,19 @@ NNI 3.0's `nnictl create` (and resume, view) starts its manager (a node process)
 check-status three times, a second apart; then it kills it and fails with "Create experiment failed:
 ... /api/v1/nni/check-status ... Connection refused". On a busy machine node can take longer than
 that (CI met it). This is nnictl itself with that wait made START_WAIT_S seconds, cut short when the
-manager has exited; everything else is stock. The search tools start experiments through it.
+manager has exited. Two more differences: a busy port is one line before anything starts (stock nnictl
+prints a traceback), and this interpreter's bin dir goes first on PATH, so that local trials' `python3` is the
+one that has torch, as `.venv/bin/imgcls-nnictl` runs without the venv activated. The rest is stock; the
+search tools start experiments through it.
 """
+import os
 import sys
 import time
+from pathlib import Path
 
 from nni.experiment import launcher
+
+from search.nni_io import port_problem
 
 START_WAIT_S = 60
 
@@ -28,7 +35,8 @@ def wait_for_manager(port, url_prefix=None, proc=None, wait_s=START_WAIT_S):
 
 
 def patch_launcher(wait_s=START_WAIT_S):
-    """Make nni.experiment.launcher wait for the manager it started with wait_for_manager."""
+    """Make nni.experiment.launcher wait for the manager it started with wait_for_manager, and refuse a busy port
+    in one line."""
     started = []
     stock_start = launcher._start_rest_server
 
@@ -39,10 +47,17 @@ def patch_launcher(wait_s=START_WAIT_S):
     def check(port, retry=3, url_prefix=None):
         wait_for_manager(port, url_prefix, started[-1] if started else None, wait_s)
 
-    launcher._start_rest_server, launcher._check_rest_server = start, check
+    def ensure_port_idle(port, message=None):  # stock raises RuntimeError: a traceback
+        problem = port_problem(port, f" ({message})" if message else "")
+        if problem:
+            raise SystemExit(f"imgcls-nnictl: error: {problem}")
+
+    launcher._start_rest_server, launcher._check_rest_server, launcher._ensure_port_idle = start, check, ensure_port_idle
 
 
 def cli(argv=None):
+    # not resolved: a venv's bin/python is a link out of it, and its own dir is what puts the venv first
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     patch_launcher()
     from nni.tools.nnictl.nnictl import parse_args
     sys.argv = ["nnictl", *(sys.argv[1:] if argv is None else argv)]

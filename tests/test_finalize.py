@@ -142,8 +142,8 @@ def test_remote_fetch_over_ssh_with_a_missing_file(fold_run, tmp_path):
 
 
 # ----------------------------------------------------------------------------- a real search, finalized
-def run_finalize(nni_home, *args):
-    proc = subprocess.run([sys.executable, str(ROOT / "search" / "finalize.py"), *map(str, args)], env=nni_env(nni_home),
+def run_finalize(nni_home, *args, env=None):
+    proc = subprocess.run([sys.executable, str(ROOT / "search" / "finalize.py"), *map(str, args)], env=env or nni_env(nni_home),
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
@@ -188,6 +188,8 @@ def check_finalized(run_dir, k, demo_dir):
 def test_local_search_finalized_then_reused(tmp_path, demo_dir, cache_dir, nni_home):
     config = tiny_search(demo_dir, cache_dir)
     config["trialCommand"] += " --reshuffle_val"  # each search trial validates on its own people; the folds must not
+    # as the README has it: `python3`, which on a PATH without the venv (below) is the machine's, without torch
+    config["trialCommand"] = config["trialCommand"].replace(sys.executable, "python3", 1)
     (tmp_path / "search.yml").write_text(yaml.safe_dump(config))
     with nni_experiment(config, tmp_path / "search", nni_home) as run:
         run.wait_done(300)
@@ -202,8 +204,9 @@ def test_local_search_finalized_then_reused(tmp_path, demo_dir, cache_dir, nni_h
     assert (tmp_path / "fetched" / "best.pth").read_bytes() == (source / "best.pth").read_bytes()
     assert {p.relative_to(source) for p in source.rglob("*") if p.is_file()} == \
         {p.relative_to(tmp_path / "fetched") for p in (tmp_path / "fetched").rglob("*") if p.is_file()}
+    bare = dict(nni_env(nni_home), PATH="/usr/bin:/bin")  # the README's finalize line: the venv not activated
     out = run_finalize(nni_home, "--id", exp_id, "--config", tmp_path / "search.yml", "--top", 1, "--k", 2,
-                       "--out", tmp_path / "final", "--fold_port", free_port())
+                       "--out", tmp_path / "final", "--fold_port", free_port(), env=bare)
     report = check_finalized(tmp_path / "final", 2, demo_dir)
     assert "fold experiment" in out and len(report["finalists"]) in (1, 2)
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "final").rglob("best.pth")}
@@ -212,6 +215,16 @@ def test_local_search_finalized_then_reused(tmp_path, demo_dir, cache_dir, nni_h
     assert "training nothing" in out and "fold experiment" not in out
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "final").rglob("best.pth")} == stamps
     assert json.loads((tmp_path / "final" / "finalize.json").read_text())["select"] == "greedy"
+    # folds that fail: the error line says where each trial's own error is
+    (tmp_path / "broken.yml").write_text(yaml.safe_dump(dict(config, trialCommand=config["trialCommand"] + " --data_dir /nowhere")))
+    proc = subprocess.run([sys.executable, str(ROOT / "search" / "finalize.py"), "--id", exp_id, "--config", str(tmp_path / "broken.yml"),
+                           "--top", "1", "--k", "2", "--out", str(tmp_path / "broken"), "--fold_port", str(free_port())],
+                          env=bare, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith("finalize.py: error: ") and "fold trainings did not come home (the fold " \
+        "experiment ended " in last and "; why: " in last and "/trial.stderr" in last, proc.stderr
+    stderr_file = Path(last.split("why: ")[1].split("/trial.stderr")[0]) / "trial.stderr"
+    assert "data dir /nowhere does not exist" in stderr_file.read_text()
 
 
 @pytest.mark.slow

@@ -94,3 +94,15 @@ def test_fine_tuning_from_imagenet_beats_random_weights(run_train, tmp_path):
     pre, rnd = np.array(scores[True]), np.array(scores[False])
     print(f"best val accuracy, pretrained {pre.round(3).tolist()}, random {rnd.round(3).tolist()}")
     assert (pre > rnd).all() and pre.mean() - rnd.mean() > 2 * max(pre.std(), rnd.std()), (pre, rnd)
+
+
+def test_a_hub_whose_name_does_not_resolve_fails_at_once(monkeypatch, tmp_path, capfd):
+    """huggingface_hub retried the failed name lookup 5 times a file with back-off: 53 s and 20 lines before the one."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_ENDPOINT", "https://weights-hub.invalid")  # .invalid never resolves (RFC 2606): a real lookup fails
+    with pytest.raises(M.WeightsError) as e:
+        M.create_model("timm/test_efficientnet", 18, pretrained=True)
+    assert len(str(e.value).splitlines()) == 1
+    assert "the download failed (weights-hub.invalid does not resolve here: no network or DNS); pass --weights FILE" in str(e.value)
+    assert "Retry" not in capfd.readouterr().err
