@@ -141,6 +141,12 @@ def load_weights(backbone, path, classifier, name, by_order=False, what=None):
     weights = [k for k in own if not k.endswith("num_batches_tracked")]
     missing = [k for k in weights if k not in state]
     if missing:
+        theirs = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")][:len(weights)]
+        if len(theirs) == len(weights) and all(v.shape == own[o].shape for (_, v), o in zip(theirs, weights)):
+            raise ValueError(f"{what} does not fit {name} by name, though its first {len(weights)} tensors are {name}'s in "
+                             f"shape and order: its keys are named otherwise (e.g. {theirs[0][0]} for {weights[0]}); "
+                             f"rename them to {name}'s (a train.py checkpoint: --resume continues it, baseline/inference.py "
+                             f"predicts with it)")
         raise ValueError(f"{what} does not fit {name}: {len(missing)} of {len(weights)} tensors would stay "
                          f"random (e.g. {missing[0]}); another backbone?")
     _, unexpected = backbone.load_state_dict(state, strict=False)

