@@ -209,12 +209,16 @@ def plan(run_dir, args, exp, finalists, trial_command):
     if not path.is_file():
         replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(dict(fixed, finalists=[asdict(f) for f in finalists]), indent=2)))
         return finalists
-    saved = json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text())
+        finalists = [Finalist(**f) for f in saved["finalists"]]
+    except (ValueError, TypeError, KeyError, AttributeError):  # JSON and UTF-8 errors are ValueErrors
+        raise ValueError(f"{path}: damaged (not the plan finalize wrote there): restore it, or delete it to plan the "
+                         f"folds anew") from None
     changed = [f"--{k} {saved.get(k)} (now {v})" if k != "experiment" else f"experiment {saved.get(k)} (now {v})"
                for k, v in fixed.items() if saved.get(k) != v]
     if changed:
         raise ValueError(f"{run_dir} was planned for {', '.join(changed)}: use another --out")
-    finalists = [Finalist(**f) for f in saved["finalists"]]
     for f in finalists:
         now = configuration(trial_command, f.params)
         if now != f.config:

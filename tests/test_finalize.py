@@ -365,3 +365,13 @@ def test_interrupted_finalize_keeps_finished_folds_then_trains_only_the_rest(tmp
     proc = subprocess.run(cmd, env=nni_env(nni_home), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "was planned with another trial command:" in proc.stderr and "--steps 8 -> 4" in proc.stderr
     assert len(proc.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("damage", [b'{"experiment": "exp12345", "finalists": [', b"\xff\xfe", b"[]", b'{"finalists": [{"nom": 1}]}'])
+def test_a_damaged_plan_is_one_line_naming_it(tmp_path, damage):
+    run_dir, _ = planned(tmp_path)
+    (run_dir / "plan.json").write_bytes(damage)
+    with pytest.raises(ValueError) as e:
+        planned(tmp_path)
+    assert str(e.value) == (f"{run_dir / 'plan.json'}: damaged (not the plan finalize wrote there): restore it, or delete it "
+                            f"to plan the folds anew")
