@@ -109,10 +109,11 @@ class Machine:
     max_trial_number_per_gpu: int = 1
     gpu_indices: list[int] | None = None
     use_active_gpu: bool = False
+    local: bool = False  # this machine, as the local training service uses it
 
     @property
     def name(self):
-        return f"{self.user}@{self.host}:{self.port}"
+        return "this machine" if self.local else f"{self.user}@{self.host}:{self.port}"
 
 
 def gpu_indices(value):
@@ -143,6 +144,17 @@ def machines_of(config):
     if is_remote(config) and not machines:
         raise ValueError("trainingService.machineList is empty")
     return machines
+
+
+def local_machine(config):
+    """This machine as NNI's local training service runs trials on it, or None for a config that trains elsewhere.
+    imgcls-nnictl puts the bin dir of the interpreter that runs the tools first on PATH: that is its pythonPath."""
+    svc = next((s for s in services_of(config) if isinstance(s, dict) and s.get("platform") == "local"), None)
+    if svc is None:
+        return None
+    return Machine(host="localhost", ssh_key_file=None, python_path=str(Path(sys.executable).parent), local=True,
+                   max_trial_number_per_gpu=int(svc.get("maxTrialNumberPerGpu", 1)), gpu_indices=gpu_indices(svc.get("gpuIndices")),
+                   use_active_gpu=bool(svc.get("useActiveGpu", False)))
 
 
 def ssh_base(m, timeout):

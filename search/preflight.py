@@ -1,7 +1,7 @@
-"""Check an NNI config before `nnictl create`: its search space, then every machine of a remote one.
+"""Check an NNI config before `nnictl create`: its search space, then every machine it trains on.
 
     python search/preflight.py config_remote.yml [--port 8080]
-    python search/preflight.py config_local.yml             # the search space only
+    python search/preflight.py config_local.yml             # the search space and this machine
 
 The search space is checked against train.py's own parser, without starting a trial: every key
 is a flag, every entry follows NNI's rules for its _type, every value it can draw (a normal's
@@ -10,7 +10,9 @@ choices are well formed, no key is given twice across nesting levels, the values
 keys pass together (pairwise, sampled), and with start_from_defaults train.py's defaults are in
 the space. One FAIL line per problem; a WARN line where only some draws fail (a normal's tails).
 
-For each machine in trainingService.machineList it prints one line, OK or FAIL:
+For each machine in trainingService.machineList (for a local config: this machine, as imgcls-nnictl starts
+its trials: the tools' interpreter first on PATH, in trialCodeDirectory, no ssh or callback) it prints one
+line, OK or FAIL:
 
   ssh       key login with the configured user/port/key (the `ssh` client,
             BatchMode, no known_hosts written)
@@ -46,7 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.cli import Parser, run_main
-from search.nni_io import Machine, flag_value, interpreter_of, load_config, machines_of, search_space, setting, ssh_base, trial_command
+from search.nni_io import (Machine, flag_value, interpreter_of, load_config, local_machine, machines_of, search_space, setting,
+                           ssh_base, trial_command)
 from search.space import defaults_problem, pretrained_models, space_problems
 
 # Runs on each machine, sent over SSH to `python -` (its text on stdin); prints one JSON line.
@@ -172,7 +175,7 @@ def weights_packages(models):
     return {m: WEIGHTS_PACKAGES[m.removeprefix("timm/")] for m in models if m.removeprefix("timm/") in WEIGHTS_PACKAGES}
 
 
-def _run_probe(m, base, args, res, timeout):
+def _run_probe(m, base, args, res, timeout, cwd=None):
     """One probe run with the interpreter NNI uses; its answer as a dict, or None when it failed (recorded in res)."""
     if m.python_path:
         pp = shlex.quote(m.python_path.rstrip("/"))
@@ -181,7 +184,8 @@ def _run_probe(m, base, args, res, timeout):
     else:
         launcher = f"exec python3 - {shlex.quote(json.dumps(args))}"
     try:
-        r = subprocess.run(base + [launcher], input=PROBE.read_text(), capture_output=True, text=True, timeout=timeout + 300)
+        r = subprocess.run(base + [launcher], input=PROBE.read_text(), capture_output=True, text=True, timeout=timeout + 300,
+                           cwd=cwd)
     except subprocess.TimeoutExpired:
         res.bad("python", "probe did not finish within the time limit")
         return None
@@ -195,7 +199,7 @@ def _run_probe(m, base, args, res, timeout):
     return info
 
 
-def _judge_packages(info, args, res, local_nni):
+def _judge_packages(m, info, args, res, local_nni):
     """nni, torch and the trial interpreter, from the probe's answer."""
     if "nni" in info:
         if info["nni"] != local_nni:
@@ -213,6 +217,10 @@ def _judge_packages(info, args, res, local_nni):
     if trial is not None:
         if trial["prefix"] is None:
             res.bad("trial", f"trialCommand's {args['interpreter']!r} does not run there: {trial['error'] or 'no output'}")
+        elif os.path.realpath(trial["prefix"]) != os.path.realpath(info["prefix"]) and m.local:
+            res.bad("trial", f"trialCommand's {args['interpreter']!r} is {trial['which'] or '?'} (env {trial['prefix']}), "
+                             f"not this interpreter's env {info['prefix']}, which imgcls-nnictl puts first on PATH: say "
+                             f"python3 in trialCommand, or run the tools with that env's interpreter")
         elif os.path.realpath(trial["prefix"]) != os.path.realpath(info["prefix"]):
             res.bad("trial", f"trialCommand's {args['interpreter']!r} is {trial['which'] or '?'} (env {trial['prefix']}), "
                              f"not the pythonPath env {info['prefix']}: the remote ~/.bashrc puts it first on PATH; "
@@ -258,17 +266,18 @@ def _judge_weights(info, res):
         res.good("weights", ", ".join(f"{name} {state}" for name, (state, _) in states.items()))
 
 
-def check_machine(m, config, space, port, callback, local_nni, timeout):
-    """All checks of one machine, as a Result; stops at the first check the others depend on (ssh, python)."""
+def check_machine(m, config, space, port, callback, local_nni, timeout, cwd=None):
+    """All checks of one machine, as a Result; stops at the first check the others depend on (ssh, python).
+    This machine (m.local) is probed with bash in cwd, the trials' code directory."""
     res = Result(m)
-    base = _check_ssh(m, res, timeout)
+    base = ["/bin/bash", "-c"] if m.local else _check_ssh(m, res, timeout)
     if base is None:
         return res
     args = probe_args(m, config, space, port, callback, timeout)
-    info = _run_probe(m, base, args, res, timeout)
+    info = _run_probe(m, base, args, res, timeout, cwd)
     if info is None:
         return res
-    _judge_packages(info, args, res, local_nni)
+    _judge_packages(m, info, args, res, local_nni)
     _judge_resources(m, config, port, callback, info, args, res)
     _judge_weights(info, res)
     return res
@@ -293,6 +302,15 @@ def check_space(config, config_path, out):
     return len(problems)
 
 
+def space_of(config, config_path):
+    """The search space, or None where it cannot be read: its FAIL line is out; the machines are checked without the
+    backbones it would draw."""
+    try:
+        return search_space(config, config_path)
+    except ValueError:
+        return None
+
+
 def preflight(config_path, port, timeout=10, out=sys.stdout):
     try:
         config = load_config(config_path)
@@ -301,6 +319,15 @@ def preflight(config_path, port, timeout=10, out=sys.stdout):
         print(f"FAIL config {e}", file=out)
         return 1
     failed = check_space(config, config_path, out)
+    local = local_machine(config) if not machines else None
+    if local is not None:
+        code_dir = Path(config_path).parent / str(config.get("trialCodeDirectory", "."))
+        res = check_machine(local, config, space_of(config, config_path), port, False, importlib.metadata.version("nni"),
+                            timeout, cwd=code_dir if code_dir.is_dir() else None)
+        print(res.line(), file=out, flush=True)
+        failed += bool(res.failed)
+        print(f"preflight: {'this machine ready' if not failed else f'{failed} problems, see FAIL lines'}", file=out)
+        return 1 if failed else 0
     if not machines:
         print(f"preflight: {'search space ok' if not failed else f'{failed} problems, see FAIL lines'}; "
               f"no remote machines to check", file=out)
@@ -319,10 +346,7 @@ def preflight(config_path, port, timeout=10, out=sys.stdout):
             print(f"FAIL config callback: {e}", file=out)
             failed += 1
             listener, ip = contextlib.nullcontext(), None
-    try:
-        space = search_space(config, config_path)
-    except ValueError:
-        space = None  # its FAIL line is out; the machines are checked without the backbones it would draw
+    space = space_of(config, config_path)
     try:
         for m in machines:
             res = check_machine(m, config, space, port, bool(ip), local_nni, timeout)

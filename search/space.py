@@ -11,7 +11,7 @@ import json
 import math
 import random
 
-from search.nni_io import flag_value, train_words
+from search.nni_io import flag_value, train_words, trial_command
 
 NNI_TYPES = ("choice", "randint", "uniform", "quniform", "loguniform", "qloguniform", "normal", "qnormal", "lognormal", "qlognormal")
 
@@ -245,10 +245,22 @@ def defaults_problem(config, space, well_formed=True):
     if not well_formed:
         return None  # default_parameters reads a well-formed space, and would repeat the FAIL lines of a broken one
     from search.nni_tuner import default_parameters, first_trial_flags
+    given = tuner["classArgs"].get("trial_command")
     try:
-        start = first_trial_flags(tuner["classArgs"].get("trial_command"))
+        start = first_trial_flags(given)
     except ValueError as e:
         return str(e)
+    if given:  # the first trial runs trialCommand with these values: they must be trialCommand's own
+        try:
+            own = first_trial_flags(trial_command(config))
+        except ValueError:
+            own = None  # its own FAIL line says why
+        differ = [k for k in space if own is not None and k in start and start[k] != own.get(k)]
+        if differ:
+            k = differ[0]
+            return (f"tuner: trial_command differs from trialCommand in --{k} ({start[k]} there, {own.get(k)} in trialCommand): "
+                    f"the first trial would not be the configuration finalize calls the defaults; give both one command "
+                    f"(config_finetune.yml: a YAML anchor)")
     try:
         default_parameters(space, start)
     except ValueError as e:

@@ -199,13 +199,14 @@ def test_shipped_search_spaces_pass(name, capsys):
     assert capsys.readouterr().out.startswith("OK   search space: ")
 
 
-def test_local_config_is_checked_for_its_space_only(tmp_path):
+def test_a_local_configs_space_problem_is_a_fail_line_and_this_machine_is_checked(tmp_path):
     config = {"searchSpace": SPACE_MISTAKES["bad choice"][0], "trialCommand": "python3 train.py", "trainingService": {"platform": "local"}}
     (tmp_path / "c.yml").write_text(yaml.safe_dump(config))
     proc = preflight(tmp_path / "c.yml")
-    assert proc.returncode == 1 and proc.stdout.splitlines() == [
-        "FAIL search space optimizer: parameter 'optimizer': 'Adamw' is not one of SGD, Adam, AdamW",
-        "preflight: 1 problems, see FAIL lines; no remote machines to check"], proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 1 and len(lines) == 3, proc.stdout + proc.stderr
+    assert lines[0] == "FAIL search space optimizer: parameter 'optimizer': 'Adamw' is not one of SGD, Adam, AdamW"
+    assert lines[1].startswith("OK   this machine python ") and lines[2] == "preflight: 1 problems, see FAIL lines"
 
 
 def test_a_trial_command_train_py_refuses_is_one_fail_line(tmp_path):
@@ -214,10 +215,34 @@ def test_a_trial_command_train_py_refuses_is_one_fail_line(tmp_path):
               "trainingService": {"platform": "local"}}
     (tmp_path / "c.yml").write_text(yaml.safe_dump(config))
     proc = preflight(tmp_path / "c.yml")
-    assert proc.returncode == 1 and proc.stdout.splitlines() == [
-        "FAIL search space trialCommand 'python3 train.py --modle x': unrecognized arguments: --modle x",
-        "preflight: 1 problems, see FAIL lines; no remote machines to check"], proc.stdout + proc.stderr
-    assert proc.stderr == ""
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 1 and len(lines) == 3 and proc.stderr == "", proc.stdout + proc.stderr
+    assert lines[0] == "FAIL search space trialCommand 'python3 train.py --modle x': unrecognized arguments: --modle x"
+    assert lines[2] == "preflight: 1 problems, see FAIL lines"
+
+
+@pytest.mark.slow
+def test_this_machine_is_checked_as_its_trials_run(tmp_path):
+    """Local preflight checked the space only: a backbone without weights here, or a trial interpreter without
+    torch, passed, and every trial failed."""
+    config = load_config(ROOT / "config_finetune.yml")
+    config["searchSpace"] = {"model": {"_type": "choice", "_value": ["timm/tf_efficientnet_lite0", "timm/resnet18"]}}
+    config["trialCodeDirectory"] = str(ROOT)
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(config))
+    proc = preflight(tmp_path / "c.yml")
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 1 and lines[0].startswith("OK   search space"), proc.stdout + proc.stderr
+    assert lines[1].startswith("FAIL this machine weights: timm/resnet18: not in the cache there, no weights package, and not "
+                               "downloadable"), lines[1]
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", tmp_path / "bare"], check=True)  # an env without torch
+    bare = tmp_path / "bare" / "bin" / "python"
+    config.update(trialCommand=config["trialCommand"].replace("python3", str(bare), 1), tuner={"name": "TPE"})
+    config["searchSpace"]["model"]["_value"] = ["timm/tf_efficientnet_lite0"]
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(config))
+    lines = preflight(tmp_path / "c.yml").stdout.splitlines()
+    assert lines[1].startswith(f"FAIL this machine trial: trialCommand's {str(bare)!r} is {bare} (env {tmp_path / 'bare'}), "
+                               f"not this interpreter's env {sys.prefix}, which imgcls-nnictl puts first on PATH"), lines
+    assert lines[2] == "preflight: 1 problems, see FAIL lines"
 
 
 def test_space_checked_against_the_flags_after_train_py():
@@ -421,3 +446,17 @@ def test_weights_check_over_ssh(tmp_path, sshd, data_dir):
     finally:
         shutil.rmtree(hf_repo, ignore_errors=True)
         resnet.unlink(missing_ok=True)
+
+
+def test_a_tuner_trial_command_other_than_trial_command_is_one_fail_line():
+    """Preflight passed it, and the first trial was then not the configuration finalize calls the defaults."""
+    config = load_config(ROOT / "config_finetune.yml")
+    config["tuner"]["classArgs"]["trial_command"] = config["trialCommand"].replace("--lr 0.001", "--lr 0.003")
+    out = io.StringIO()
+    assert pf.check_space(config, ROOT / "config_finetune.yml", out) == 1
+    assert out.getvalue().splitlines() == [
+        "FAIL search space tuner: trial_command differs from trialCommand in --lr (0.003 there, 0.001 in trialCommand): the "
+        "first trial would not be the configuration finalize calls the defaults; give both one command (config_finetune.yml: "
+        "a YAML anchor)"]
+    config["tuner"]["classArgs"]["trial_command"] = config["trialCommand"] + " --epochs 9"  # not searched: the same first trial
+    assert pf.check_space(config, ROOT / "config_finetune.yml", io.StringIO()) == 0
