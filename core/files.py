@@ -21,8 +21,13 @@ def load_untrusted(path, what, device="cpu", mmap=False):
     if not Path(path).is_file():
         raise ValueError(f"{what}: {'not a file' if Path(path).exists() else 'no such file'}")
     import zipfile
-    try:  # mmap needs torch's zip format; a legacy (pre-1.6) file loads whole
-        return torch.load(path, map_location=device, weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+    is_zip = zipfile.is_zipfile(path)
+    with open(path, "rb") as f:
+        legacy = f.read(1) == b"\x80"  # torch's pre-1.6 format: pickles, the first its magic number
+    if not (is_zip or legacy):  # read as a pickle, any other file fails as "weights only": blamed on Python objects
+        raise ValueError(f"{what}: not a PyTorch file (neither torch's zip format nor its legacy one)")
+    try:  # mmap needs the zip format; a legacy file loads whole
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap and is_zip)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower():
             raise ValueError(f"{what}: refused: it holds Python objects other than tensors and plain values, "
