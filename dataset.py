@@ -22,14 +22,13 @@ from core import demo
 from core.cli import make_progress
 from core.labels import DEFAULT_AGE_BOUNDS
 from imagedata.augment import ColorJitter, GaussianNoise, Normalize, RandomAffine, RandomFlip
-from imagedata.constants import DATASET_LAYOUTS, TRANSFORM_NAMES
 from imagedata.decode import decode_all, load_images, mean_std
 from imagedata.feed import ImageDataset, choose_feed, make_loaders
 from imagedata.layouts import DataError, read_eval, read_folder_train, read_mask_train
 from imagedata.split import split_by_profile, split_random
 
 
-# name -> (layout, reader, splitter); a new one is named in imagedata/constants.py's DATASET_LAYOUTS too
+# name -> (layout, reader, splitter): the --dataset choices
 DATASETS = {
     "MaskSplitByProfileDataset": ("mask", read_mask_train, split_by_profile),
     "MaskBaseDataset": ("mask", read_mask_train, split_random),
@@ -59,8 +58,7 @@ def read_split(name, data_dir, age_bounds, val_ratio, seed, kfold=0, fold=0):
 
 
 # Every name includes the base transform: centre crop + resize happen at decode time
-# (so the cache holds them), normalisation with the data's mean/std on the device. A new name goes into
-# imagedata/constants.py's TRANSFORM_NAMES too.
+# (so the cache holds them), normalisation with the data's mean/std on the device. The --augmentation choices.
 TRANSFORMS = {
     "base": lambda: [],
     "flip": lambda: [RandomFlip()],
@@ -78,11 +76,6 @@ def create_transform(name):
     steps = TRANSFORMS[name]()
     return torch.nn.Sequential(*steps) if steps else None
 
-
-# training/flags.py lists the choices from imagedata/constants.py, so that parsing flags loads none of the data code.
-if list((name, entry[0]) for name, entry in DATASETS.items()) != list(DATASET_LAYOUTS.items()) or tuple(TRANSFORMS) != TRANSFORM_NAMES:
-    raise ImportError("dataset.py's DATASETS or TRANSFORMS differ from DATASET_LAYOUTS or TRANSFORM_NAMES in imagedata/constants.py: "
-                      "name each dataset (with its layout) and each augmentation in both")
 
 
 @dataclass

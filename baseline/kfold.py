@@ -40,13 +40,12 @@ from imagedata.augment import Normalize
 from imagedata.decode import load_images
 from imagedata.feed import ImageDataset, loader_workers
 from imagedata.layouts import DataError, check_dir
-from training import checkpoint
+from training import checkpoint, flags
 from training.engine import predict, resolve_device
 from training.predict import predict_checkpoints, say
 
 ROOT = Path(__file__).resolve().parents[1]
 
-OWNED = ("--kfold", "--fold", "--name", "--model_dir", "--resume")  # flags this script sets for train.py
 
 
 def split_argv(argv):
@@ -61,7 +60,7 @@ def split_argv(argv):
 def check_train_args(train_args):
     for arg in train_args:
         flag = arg.split("=", 1)[0]
-        if flag in OWNED:
+        if flag in [f"--{dest}" for dest in flags.having("kfold")]:
             raise ValueError(f"{flag} is set by kfold.py for every fold; remove it after --")
 
 

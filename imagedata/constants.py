@@ -1,5 +1,4 @@
-"""What the flags need of the data code, light enough that parsing flags loads no torch, numpy or PIL
-(training/flags.py imports this, never dataset.py). dataset.py checks that its registries match."""
+"""The data code's constants that the CSV-only tools and the flags share, without torch, numpy or PIL."""
 import os
 from pathlib import Path
 
@@ -9,11 +8,3 @@ DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"
 
 FEEDS = ("auto", "device", "loader")
 NO_CACHE_FOR_DEVICE = "--feed device needs the decoded-image cache: drop --no_cache"
-
-# dataset.py's DATASETS and TRANSFORMS, by name (and each dataset's layout): a name added there goes here too.
-DATASET_LAYOUTS = {
-    "MaskSplitByProfileDataset": "mask",
-    "MaskBaseDataset": "mask",
-    "ImageFolderDataset": "folder",
-}
-TRANSFORM_NAMES = ("base", "flip", "flip_affine", "color_jitter", "gaussian_noise", "strong")

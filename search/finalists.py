@@ -7,8 +7,6 @@ from search.nni_io import train_words
 from search.trials import flag_words, flatten, is_number, ranked
 from training import flags
 
-# a run's length and its fold say how, not what, it trains; the data dirs, where the data lies on the machine that ran it
-NOT_CONFIGURATION = ("epochs", "kfold", "fold", *flags.DATA_PLACES)
 
 
 @dataclass
@@ -24,12 +22,12 @@ def configuration(trial_command, params):
     """The flags a run trains with, without its length and fold: two trials with the same one are one finalist."""
     words = train_words(trial_command) + flag_words(params)
     resolved = flags.run_config(flags.resolve(flags.build_parser().parse_args(words)))
-    return json.loads(json.dumps({k: v for k, v in resolved.items() if k not in NOT_CONFIGURATION}))  # as config.json reads
+    return json.loads(json.dumps({k: v for k, v in resolved.items() if k not in flags.having("length")}))  # as config.json reads
 
 
 def ran_configuration(folder):
     """What a fold run trained with, from its own config.json, in configuration()'s terms."""
-    return {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if k not in NOT_CONFIGURATION}
+    return {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if k not in flags.having("length")}
 
 
 def differences(old, new):
@@ -57,7 +55,7 @@ def select_finalists(exp, trial_command, top=3, defaults_only=False):
         value = trial.metric if is_number(trial.metric) else trial.best_intermediate_for(exp.maximize)
         if value is None or len(finalists) == top:
             continue
-        params = {k: v for k, v in flatten(trial.params).items() if k not in NOT_CONFIGURATION}
+        params = {k: v for k, v in flatten(trial.params).items() if k not in flags.having("length")}
         config = configuration(trial_command, params)
         if config not in [f.config for f in finalists]:
             name = "defaults" if config == defaults else f"top{len(finalists) + 1}"  # e.g. SafeTPE's first trial

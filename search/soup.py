@@ -17,14 +17,12 @@ from core.submissions import alignment
 from imagedata.augment import Normalize
 from imagedata.feed import ImageDataset
 from imagedata.layouts import read_eval
-from training import checkpoint
+from training import checkpoint, flags
 from training.engine import predict, resolve_device
 
-SHAPE = ("model", "classification", "head", "resize", "classes", "mean", "std")  # what averaged weights must share
-
-
 def shape_of(meta):
-    return tuple(str(meta[k]) for k in SHAPE)
+    """What averaged weights must share: the flags their shapes depend on, and the classes and input statistics."""
+    return tuple(str(meta["args"][k]) for k in flags.having("shape")) + tuple(str(meta[k]) for k in ("classes", "mean", "std"))
 
 
 def ingredients(run_dir, finalists, winner, k):

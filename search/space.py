@@ -80,7 +80,7 @@ class SpaceCheck:
         from training import flags
 
         self.flags, self.parser = flags, flags.build_parser()
-        self.actions = {a.dest: a for a in self.parser._actions if a.dest not in ("help", "config", "resume", "print_flags")}
+        self.actions = self.flags.settable(self.parser)
         self.base = vars(flags.parse_flags(self.parser, train_words(trial_command), f"trialCommand {trial_command!r}"))
         self.problems, self.warnings = [], []
 

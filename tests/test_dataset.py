@@ -7,7 +7,6 @@ import torch
 
 import dataset
 from conftest import make_profiles
-from imagedata.constants import DATASET_LAYOUTS, TRANSFORM_NAMES
 from imagedata.decode import cache_key
 from imagedata.layouts import DataError
 
@@ -77,9 +76,3 @@ def test_eval_images_are_cached_for_the_prediction_after_training(tmp_path, demo
     data = load(demo_dir / "train", demo_dir / "eval", tmp_path / "cache")
     (cached,) = [p for p in (tmp_path / "cache").glob("*.npy") if cache_key(data.eval_paths, data.size) in p.name]
     assert np.load(cached).shape == (len(data.eval_paths), 32, 24, 3)
-
-
-def test_the_registries_match_the_names_the_flags_list():
-    # training/flags.py takes its choices from imagedata/constants.py, so as not to load this module
-    assert [(name, entry[0]) for name, entry in dataset.DATASETS.items()] == list(DATASET_LAYOUTS.items())
-    assert tuple(dataset.TRANSFORMS) == TRANSFORM_NAMES

@@ -108,7 +108,7 @@ def test_defaults_are_the_parsers_and_what_config_json_holds():
     d = flags.defaults()
     assert d == flags.run_config(flags.parse_args([]))
     assert (d["lr"], d["steps"], d["model"], d["resize"]) == (2e-3, 1000, "BaseModel", [128, 96])
-    assert not set(flags.NOT_IN_CONFIG) & set(d)
+    assert not set(flags.having("started")) & set(d)
     # config.json re-runs: every key is a flag the parser takes back with the same value
     args = flags.apply_params(flags.build_parser(), argparse.Namespace(**flags.defaults()), d, "config.json")
     assert flags.run_config(args) == d
@@ -129,16 +129,41 @@ def test_print_flags_prints_the_resolved_flags_and_touches_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # no run dir, no data made or read
 
 
-def test_parsing_flags_loads_none_of_the_data_code():
-    # flags takes its choices from imagedata/constants.py; the model and loss registries it also reads need torch
-    code = ("import sys, training.flags\n"
-            "print(sorted(m for m in sys.modules if m == 'dataset' or m.startswith('imagedata.') and m != 'imagedata.constants'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
-
-
 def test_data_dirs_are_stored_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = flags.defaults(["--data_dir", "data/train", "--eval_dir", "~/eval"])
     assert (config["data_dir"], config["eval_dir"]) == (str(tmp_path / "data" / "train"), os.path.expanduser("~/eval"))
     assert flags.defaults()["data_dir"] is None  # the demo data: found where it is made
+
+
+def test_resume_refuses_what_it_cannot_change_and_takes_the_rest():
+    saved = argparse.Namespace(**flags.defaults())
+    flags.check_resume(saved, {"epochs": 30, "lr": 0.1})  # length and LR may change
+    assert {"dataset", "seed", "model", "optimizer"} <= set(flags.having("resume"))
+    for key in flags.having("resume"):
+        with pytest.raises(ValueError, match=f"--resume: --{key} .* differs from the run's"):
+            flags.check_resume(saved, {key: "something else"})
+
+
+def test_a_flag_added_in_one_place_is_parsed_recorded_refused_on_resume_searched_and_owned_as_declared(monkeypatch):
+    """Adding a flag once, with its roles, is the whole edit: every list of flags is asked of the parser."""
+    stock = flags.add_run_flags
+
+    def with_throwaway(g):
+        stock(g)
+        flags.flag(g, "--zz_depth", roles=("resume", "kfold"), limit=flags.POSITIVE, type=int, default=3, help="a test's")
+    monkeypatch.setattr(flags, "add_run_flags", with_throwaway)
+    args = flags.parse_args(["--zz_depth", "5"])
+    assert args.zz_depth == 5 and flags.defaults()["zz_depth"] == 3 and flags.run_config(args)["zz_depth"] == 5
+    with pytest.raises(ValueError, match="--zz_depth 0: must be positive"):
+        flags.parse_args(["--zz_depth", "0"])
+    with pytest.raises(ValueError, match="--resume: --zz_depth 4 differs from the run's 3"):
+        flags.check_resume(argparse.Namespace(**flags.defaults()), {"zz_depth": 4})
+    assert flags.apply_params(flags.build_parser(), argparse.Namespace(**flags.defaults()), {"zz_depth": 7}, "NNI").zz_depth == 7
+    from search.space import space_problems
+    assert space_problems({"zz_depth": {"_type": "choice", "_value": [2, 4]}}, "python3 train.py") == []
+    assert space_problems({"zz_depth": {"_type": "choice", "_value": [0, 4]}}, "python3 train.py") == ["zz_depth: --zz_depth 0: must be positive"]
+    from baseline import kfold
+    with pytest.raises(ValueError, match="--zz_depth is set by kfold.py for every fold"):
+        kfold.check_train_args(["--zz_depth", "2"])
+    assert "zz_depth" not in flags.having("length") and "zz_depth" in flags.having("kfold")

@@ -15,7 +15,6 @@ torch.load(weights_only=True): a .pth file someone hands you never runs code.
 """
 import hashlib
 import math
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +30,6 @@ FORMAT_VERSION = 3  # 2: content_hash of the tensors; 3: of every key
 HASH_KEY = "content_hash"
 REQUIRED = ("state_dict", "model", "classification", "head", "dropout", "classes", "layout", "resize", "mean", "std")
 TRAINING_STATE = ("state_dict", "optimizer", "scheduler", "history", "train_state")
-# What a resumed run cannot change: the data split, the model's shape, the optimiser's state and the metric.
-FIXED_ON_RESUME = ("dataset", "data_dir", "age_bounds", "val_ratio", "kfold", "fold", "seed", "resize", "model",
-                   "classification", "head", "freeze_backbone", "optimizer", "scheduler", "metric")
 
 
 def describe(config, data):
@@ -178,18 +174,6 @@ class Start:
     best: float = -math.inf
     history: list = field(default_factory=list)
     stale: int = 0  # epochs since the best, for --early_stopping
-
-
-def check_resume(saved, explicit):
-    """A resumed run continues the same training: refuse flags that would change what last.pth means."""
-    def same(key):  # config.json holds the data dirs absolute
-        given, was = explicit[key], getattr(saved, key)
-        return given == was or (key.endswith("_dir") and given and was and os.path.abspath(given) == os.path.abspath(was))
-    changed = [k for k in FIXED_ON_RESUME if k in explicit and not same(k)]
-    if changed:
-        k = changed[0]
-        raise ValueError(f"--resume: --{k} {explicit[k]} differs from the run's {getattr(saved, k)}; resuming cannot change "
-                         f"{', '.join(FIXED_ON_RESUME)} (start a new run with --config on its config.json instead)")
 
 
 def restore(path, *, lr, model, optimizer, scheduler, generators, device):

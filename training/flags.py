@@ -4,6 +4,15 @@ BOHB's TRIAL_BUDGET) on top. The tuner and preflight import it without starting 
 
     args = parse_args(argv, nni_params)        # flags < --config or --resume's config.json < command line < NNI
     defaults(words)                             # {dest: value} of every flag as config.json spells them: the defaults, or a command's
+
+What a flag is, beyond its type and default, is declared where it is added (`flag(..., roles=..., limit=...)`),
+and every list of flags the code needs is asked of the parser (`having(role)`, `limits()`):
+    started   how this run was started (--config, --resume): not in config.json, not a parameter
+    resume    fixed on resume: changing it would change what last.pth means (the split, the shapes, the optimiser)
+    length    how long or on which fold a run trains, or where its data lies: not part of a configuration
+              (finalize's finalists are configurations)
+    kfold     set by kfold.py for each fold: refused after its --
+    shape     what a model's weight shapes depend on: averaged (souped) weights must share it
 """
 import argparse
 import contextlib
@@ -14,16 +23,40 @@ import os
 from core.cli import Parser
 from core.files import check_file, read_mapping
 from core.labels import DEFAULT_AGE_BOUNDS
-from imagedata.constants import DATASET_LAYOUTS, DEFAULT_CACHE_DIR, FEEDS, NO_CACHE_FOR_DEVICE, TRANSFORM_NAMES
+from dataset import DATASETS, TRANSFORMS
+from imagedata.constants import DEFAULT_CACHE_DIR, FEEDS, NO_CACHE_FOR_DEVICE
 from loss import LOSSES
 from model import CLASSIFICATIONS, INITS, TIMM_PREFIX, check_model_name, timm_config
 from optim import OPTIMIZERS, SCHEDULERS
 from training import checkpoint
 
-NOT_IN_CONFIG = ("config", "resume", "print_flags")  # how this run was started, not what it trains
 NAMES = {"model": check_model_name}  # names checked beyond a choices list (timm's models are too many to list)
-DATA_PLACES = ("data_dir", "eval_dir")  # where the data lies on the machine that trains, not what trains
+DATA_PLACES = ("data_dir", "eval_dir")  # where the data lies on the machine that trains: made absolute
 DEFAULT_SIZE = (128, 96)  # BaseModel's: the demo's people at a size a CPU trains in minutes
+# What a number must be; NaN fails every test. Values outside would train on silently.
+POSITIVE, NON_NEGATIVE, FRACTION = (lambda v: 0 < v < math.inf, "positive"), (lambda v: v >= 0, "0 or more"), (lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def flag(g, *names, roles=(), limit=None, **kwargs):
+    """g.add_argument, with what the flag is (roles, see the module docstring) and the range its value must lie in."""
+    action = g.add_argument(*names, **kwargs)
+    action.roles, action.limit = frozenset(roles), limit
+    return action
+
+
+def having(role):
+    """The dest names of the flags declared with role, in the parser's order."""
+    return tuple(dict.fromkeys(a.dest for a in build_parser()._actions if role in getattr(a, "roles", ())))
+
+
+def limits():
+    """{dest: (test, what it must be)} of every flag declared with a limit."""
+    return {a.dest: a.limit for a in build_parser()._actions if getattr(a, "limit", None)}
+
+
+def settable(parser):
+    """{dest: action} of the flags a --config file, a resumed run's config.json or NNI may set."""
+    return {a.dest: a for a in parser._actions if a.dest != "help" and "started" not in getattr(a, "roles", ())}
 
 
 def build_parser():
@@ -37,89 +70,89 @@ def build_parser():
 
 
 def add_data_flags(g):
-    g.add_argument("--data_dir", default=None, help="training data (mask layout: DATA/train; folder layout: DATA/<class>/); "
+    flag(g, "--data_dir", roles=("resume", "length"), default=None, help="training data (mask layout: DATA/train; folder layout: DATA/<class>/); "
                    "unset = demo data in data/demo, made on first use")
-    g.add_argument("--eval_dir", default=None, help="eval data to predict after training (unset with demo data = the demo eval split)")
-    g.add_argument("--dataset", default="MaskSplitByProfileDataset", choices=list(DATASET_LAYOUTS), help="layout and split")
-    g.add_argument("--age_bounds", nargs=2, type=int, default=list(DEFAULT_AGE_BOUNDS), metavar=("LOW", "HIGH"),
+    flag(g, "--eval_dir", roles=("length",), default=None, help="eval data to predict after training (unset with demo data = the demo eval split)")
+    flag(g, "--dataset", roles=("resume",), default="MaskSplitByProfileDataset", choices=list(DATASETS), help="layout and split")
+    flag(g, "--age_bounds", roles=("resume",), nargs=2, type=int, default=list(DEFAULT_AGE_BOUNDS), metavar=("LOW", "HIGH"),
                    help="age band bounds the model trains on (mask layout); validation is always scored on the data's own "
                         f"bands, {DEFAULT_AGE_BOUNDS[0]} and {DEFAULT_AGE_BOUNDS[1]}")
-    g.add_argument("--val_ratio", type=float, default=0.2, help="validation share")
-    g.add_argument("--kfold", type=int, default=0, help="K for stratified group k-fold (0 = off: use --val_ratio)")
-    g.add_argument("--reshuffle_val", action=argparse.BooleanOptionalAction, default=False,
+    flag(g, "--val_ratio", roles=("resume",), type=float, default=0.2, help="validation share")
+    flag(g, "--kfold", roles=("resume", "length", "kfold"), type=int, default=0, help="K for stratified group k-fold (0 = off: use --val_ratio)")
+    flag(g, "--reshuffle_val", action=argparse.BooleanOptionalAction, default=False,
                    help="under NNI, every trial validates on its own people: the split is seeded by --seed + the trial's "
                         "sequence number (Nagler et al. 2024); no effect standalone or with --kfold")
-    g.add_argument("--fold", type=int, default=0, help="which fold is validation, 0..K-1")
-    g.add_argument("--resize", nargs=2, type=int, default=None, metavar=("H", "W"),
+    flag(g, "--fold", roles=("resume", "length", "kfold"), type=int, default=0, help="which fold is validation, 0..K-1")
+    flag(g, "--resize", roles=("resume", "shape"), nargs=2, type=int, default=None, metavar=("H", "W"),
                    help=f"input size after centre crop (unset: {DEFAULT_SIZE[0]} {DEFAULT_SIZE[1]}, or a --pretrained timm model's own "
                         f"input size, e.g. 224 224)")
-    g.add_argument("--augmentation", default="flip_affine", choices=list(TRANSFORM_NAMES), help="training augmentation")
-    g.add_argument("--sampler", default="none", choices=["none", "weighted"], help="weighted = inverse class frequency")
-    g.add_argument("--feed", default="auto", choices=list(FEEDS),
+    flag(g, "--augmentation", default="flip_affine", choices=list(TRANSFORMS), help="training augmentation")
+    flag(g, "--sampler", default="none", choices=["none", "weighted"], help="weighted = inverse class frequency")
+    flag(g, "--feed", default="auto", choices=list(FEEDS),
                    help="how batches reach the model: device = the decoded images on the training device, each batch one "
                         "indexing there (needs the cache; on a GPU, at most half its free memory); loader = DataLoader "
                         "workers; auto = device where the images fit")
-    g.add_argument("--num_workers", type=int, default=-1, help="loader workers with --feed loader (-1 = from the CPU count)")
-    g.add_argument("--cache_dir", default=str(DEFAULT_CACHE_DIR), help="decoded-image cache shared by trials")
-    g.add_argument("--no_cache", action="store_true", help="decode images every epoch instead of caching them")
-    g.add_argument("--cache", dest="no_cache", action="store_false", help="use the cache (undoes no_cache from --config)")
+    flag(g, "--num_workers", limit=(lambda v: v >= -1, "-1 (from the CPU count) or more"), type=int, default=-1, help="loader workers with --feed loader (-1 = from the CPU count)")
+    flag(g, "--cache_dir", default=str(DEFAULT_CACHE_DIR), help="decoded-image cache shared by trials")
+    flag(g, "--no_cache", action="store_true", help="decode images every epoch instead of caching them")
+    flag(g, "--cache", dest="no_cache", action="store_false", help="use the cache (undoes no_cache from --config)")
 
 
 def add_model_flags(g):
-    g.add_argument("--model", default="BaseModel", metavar="NAME",
+    flag(g, "--model", roles=("resume", "shape"), default="BaseModel", metavar="NAME",
                    help=f"backbone: BaseModel, efficientnet_b0..b7, resnet18/34/50, or {TIMM_PREFIX}<name>, any timm model")
-    g.add_argument("--classification", default="single", choices=CLASSIFICATIONS,
+    flag(g, "--classification", roles=("resume", "shape"), default="single", choices=CLASSIFICATIONS,
                    help="single 18-way head, or multi_head = mask/gender/age heads (mask layout)")
-    g.add_argument("--head", default="none", help="hidden layers of the head, e.g. 512-256 (BN, ReLU, dropout each)")
-    g.add_argument("--dropout", type=float, default=0.2, help="dropout in the head")
-    g.add_argument("--init", default="default", choices=INITS, help="weight init of new layers")
-    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False, help="start from ImageNet weights: --weights, else the hub caches or an installed weights package, else a download")
-    g.add_argument("--weights", default=None, help="offline ImageNet weights file for the backbone")
-    g.add_argument("--freeze_backbone", action=argparse.BooleanOptionalAction, default=False, help="train the head only")
+    flag(g, "--head", roles=("resume", "shape"), default="none", help="hidden layers of the head, e.g. 512-256 (BN, ReLU, dropout each)")
+    flag(g, "--dropout", limit=FRACTION, type=float, default=0.2, help="dropout in the head")
+    flag(g, "--init", default="default", choices=INITS, help="weight init of new layers")
+    flag(g, "--pretrained", action=argparse.BooleanOptionalAction, default=False, help="start from ImageNet weights: --weights, else the hub caches or an installed weights package, else a download")
+    flag(g, "--weights", default=None, help="offline ImageNet weights file for the backbone")
+    flag(g, "--freeze_backbone", roles=("resume",), action=argparse.BooleanOptionalAction, default=False, help="train the head only")
 
 
 def add_optimisation_flags(g):
-    g.add_argument("--epochs", type=int, default=0, help="epochs (0 = as many as --steps takes on this data)")
-    g.add_argument("--steps", type=int, default=1000,
+    flag(g, "--epochs", roles=("length",), limit=NON_NEGATIVE, type=int, default=0, help="epochs (0 = as many as --steps takes on this data)")
+    flag(g, "--steps", limit=POSITIVE, type=int, default=1000,
                    help="training length in optimiser steps when --epochs is 0: a small data set gets more epochs, a large one fewer")
-    g.add_argument("--batch_size", type=int, default=64, help="training batch size")
-    g.add_argument("--valid_batch_size", type=int, default=256, help="validation/eval batch size")
-    g.add_argument("--lr", type=float, default=2e-3, help="learning rate")
-    g.add_argument("--optimizer", default="AdamW", choices=list(OPTIMIZERS), help="optimizer")
-    g.add_argument("--weight_decay", type=float, default=1e-4, help="weight decay")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--scheduler", default="cosine", choices=list(SCHEDULERS), help="LR schedule")
-    g.add_argument("--lr_decay_step", type=int, default=20, help="step: epochs per decay; plateau: patience")
-    g.add_argument("--milestones", nargs="+", type=int, default=[10, 20, 25], help="multistep: epochs where LR is multiplied by --lr_gamma")
-    g.add_argument("--lr_gamma", type=float, default=0.1, help="LR decay factor (step, multistep, plateau)")
-    g.add_argument("--warmup_epochs", type=int, default=0, help="linear LR warmup over the first N epochs")
-    g.add_argument("--clip_grad", type=float, default=0.0, help="clip the gradient norm to this (0 = off)")
-    g.add_argument("--criterion", default="cross_entropy", choices=list(LOSSES),
+    flag(g, "--batch_size", limit=POSITIVE, type=int, default=64, help="training batch size")
+    flag(g, "--valid_batch_size", limit=POSITIVE, type=int, default=256, help="validation/eval batch size")
+    flag(g, "--lr", limit=POSITIVE, type=float, default=2e-3, help="learning rate")
+    flag(g, "--optimizer", roles=("resume",), default="AdamW", choices=list(OPTIMIZERS), help="optimizer")
+    flag(g, "--weight_decay", limit=NON_NEGATIVE, type=float, default=1e-4, help="weight decay")
+    flag(g, "--momentum", limit=NON_NEGATIVE, type=float, default=0.9, help="SGD momentum")
+    flag(g, "--scheduler", roles=("resume",), default="cosine", choices=list(SCHEDULERS), help="LR schedule")
+    flag(g, "--lr_decay_step", limit=POSITIVE, type=int, default=20, help="step: epochs per decay; plateau: patience")
+    flag(g, "--milestones", nargs="+", type=int, default=[10, 20, 25], help="multistep: epochs where LR is multiplied by --lr_gamma")
+    flag(g, "--lr_gamma", limit=POSITIVE, type=float, default=0.1, help="LR decay factor (step, multistep, plateau)")
+    flag(g, "--warmup_epochs", limit=NON_NEGATIVE, type=int, default=0, help="linear LR warmup over the first N epochs")
+    flag(g, "--clip_grad", limit=NON_NEGATIVE, type=float, default=0.0, help="clip the gradient norm to this (0 = off)")
+    flag(g, "--criterion", default="cross_entropy", choices=list(LOSSES),
                    help="loss (weighted_cross_entropy: class weights from the training counts)")
-    g.add_argument("--focal_gamma", type=float, default=2.0, help="focal loss gamma")
-    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    g.add_argument("--metric", default="accuracy", choices=["accuracy", "f1"], help="picks the best checkpoint; NNI's 'default'")
-    g.add_argument("--early_stopping", type=int, default=0, help="stop after N epochs without improvement (0 = off)")
+    flag(g, "--focal_gamma", limit=NON_NEGATIVE, type=float, default=2.0, help="focal loss gamma")
+    flag(g, "--smoothing", limit=FRACTION, type=float, default=0.1, help="label smoothing")
+    flag(g, "--metric", roles=("resume",), default="accuracy", choices=["accuracy", "f1"], help="picks the best checkpoint; NNI's 'default'")
+    flag(g, "--early_stopping", limit=NON_NEGATIVE, type=int, default=0, help="stop after N epochs without improvement (0 = off)")
 
 
 def add_run_flags(g):
-    g.add_argument("--name", default="exp", help="run name: runs/<name>, incremented (exp2, exp3, ...)")
-    g.add_argument("--model_dir", default="runs", help="where runs go")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = CUDA when available")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="mixed precision on CUDA (bf16 where supported, else fp16)")
-    g.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=False,
+    flag(g, "--name", roles=("kfold",), default="exp", help="run name: runs/<name>, incremented (exp2, exp3, ...)")
+    flag(g, "--model_dir", roles=("kfold",), default="runs", help="where runs go")
+    flag(g, "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = CUDA when available")
+    flag(g, "--amp", action=argparse.BooleanOptionalAction, default=False, help="mixed precision on CUDA (bf16 where supported, else fp16)")
+    flag(g, "--channels_last", action=argparse.BooleanOptionalAction, default=False,
                    help="channels-last memory format: faster convolutions on CUDA, often on a CPU too (docs/speed.md)")
-    g.add_argument("--cudnn_benchmark", action=argparse.BooleanOptionalAction, default=False,
+    flag(g, "--cudnn_benchmark", action=argparse.BooleanOptionalAction, default=False,
                    help="autotune every convolution shape on CUDA: faster steps after a much longer first one; "
                         "pays in long runs (measured in docs/speed.md)")
-    g.add_argument("--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"],
+    flag(g, "--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"],
                    help="torch.compile the model in this mode (reduce-overhead adds CUDA graphs on a GPU): its first steps "
                         "wait for the compile, train and eval each, then steps run faster; whether it pays within a run "
                         "is measured by bench/benchmark.py --compile (docs/speed.md)")
-    g.add_argument("--seed", type=int, default=42, help="random seed")
-    g.add_argument("--config", default=None, help="JSON/YAML file of flag values (keys = dest names); flags override it")
-    g.add_argument("--resume", default=None, help="last.pth of a run to continue in its directory")
-    g.add_argument("--print_flags", action="store_true",
+    flag(g, "--seed", roles=("resume",), type=int, default=42, help="random seed")
+    flag(g, "--config", roles=("started",), default=None, help="JSON/YAML file of flag values (keys = dest names); flags override it")
+    flag(g, "--resume", roles=("started", "kfold"), default=None, help="last.pth of a run to continue in its directory")
+    flag(g, "--print_flags", roles=("started",), action="store_true",
                    help="print every flag's value (after --config, --resume and NNI's parameters) as JSON and exit, "
                         "reading and writing nothing else")
 
@@ -162,7 +195,7 @@ def coerce_one(action, key, value):
 def apply_params(parser, args, params, source):
     """Merge a {dest: value} dict (config file or NNI; nested {"_name": ...} choices
     flattened) into args. Unknown keys and wrong types stop the run."""
-    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config", "resume")}
+    actions = settable(parser)
     flat = {}
     for key, value in params.items():
         if isinstance(value, dict):
@@ -208,7 +241,7 @@ def parse_args(argv=None, nni_params=None):
         check_file("--resume", args.resume)
         saved = checkpoint.read_meta(args.resume).get("args", {})
         args = apply_params(parser, argparse.Namespace(**base), saved, f"--resume {args.resume}")
-        checkpoint.check_resume(args, explicit)
+        check_resume(args, explicit)
     elif args.config:
         args = apply_params(parser, argparse.Namespace(**base), read_mapping(args.config, "--config"), f"--config {args.config}")
     vars(args).update(explicit)
@@ -240,7 +273,8 @@ def given_flags(argv):
 
 def run_config(args):
     """The resolved flags, re-runnable with --config (config.json, and a checkpoint's args)."""
-    return {k: v for k, v in vars(args).items() if k not in NOT_IN_CONFIG}
+    started = having("started")
+    return {k: v for k, v in vars(args).items() if k not in started}
 
 
 def defaults(words=(), what="train.py"):
@@ -262,16 +296,8 @@ def parse_flags(parser, words, what):
 
 
 # ----------------------------------------------------------------------------- ranges
-# What each number must be; NaN fails every test. Values outside these ranges would train on silently.
-POSITIVE, NON_NEGATIVE, FRACTION = (lambda v: 0 < v < math.inf, "positive"), (lambda v: v >= 0, "0 or more"), (lambda v: 0 <= v < 1, "in [0, 1)")
-LIMITS = {"steps": POSITIVE, "batch_size": POSITIVE, "valid_batch_size": POSITIVE, "lr": POSITIVE, "lr_gamma": POSITIVE,
-          "epochs": NON_NEGATIVE, "warmup_epochs": NON_NEGATIVE, "clip_grad": NON_NEGATIVE, "early_stopping": NON_NEGATIVE,
-          "weight_decay": NON_NEGATIVE, "momentum": NON_NEGATIVE, "focal_gamma": NON_NEGATIVE, "lr_decay_step": POSITIVE,
-          "dropout": FRACTION, "smoothing": FRACTION, "num_workers": (lambda v: v >= -1, "-1 (from the CPU count) or more")}
-
-
 def check_args(args):
-    for key, (ok, must) in LIMITS.items():
+    for key, (ok, must) in limits().items():
         if not ok(getattr(args, key)):
             raise ValueError(f"--{key} {getattr(args, key)}: must be {must}")
     check_model_name(args.model)
@@ -289,5 +315,19 @@ def check_args(args):
         check_file("--weights", args.weights)
     if args.feed == "device" and args.no_cache:  # here too, not only when the data is read: preflight runs this
         raise ValueError(NO_CACHE_FOR_DEVICE)
-    if args.classification == "multi_head" and DATASET_LAYOUTS[args.dataset] != "mask":
+    if args.classification == "multi_head" and DATASETS[args.dataset][0] != "mask":
         raise ValueError(f"--classification multi_head needs a mask-layout dataset, not {args.dataset}")
+
+
+def check_resume(saved, explicit):
+    """A resumed run continues the same training: refuse flags that would change what last.pth means."""
+    fixed = having("resume")
+
+    def same(key):  # config.json holds the data dirs absolute
+        given, was = explicit[key], getattr(saved, key)
+        return given == was or (key in DATA_PLACES and given and was and os.path.abspath(given) == os.path.abspath(was))
+    changed = [k for k in fixed if k in explicit and not same(k)]
+    if changed:
+        k = changed[0]
+        raise ValueError(f"--resume: --{k} {explicit[k]} differs from the run's {getattr(saved, k)}; resuming cannot change "
+                         f"{', '.join(fixed)} (start a new run with --config on its config.json instead)")
