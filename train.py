@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 import dataset
 from core.cli import make_progress, run_main
@@ -36,14 +35,13 @@ from core.metrics import confusion, score
 from core.runs import increment_path, write_config, write_history, write_submission, write_summary, write_val_soft
 from core.signals import STOP
 from imagedata.augment import Normalize
-from imagedata.decode import load_images
-from imagedata.feed import ImageDataset, loader_workers
 from imagedata.layouts import DataError
 from loss import create_criterion
 from model import WeightsError, create_model, num_outputs, pretrained_stats
 from optim import create_optimizer, create_scheduler
 from training import checkpoint, flags
-from training.engine import evaluate, predict, resolve_device, seed_everything, train_one_epoch
+from training.engine import evaluate, resolve_device, seed_everything, train_one_epoch
+from training.predict import predict_images
 
 # ----------------------------------------------------------------------------- the NNI contract
 # As in NNI's own mnist example: parameters in at the start, a metric out every epoch, the best at the end.
@@ -264,12 +262,10 @@ def warn_if_still_rising(args, values):
 # ----------------------------------------------------------------------------- predict
 def predict_eval(args, data, model, run_dir, device):
     """best.pth on the eval dir -> submission.csv and submission_soft.csv in the run directory."""
-    model.load_state_dict(checkpoint.read(run_dir / "best.pth", device)["state_dict"])
-    images = load_images(data.eval_paths, data.size, args.cache_dir, not args.no_cache, make_progress("decoding eval images"))
-    loader = DataLoader(ImageDataset(data.eval_paths, data.size, images), args.valid_batch_size,
-                        num_workers=loader_workers(args.num_workers, images is not None, device))
-    probs = predict(model, loader, device=device, normalize=data.normalize, classification=args.classification,
-                    progress=make_progress("predicting"))
+    best = checkpoint.read(run_dir / "best.pth", device)
+    model.load_state_dict(best["state_dict"])
+    probs = predict_images(model, best, data.eval_paths, device=device, batch_size=args.valid_batch_size, num_workers=args.num_workers,
+                           cache_dir=args.cache_dir, use_cache=not args.no_cache, label="predicting")
     write_submission(run_dir, data.eval_ids, probs, data.classes)
     print(f"wrote {run_dir / 'submission.csv'} and submission_soft.csv ({len(data.eval_ids)} images)", flush=True)
 

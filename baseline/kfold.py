@@ -27,22 +27,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
-import dataset
 from core import demo
-from core.folds import check_held_out, join_folds
+from core.folds import join_folds
 from core.cli import Parser, make_progress, run_main
 from core.labels import TASKS, natural_key
 from core.metrics import score
 from core.runs import increment_path, read_summary, write_submission
-from imagedata.augment import Normalize
 from imagedata.decode import load_images
-from imagedata.feed import ImageDataset, loader_workers
 from imagedata.layouts import DataError, check_dir
 from training import checkpoint, flags
-from training.engine import predict, resolve_device
-from training.predict import predict_checkpoints, say
+from training.engine import resolve_device
+from training.predict import fold_split, predict_checkpoints, predict_images, say
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,18 +87,12 @@ def fold_checkpoints(run_dir):
 
 def out_of_fold(checkpoints, *, device, tta=False, batch_size=256, num_workers=-1, log=say):
     """Each fold's model on its own validation part -> dict(labels, probs, fold, paths, classes, layout, folds=[scores]).
-    The split is dataset.read_split with the flags saved in the checkpoint: the one train.py trained on."""
+    The split is the one train.py trained on, rebuilt from the checkpoint's flags and checked (fold_split)."""
     reference, parts, folds = None, [], []
     for path in checkpoints:
         model, ckpt = checkpoint.load_model(path, device)
         a = ckpt["args"]
-        if not a.get("kfold"):
-            raise ValueError(f"{path}: not trained with --kfold, so it has no out-of-fold part")
-        data_dir, _ = demo.data_dirs(a["data_dir"], None, make=False)
-        layout, data, _, val_idx = dataset.read_split(a["dataset"], data_dir, a["age_bounds"], a["val_ratio"], a["seed"],
-                                                      a["kfold"], a["fold"])
-        check_held_out(Path(path).parent / "val_soft.csv", [Path(data["paths"][i]).relative_to(data_dir).as_posix() for i in val_idx],
-                       data["truth"][val_idx], f"fold {a['fold']} ({path})")
+        layout, data, _, val_idx, _ = fold_split(ckpt, [Path(path).parent])
         if reference is None:
             reference = dict(paths=data["paths"], classes=ckpt["classes"], layout=layout, split=(a["dataset"], a["kfold"], a["seed"]))
         elif data["paths"] != reference["paths"] or (a["dataset"], a["kfold"], a["seed"]) != reference["split"]:
@@ -111,10 +101,8 @@ def out_of_fold(checkpoints, *, device, tta=False, batch_size=256, num_workers=-
         size = tuple(ckpt["resize"])
         # the whole training set, as train.py cached it, so the cache file is reused instead of rebuilt per fold
         images = load_images(data["paths"], size, a["cache_dir"], not a["no_cache"], make_progress("decoding images"))
-        loader = DataLoader(ImageDataset(data["paths"], size, images, indices=val_idx), batch_size,
-                            num_workers=loader_workers(num_workers, images is not None, device))
-        probs = predict(model, loader, device=device, normalize=Normalize(ckpt["mean"], ckpt["std"]).to(device),
-                        classification=ckpt["classification"], tta=tta, progress=make_progress(f"fold {a['fold']}"))
+        probs = predict_images(model, ckpt, data["paths"], device=device, images=images, indices=val_idx, tta=tta,
+                               batch_size=batch_size, num_workers=num_workers, label=f"fold {a['fold']}")
         parts.append((path, a["fold"], [data["paths"][i] for i in val_idx], data["truth"][val_idx], probs))
         scores = score(data["truth"][val_idx], probs.argmax(1), len(ckpt["classes"]), per_task=layout == "mask")
         folds.append(dict(fold=a["fold"], images=len(val_idx), epoch=ckpt["epoch"], **scores))

@@ -7,18 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 import dataset
 from core import demo
-from core.folds import check_held_out, join_folds
+from core.folds import join_folds
 from core.metrics import score
 from core.submissions import alignment
 from imagedata.augment import Normalize
-from imagedata.feed import ImageDataset
 from imagedata.layouts import read_eval
 from training import checkpoint, flags
-from training.engine import predict, resolve_device
+from training.engine import resolve_device
+from training.predict import fold_split, image_loader, predict_images
 
 def shape_of(meta):
     """What averaged weights must share: the flags their shapes depend on, and the classes and input statistics."""
@@ -33,7 +32,8 @@ def ingredients(run_dir, finalists, winner, k):
 
 
 class Fold:
-    """One fold's images as its runs trained on them: the split rebuilt from a checkpoint's own flags."""
+    """One fold's images as its runs trained on them: the split rebuilt from a checkpoint's own flags, checked against
+    what every ingredient's fold held out."""
 
     def __init__(self, meta, device, fold_dirs, batch_size=128):
         a = meta["args"]
@@ -42,22 +42,15 @@ class Fold:
             raise ValueError(f"--select soup recomputes BatchNorm statistics on each fold's training images, and the folds' "
                              f"data dir {data_dir} is not on this machine: run finalize where the data is, or pick --select "
                              f"winner or greedy")
-        _, data, self.train_idx, self.val_idx = dataset.read_split(a["dataset"], data_dir, a["age_bounds"], a["val_ratio"],
-                                                                   a["seed"], a["kfold"], a["fold"])
-        self.paths, self.labels, self.size, self.eval_dir = data["paths"], data["truth"], tuple(meta["resize"]), eval_dir
-        self.ids = [Path(p).relative_to(data_dir).as_posix() for p in np.asarray(self.paths)[self.val_idx]]
-        for folder in fold_dirs:  # every ingredient's fold held out these very images
-            check_held_out(folder / "val_soft.csv", self.ids, self.labels[self.val_idx], str(folder))
+        _, data, self.train_idx, self.val_idx, self.ids = fold_split(meta, fold_dirs)
+        self.paths, self.labels, self.size, self.eval_dir, self.meta = data["paths"], data["truth"], tuple(meta["resize"]), eval_dir, meta
         self.images = dataset.load_images(self.paths, self.size, a["cache_dir"], not a["no_cache"])
         self.device, self.batch_size = device, batch_size
-        self.normalize = Normalize(meta["mean"], meta["std"]).to(device)
-
-    def loader(self, indices):
-        return DataLoader(ImageDataset(self.paths, self.size, self.images, indices=indices), self.batch_size)
 
     def held_out(self, model, classification):
         """-> (probs of the held-out images, their macro F1)."""
-        probs = predict(model, self.loader(self.val_idx), device=self.device, normalize=self.normalize, classification=classification)
+        probs = predict_images(model, dict(self.meta, classification=classification), self.paths, device=self.device,
+                               images=self.images, indices=self.val_idx, batch_size=self.batch_size, num_workers=0)
         return probs, score(self.labels[self.val_idx], probs.argmax(1), probs.shape[1])["f1"]
 
     def recompute_batchnorm(self, model):
@@ -67,9 +60,11 @@ class Fold:
             m.reset_running_stats()
             m.momentum = None
         model.train()
+        normalize = Normalize(self.meta["mean"], self.meta["std"]).to(self.device)
         with torch.no_grad():
-            for x in self.loader(self.train_idx):
-                model(self.normalize(x.to(self.device)))
+            for x in image_loader(self.paths, self.size, self.images, indices=self.train_idx, batch_size=self.batch_size,
+                                  num_workers=0, device=self.device):
+                model(normalize(x.to(self.device)))
         model.eval()
 
 
@@ -112,10 +107,8 @@ def soup_vote(run_dir, finalists, winner, k, eval_ids, log=print):
         members.append(chosen)
         parts.append((f"soup fold{i}", i, fold.ids, fold.labels[fold.val_idx], probs))
         ids, paths = read_eval(fold.eval_dir, meta["layout"])
-        eval_set = ImageDataset(paths, fold.size, dataset.load_images(paths, fold.size, meta["args"]["cache_dir"],
-                                                                      not meta["args"]["no_cache"]))
-        probs = predict(model, DataLoader(eval_set, fold.batch_size), device=device, normalize=fold.normalize,
-                        classification=meta["classification"])
+        probs = predict_images(model, meta, paths, device=device, batch_size=fold.batch_size, num_workers=0,
+                               cache_dir=meta["args"]["cache_dir"], use_cache=not meta["args"]["no_cache"])
         evals.append(probs[alignment(eval_ids, ids, fold.eval_dir, "the finalists' eval predictions")])
     oof = join_folds(parts)
     return dict(ingredients=names, members=members, oof_f1=score(oof["labels"], oof["probs"].argmax(1), oof["probs"].shape[1])["f1"],

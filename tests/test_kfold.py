@@ -136,7 +136,7 @@ def test_folds_rebuilt_from_changed_data_are_refused_and_data_dirs_are_absolute(
         shutil.copytree(person, person.with_name(f"{900 + n:06d}_" + person.name.split("_", 1)[1]))
     code, out, err = run_cli(kfold.cli, capsys, "--reuse", run, "--num_workers", "0")
     assert code == 1 and err.count("\n") == 1, err
-    assert err.startswith(f"kfold.py: error: fold 0 ({run / 'fold0' / 'best.pth'}): its held-out images differ from the ") and \
+    assert err.startswith(f"kfold.py: error: {run / 'fold0'}: its held-out images differ from the ") and \
         f"it held out when it trained ({run / 'fold0' / 'val_soft.csv'}): " in err and " added (e.g. images/" in err and \
         "The data dir changed since; restore it or train the folds again" in err
 

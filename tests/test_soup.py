@@ -10,7 +10,7 @@ from conftest import ROOT, TINY, train_env
 from search import soup
 from search.finalists import Finalist
 from training import checkpoint
-from training.engine import predict
+from training.predict import predict_images
 
 FINALISTS = {"defaults": [], "top1": ["--lr", "0.003"], "top2": ["--lr", "0.0005", "--seed", "7"]}
 
@@ -32,8 +32,8 @@ def fold_runs(tmp_path_factory, demo_dir, cache_dir):
 def test_a_soup_of_one_ingredient_is_that_model(fold_runs):
     members, f1, probs, fold, model, meta = soup.fold_soup(fold_runs, ["top1"], 0, torch.device("cpu"), log=lambda line: None)
     alone, ckpt = checkpoint.load_model(fold_runs / "top1" / "fold0" / "best.pth")
-    expected = predict(alone, fold.loader(fold.val_idx), device=torch.device("cpu"), normalize=fold.normalize,
-                       classification=ckpt["classification"])
+    expected = predict_images(alone, ckpt, fold.paths, device="cpu", indices=fold.val_idx, batch_size=fold.batch_size, num_workers=0,
+                              cache_dir=ckpt["args"]["cache_dir"])
     assert members == ["top1"] and np.array_equal(probs, expected)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), alone.state_dict().values()))
 
