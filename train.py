@@ -32,7 +32,8 @@ import dataset
 from core.cli import make_progress, run_main
 from core.figures import confusion_image, prediction_grid
 from core.metrics import confusion, score
-from core.runs import increment_path, write_config, write_history, write_submission, write_summary, write_val_soft
+from core.runs import (BEST, CONFIG, HISTORY, SUBMISSION, TENSORBOARD, VAL_SOFT, increment_path, write_config, write_history,
+                       write_submission, write_summary, write_val_soft)
 from core.signals import STOP
 from imagedata.augment import Normalize
 from imagedata.layouts import DataError
@@ -168,7 +169,7 @@ def open_run_dir(args, data, model, opt, device):
     else:
         run_dir = increment_path(Path(args.model_dir) / args.name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(run_dir / "config.json", flags.run_config(args))
+    write_config(run_dir / CONFIG, flags.run_config(args))
     return run_dir, start
 
 
@@ -177,7 +178,7 @@ def fit(args, data, model, opt, run_dir, start, device):
     """Train from start.epoch to --epochs (or early stopping); checkpoints, history, TensorBoard and NNI
     reports every epoch. -> the summary's training part: best metric and epoch, epochs, first-step time."""
     from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(run_dir / "tensorboard", purge_step=start.epoch if args.resume else None)
+    writer = SummaryWriter(run_dir / TENSORBOARD, purge_step=start.epoch if args.resume else None)
     print(f"run dir {run_dir} | {len(data.train_loader.dataset)} train / {len(data.val_set)} val images, "
           f"{len(data.classes)} classes | {args.model} on {device}", flush=True)
     meta = checkpoint.describe(flags.run_config(args), data)
@@ -193,7 +194,7 @@ def fit(args, data, model, opt, run_dir, start, device):
             with STOP.deferred():  # best.pth, last.pth and history.csv describe the same epoch, or none do
                 checkpoint.save_epoch(run_dir, model, meta, improved=improved, epoch=epoch, best=best, history=history,
                                       optimizer=opt.optimizer, scheduler=opt.scheduler, stale=stale, generators=data.generators)
-                write_history(run_dir / "history.csv", history)
+                write_history(run_dir / HISTORY, history)
             log_row(writer, row)
             writer.flush()  # a stopped trial keeps its curves: dying by the signal skips writer.close()
             if UNDER_NNI:
@@ -212,9 +213,9 @@ def fit(args, data, model, opt, run_dir, start, device):
         raise
     if best_val:  # once, at the end: drawing them at every new best cost seconds per epoch
         log_figures(writer, best_val[1]["preds"], data.val_truth, data.val_set, data.classes, best_val[0])
-        write_val_soft(run_dir / "val_soft.csv", data.val_ids, data.val_truth, best_val[1]["probs"], data.classes)
+        write_val_soft(run_dir / VAL_SOFT, data.val_ids, data.val_truth, best_val[1]["probs"], data.classes)
     writer.close()
-    print(f"best val {args.metric} {best:.4f} -> {run_dir / 'best.pth'}", flush=True)
+    print(f"best val {args.metric} {best:.4f} -> {run_dir / BEST}", flush=True)
     rising = warn_if_still_rising(args, [row[f"val_{args.metric}"] for row in history])
     best_row = max(history, key=lambda row: (row[f"val_{args.metric}"], -row["epoch"]))
     return dict(best=dict(metric=args.metric, value=best, epoch=best_row["epoch"], val_accuracy=best_row["val_accuracy"],
@@ -262,12 +263,12 @@ def warn_if_still_rising(args, values):
 # ----------------------------------------------------------------------------- predict
 def predict_eval(args, data, model, run_dir, device):
     """best.pth on the eval dir -> submission.csv and submission_soft.csv in the run directory."""
-    best = checkpoint.read(run_dir / "best.pth", device)
+    best = checkpoint.read(run_dir / BEST, device)
     model.load_state_dict(best["state_dict"])
     probs = predict_images(model, best, data.eval_paths, device=device, batch_size=args.valid_batch_size, num_workers=args.num_workers,
                            cache_dir=args.cache_dir, use_cache=not args.no_cache, label="predicting")
     write_submission(run_dir, data.eval_ids, probs, data.classes)
-    print(f"wrote {run_dir / 'submission.csv'} and submission_soft.csv ({len(data.eval_ids)} images)", flush=True)
+    print(f"wrote {run_dir / SUBMISSION} and submission_soft.csv ({len(data.eval_ids)} images)", flush=True)
 
 
 # ----------------------------------------------------------------------------- logging

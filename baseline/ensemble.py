@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from core.cli import Parser, run_main
-from core.runs import write_submission
+from core.runs import SUBMISSION, write_submission
 from core.submissions import alignment, answer_column, read_hard, read_soft, soft_sibling
 
 
@@ -111,7 +111,7 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         write_submission(out, ids, mean, classes)
         weights = f", weights {' '.join(f'{w:g}' for w in args.weights)}" if args.weights else ""
-        print(f"wrote {out / 'submission.csv'} and submission_soft.csv: soft vote of {len(args.inputs)} files{weights}, "
+        print(f"wrote {out / SUBMISSION} and submission_soft.csv: soft vote of {len(args.inputs)} files{weights}, "
               f"{len(ids)} images", flush=True)
         return
 
@@ -129,9 +129,9 @@ def main(argv=None):
         probs = probs[:, alignment(ids, soft_ids, siblings[0], args.inputs[0])]
     winners, tied = hard_vote(votes, probs, classes)
     out.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"ImageID": ids, "ans": winners}).to_csv(out / "submission.csv", index=False)
+    pd.DataFrame({"ImageID": ids, "ans": winners}).to_csv(out / SUBMISSION, index=False)
     how = f"probabilities from {len(siblings)} soft CSVs" if siblings else "the earliest file (no soft CSVs beside the inputs)"
-    print(f"wrote {out / 'submission.csv'}: hard vote of {len(args.inputs)} files, {len(ids)} images; "
+    print(f"wrote {out / SUBMISSION}: hard vote of {len(args.inputs)} files, {len(ids)} images; "
           f"{tied} ties broken by {how}", flush=True)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from core.cli import Parser, run_main
-from core.runs import write_submission
+from core.runs import SUBMISSION, write_submission
 from imagedata.constants import DEFAULT_CACHE_DIR
 from imagedata.layouts import DataError
 from training.engine import resolve_device
@@ -53,7 +53,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     write_submission(out, image_ids, probs, classes)
     vote = f"soft vote of {len(args.checkpoint)} checkpoints" if len(args.checkpoint) > 1 else "1 checkpoint"
-    print(f"wrote {out / 'submission.csv'} and submission_soft.csv ({len(image_ids)} images, {vote}"
+    print(f"wrote {out / SUBMISSION} and submission_soft.csv ({len(image_ids)} images, {vote}"
           f"{', flip TTA' if args.tta else ''})", flush=True)
 
 

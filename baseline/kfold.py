@@ -33,7 +33,7 @@ from core.folds import join_folds
 from core.cli import Parser, make_progress, run_main
 from core.labels import TASKS, natural_key
 from core.metrics import score
-from core.runs import increment_path, read_summary, write_submission
+from core.runs import BEST, SUBMISSION, increment_path, read_summary, write_submission
 from imagedata.decode import load_images
 from imagedata.layouts import DataError, check_dir
 from training import checkpoint, flags
@@ -79,9 +79,9 @@ def fold_checkpoints(run_dir):
         raise ValueError(f"{run_dir}: no fold*/best.pth")
     paths = []
     for fold in folds:
-        if "best.pth" not in read_summary(fold)["files"]:
+        if BEST not in read_summary(fold)["files"]:
             raise ValueError(f"{fold}: its summary.json lists no best.pth")
-        paths.append(fold / "best.pth")
+        paths.append(fold / BEST)
     return paths
 
 
@@ -176,7 +176,7 @@ def main(argv=None):
                                                      use_cache=not trained["no_cache"])
         write_submission(run_dir, ids, probs, classes)
         summary["eval_dir"] = str(eval_dir)
-        print(f"wrote {run_dir / 'submission.csv'} and submission_soft.csv ({len(ids)} images)", flush=True)
+        print(f"wrote {run_dir / SUBMISSION} and submission_soft.csv ({len(ids)} images)", flush=True)
     (run_dir / "kfold_scores.json").write_text(json.dumps(summary, indent=2))
     return run_dir, summary
 

@@ -38,7 +38,7 @@ import dataset
 from core import demo
 from core.cli import Parser, run_main
 from core.labels import DEFAULT_AGE_BOUNDS
-from core.runs import read_summary
+from core.runs import HISTORY, read_summary
 from imagedata.decode import load_images
 from imagedata.layouts import read_mask_train
 from model import create_model
@@ -163,7 +163,7 @@ def train_throughput(cmd, run_dir):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"train.py failed:\n{proc.stderr[-2000:]}")
-    with open(run_dir / "history.csv") as f:
+    with open(run_dir / HISTORY) as f:
         rates = [float(r["train_images_per_s"]) for r in csv.DictReader(f)]
     return statistics.median(rates[1:] or rates), read_summary(run_dir)
 

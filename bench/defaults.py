@@ -25,7 +25,7 @@ from pathlib import Path
 
 from core import demo
 from core.cli import Parser, run_main
-from core.runs import increment_path, read_summary
+from core.runs import CONFIG, HISTORY, SUBMISSION, increment_path, read_summary
 from core.scoring import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,11 +65,11 @@ def run(data, name, work, *flags):
     if proc.returncode:
         sys.exit(f"{name}: train.py failed: {proc.stderr.strip().splitlines()[-1]}")
     summary = read_summary(run_dir)  # the run finished, there
-    with open(run_dir / "history.csv", newline="") as f:
+    with open(run_dir / HISTORY, newline="") as f:
         history = list(csv.DictReader(f))
-    config = json.loads((run_dir / "config.json").read_text())
+    config = json.loads((run_dir / CONFIG).read_text())
     best = max(history, key=lambda row: float(row[f"val_{config['metric']}"]))
-    scores = evaluate(run_dir / "submission.csv", data / "eval" / "truth.csv", "mask")["scores"]
+    scores = evaluate(run_dir / SUBMISSION, data / "eval" / "truth.csv", "mask")["scores"]
     warned = summary["still_rising"]
     return dict(run=name, steps=config["steps"], epochs=len(history), minutes=(time.time() - t0) / 60, val_accuracy=float(best["val_accuracy"]),
                 val_f1=float(best["val_f1"]), eval_accuracy=scores["accuracy"], eval_f1=scores["f1"], still_rising=warned)

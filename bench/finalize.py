@@ -34,6 +34,7 @@ from bench.searches import (ROOT, SETS, SIZE, data_flags, data_of, finalist_eval
                             soft_f1, train_run)
 from core.cli import Parser, run_main
 from core.scoring import evaluate
+from core.runs import SUBMISSION, SUBMISSION_SOFT
 from search.finalists import configuration
 from search.trials import best_trial, from_id
 
@@ -74,7 +75,7 @@ def one(name, seed, work, cli):
         subprocess.run([sys.executable, str(ROOT / "search" / "finalize.py"), "--id", exp.id, "--config",
                         str(work / f"search_{name}_{seed}.yml"), "--select", select, "--out", str(out),
                         "--fold_port", str(cli.port + 1)], check=True, cwd=ROOT)
-        scores[f"finalize_{select}"] = evaluate(out / "submission.csv", truth, "mask")["scores"]["f1"]
+        scores[f"finalize_{select}"] = evaluate(out / SUBMISSION, truth, "mask")["scores"]["f1"]
         report = json.loads((out / "finalize.json").read_text())
     k = report["k"]
     finalists = report["finalists"]
@@ -82,10 +83,10 @@ def one(name, seed, work, cli):
     command = config["trialCommand"]  # the defaults: the finalist that trains with the trial command's own flags
     defaults = next(f["name"] for f in finalists if configuration(command, f["params"]) == configuration(command, {}))
     scores["defaults_kfold"] = eval_f1[defaults]
-    scores["search_best"] = soft_f1(Path(best.log_path) / "submission_soft.csv", truth)
+    scores["search_best"] = soft_f1(Path(best.log_path) / SUBMISSION_SOFT, truth)
     words = [sys.executable, str(ROOT / "train.py"), *SIZE, "--seed", str(seed), "--cache_dir", str(work / "cache"), *flags]
     run_dir, _ = train_run(words, work / "defaults" / f"{name}_{seed}")
-    scores["defaults"] = evaluate(run_dir / "submission.csv", truth, "mask")["scores"]["f1"]
+    scores["defaults"] = evaluate(run_dir / SUBMISSION, truth, "mask")["scores"]["f1"]
     searched = [f for f in finalists if f["search_metric"] is not None]
     return dict(set=name, seed=seed, search_minutes=minutes, experiment=exp.id, scores=scores, finalists=finalists,
                 finalist_eval_f1=eval_f1, winner=report["winner"], greedy_weights=report["greedy_weights"],

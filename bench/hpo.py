@@ -48,7 +48,7 @@ from core.scoring import evaluate
 from bench.searches import ROOT, SIZE, default_budget, local_config, run_experiment, search_config, train_run, trial_words
 from core import demo
 from core.cli import Parser, run_main
-from core.runs import read_summary
+from core.runs import BEST, HISTORY, SUBMISSION, read_summary
 from search.trials import best_command
 
 METHODS = ["default", "default_trial", "random", "tpe", "tpe_plain", "hyperband", "tpe_f1", "tpe_reshuffle"]
@@ -71,7 +71,7 @@ def eval_f1(checkpoint, out_dir, work, eval_dir):
     subprocess.run([sys.executable, str(ROOT / "baseline" / "inference.py"), "--checkpoint", str(checkpoint),
                     "--eval_dir", str(eval_dir), "--out", str(out_dir), "--cache_dir", str(work / "cache")],
                    check=True, capture_output=True, text=True)
-    return evaluate(out_dir / "submission.csv", eval_dir / "truth.csv", "mask")["scores"]["f1"]
+    return evaluate(out_dir / SUBMISSION, eval_dir / "truth.csv", "mask")["scores"]["f1"]
 
 
 # ----------------------------------------------------------------------------- the study
@@ -92,7 +92,7 @@ def search_run(method, seed, base, work, cli, eval_dir):
     trial = best[1]
     command = best_command(config["trialCommand"], trial.params)
     return dict(method=method, seed=seed, curve=rows, trials=len({t.id for t in exp.trials if t.intermediates}), minutes=minutes,
-                eval_f1=eval_f1(Path(trial.log_path) / "best.pth", work / "eval" / f"{method}_{seed}", work, eval_dir),
+                eval_f1=eval_f1(Path(trial.log_path) / BEST, work / "eval" / f"{method}_{seed}", work, eval_dir),
                 best_trial=trial.id, command=command)
 
 
@@ -100,7 +100,7 @@ def train_and_score(cmd, run_dir, eval_dir):
     """Run a standalone train.py command into run_dir (or the next free name beside it, as train.py picks)
     -> (run dir, its (val accuracy, val F1) per epoch, eval-split macro F1)."""
     run_dir, rows = train_run(cmd, run_dir)
-    return run_dir, rows, evaluate(run_dir / "submission.csv", eval_dir / "truth.csv", "mask")["scores"]["f1"]
+    return run_dir, rows, evaluate(run_dir / SUBMISSION, eval_dir / "truth.csv", "mask")["scores"]["f1"]
 
 
 def default_run(method, seed, base, work, cli, eval_dir):
@@ -243,11 +243,11 @@ def efficiency(cli, work):
                   experimentWorkingDirectory=str(work / "nni"), trainingService=base["trainingService"], tuner=dict(name="GridSearch"))
     _, jobs, _ = run_experiment(config, cli.port, work)
     job, out = jobs[0], Path(jobs[0]["logPath"])
-    with open(out / "history.csv", newline="") as f:
+    with open(out / HISTORY, newline="") as f:
         training = sum(float(r["seconds"]) for r in csv.DictReader(f))
     wall = (job["endTime"] - job["startTime"]) / 1000
     first_step = read_summary(out)["first_step_s"]
-    after = job["endTime"] / 1000 - (out / "history.csv").stat().st_mtime  # figures, eval prediction, exit
+    after = job["endTime"] / 1000 - (out / HISTORY).stat().st_mtime  # figures, eval prediction, exit
     print(f"trial {job['trialJobId']} ({job['status']}): {wall:.1f} s wall, {training:.1f} s in training epochs: "
           f"efficiency {training / wall:.3f}\n  start-up to the first step {first_step:.1f} s, after the last epoch {after:.1f} s, "
           f"the rest (NNI's launch, checkpoints between epochs) {wall - training - first_step - after:.1f} s")

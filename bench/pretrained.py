@@ -37,6 +37,7 @@ from nni.assessor import AssessResult
 from bench.searches import ROOT, SETS, SIZE, data_flags, data_of, finalist_eval_f1, local_config, run_experiment, soft_f1, train_run
 from core.cli import Parser, run_main
 from core.scoring import evaluate
+from core.runs import SUBMISSION, SUBMISSION_SOFT
 from search import nni_io
 from search.trials import best_trial, from_id
 from training import flags
@@ -87,7 +88,7 @@ def one(run, name, seed, work):
     t0 = time.time()
     words = [*RUNS[run](), *data_flags(data), "--seed", str(seed), "--cache_dir", str(work / "cache")]
     run_dir, history = train_run(words, work / "runs" / f"{run}_{name}_{seed}")
-    eval_f1 = evaluate(run_dir / "submission.csv", data / "eval" / "truth.csv", "mask")["scores"]["f1"]
+    eval_f1 = evaluate(run_dir / SUBMISSION, data / "eval" / "truth.csv", "mask")["scores"]["f1"]
     return dict(run=run, set=name, seed=seed, eval_f1=eval_f1, best_val_f1=max(f1 for _, f1 in history),
                 minutes=(time.time() - t0) / 60, epochs=len(history))
 
@@ -149,7 +150,7 @@ def study(name, seed, work, port):
         searched.write_text(json.dumps(dict(experiment=exp.id, minutes=minutes)))
     best = best_trial(exp)
     result = dict(set=name, seed=seed, experiment=exp.id, search_minutes=minutes, trials=len(exp.trials),
-                  search_best=soft_f1(Path(best.log_path) / "submission_soft.csv", truth), best_params=best.params,
+                  search_best=soft_f1(Path(best.log_path) / SUBMISSION_SOFT, truth), best_params=best.params,
                   medianstop=medianstop_replay(exp), finalize={})
     out = work / "finalize" / f"{name}_{seed}"
     result["finalize_minutes_whole"] = not (out / "plan.json").is_file()  # else some folds were trained by an earlier run
@@ -159,7 +160,7 @@ def study(name, seed, work, port):
                         "--top", str(TOP), "--k", str(K), "--select", select, "--out", str(out), "--fold_port", str(port + 1)],
                        check=True, cwd=ROOT)
         report = json.loads((out / "finalize.json").read_text())
-        result["finalize"][select] = dict(eval_f1=evaluate(out / "submission.csv", truth, "mask")["scores"]["f1"],
+        result["finalize"][select] = dict(eval_f1=evaluate(out / SUBMISSION, truth, "mask")["scores"]["f1"],
                                           minutes=(time.time() - t0) / 60, report=report)
     result["finalist_eval_f1"] = {f["name"]: finalist_eval_f1(out, f["name"], K, truth) for f in report["finalists"]}
     result["lite0_kfold"] = result["finalist_eval_f1"]["defaults"]

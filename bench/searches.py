@@ -14,7 +14,7 @@ import yaml
 
 from core import demo
 from core.metrics import score
-from core.runs import increment_path, read_summary
+from core.runs import HISTORY, SUBMISSION_SOFT, increment_path, read_summary
 from search import nni_io
 from search.trials import from_rest
 
@@ -110,7 +110,7 @@ def train_run(cmd, run_dir):
     if proc.returncode:
         sys.exit(f"train.py failed: {proc.stderr.strip()}")
     read_summary(run_dir)  # the run finished, there
-    with open(run_dir / "history.csv", newline="") as f:
+    with open(run_dir / HISTORY, newline="") as f:
         rows = [(float(r["val_accuracy"]), float(r["val_f1"])) for r in csv.DictReader(f)]
     return run_dir, rows
 
@@ -147,5 +147,5 @@ def soft_f1(path, truth):
 
 def finalist_eval_f1(run_dir, name, k, truth):
     """Macro F1 of one finalist's K fold models, soft-voted on the eval split."""
-    folds = [pd.read_csv(run_dir / name / f"fold{i}" / "submission_soft.csv").set_index("ImageID") for i in range(k)]
+    folds = [pd.read_csv(run_dir / name / f"fold{i}" / SUBMISSION_SOFT).set_index("ImageID") for i in range(k)]
     return table_f1(sum(folds) / k, truth)

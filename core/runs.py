@@ -8,6 +8,12 @@ from pathlib import Path
 from core.files import replace_atomically
 from core.labels import is_mask_scheme
 
+# A train.py run directory's files, by the only names they have
+BEST, LAST = "best.pth", "last.pth"          # checkpoints: the best epoch's, the last epoch's (what --resume takes)
+CONFIG, HISTORY = "config.json", "history.csv"  # the resolved flags; one row per epoch
+VAL_SOFT = "val_soft.csv"                    # the best epoch's validation probabilities (a fold's held-out part)
+SUBMISSION, SUBMISSION_SOFT = "submission.csv", "submission_soft.csv"  # on the eval dir: answers, probabilities
+TENSORBOARD = "tensorboard"                  # its event files
 SUMMARY = "summary.json"  # written last, when a run ends well: its absence means the run did not finish
 
 
@@ -41,6 +47,30 @@ def read_summary(run_dir):
         raise ValueError(f"{path}: not valid JSON") from None
 
 
+def listed_files(folder):
+    """The files a finished run's summary.json lists (train.py writes it last, naming every file of the run), or None
+    where there is none (the run did not finish). ValueError "not a valid summary" or "lists no files"."""
+    path = Path(folder) / SUMMARY
+    if not path.is_file():
+        return None
+    try:
+        listed = json.loads(path.read_text()).get("files")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise ValueError("is not a valid summary") from None
+    if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
+        raise ValueError("lists no files")
+    return listed
+
+
+def incomplete(folder, names, may_be_empty=()):
+    """Whether folder holds the named files of a run, whole -> "missing a, b; empty c", or "" when it does (a named
+    directory need only be there; may_be_empty: files that can be)."""
+    folder = Path(folder)
+    missing = [n for n in names if not (folder / n).exists()]
+    empty = [n for n in names if n not in may_be_empty and (folder / n).is_file() and (folder / n).stat().st_size == 0]
+    return "; ".join(f"{kind} {', '.join(found)}" for kind, found in (("missing", missing), ("empty", empty)) if found)
+
+
 def write_history(path, history):
     def write(tmp):
         with open(tmp, "w", newline="") as f:
@@ -57,10 +87,10 @@ def write_submission(out_dir, image_ids, probs, classes):
     out_dir = Path(out_dir)
     preds = probs.argmax(1)
     answers = preds if is_mask_scheme(classes) else [classes[i] for i in preds]
-    pd.DataFrame({"ImageID": image_ids, "ans": answers}).to_csv(out_dir / "submission.csv", index=False)
+    pd.DataFrame({"ImageID": image_ids, "ans": answers}).to_csv(out_dir / SUBMISSION, index=False)
     soft = pd.DataFrame(probs, columns=classes)
     soft.insert(0, "ImageID", image_ids)
-    soft.to_csv(out_dir / "submission_soft.csv", index=False, float_format="%.6f")
+    soft.to_csv(out_dir / SUBMISSION_SOFT, index=False, float_format="%.6f")
 
 
 def write_val_soft(path, image_ids, labels, probs, classes):

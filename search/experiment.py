@@ -47,7 +47,7 @@ import urllib.error
 from pathlib import Path
 
 from core.cli import Parser, run_main
-from core.runs import SUMMARY
+from core.runs import SUMMARY, incomplete, listed_files
 from search import nni_io
 from search.trials import best_command, best_trial, flatten, from_id, from_rest, is_number, ranked
 
@@ -126,15 +126,11 @@ def check_copy(folder, trial, partial=False):
         raise ValueError(f"trial {trial.id} ({trial.status}): no {SUMMARY}, so the run did not finish; its dir has "
                          f"{', '.join(names) or 'no files'} (--partial copies them anyway)")
     try:
-        listed = json.loads((folder / SUMMARY).read_text()).get("files")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        raise ValueError(f"trial {trial.id}: {source}/{SUMMARY} is not a valid summary, the copy is refused") from None
-    if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
-        raise ValueError(f"trial {trial.id}: {source}/{SUMMARY} lists no files, the copy is refused")
-    missing = [n for n in listed if not (folder / n).exists()]
-    empty = [n for n in listed if n not in NNI_LOGS and (folder / n).is_file() and (folder / n).stat().st_size == 0]
-    if missing or empty:
-        what = "; ".join(f"{kind} {', '.join(names)}" for kind, names in (("missing", missing), ("empty", empty)) if names)
+        listed = listed_files(folder)
+    except ValueError as e:
+        raise ValueError(f"trial {trial.id}: {source}/{SUMMARY} {e}, the copy is refused") from None
+    what = incomplete(folder, listed, may_be_empty=NNI_LOGS)
+    if what:
         raise ValueError(f"trial {trial.id}: the copy of {source} is incomplete ({what}, all listed in its {SUMMARY})")
     return True
 

@@ -3,6 +3,7 @@ one) plus the trial command's own flags, and the fold trainings they need."""
 import json
 from dataclasses import dataclass
 
+from core.runs import CONFIG
 from search.nni_io import train_words
 from search.trials import flag_words, flatten, is_number, ranked
 from training import flags
@@ -27,7 +28,7 @@ def configuration(trial_command, params):
 
 def ran_configuration(folder):
     """What a fold run trained with, from its own config.json, in configuration()'s terms."""
-    return {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if k not in flags.having("length")}
+    return {k: v for k, v in json.loads((folder / CONFIG).read_text()).items() if k not in flags.having("length")}
 
 
 def differences(old, new):

@@ -43,7 +43,7 @@ import yaml
 
 from core.cli import Parser, run_main
 from core.files import replace_atomically
-from core.runs import read_summary
+from core.runs import BEST, CONFIG, HISTORY, SUBMISSION_SOFT, SUMMARY, VAL_SOFT, read_summary
 from core.signals import STOP
 from search import nni_io
 from search.finalists import Finalist, configuration, differences, finished, fold_jobs, ran_configuration, select_finalists
@@ -51,7 +51,7 @@ from search.trials import from_id, from_rest
 from search.vote import rank_and_vote, write_report
 from training import checkpoint
 
-FETCHED = ("config.json", "summary.json", "best.pth", "history.csv", "val_soft.csv", "submission_soft.csv")
+FETCHED = (CONFIG, SUMMARY, BEST, HISTORY, VAL_SOFT, SUBMISSION_SOFT)
 
 
 # ----------------------------------------------------------------------------- the NNI experiment
@@ -116,13 +116,13 @@ def fold_trials(port, exp_id):
 def check_fetched(folder):
     """Every copied file is what a finished fold run writes; ValueError naming the first that is not."""
     summary = read_summary(folder)
-    checkpoint.read_meta(folder / "best.pth")
-    for name in ("val_soft.csv", "submission_soft.csv", "history.csv"):
+    checkpoint.read_meta(folder / BEST)
+    for name in (VAL_SOFT, SUBMISSION_SOFT, HISTORY):
         try:
             table = pd.read_csv(folder / name)
         except Exception as e:  # pandas' parser errors: the file, not our code
             raise ValueError(f"{folder / name}: not a CSV ({type(e).__name__})") from None
-        if table.empty or (name != "history.csv" and "ImageID" not in table):
+        if table.empty or (name != HISTORY and "ImageID" not in table):
             raise ValueError(f"{folder / name}: empty or without ImageID")
     return summary
 
@@ -135,7 +135,7 @@ def bring_home(trial, finalists, trial_command, run_dir, machines):
     tmp.mkdir()
     try:
         nni_io.fetch(trial.log_path, tmp, machines, FETCHED)
-        config = json.loads((tmp / "config.json").read_text())
+        config = json.loads((tmp / CONFIG).read_text())
         ran = ran_configuration(tmp)
         finalist = next((f for f in finalists if configuration(trial_command, f.params) == ran), None)
         if finalist is None:
@@ -152,7 +152,7 @@ def bring_home(trial, finalists, trial_command, run_dir, machines):
 
 def folds_home(run_dir, finalists, k):
     """(finalist, fold) pairs whose files are home (their folder exists only once every file checked out)."""
-    return {(f.name, fold) for f in finalists for fold in range(k) if (run_dir / f.name / f"fold{fold}" / "summary.json").is_file()}
+    return {(f.name, fold) for f in finalists for fold in range(k) if (run_dir / f.name / f"fold{fold}" / SUMMARY).is_file()}
 
 
 # ----------------------------------------------------------------------------- main

@@ -13,6 +13,7 @@ from core import demo
 from core.folds import join_folds
 from core.metrics import score
 from core.submissions import alignment
+from core.runs import BEST
 from imagedata.augment import Normalize
 from imagedata.layouts import read_eval
 from training import checkpoint, flags
@@ -26,8 +27,8 @@ def shape_of(meta):
 
 def ingredients(run_dir, finalists, winner, k):
     """The finalists whose fold checkpoints have the winner's backbone, head, input size and input statistics."""
-    shape = shape_of(checkpoint.read_meta(run_dir / winner / "fold0" / "best.pth"))
-    return [f.name for f in finalists if all(shape_of(checkpoint.read_meta(run_dir / f.name / f"fold{i}" / "best.pth")) == shape
+    shape = shape_of(checkpoint.read_meta(run_dir / winner / "fold0" / BEST))
+    return [f.name for f in finalists if all(shape_of(checkpoint.read_meta(run_dir / f.name / f"fold{i}" / BEST)) == shape
                                              for i in range(k))]
 
 
@@ -76,7 +77,7 @@ def averaged(states):
 
 def fold_soup(run_dir, names, k, device, log):
     """Greedy soup on fold k over the ingredient finalists -> (soup's members, held-out F1, held-out probs, Fold, model, meta)."""
-    loaded = {n: checkpoint.load_model(run_dir / n / f"fold{k}" / "best.pth", device) for n in names}
+    loaded = {n: checkpoint.load_model(run_dir / n / f"fold{k}" / BEST, device) for n in names}
     fold = Fold(loaded[names[0]][1], device, [run_dir / n / f"fold{k}" for n in names])
     scored = {n: fold.held_out(model, ckpt["classification"]) for n, (model, ckpt) in loaded.items()}
     order = sorted(names, key=lambda n: -scored[n][1])  # stable: ties keep the finalists' rank order

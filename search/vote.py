@@ -9,7 +9,7 @@ import numpy as np
 from core.files import replace_atomically
 from core.folds import join_folds
 from core.metrics import score
-from core.runs import read_summary, write_submission
+from core.runs import CONFIG, SUBMISSION_SOFT, SUMMARY, VAL_SOFT, read_summary, write_submission
 from core.submissions import alignment, read_soft, read_val_soft
 from search.finalists import differences, ran_configuration
 from search.trials import flag_words
@@ -18,14 +18,14 @@ from search.trials import flag_words
 def fold_files(folder, finalist):
     """A fold at home -> (its summary, val_soft.csv, submission_soft.csv), each checked: present, readable, and
     trained with the finalist's planned command (a fold of another command is never voted)."""
-    for name in ("summary.json", "config.json", "val_soft.csv", "submission_soft.csv"):
+    for name in (SUMMARY, CONFIG, VAL_SOFT, SUBMISSION_SOFT):
         if not (folder / name).is_file():
             raise ValueError(f"{folder / name}: missing (delete {folder} and run finalize again to retrain that fold)")
     ran = ran_configuration(folder)
     if finalist.config is not None and ran != finalist.config:
         raise ValueError(f"{folder}: trained with another command than {finalist.name}'s plan ({differences(finalist.config, ran)}); "
                          f"delete it and run again, or use another --out")
-    return read_summary(folder), read_val_soft(folder / "val_soft.csv"), read_soft(folder / "submission_soft.csv")
+    return read_summary(folder), read_val_soft(folder / VAL_SOFT), read_soft(folder / SUBMISSION_SOFT)
 
 
 def finalist_scores(run_dir, finalist, k):
@@ -36,14 +36,14 @@ def finalist_scores(run_dir, finalist, k):
         folder = run_dir / finalist.name / f"fold{fold}"
         summary, (ids, labels, probs, classes), (eval_ids, eval_probs, eval_classes) = fold_files(folder, finalist)
         if len(ids) != summary["val_images"]:
-            raise ValueError(f"{folder / 'val_soft.csv'}: {len(ids)} held-out images, its run held out {summary['val_images']} "
+            raise ValueError(f"{folder / VAL_SOFT}: {len(ids)} held-out images, its run held out {summary['val_images']} "
                              f"(damaged? delete {folder} and run again to retrain it)")
         if (parts and classes != parts[0][0]) or eval_classes != classes:
             raise ValueError(f"{folder}: its val_soft.csv and submission_soft.csv name other classes than {finalist.name}'s fold0")
         fold_f1.append(score(labels, probs.argmax(1), len(classes))["f1"])
-        parts.append((classes, (folder / "val_soft.csv", fold, ids, labels, probs)))
+        parts.append((classes, (folder / VAL_SOFT, fold, ids, labels, probs)))
         if evals:  # the same eval images, in fold0's order
-            eval_probs = eval_probs[alignment(evals[0][0], eval_ids, folder / "submission_soft.csv", run_dir / finalist.name / "fold0")]
+            eval_probs = eval_probs[alignment(evals[0][0], eval_ids, folder / SUBMISSION_SOFT, run_dir / finalist.name / "fold0")]
         evals.append((eval_ids if not evals else evals[0][0], eval_probs))
     oof = join_folds([part for _, part in parts], total=summary["train_images"] + summary["val_images"])
     return dict(ids=oof["ids"], labels=oof["labels"], probs=oof["probs"], classes=parts[0][0], fold_f1=fold_f1,

@@ -24,6 +24,7 @@ import torch
 
 from core.cli import one_line_reason
 from core.files import load_untrusted, replace_atomically
+from core.runs import BEST, LAST
 from model import create_model, num_outputs
 
 FORMAT_VERSION = 3  # 2: content_hash of the tensors; 3: of every key
@@ -123,8 +124,8 @@ def check_hash(path, ckpt):
 def save_epoch(run_dir, model, meta, *, improved, epoch, best, history, optimizer, scheduler, stale, generators):
     """best.pth (when the epoch improved) and last.pth, with all that --resume needs."""
     if improved:
-        save(run_dir / "best.pth", model, meta, epoch=epoch, best_metric=best)
-    save(run_dir / "last.pth", model, meta, epoch=epoch, best_metric=best, history=history, optimizer=optimizer.state_dict(),
+        save(run_dir / BEST, model, meta, epoch=epoch, best_metric=best)
+    save(run_dir / LAST, model, meta, epoch=epoch, best_metric=best, history=history, optimizer=optimizer.state_dict(),
          scheduler=scheduler.state_dict(), train_state=dict(stale=stale, rng=rng_state(generators)))
 
 
@@ -221,7 +222,7 @@ def set_rng_state(state, generators):
 
 def resume_hint(run_dir):
     """The truth about what an interrupted run left, read from disk."""
-    last = Path(run_dir) / "last.pth"
+    last = Path(run_dir) / LAST
     if not last.is_file():
         return "no epoch finished, so there is nothing to resume"
     return f"{last} holds epoch {read_meta(last)['epoch']}: continue with --resume {last}"

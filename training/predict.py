@@ -12,6 +12,7 @@ import dataset
 from core import demo
 from core.cli import make_progress
 from core.folds import check_held_out
+from core.runs import VAL_SOFT
 from imagedata.augment import Normalize
 from imagedata.constants import DEFAULT_CACHE_DIR
 from imagedata.decode import load_images
@@ -53,7 +54,7 @@ def fold_split(meta, fold_dirs):
                                                           a["kfold"], a["fold"])
     ids = [Path(data["paths"][i]).relative_to(data_dir).as_posix() for i in val_idx]
     for folder in fold_dirs:
-        check_held_out(Path(folder) / "val_soft.csv", ids, data["truth"][val_idx], str(folder))
+        check_held_out(Path(folder) / VAL_SOFT, ids, data["truth"][val_idx], str(folder))
     return layout, data, train_idx, val_idx, ids
 
 
