@@ -104,10 +104,11 @@ class TrainingData:
 
 def load_training_data(*, dataset, data_dir, eval_dir, age_bounds, val_ratio, seed, kfold, fold, resize, augmentation,
                        sampler, batch_size, valid_batch_size, num_workers, cache_dir, use_cache, device, split_seed=None,
-                       feed="auto"):
+                       feed="auto", stats=None):
     """Read, split and decode the data (the demo data when no data_dir) -> TrainingData. Every check that
     can fail on the inputs (layout, images, the eval dir and its images) runs here, before a run dir exists.
-    split_seed: seeds the train/validation split instead of seed (None: seed). feed: see choose_feed."""
+    split_seed: seeds the train/validation split instead of seed (None: seed). feed: see choose_feed. stats: the
+    (mean, std) to normalise with (model.input_config's, for ImageNet weights), else the data's own."""
     if data_dir is None and DATASETS[dataset][0] != "mask":
         raise ValueError(f"--dataset {dataset} needs --data_dir (the demo data is in the mask layout)")
     data_dir, eval_dir = demo.data_dirs(data_dir, eval_dir)
@@ -120,7 +121,7 @@ def load_training_data(*, dataset, data_dir, eval_dir, age_bounds, val_ratio, se
     images = load_images(data["paths"], size, cache_dir, use_cache, make_progress("decoding images"))
     if eval_dir:  # predicting them comes after training: an unreadable one must stop the run now, not then
         decode_all(eval_paths, size, cache_dir, use_cache, "decoding eval images")
-    mean, std = mean_std(images, data["paths"], size)
+    mean, std = (list(stats[0]), list(stats[1])) if stats else mean_std(images, data["paths"], size)
     train_set = ImageDataset(data["paths"], size, images, data["labels"], train_idx)
     val_set = ImageDataset(data["paths"], size, images, data["labels"], val_idx)
     generators = [torch.Generator().manual_seed(seed) for _ in range(2)]

@@ -143,6 +143,19 @@ def where_looked(model):
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # torchvision's and efficientnet-pytorch's
 
 
+DEFAULT_SIZE = (128, 96)  # BaseModel's: the demo's people at a size a CPU trains in minutes
+
+
+def input_config(name, resize=None, pretrained=False, weights=None):
+    """What a model's input is, decided once, before the data is decoded: -> (size, stats). size: resize, else a
+    --pretrained timm model's own input size (as timm's resolve_data_config gives it), else DEFAULT_SIZE. stats:
+    (mean, std) that its ImageNet weights were trained with when it starts from them (pretrained or a weights
+    file), else None: normalise with the data's own."""
+    cfg = timm_config(name) if pretrained and resize is None else None
+    size = tuple(resize) if resize is not None else tuple(cfg.input_size[1:]) if cfg is not None else DEFAULT_SIZE
+    return size, pretrained_stats(name) if pretrained or weights else None
+
+
 def pretrained_stats(name):
     """(mean, std) that a backbone's ImageNet weights were trained with: inputs must be normalised the same way.
     None for BaseModel, which has no such weights."""

@@ -35,10 +35,9 @@ from core.metrics import confusion, score
 from core.runs import (BEST, CONFIG, HISTORY, SUBMISSION, TENSORBOARD, VAL_SOFT, increment_path, write_config, write_history,
                        write_submission, write_summary, write_val_soft)
 from core.signals import STOP
-from imagedata.augment import Normalize
 from imagedata.layouts import DataError
 from loss import create_criterion
-from model import WeightsError, create_model, num_outputs, pretrained_stats
+from model import WeightsError, create_model, input_config, num_outputs
 from optim import create_optimizer, create_scheduler
 from training import checkpoint, flags
 from training.engine import evaluate, resolve_device, seed_everything, train_one_epoch
@@ -85,9 +84,10 @@ def main(args):
     seed_everything(args.seed)
     split = split_seed(args)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    _, stats = input_config(args.model, args.resize, args.pretrained, args.weights)  # ImageNet weights: their own statistics
     data = dataset.load_training_data(
         dataset=args.dataset, data_dir=args.data_dir, eval_dir=args.eval_dir, age_bounds=args.age_bounds, val_ratio=args.val_ratio,
-        seed=args.seed, kfold=args.kfold, fold=args.fold, resize=args.resize, augmentation=args.augmentation, sampler=args.sampler,
+        seed=args.seed, kfold=args.kfold, fold=args.fold, resize=args.resize, stats=stats, augmentation=args.augmentation, sampler=args.sampler,
         batch_size=args.batch_size, valid_batch_size=args.valid_batch_size, num_workers=args.num_workers, cache_dir=args.cache_dir,
         use_cache=not args.no_cache, device=device, split_seed=split, feed=args.feed)
     print(data.feed_note, flush=True)
@@ -100,9 +100,6 @@ def main(args):
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     if args.compile != "none":  # in place: its state_dict keeps the plain keys that checkpoints and the tools read
         model.compile(mode=args.compile)
-    stats = pretrained_stats(args.model) if args.pretrained or args.weights else None
-    if stats:  # ImageNet weights expect the statistics they were trained with, not this data's
-        data.mean, data.std, data.normalize = list(stats[0]), list(stats[1]), Normalize(*stats).to(device)
     opt = build_optimisation(args, data, model, device)
     run_dir, start = open_run_dir(args, data, model, opt, device)
     try:

@@ -26,13 +26,12 @@ from core.labels import DEFAULT_AGE_BOUNDS
 from dataset import DATASETS, TRANSFORMS
 from imagedata.constants import DEFAULT_CACHE_DIR, FEEDS, NO_CACHE_FOR_DEVICE
 from loss import LOSSES
-from model import CLASSIFICATIONS, INITS, TIMM_PREFIX, check_model_name, timm_config
+from model import CLASSIFICATIONS, DEFAULT_SIZE, INITS, TIMM_PREFIX, check_model_name, input_config
 from optim import OPTIMIZERS, SCHEDULERS
 from training import checkpoint
 
 NAMES = {"model": check_model_name}  # names checked beyond a choices list (timm's models are too many to list)
 DATA_PLACES = ("data_dir", "eval_dir")  # where the data lies on the machine that trains: made absolute
-DEFAULT_SIZE = (128, 96)  # BaseModel's: the demo's people at a size a CPU trains in minutes
 # What a number must be; NaN fails every test. Values outside would train on silently.
 POSITIVE, NON_NEGATIVE, FRACTION = (lambda v: 0 < v < math.inf, "positive"), (lambda v: v >= 0, "0 or more"), (lambda v: 0 <= v < 1, "in [0, 1)")
 
@@ -254,9 +253,7 @@ def parse_args(argv=None, nni_params=None):
 def resolve(args):
     """Fill in what depends on other flags: an unset --resize is a pretrained timm model's own input size, else
     DEFAULT_SIZE; the data dirs made absolute. config.json then records the size and the dirs the run used."""
-    if args.resize is None:
-        cfg = timm_config(args.model) if args.pretrained else None
-        args.resize = list(cfg.input_size[1:]) if cfg is not None else list(DEFAULT_SIZE)
+    args.resize = list(input_config(args.model, args.resize, args.pretrained)[0])
     for key in DATA_PLACES:  # absolute: the tools that rebuild a run's split find its data from any directory
         if getattr(args, key):
             setattr(args, key, os.path.abspath(os.path.expanduser(getattr(args, key))))
