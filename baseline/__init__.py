@@ -1,0 +1,1 @@
+"""After training: predict, ensemble, score, K folds (the module map: docs/design.md)."""

@@ -1,3 +1,1 @@
-"""The search phase: check an NNI config before it runs (preflight), the tuners it runs (nni_tuner), read its
-trials (experiment), and re-rank its best on folds into a submission (finalize); nni_io, trials, space,
-finalists and vote are the libraries they share."""
+"""The search phase: check, run, read and finalize an NNI search (the module map: docs/design.md)."""

@@ -199,3 +199,43 @@ def test_a_console_script_runs_from_the_venv(script, tmp_path):
     assert path.is_file(), f"{path}: not installed (pip install -r requirements.txt installs the project)"
     proc = subprocess.run([str(path), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: "), proc.stderr
+
+
+def string_constants(path):
+    """(line, value) of every plain string literal in a file, f-string parts included."""
+    return [(n.lineno, n.value) for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+
+def test_one_prediction_loop_in_training_predict():
+    """engine.predict and the ImageDataset + DataLoader pair behind it are called from training/predict.py only
+    (dataset.py builds the training loaders)."""
+    found = []
+    for path, module in MODULES.items():
+        tree = ast.parse(path.read_text())
+        imports_predict = any(isinstance(n, ast.ImportFrom) and n.module == "training.engine" and any(a.name == "predict" for a in n.names)
+                              for n in ast.walk(tree))
+        builds = any(isinstance(n, ast.Call) and getattr(n.func, "id", getattr(n.func, "attr", None)) == "ImageDataset" for n in ast.walk(tree))
+        if (imports_predict or builds) and module not in ("training.predict", "dataset"):
+            found.append(module)
+    assert found == []
+
+
+def test_run_file_names_are_spelled_in_core_runs_only():
+    from core import runs
+    names = {runs.BEST, runs.LAST, runs.CONFIG, runs.HISTORY, runs.VAL_SOFT, runs.SUBMISSION, runs.SUBMISSION_SOFT, runs.SUMMARY,
+             runs.TENSORBOARD}
+    spelled = [f"{path.relative_to(ROOT)}:{line} {value}" for path, module in MODULES.items() if module != "core.runs"
+               for line, value in string_constants(path) if value in names or any(f"/ '{n}'" in value for n in names)]
+    for path in MODULES:  # the names inside f-strings' expressions, such as {run_dir / 'best.pth'}
+        spelled += [f"{path.relative_to(ROOT)}: {n}" for n in names if f"/ '{n}'" in path.read_text()]
+    assert spelled == []
+
+
+def test_package_docstrings_say_one_line_and_leave_the_map_to_design_md():
+    for init in sorted(ROOT.glob("*/__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        assert "\n" not in doc.strip() and "docs/design.md" in doc, f"{init.relative_to(ROOT)}: {doc!r}"
+
+
+def test_readme_is_at_most_150_lines():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 150
