@@ -12,8 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from core.labels import TASK_SIZES, decode_class
-from model import split_heads
+from core.labels import TASK_SIZES, decode_class, split_heads
 
 
 class FocalLoss(nn.Module):

@@ -11,12 +11,11 @@ and `timm/<name>` for any of timm's models (`python -c "import timm; print(timm.
 """
 import difflib
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from efficientnet_pytorch import EfficientNet
 
-from core.labels import TASK_SIZES
+from core.labels import TASK_SIZES, split_heads
 from weights import WEIGHTS_PACKAGES, download_host_problem, load_weights, local_weights, package_install_name
 
 
@@ -259,11 +258,6 @@ CLASSIFICATIONS = ("single", "multi_head")
 
 def num_outputs(classification, num_classes):
     return sum(TASK_SIZES) if classification == "multi_head" else num_classes
-
-
-def split_heads(logits):
-    """multi_head logits (N, 8) -> mask (N, 3), gender (N, 2), age (N, 3)."""
-    return torch.split(logits, TASK_SIZES, dim=1)
 
 
 def class_log_probs(logits, classification):

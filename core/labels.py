@@ -16,6 +16,11 @@ TASK_SIZES = tuple(len(names) for names in TASK_NAMES)  # (3, 2, 3): also the mu
 NUM_MASK_CLASSES = TASK_SIZES[0] * TASK_SIZES[1] * TASK_SIZES[2]
 
 
+def split_heads(logits):
+    """multi_head logits (N, 8), a tensor -> mask (N, 3), gender (N, 2), age (N, 3): the model's and the loss's split."""
+    return logits.split(TASK_SIZES, dim=1)
+
+
 def encode_class(mask, gender, age_band):
     return mask * 6 + gender * 3 + age_band
 

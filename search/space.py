@@ -11,7 +11,7 @@ import json
 import math
 import random
 
-from search.nni_io import flag_value, train_words, trial_command
+from search.nni_io import train_words, trial_command
 
 NNI_TYPES = ("choice", "randint", "uniform", "quniform", "loguniform", "qloguniform", "normal", "qnormal", "lognormal", "qlognormal")
 
@@ -269,11 +269,17 @@ def defaults_problem(config, space, well_formed=True):
 
 
 def pretrained_models(command, space):
-    """The backbones whose ImageNet weights every trial downloads: with --pretrained and without --weights."""
-    words = train_words(command)
+    """The backbones whose ImageNet weights every trial downloads: with --pretrained and without --weights, read as
+    train.py reads the command (a command it refuses has its own FAIL line: none here)."""
+    from model import pretrained_stats  # lazy: torch, only for a space with backbones to look at
+    from training.flags import defaults
+    try:
+        base = defaults(train_words(command))
+    except ValueError:
+        return []
     choices = (space or {}).get("pretrained", {}).get("_value", []) if isinstance((space or {}).get("pretrained"), dict) else []
-    if "--weights" in words or not ("--pretrained" in words or True in choices):
+    if base["weights"] or not (base["pretrained"] or True in choices):
         return []
     spec = (space or {}).get("model")
-    models = spec["_value"] if isinstance(spec, dict) and spec.get("_type") == "choice" else [flag_value(command, "--model") or "BaseModel"]
-    return [m for m in models if isinstance(m, str) and m != "BaseModel"]
+    models = spec["_value"] if isinstance(spec, dict) and spec.get("_type") == "choice" else [base["model"]]
+    return [m for m in models if isinstance(m, str) and pretrained_stats(m) is not None]  # BaseModel has no ImageNet weights
