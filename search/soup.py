@@ -12,8 +12,8 @@ import dataset
 from core import demo
 from core.folds import join_folds
 from core.metrics import score
-from core.submissions import alignment
-from core.runs import BEST
+from core.submissions import alignment, read_val_soft
+from core.runs import BEST, VAL_SOFT
 from imagedata.augment import Normalize
 from imagedata.layouts import read_eval
 from training import checkpoint, flags
@@ -26,10 +26,14 @@ def shape_of(meta):
 
 
 def ingredients(run_dir, finalists, winner, k):
-    """The finalists whose fold checkpoints have the winner's backbone, head, input size and input statistics."""
-    shape = shape_of(checkpoint.read_meta(run_dir / winner / "fold0" / BEST))
-    return [f.name for f in finalists if all(shape_of(checkpoint.read_meta(run_dir / f.name / f"fold{i}" / BEST)) == shape
-                                             for i in range(k))]
+    """The finalists whose fold checkpoints have the winner's backbone, head, input size and input statistics, and
+    whose folds held out the winner's images, fold by fold (another --seed splits otherwise): a soup averages
+    models of one fold, and scores them on that fold's held-out images."""
+    def fold_of(name, i):
+        folder = run_dir / name / f"fold{i}"
+        return shape_of(checkpoint.read_meta(folder / BEST)), sorted(read_val_soft(folder / VAL_SOFT)[0])
+    wanted = [fold_of(winner, i) for i in range(k)]
+    return [f.name for f in finalists if all(fold_of(f.name, i) == wanted[i] for i in range(k))]
 
 
 class Fold:

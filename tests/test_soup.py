@@ -12,7 +12,7 @@ from search.finalists import Finalist
 from training import checkpoint
 from training.predict import predict_images
 
-FINALISTS = {"defaults": [], "top1": ["--lr", "0.003"], "top2": ["--lr", "0.0005", "--seed", "7"]}
+FINALISTS = {"defaults": [], "top1": ["--lr", "0.003"], "top2": ["--lr", "0.0005", "--dropout", "0.4"]}
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +79,19 @@ def test_finalize_select_soup_reports_the_three_side_by_side(fold_runs):
     text = (fold_runs / "report.md").read_text()
     assert "| soup per fold (fold0: " in text and "models evaluated per image" in text and "Voted (--select soup)" in text
     assert (fold_runs / "submission.csv").is_file()
+
+
+@pytest.mark.slow
+def test_a_finalist_whose_folds_held_out_other_images_is_no_ingredient(fold_runs, tmp_path):
+    """Another --seed splits otherwise: its fold k is not the winner's fold k, so souping it there would average models
+    of different folds and score them on images some of them trained on."""
+    import shutil
+    run_dir = tmp_path / "final"
+    shutil.copytree(fold_runs, run_dir)
+    shutil.copytree(run_dir / "top1", run_dir / "seed7")
+    for fold, other in ((0, 1), (1, 0)):  # its folds' held-out parts swapped: the same images, other folds
+        shutil.copy(fold_runs / "top1" / f"fold{other}" / "val_soft.csv", run_dir / "seed7" / f"fold{fold}" / "val_soft.csv")
+    names = soup.ingredients(run_dir, [Finalist(n, {}) for n in [*FINALISTS, "seed7"]], "defaults", 2)
+    assert names == list(FINALISTS)
+    with pytest.raises(ValueError, match="seed7/fold0: its held-out images differ from the"):
+        soup.fold_soup(run_dir, ["defaults", "seed7"], 0, torch.device("cpu"), log=lambda line: None)
