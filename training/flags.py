@@ -33,7 +33,8 @@ from training import checkpoint
 NAMES = {"model": check_model_name}  # names checked beyond a choices list (timm's models are too many to list)
 DATA_PLACES = ("data_dir", "eval_dir")  # where the data lies on the machine that trains: made absolute
 # What a number must be; NaN fails every test. Values outside would train on silently.
-POSITIVE, NON_NEGATIVE, FRACTION = (lambda v: 0 < v < math.inf, "positive"), (lambda v: v >= 0, "0 or more"), (lambda v: 0 <= v < 1, "in [0, 1)")
+POSITIVE, NON_NEGATIVE = (lambda v: 0 < v < math.inf, "positive"), (lambda v: v >= 0, "0 or more")
+FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def flag(g, *names, roles=(), limit=None, **kwargs):
@@ -69,29 +70,33 @@ def build_parser():
 
 
 def add_data_flags(g):
-    flag(g, "--data_dir", roles=("resume", "length"), default=None, help="training data (mask layout: DATA/train; folder layout: DATA/<class>/); "
-                   "unset = demo data in data/demo, made on first use")
-    flag(g, "--eval_dir", roles=("length",), default=None, help="eval data to predict after training (unset with demo data = the demo eval split)")
+    flag(g, "--data_dir", roles=("resume", "length"), default=None,
+         help="training data (mask layout: DATA/train; folder layout: DATA/<class>/); "
+              "unset = demo data in data/demo, made on first use")
+    flag(g, "--eval_dir", roles=("length",), default=None,
+         help="eval data to predict after training (unset with demo data = the demo eval split)")
     flag(g, "--dataset", roles=("resume",), default="MaskSplitByProfileDataset", choices=list(DATASETS), help="layout and split")
     flag(g, "--age_bounds", roles=("resume",), nargs=2, type=int, default=list(DEFAULT_AGE_BOUNDS), metavar=("LOW", "HIGH"),
-                   help="age band bounds the model trains on (mask layout); validation is always scored on the data's own "
-                        f"bands, {DEFAULT_AGE_BOUNDS[0]} and {DEFAULT_AGE_BOUNDS[1]}")
+         help="age band bounds the model trains on (mask layout); validation is always scored on the data's own "
+              f"bands, {DEFAULT_AGE_BOUNDS[0]} and {DEFAULT_AGE_BOUNDS[1]}")
     flag(g, "--val_ratio", roles=("resume",), type=float, default=0.2, help="validation share")
-    flag(g, "--kfold", roles=("resume", "length", "kfold"), type=int, default=0, help="K for stratified group k-fold (0 = off: use --val_ratio)")
+    flag(g, "--kfold", roles=("resume", "length", "kfold"), type=int, default=0,
+         help="K for stratified group k-fold (0 = off: use --val_ratio)")
     flag(g, "--reshuffle_val", action=argparse.BooleanOptionalAction, default=False,
-                   help="under NNI, every trial validates on its own people: the split is seeded by --seed + the trial's "
-                        "sequence number (Nagler et al. 2024); no effect standalone or with --kfold")
+         help="under NNI, every trial validates on its own people: the split is seeded by --seed + the trial's "
+              "sequence number (Nagler et al. 2024); no effect standalone or with --kfold")
     flag(g, "--fold", roles=("resume", "length", "kfold"), type=int, default=0, help="which fold is validation, 0..K-1")
     flag(g, "--resize", roles=("resume", "shape"), nargs=2, type=int, default=None, metavar=("H", "W"),
-                   help=f"input size after centre crop (unset: {DEFAULT_SIZE[0]} {DEFAULT_SIZE[1]}, or a --pretrained timm model's own "
-                        f"input size, e.g. 224 224)")
+         help=f"input size after centre crop (unset: {DEFAULT_SIZE[0]} {DEFAULT_SIZE[1]}, or a --pretrained timm model's own "
+              f"input size, e.g. 224 224)")
     flag(g, "--augmentation", default="flip_affine", choices=list(TRANSFORMS), help="training augmentation")
     flag(g, "--sampler", default="none", choices=["none", "weighted"], help="weighted = inverse class frequency")
     flag(g, "--feed", default="auto", choices=list(FEEDS),
-                   help="how batches reach the model: device = the decoded images on the training device, each batch one "
-                        "indexing there (needs the cache; on a GPU, at most half its free memory); loader = DataLoader "
-                        "workers; auto = device where the images fit")
-    flag(g, "--num_workers", limit=(lambda v: v >= -1, "-1 (from the CPU count) or more"), type=int, default=-1, help="loader workers with --feed loader (-1 = from the CPU count)")
+         help="how batches reach the model: device = the decoded images on the training device, each batch one "
+              "indexing there (needs the cache; on a GPU, at most half its free memory); loader = DataLoader "
+              "workers; auto = device where the images fit")
+    flag(g, "--num_workers", limit=(lambda v: v >= -1, "-1 (from the CPU count) or more"), type=int, default=-1,
+         help="loader workers with --feed loader (-1 = from the CPU count)")
     flag(g, "--cache_dir", default=str(DEFAULT_CACHE_DIR), help="decoded-image cache shared by trials")
     flag(g, "--no_cache", action="store_true", help="decode images every epoch instead of caching them")
     flag(g, "--cache", dest="no_cache", action="store_false", help="use the cache (undoes no_cache from --config)")
@@ -99,21 +104,23 @@ def add_data_flags(g):
 
 def add_model_flags(g):
     flag(g, "--model", roles=("resume", "shape"), default="BaseModel", metavar="NAME",
-                   help=f"backbone: BaseModel, efficientnet_b0..b7, resnet18/34/50, or {TIMM_PREFIX}<name>, any timm model")
+         help=f"backbone: BaseModel, efficientnet_b0..b7, resnet18/34/50, or {TIMM_PREFIX}<name>, any timm model")
     flag(g, "--classification", roles=("resume", "shape"), default="single", choices=CLASSIFICATIONS,
-                   help="single 18-way head, or multi_head = mask/gender/age heads (mask layout)")
+         help="single 18-way head, or multi_head = mask/gender/age heads (mask layout)")
     flag(g, "--head", roles=("resume", "shape"), default="none", help="hidden layers of the head, e.g. 512-256 (BN, ReLU, dropout each)")
     flag(g, "--dropout", limit=FRACTION, type=float, default=0.2, help="dropout in the head")
     flag(g, "--init", default="default", choices=INITS, help="weight init of new layers")
-    flag(g, "--pretrained", action=argparse.BooleanOptionalAction, default=False, help="start from ImageNet weights: --weights, else the hub caches or an installed weights package, else a download")
+    flag(g, "--pretrained", action=argparse.BooleanOptionalAction, default=False,
+         help="start from ImageNet weights: --weights, else the hub caches or an installed weights package, else a download")
     flag(g, "--weights", default=None, help="offline ImageNet weights file for the backbone")
     flag(g, "--freeze_backbone", roles=("resume",), action=argparse.BooleanOptionalAction, default=False, help="train the head only")
 
 
 def add_optimisation_flags(g):
-    flag(g, "--epochs", roles=("length",), limit=NON_NEGATIVE, type=int, default=0, help="epochs (0 = as many as --steps takes on this data)")
+    flag(g, "--epochs", roles=("length",), limit=NON_NEGATIVE, type=int, default=0,
+         help="epochs (0 = as many as --steps takes on this data)")
     flag(g, "--steps", limit=POSITIVE, type=int, default=1000,
-                   help="training length in optimiser steps when --epochs is 0: a small data set gets more epochs, a large one fewer")
+         help="training length in optimiser steps when --epochs is 0: a small data set gets more epochs, a large one fewer")
     flag(g, "--batch_size", limit=POSITIVE, type=int, default=64, help="training batch size")
     flag(g, "--valid_batch_size", limit=POSITIVE, type=int, default=256, help="validation/eval batch size")
     flag(g, "--lr", limit=POSITIVE, type=float, default=2e-3, help="learning rate")
@@ -127,10 +134,11 @@ def add_optimisation_flags(g):
     flag(g, "--warmup_epochs", limit=NON_NEGATIVE, type=int, default=0, help="linear LR warmup over the first N epochs")
     flag(g, "--clip_grad", limit=NON_NEGATIVE, type=float, default=0.0, help="clip the gradient norm to this (0 = off)")
     flag(g, "--criterion", default="cross_entropy", choices=list(LOSSES),
-                   help="loss (weighted_cross_entropy: class weights from the training counts)")
+         help="loss (weighted_cross_entropy: class weights from the training counts)")
     flag(g, "--focal_gamma", limit=NON_NEGATIVE, type=float, default=2.0, help="focal loss gamma")
     flag(g, "--smoothing", limit=FRACTION, type=float, default=0.1, help="label smoothing")
-    flag(g, "--metric", roles=("resume",), default="accuracy", choices=["accuracy", "f1"], help="picks the best checkpoint; NNI's 'default'")
+    flag(g, "--metric", roles=("resume",), default="accuracy", choices=["accuracy", "f1"],
+         help="picks the best checkpoint; NNI's 'default'")
     flag(g, "--early_stopping", limit=NON_NEGATIVE, type=int, default=0, help="stop after N epochs without improvement (0 = off)")
 
 
@@ -140,20 +148,20 @@ def add_run_flags(g):
     flag(g, "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = CUDA when available")
     flag(g, "--amp", action=argparse.BooleanOptionalAction, default=False, help="mixed precision on CUDA (bf16 where supported, else fp16)")
     flag(g, "--channels_last", action=argparse.BooleanOptionalAction, default=False,
-                   help="channels-last memory format: faster convolutions on CUDA, often on a CPU too (docs/speed.md)")
+         help="channels-last memory format: faster convolutions on CUDA, often on a CPU too (docs/speed.md)")
     flag(g, "--cudnn_benchmark", action=argparse.BooleanOptionalAction, default=False,
-                   help="autotune every convolution shape on CUDA: faster steps after a much longer first one; "
-                        "pays in long runs (measured in docs/speed.md)")
+         help="autotune every convolution shape on CUDA: faster steps after a much longer first one; "
+              "pays in long runs (measured in docs/speed.md)")
     flag(g, "--compile", default="none", choices=["none", "default", "reduce-overhead", "max-autotune"],
-                   help="torch.compile the model in this mode (reduce-overhead adds CUDA graphs on a GPU): its first steps "
-                        "wait for the compile, train and eval each, then steps run faster; whether it pays within a run "
-                        "is measured by bench/benchmark.py --compile (docs/speed.md)")
+         help="torch.compile the model in this mode (reduce-overhead adds CUDA graphs on a GPU): its first steps "
+              "wait for the compile, train and eval each, then steps run faster; whether it pays within a run "
+              "is measured by bench/benchmark.py --compile (docs/speed.md)")
     flag(g, "--seed", roles=("resume",), type=int, default=42, help="random seed")
     flag(g, "--config", roles=("started",), default=None, help="JSON/YAML file of flag values (keys = dest names); flags override it")
     flag(g, "--resume", roles=("started", "kfold"), default=None, help="last.pth of a run to continue in its directory")
     flag(g, "--print_flags", roles=("started",), action="store_true",
-                   help="print every flag's value (after --config, --resume and NNI's parameters) as JSON and exit, "
-                        "reading and writing nothing else")
+         help="print every flag's value (after --config, --resume and NNI's parameters) as JSON and exit, "
+              "reading and writing nothing else")
 
 
 # ----------------------------------------------------------------------------- values from files and NNI
