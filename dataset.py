@@ -84,7 +84,7 @@ class TrainingData:
     layout: str                  # "mask" or "folder"
     classes: list                # class names, index order
     class_counts: np.ndarray     # training images per class (weighted_cross_entropy)
-    size: tuple                  # (H, W) after resize
+    resize: tuple                # (H, W) after the centre crop: --resize
     mean: list                   # per-channel statistics of the training images, in [0, 1]
     std: list
     workers: int                 # loader workers actually used (0 with the device feed)
@@ -132,7 +132,7 @@ def load_training_data(*, dataset, data_dir, eval_dir, age_bounds, val_ratio, se
     train_loader, val_loader, workers = make_loaders(
         train_set, val_set, images=images, labels=data["labels"], sampler=draws, generators=generators, batch_size=batch_size,
         valid_batch_size=valid_batch_size, num_workers=num_workers, feed=feed, device=device)
-    return TrainingData(layout=layout, classes=data["classes"], class_counts=counts, size=size, mean=mean, std=std,
+    return TrainingData(layout=layout, classes=data["classes"], class_counts=counts, resize=size, mean=mean, std=std,
                         workers=workers, feed=feed, feed_note=feed_note, generators=generators,
                         normalize=Normalize(mean, std).to(device), augment=create_transform(augmentation),
                         train_loader=train_loader, val_set=val_set, val_loader=val_loader, eval_ids=eval_ids, eval_paths=eval_paths,

@@ -41,7 +41,7 @@ class BaseModel(nn.Module):
 
 
 def efficientnet(variant):
-    def build(pretrained=False, input_size=None):
+    def build(pretrained=False, resize=None):
         name = f"efficientnet-{variant}"
         if pretrained:
             try:
@@ -63,7 +63,7 @@ def efficientnet(variant):
 
 
 def resnet(depth):
-    def build(pretrained=False, input_size=None):
+    def build(pretrained=False, resize=None):
         import torchvision  # lazy: two seconds of start-up that only ResNet trials need
 
         weights = "DEFAULT" if pretrained else None
@@ -79,7 +79,7 @@ def resnet(depth):
 
 
 MODELS = {
-    "BaseModel": lambda pretrained=False, input_size=None: BaseModel(),
+    "BaseModel": lambda pretrained=False, resize=None: BaseModel(),
     **{f"efficientnet_b{i}": efficientnet(f"b{i}") for i in range(8)},
     **{f"resnet{d}": resnet(d) for d in (18, 34, 50)},
 }
@@ -106,14 +106,14 @@ def timm_config(name):
     return timm.get_pretrained_cfg(timm_model(name))
 
 
-def timm_backbone(name, pretrained=False, input_size=None):
+def timm_backbone(name, pretrained=False, resize=None):
     """A timm model without its classifier (num_classes=0: pooled features). Models that need a fixed
-    input size (ViTs) are built for input_size (H, W). pretrained: the ImageNet weights from the first source
+    input size (ViTs) are built for resize (H, W). pretrained: the ImageNet weights from the first source
     that has them (weights.py's order), the download last."""
     import timm
 
     model, cfg = timm_model(name), timm_config(name)
-    size = dict(img_size=tuple(input_size)) if input_size and cfg is not None and cfg.fixed_input_size else {}
+    size = dict(img_size=tuple(resize)) if resize and cfg is not None and cfg.fixed_input_size else {}
     source, by_order = local_weights(model, cfg) if pretrained else (None, False)
     if source is not None:
         backbone = timm.create_model(model, pretrained=False, num_classes=0, **size)
@@ -232,13 +232,13 @@ def classifier_names(name):
 
 
 def create_model(name, num_outputs, head="", dropout=0.0, init="default", pretrained=False, weights=None, freeze_backbone=False,
-                 input_size=None):
-    """input_size (H, W): what a timm model with a fixed input size (a ViT) is built for."""
+                 resize=None):
+    """resize (H, W): what a timm model with a fixed input size (a ViT) is built for."""
     check_model_name(name)
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
     build = MODELS.get(name) or (lambda **kw: timm_backbone(name, **kw))
-    backbone = build(pretrained=pretrained and not weights, input_size=input_size)
+    backbone = build(pretrained=pretrained and not weights, resize=resize)
     if not (pretrained or weights):
         init_weights(backbone, init)
     if weights:

@@ -96,7 +96,7 @@ def main(args):
         print(f"training {args.epochs} epochs: --steps {args.steps} at {len(data.train_loader)} steps per epoch", flush=True)
     model = create_model(args.model, num_outputs(args.classification, len(data.classes)), head=args.head, dropout=args.dropout,
                          init=args.init, pretrained=args.pretrained, weights=args.weights, freeze_backbone=args.freeze_backbone,
-                         input_size=args.resize)
+                         resize=args.resize)
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     if args.compile != "none":  # in place: its state_dict keeps the plain keys that checkpoints and the tools read
         model.compile(mode=args.compile)

@@ -74,5 +74,5 @@ def load(data_dir, eval_dir, cache_dir, dataset_name="MaskSplitByProfileDataset"
 
 def test_eval_images_are_cached_for_the_prediction_after_training(tmp_path, demo_dir):
     data = load(demo_dir / "train", demo_dir / "eval", tmp_path / "cache")
-    (cached,) = [p for p in (tmp_path / "cache").glob("*.npy") if cache_key(data.eval_paths, data.size) in p.name]
+    (cached,) = [p for p in (tmp_path / "cache").glob("*.npy") if cache_key(data.eval_paths, data.resize) in p.name]
     assert np.load(cached).shape == (len(data.eval_paths), 32, 24, 3)

@@ -179,7 +179,7 @@ TIMM_MODELS = ["timm/test_efficientnet", "timm/test_convnext", "timm/test_vit", 
 @pytest.mark.parametrize("classification", M.CLASSIFICATIONS)
 @pytest.mark.parametrize("name", TIMM_MODELS)
 def test_timm_forward_shape_and_finite(name, classification):
-    net = M.create_model(name, M.num_outputs(classification, 18), head="32", input_size=(64, 48)).eval()
+    net = M.create_model(name, M.num_outputs(classification, 18), head="32", resize=(64, 48)).eval()
     with torch.no_grad():
         logits = net(torch.randn(2, 3, 64, 48).contiguous(memory_format=torch.channels_last))
     assert logits.shape == (2, 8 if classification == "multi_head" else 18) and torch.isfinite(logits).all()
@@ -209,7 +209,7 @@ def test_timm_offline_weights_in_both_formats(tmp_path, name, suffix):
     from safetensors.torch import save_file
     state, path = timm_weights(name, 0.125), tmp_path / f"imagenet{suffix}"
     save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
-    net = M.create_model(name, 18, pretrained=True, weights=str(path), input_size=(64, 48))  # a ViT's made for 160
+    net = M.create_model(name, 18, pretrained=True, weights=str(path), resize=(64, 48))  # a ViT's made for 160
     assert all(torch.allclose(p, torch.full_like(p, 0.125)) for p in net.backbone.parameters())
     assert not torch.all(net.head[-1].weight == 0.125)
 

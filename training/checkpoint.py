@@ -36,7 +36,7 @@ TRAINING_STATE = ("state_dict", "optimizer", "scheduler", "history", "train_stat
 def describe(config, data):
     """What every checkpoint of a run says about itself: its flags (config.json) and the data's facts."""
     return dict(format=FORMAT_VERSION, model=config["model"], classification=config["classification"], head=config["head"],
-                dropout=config["dropout"], classes=data.classes, layout=data.layout, resize=list(data.size), mean=data.mean,
+                dropout=config["dropout"], classes=data.classes, layout=data.layout, resize=list(data.resize), mean=data.mean,
                 std=data.std, metric=config["metric"], args=config)
 
 
@@ -153,7 +153,7 @@ def read_meta(path):
 def build_model(ckpt):
     """The checkpoint's model, untrained (its weights are ckpt['state_dict'])."""
     return create_model(ckpt["model"], num_outputs(ckpt["classification"], len(ckpt["classes"])),
-                        head=ckpt["head"], dropout=ckpt["dropout"], input_size=ckpt["resize"])
+                        head=ckpt["head"], dropout=ckpt["dropout"], resize=ckpt["resize"])
 
 
 def load_model(path, device="cpu"):
