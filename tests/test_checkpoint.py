@@ -13,7 +13,7 @@ from model import create_model
 from optim import create_optimizer, create_scheduler
 from training import checkpoint, flags
 
-DATA = SimpleNamespace(classes=[f"c{i}" for i in range(18)], layout="mask", size=(64, 48), mean=[0.5] * 3, std=[0.25] * 3)
+DATA = SimpleNamespace(classes=[f"c{i}" for i in range(18)], layout="mask", resize=(64, 48), mean=[0.5] * 3, std=[0.25] * 3)
 
 
 def saved_epoch(run_dir, epoch=3, improved=True):

@@ -116,7 +116,7 @@ def test_the_right_backbone_under_other_key_names_is_named_so(tmp_path):
     from training import checkpoint, flags
     package = W.package_file("tf_efficientnet_lite0")
     run = M.create_model("timm/tf_efficientnet_lite0", 18)
-    data = SimpleNamespace(classes=[f"c{i}" for i in range(18)], layout="mask", size=(64, 48), mean=[0.5] * 3, std=[0.5] * 3)
+    data = SimpleNamespace(classes=[f"c{i}" for i in range(18)], layout="mask", resize=(64, 48), mean=[0.5] * 3, std=[0.5] * 3)
     checkpoint.save(tmp_path / "best.pth", run, checkpoint.describe(dict(flags.defaults(), model="timm/tf_efficientnet_lite0"), data))
     for path, first in ((package, "_conv_stem.weight"), (tmp_path / "best.pth", "backbone.conv_stem.weight")):
         with pytest.raises(ValueError) as e:
