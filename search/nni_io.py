@@ -218,7 +218,7 @@ def port_problem(port, why=""):
     or None. `nnictl create` meets a busy port with a traceback, finalize after planning its folds."""
     with socket.socket() as sock:
         if sock.connect_ex(("localhost", int(port))) == 0:
-            return (f"port {port}{why} is in use here (an experiment on it? `nnictl stop --port {port}`; else pick "
+            return (f"port {port}{why} is in use here (an experiment on it? `imgcls-nnictl stop --port {port}`; else pick "
                     f"another port)")
     return None
 

@@ -113,7 +113,7 @@ def test_a_busy_port_is_a_traceback_from_stock_nnictl_and_one_line_from_ours(tmp
         ours = nnictl_run("search.nnictl", "create", "--config", config, "--port", port, home=nni_home)
     assert ours.returncode == 1 and "Traceback" not in ours.stderr
     assert ours.stderr.strip().splitlines()[-1] == (f"imgcls-nnictl: error: port {port} is in use here (an experiment on it? "
-                                                    f"`nnictl stop --port {port}`; else pick another port)")
+                                                    f"`imgcls-nnictl stop --port {port}`; else pick another port)")
 
 
 @pytest.mark.slow
