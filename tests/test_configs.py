@@ -32,7 +32,8 @@ def _values_to_try(spec):
 # what each shipped space must search: the fine-tuning one its own knobs (issue 30), the others the loss too
 SEARCHED = {"search_space.json": {"lr", "batch_size", "optimizer", "weight_decay", "augmentation", "head", "criterion"},
             "config_local.yml": {"lr", "batch_size", "optimizer", "weight_decay", "augmentation", "head", "criterion"},
-            "config_finetune.yml": {"model", "resize", "lr", "warmup_epochs", "weight_decay", "augmentation", "age_bounds"}}
+            "config_finetune.yml": {"model", "resize", "lr", "warmup_epochs", "weight_decay", "augmentation", "age_bounds"},
+            "config_gpu.yml": {"model", "lr", "warmup_epochs", "weight_decay", "augmentation", "age_bounds"}}
 
 
 @pytest.mark.parametrize("where", list(SEARCHED))
@@ -77,8 +78,23 @@ def test_config_remote_is_valid_and_schedules_on_one_gpu_hosts(tmp_path):
         ExperimentConfig(**raw).validate()
         ExperimentConfig.load(str(ROOT / "config_local.yml")).validate()
         ExperimentConfig.load(str(ROOT / "config_finetune.yml")).validate()
+        ExperimentConfig.load(str(ROOT / "config_gpu.yml")).validate()
     finally:
         os.chdir(cwd)
+
+
+def test_config_gpu_shares_one_gpu_as_nni_3_0_schedules():
+    """Its trials book 1/maxTrialNumberPerGpu of the GPU: on a 1-GPU machine NNI 3.0 schedules them (a request for
+    all of a host's GPUs never is), and several share it only with useActiveGpu: true (with false, a GPU that any
+    process uses, the first trial included, is skipped). Each backbone at its own pretraining size."""
+    raw = load_yaml("config_gpu.yml")
+    service = raw["trainingService"]
+    assert service["platform"] == "local" and service["useActiveGpu"] is True
+    assert raw["trialGpuNumber"] == 1 and service["maxTrialNumberPerGpu"] >= 2 and raw["trialConcurrency"] <= service["maxTrialNumberPerGpu"]
+    assert gpu_problem(1, raw["trialGpuNumber"], service["maxTrialNumberPerGpu"]) is None
+    words = shlex.split(raw["trialCommand"])
+    assert {"--pretrained", "--amp", "--channels_last"} <= set(words) and "--resize" not in words and "resize" not in raw["searchSpace"]
+    assert raw["tuner"]["classArgs"]["trial_command"] == raw["trialCommand"]
 
 
 def test_nniignore_keeps_data_and_envs_out():
@@ -128,7 +144,7 @@ def commented_hyperband(config_text):
 
 
 def test_configs_leave_most_trials_to_the_tuners_model():
-    for name in ("config_local.yml", "config_remote.yml", "config_finetune.yml"):
+    for name in ("config_local.yml", "config_remote.yml", "config_finetune.yml", "config_gpu.yml"):
         raw = load_yaml(name)
         startup = raw["tuner"]["classArgs"]["tpe_args"]["n_startup_jobs"]
         assert 2 <= startup <= raw["maxTrialNumber"] / 3, (name, startup)

@@ -192,7 +192,7 @@ def test_search_space_mistake_is_one_fail_line_naming_the_key(case):
     assert len(problems) == 1 and message in problems[0], problems
 
 
-@pytest.mark.parametrize("name", ["config_local.yml", "config_finetune.yml", "config_remote.yml"])
+@pytest.mark.parametrize("name", ["config_local.yml", "config_finetune.yml", "config_remote.yml", "config_gpu.yml"])
 def test_shipped_search_spaces_pass(name, capsys):
     config = load_config(ROOT / name)
     assert pf.check_space(config, ROOT / name, sys.stdout) == 0
