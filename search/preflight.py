@@ -217,14 +217,12 @@ def _judge_packages(m, info, args, res, local_nni):
     if trial is not None:
         if trial["prefix"] is None:
             res.bad("trial", f"trialCommand's {args['interpreter']!r} does not run there: {trial['error'] or 'no output'}")
-        elif os.path.realpath(trial["prefix"]) != os.path.realpath(info["prefix"]) and m.local:
-            res.bad("trial", f"trialCommand's {args['interpreter']!r} is {trial['which'] or '?'} (env {trial['prefix']}), "
-                             f"not this interpreter's env {info['prefix']}, which imgcls-nnictl puts first on PATH: say "
-                             f"python3 in trialCommand, or run the tools with that env's interpreter")
         elif os.path.realpath(trial["prefix"]) != os.path.realpath(info["prefix"]):
-            res.bad("trial", f"trialCommand's {args['interpreter']!r} is {trial['which'] or '?'} (env {trial['prefix']}), "
-                             f"not the pythonPath env {info['prefix']}: the remote ~/.bashrc puts it first on PATH; "
-                             f"use the absolute interpreter in trialCommand or fix ~/.bashrc")
+            fix = (f"this interpreter's env {info['prefix']}, which imgcls-nnictl puts first on PATH: say python3 in "
+                   f"trialCommand, or run the tools with that env's interpreter" if m.local else
+                   f"the pythonPath env {info['prefix']}: the remote ~/.bashrc puts it first on PATH; use the absolute "
+                   f"interpreter in trialCommand or fix ~/.bashrc")
+            res.bad("trial", f"trialCommand's {args['interpreter']!r} is {trial['which'] or '?'} (env {trial['prefix']}), not {fix}")
         else:
             res.good("trial", "same env")
 
