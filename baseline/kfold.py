@@ -54,9 +54,10 @@ def split_argv(argv):
 
 
 def check_train_args(train_args):
+    owned = [f"--{dest}" for dest in flags.having("kfold")]
     for arg in train_args:
         flag = arg.split("=", 1)[0]
-        if flag in [f"--{dest}" for dest in flags.having("kfold")]:
+        if flag in owned:
             raise ValueError(f"{flag} is set by kfold.py for every fold; remove it after --")
 
 

@@ -56,8 +56,8 @@ def image_files(root):
         seen.add((stat.st_dev, stat.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for file in (Path(folder) / name for name in sorted(files)):
-            if is_image(file) and os.path.realpath(file) not in real:
-                real.add(os.path.realpath(file))
+            if is_image(file) and (target := os.path.realpath(file)) not in real:
+                real.add(target)
                 found.append(utf8_named(file))
     return found
 

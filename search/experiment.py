@@ -59,7 +59,8 @@ def _num(v):
 def report(exp, out=None):
     out = out or sys.stdout  # looked up per call: a test's capture replaces sys.stdout after import
     mode = "maximize" if exp.maximize else "minimize"
-    tuner = (exp.params.get("tuner") or {}).get("name") or (exp.params.get("tuner") or {}).get("className", "?")
+    tuner = exp.params.get("tuner") or {}
+    tuner = tuner.get("name") or tuner.get("className", "?")
     print(f"experiment {exp.id} [{exp.status}] from {exp.source}: {len(exp.trials)} trials, {tuner} {mode}", file=out)
     rows = [("rank", "trial", "status", "metric", "best_int", "epochs", "parameters")]
     for i, t in enumerate(ranked(exp), 1):

@@ -19,16 +19,22 @@ class Finalist:
     config: dict = None  # the resolved train.py flags its folds train with (config.json less its length and fold)
 
 
+def without_length(values):
+    """{flag: value} less how long a run trains, on which fold and where its data lies (the flags' `length` role)."""
+    length = flags.having("length")
+    return {k: v for k, v in values.items() if k not in length}
+
+
 def configuration(trial_command, params):
     """The flags a run trains with, without its length and fold: two trials with the same one are one finalist."""
     words = train_words(trial_command) + flag_words(params)
     resolved = flags.run_config(flags.resolve(flags.build_parser().parse_args(words)))
-    return json.loads(json.dumps({k: v for k, v in resolved.items() if k not in flags.having("length")}))  # as config.json reads
+    return json.loads(json.dumps(without_length(resolved)))  # as config.json reads
 
 
 def ran_configuration(folder):
     """What a fold run trained with, from its own config.json, in configuration()'s terms."""
-    return {k: v for k, v in json.loads((folder / CONFIG).read_text()).items() if k not in flags.having("length")}
+    return without_length(json.loads((folder / CONFIG).read_text()))
 
 
 def differences(old, new):
@@ -56,7 +62,7 @@ def select_finalists(exp, trial_command, top=3, defaults_only=False):
         value = trial.metric if is_number(trial.metric) else trial.best_intermediate_for(exp.maximize)
         if value is None or len(finalists) == top:
             continue
-        params = {k: v for k, v in flatten(trial.params).items() if k not in flags.having("length")}
+        params = without_length(flatten(trial.params))
         config = configuration(trial_command, params)
         if config not in [f.config for f in finalists]:
             name = "defaults" if config == defaults else f"top{len(finalists) + 1}"  # e.g. SafeTPE's first trial

@@ -130,6 +130,9 @@ def test_a_checkpoint_without_its_hash_is_refused_and_format_2_still_reads(tmp_p
         torch.save({k: v for k, v in dict(ckpt, format=version).items() if k != checkpoint.HASH_KEY}, tmp_path / "bare.pth")
         with pytest.raises(ValueError, match=f"bare.pth: format {version} without its content hash \\(removed\\?\\): refused"):
             checkpoint.read(tmp_path / "bare.pth")
+    torch.save(dict(ckpt, **{checkpoint.HASH_KEY: checkpoint.tensor_hash(ckpt)}), tmp_path / "v2_hash.pth")  # format 3, a format-2 hash
+    with pytest.raises(ValueError, match="v2_hash.pth: damaged or edited since it was saved \\(its content hash is not one of format 3\\)"):
+        checkpoint.read(tmp_path / "v2_hash.pth")
     v2 = dict(ckpt, format=2)
     v2[checkpoint.HASH_KEY] = checkpoint.tensor_hash(v2)  # what the last release wrote: its tensors checked
     torch.save(v2, tmp_path / "v2.pth")

@@ -114,10 +114,12 @@ def check_hash(path, ckpt):
         if saved != tensor_hash(ckpt):
             raise ValueError(f"checkpoint {path}: damaged (its tensors do not match the content hash saved with them)")
         return
-    now = content_hash(ckpt) if isinstance(saved, dict) else {}
-    changed = sorted(k for k in set(now) | set(saved if isinstance(saved, dict) else {}) if now.get(k) != saved.get(k))
-    if not isinstance(saved, dict) or changed:
-        what = ", ".join(changed[:6]) + (", ..." if len(changed) > 6 else "") if changed else "the hash itself"
+    if not isinstance(saved, dict):
+        raise ValueError(f"checkpoint {path}: damaged or edited since it was saved (its content hash is not one of format 3)")
+    now = content_hash(ckpt)
+    changed = sorted(k for k in now.keys() | saved.keys() if now.get(k) != saved.get(k))
+    if changed:
+        what = ", ".join(changed[:6]) + (", ..." if len(changed) > 6 else "")
         raise ValueError(f"checkpoint {path}: damaged or edited since it was saved ({what} do not match its content hash)")
 
 
