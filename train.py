@@ -40,7 +40,7 @@ from loss import create_criterion
 from model import WeightsError, create_model, input_config, num_outputs
 from optim import create_optimizer, create_scheduler
 from training import checkpoint, flags
-from training.engine import evaluate, resolve_device, seed_everything, train_one_epoch
+from training.engine import evaluate, resolve_device, seed_everything, since_start, train_one_epoch
 from training.predict import predict_images
 
 # ----------------------------------------------------------------------------- the NNI contract
@@ -78,6 +78,7 @@ def main(args):
     if args.print_flags:
         print(json.dumps(flags.run_config(args)))
         return None, None
+    startup = dict(imports_s=since_start())  # where a trial's time goes before it trains (docs/speed.md)
     if not (args.resume or UNDER_NNI):  # those write into the run's own directory, not a new one under --model_dir
         check_writable("--model_dir", args.model_dir)
     device = resolve_device(args.device)
@@ -91,6 +92,7 @@ def main(args):
         batch_size=args.batch_size, valid_batch_size=args.valid_batch_size, num_workers=args.num_workers, cache_dir=args.cache_dir,
         use_cache=not args.no_cache, device=device, split_seed=split, feed=args.feed)
     print(data.feed_note, flush=True)
+    startup["data_s"] = since_start()
     if not args.epochs:  # the step budget, in whole epochs; config.json then records the epochs it became
         args.epochs = math.ceil(args.steps / len(data.train_loader))
         print(f"training {args.epochs} epochs: --steps {args.steps} at {len(data.train_loader)} steps per epoch", flush=True)
@@ -100,6 +102,7 @@ def main(args):
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     if args.compile != "none":  # in place: its state_dict keeps the plain keys that checkpoints and the tools read
         model.compile(mode=args.compile)
+    startup["model_s"] = since_start()
     opt = build_optimisation(args, data, model, device)
     run_dir, start = open_run_dir(args, data, model, opt, device)
     try:
@@ -112,6 +115,7 @@ def main(args):
     write_summary(run_dir, dict(result, format=1, run_dir=str(run_dir.resolve()), model=args.model, classes=len(data.classes),
                                 train_images=len(data.train_loader.dataset), val_images=len(data.val_set),
                                 eval_images=len(data.eval_ids or ()), under_nni=UNDER_NNI, split_seed=split, feed=data.feed,
+                                startup=dict(startup, first_step_s=result["first_step_s"]), wall_s=since_start(),
                                 files=sorted(p.name for p in run_dir.iterdir())))
     return result["best"]["value"], run_dir
 

@@ -349,29 +349,6 @@ def test_finetune_experiment_starts_from_its_command_on_installed_weights(tmp_pa
         assert not [p for p in tmp_path.rglob("*") if "lite0" in p.name]  # nothing downloaded, nothing cached
 
 
-def test_gpu_config_runs_tiny_on_the_cpu(tmp_path, demo_dir, cache_dir, nni_home):
-    """config_gpu.yml as shipped but for what a CPU cannot do (book a GPU share) and its size (one
-    backbone at 64x48, 1 epoch, 2 trials side by side): its first trial is its command, --amp and --channels_last
-    included, fine-tuning the installed lite0 weights."""
-    config = load_yaml("config_gpu.yml")
-    command = derive_command(config["trialCommand"], demo_dir, cache_dir, 1, extra=("--resize", "64", "48"))
-    config.pop("trialGpuNumber")
-    config["trainingService"].pop("maxTrialNumberPerGpu")  # NNI refuses it without trialGpuNumber
-    config["searchSpace"]["model"] = {"_type": "choice", "_value": ["timm/tf_efficientnet_lite0"]}
-    config.update(trialCommand=command, trialCodeDirectory=str(ROOT), maxTrialNumber=2, trialConcurrency=2, maxExperimentDuration="10m",
-                  tuner=repo_tuner(config))
-    config["tuner"]["classArgs"]["trial_command"] = command
-    with nni_experiment(config, tmp_path / "gpu", nni_home) as run:
-        run.wait_done(400)
-        exp = from_rest(run.port)
-        assert len(exp.trials) == 2 and all(t.status == "SUCCEEDED" for t in exp.trials), [t.status for t in exp.trials]
-        # by their own config.json: with two trials side by side NNI 3.0 can list one's parameters under the other
-        saved = [json.loads((Path(t.log_path) / "config.json").read_text()) for t in exp.trials]
-        assert all((s["model"], s["pretrained"], s["amp"], s["channels_last"]) == ("timm/tf_efficientnet_lite0", True, True, True)
-                   for s in saved)
-        assert sorted(s["lr"] == 0.001 and s["warmup_epochs"] == 1 for s in saved) == [False, True]  # one is the command
-
-
 @pytest.mark.parametrize("advisor", ["SafeHyperband", "SafeBOHB"])
 def test_budgets_and_the_best_trial_reruns_alike(tmp_path, demo_dir, cache_dir, nni_home, advisor):
     """config_local.yml's multi-fidelity alternatives, tiny: each trial trains TRIAL_BUDGET epochs, and the command

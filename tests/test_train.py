@@ -23,6 +23,9 @@ def check_summary_and_val_soft(run, stdout, demo_dir):
     summary = json.loads((run / "summary.json").read_text())  # what the tools read instead of the printed lines
     first_step = float(re.search(r"first step ([0-9.]+)s", stdout).group(1))
     assert summary["run_dir"] == str(run) and summary["epochs"] == 2 and summary["first_step_s"] == pytest.approx(first_step, abs=0.06)
+    startup = summary["startup"]  # where the time before training went, in the order it passes
+    assert 0 < startup["imports_s"] <= startup["data_s"] <= startup["model_s"] <= startup["first_step_s"] == summary["first_step_s"]
+    assert summary["wall_s"] >= startup["model_s"] + sum(float(r["seconds"]) for r in read_csv(run / "history.csv"))
     assert set(summary["files"]) == {"config.json", "best.pth", "last.pth", "history.csv", "submission.csv", "submission_soft.csv",
                                      "val_soft.csv", "tensorboard"}
     val_soft = read_csv(run / "val_soft.csv")  # the best epoch's validation predictions, by image under the data dir

@@ -31,6 +31,11 @@ def process_start():
     return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
 
 
+def since_start():
+    """Seconds since this process started, as the summary's start-up figures give them."""
+    return round(time.time() - process_start(), 2)
+
+
 def train_one_epoch(model, loader, *, device, augment, normalize, criterion, optimizer, scaler, classification,
                     amp_dtype=None, channels_last=False, clip_grad=0.0, progress=None, log_first_step=False):
     """One pass over the loader; batches are augmented and normalised on the device.
@@ -62,7 +67,7 @@ def train_one_epoch(model, loader, *, device, augment, normalize, criterion, opt
         correct += (class_log_probs(logits.detach(), classification).argmax(1) == y).sum()
         if not seen and log_first_step:  # the one wait of the epoch on purpose: when the first step is really done
             finite_loss(loss)
-            stats["first_step_s"] = round(time.time() - process_start(), 2)
+            stats["first_step_s"] = since_start()
             print(f"first step {stats['first_step_s']:.1f}s after process start", flush=True)
         seen += len(y)
     total_loss = finite_loss(total_loss).item()
