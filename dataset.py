@@ -83,7 +83,9 @@ class TrainingData:
     """What training reads: the split's loaders, and the facts the checkpoint and the run record."""
     layout: str                  # "mask" or "folder"
     classes: list                # class names, index order
-    class_counts: np.ndarray     # training images per class (weighted_cross_entropy)
+    class_counts: np.ndarray     # training images per class
+    drawn_counts: np.ndarray     # what an epoch draws of each class in expectation: class_counts, or equal shares of the
+                                 # present classes under --sampler weighted (what weighted_cross_entropy weighs)
     resize: tuple                # (H, W) after the centre crop: --resize
     mean: list                   # per-channel statistics of the training images, in [0, 1]
     std: list
@@ -126,13 +128,14 @@ def load_training_data(*, dataset, data_dir, eval_dir, age_bounds, val_ratio, se
     val_set = ImageDataset(data["paths"], size, images, data["labels"], val_idx)
     generators = [torch.Generator().manual_seed(seed) for _ in range(2)]
     counts = np.bincount(data["labels"][train_idx], minlength=len(data["classes"]))
-    draws = None
-    if sampler == "weighted":
+    draws, drawn = None, counts
+    if sampler == "weighted":  # every present class drawn alike
         draws = WeightedRandomSampler(1.0 / counts[data["labels"][train_idx]], len(train_idx), generator=generators[1])
+        drawn = np.where(counts > 0, len(train_idx) / np.count_nonzero(counts), 0.0)
     train_loader, val_loader, workers = make_loaders(
         train_set, val_set, images=images, labels=data["labels"], sampler=draws, generators=generators, batch_size=batch_size,
         valid_batch_size=valid_batch_size, num_workers=num_workers, feed=feed, device=device)
-    return TrainingData(layout=layout, classes=data["classes"], class_counts=counts, resize=size, mean=mean, std=std,
+    return TrainingData(layout=layout, classes=data["classes"], class_counts=counts, drawn_counts=drawn, resize=size, mean=mean, std=std,
                         workers=workers, feed=feed, feed_note=feed_note, generators=generators,
                         normalize=Normalize(mean, std).to(device), augment=create_transform(augmentation),
                         train_loader=train_loader, val_set=val_set, val_loader=val_loader, eval_ids=eval_ids, eval_paths=eval_paths,

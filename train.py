@@ -148,9 +148,12 @@ def build_optimisation(args, data, model, device):
     amp_dtype = None
     if args.amp and device.type == "cuda":  # emulated bf16 (T4, V100) is slower than fp16 with loss scaling
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if args.sampler == "weighted" and args.criterion == "weighted_cross_entropy":  # balanced once, not twice
+        print("weighted_cross_entropy with --sampler weighted: the sampler already draws every class alike, so the loss "
+              "weighs them as drawn (equally)", flush=True)
     return Optimisation(
         criterion=create_criterion(args.criterion, args.classification, focal_gamma=args.focal_gamma, smoothing=args.smoothing,
-                                   class_counts=data.class_counts).to(device),
+                                   class_counts=data.drawn_counts).to(device),
         optimizer=optimizer, amp_dtype=amp_dtype, scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
         scheduler=create_scheduler(args.scheduler, optimizer, args.epochs, args.lr_decay_step, args.milestones, args.lr_gamma,
                                    args.warmup_epochs))

@@ -65,11 +65,30 @@ def test_an_unreadable_eval_image_stops_before_training(tmp_path, demo_dir):
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 1  # the training images' cache only
 
 
-def load(data_dir, eval_dir, cache_dir, dataset_name="MaskSplitByProfileDataset", use_cache=True, val_ratio=0.2):
+def load(data_dir, eval_dir, cache_dir, dataset_name="MaskSplitByProfileDataset", use_cache=True, val_ratio=0.2, sampler="none"):
     return dataset.load_training_data(
         dataset=dataset_name, data_dir=data_dir, eval_dir=eval_dir, age_bounds=(30, 60), val_ratio=val_ratio, seed=0, kfold=0,
-        fold=0, resize=(32, 24), augmentation="base", sampler="none", batch_size=8, valid_batch_size=8, num_workers=0,
+        fold=0, resize=(32, 24), augmentation="base", sampler=sampler, batch_size=8, valid_batch_size=8, num_workers=0,
         cache_dir=cache_dir, use_cache=use_cache, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("sampler", ["none", "weighted"])
+def test_drawn_counts_are_what_the_epochs_really_draw(tmp_path, demo_dir, sampler):
+    """weighted_cross_entropy weighs the classes as the training batches hold them: the real sampler's draws over
+    many epochs match drawn_counts (the training counts, or equal shares under --sampler weighted)."""
+    data = load(demo_dir / "train", None, tmp_path / "cache", sampler=sampler)
+    seen = np.zeros(len(data.classes))
+    epochs = 200
+    for _ in range(epochs):
+        for _, y in data.train_loader:
+            seen += np.bincount(y.numpy(), minlength=len(data.classes))
+    expected = data.drawn_counts / data.drawn_counts.sum()
+    assert np.abs(seen / seen.sum() - expected).max() < 0.02
+    present = data.class_counts > 0
+    if sampler == "weighted":  # equal shares, though the training counts are far from equal
+        assert np.ptp(data.drawn_counts[present]) == 0 and np.ptp(data.class_counts[present]) > 0
+    else:
+        assert np.array_equal(data.drawn_counts, data.class_counts)
 
 
 def test_eval_images_are_cached_for_the_prediction_after_training(tmp_path, demo_dir):

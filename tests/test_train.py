@@ -583,3 +583,21 @@ def test_compiled_model_trains_and_saves_plain_weights(run_train, tmp_path):
     assert not [k for k in state if "_orig_mod" in k]
     create_model("BaseModel", 18, dropout=0.2).load_state_dict(state)  # train.py's defaults
     assert (tmp_path / "runs" / "exp" / "submission.csv").exists()
+
+
+@pytest.mark.parametrize("sampler, equal", [("none", False), ("weighted", True)])
+def test_weighted_loss_weighs_the_classes_as_the_sampler_draws_them(demo_dir, cache_dir, sampler, equal, capsys):
+    """--sampler weighted with weighted_cross_entropy balanced the rare classes twice (runs collapsed to F1 0.1-0.3):
+    the loss now weighs what the sampler draws, so with it the weights are equal, and a line says so."""
+    args = flags.resolve(flags.build_parser().parse_args(["--criterion", "weighted_cross_entropy", "--sampler", sampler,
+                                                          "--data_dir", str(demo_dir / "train"), *TINY]))
+    device = torch.device("cpu")
+    data = train.dataset.load_training_data(
+        dataset=args.dataset, data_dir=args.data_dir, eval_dir=None, age_bounds=args.age_bounds, val_ratio=args.val_ratio,
+        seed=args.seed, kfold=0, fold=0, resize=args.resize, augmentation=args.augmentation, sampler=args.sampler,
+        batch_size=args.batch_size, valid_batch_size=args.valid_batch_size, num_workers=0, cache_dir=cache_dir, use_cache=True,
+        device=device)
+    weights = train.build_optimisation(args, data, torch.nn.Linear(2, 2), device).criterion.weight
+    weights = weights[torch.as_tensor(data.class_counts > 0)]  # a class absent from training is never a target
+    assert torch.allclose(weights, weights[0].expand_as(weights)) == equal
+    assert ("already draws every class alike" in capsys.readouterr().out) == equal
