@@ -100,10 +100,10 @@ def main(args):
                          init=args.init, pretrained=args.pretrained, weights=args.weights, freeze_backbone=args.freeze_backbone,
                          resize=args.resize)
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+    opt = build_optimisation(args, data, model, device)  # before compile: --ema's copy must be of the plain model
     if args.compile != "none":  # in place: its state_dict keeps the plain keys that checkpoints and the tools read
         model.compile(mode=args.compile)
     startup["model_s"] = since_start()
-    opt = build_optimisation(args, data, model, device)
     run_dir, start = open_run_dir(args, data, model, opt, device)
     try:
         result = fit(args, data, model, opt, run_dir, start, device)
@@ -140,6 +140,7 @@ class Optimisation:
     scheduler: object           # LambdaLR (epoch schedules) or ReduceLROnPlateau
     amp_dtype: torch.dtype      # None without mixed precision
     scaler: torch.amp.GradScaler
+    ema: torch.nn.Module        # --ema: timm's ModelEmaV3 (its .module is validated and saved as best.pth), else None
 
 
 def build_optimisation(args, data, model, device):
@@ -156,7 +157,16 @@ def build_optimisation(args, data, model, device):
                                    class_counts=data.drawn_counts).to(device),
         optimizer=optimizer, amp_dtype=amp_dtype, scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
         scheduler=create_scheduler(args.scheduler, optimizer, args.epochs, args.lr_decay_step, args.milestones, args.lr_gamma,
-                                   args.warmup_epochs))
+                                   args.warmup_epochs),
+        ema=moving_average(model, args.ema))
+
+
+def moving_average(model, decay):
+    """timm's ModelEmaV3 of the model (a copy, updated after every step), or None when decay is 0."""
+    if not decay:
+        return None
+    from timm.utils import ModelEmaV3  # timm takes a second or two to import: only when asked
+    return ModelEmaV3(model, decay=decay)
 
 
 def open_run_dir(args, data, model, opt, device):
@@ -166,7 +176,7 @@ def open_run_dir(args, data, model, opt, device):
     if args.resume:
         run_dir = Path(args.resume).parent
         start = checkpoint.restore(args.resume, lr=args.lr, model=model, optimizer=opt.optimizer, scheduler=opt.scheduler,
-                                   generators=data.generators, device=device)
+                                   generators=data.generators, device=device, ema=opt.ema)
         print(f"resuming {run_dir} at epoch {start.epoch}", flush=True)
     elif UNDER_NNI:
         run_dir = Path(os.environ["NNI_OUTPUT_DIR"])
@@ -197,7 +207,8 @@ def fit(args, data, model, opt, run_dir, start, device):
             history.append(row)
             with STOP.deferred():  # best.pth, last.pth and history.csv describe the same epoch, or none do
                 checkpoint.save_epoch(run_dir, model, meta, improved=improved, epoch=epoch, best=best, history=history,
-                                      optimizer=opt.optimizer, scheduler=opt.scheduler, stale=stale, generators=data.generators)
+                                      optimizer=opt.optimizer, scheduler=opt.scheduler, stale=stale, generators=data.generators,
+                                      ema=opt.ema)
                 write_history(run_dir / HISTORY, history)
             log_row(writer, row)
             writer.flush()  # a stopped trial keeps its curves: dying by the signal skips writer.close()
@@ -233,8 +244,9 @@ def run_epoch(args, data, model, opt, epoch, device, first):
     train_stats = train_one_epoch(model, data.train_loader, device=device, augment=data.augment, normalize=data.normalize,
                                   criterion=opt.criterion, optimizer=opt.optimizer, scaler=opt.scaler,
                                   classification=args.classification, amp_dtype=opt.amp_dtype, channels_last=args.channels_last,
-                                  clip_grad=args.clip_grad, progress=make_progress(f"epoch {epoch}/{args.epochs}"), log_first_step=first)
-    val = evaluate(model, data.val_loader, device=device, normalize=data.normalize, criterion=opt.criterion,
+                                  clip_grad=args.clip_grad, progress=make_progress(f"epoch {epoch}/{args.epochs}"), log_first_step=first,
+                                  ema=opt.ema)
+    val = evaluate(opt.ema.module if opt.ema is not None else model, data.val_loader, device=device, normalize=data.normalize, criterion=opt.criterion,
                    classification=args.classification, amp_dtype=opt.amp_dtype)
     if not math.isfinite(val["loss"]) or not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
         raise FloatingPointError(f"epoch {epoch}: validation loss is {val['loss']:.4g} and the weights are not all finite: "

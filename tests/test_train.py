@@ -432,8 +432,10 @@ def test_resume_with_more_epochs_replans_schedule_and_logs_each_epochs_lr(run_tr
 
 
 @pytest.mark.slow
-def test_resume_continues_the_random_streams_exactly(run_train, tmp_path):
-    flags = ["--scheduler", "none", "--early_stopping", "5"]
+@pytest.mark.parametrize("ema", ["0", "0.9"])
+def test_resume_continues_the_random_streams_exactly(run_train, tmp_path, ema):
+    """And with --ema, the weights' moving average: last.pth holds it beside the trained weights."""
+    flags = ["--scheduler", "none", "--early_stopping", "5", "--ema", ema]
     run_train("--epochs", "3", "--name", "whole", *flags)
     run_train("--epochs", "1", "--name", "split", *flags)
     split = tmp_path / "runs" / "split"
@@ -601,3 +603,15 @@ def test_weighted_loss_weighs_the_classes_as_the_sampler_draws_them(demo_dir, ca
     weights = weights[torch.as_tensor(data.class_counts > 0)]  # a class absent from training is never a target
     assert torch.allclose(weights, weights[0].expand_as(weights)) == equal
     assert ("already draws every class alike" in capsys.readouterr().out) == equal
+
+
+def test_ema_weights_are_what_best_pth_holds_and_says(run_train, tmp_path):
+    """--ema: validation scored the averaged weights, so best.pth holds them (and says so in its flags), while
+    last.pth keeps the trained ones to resume from, the average beside them."""
+    run_train("--epochs", "1", "--ema", "0.9")
+    run = tmp_path / "runs" / "exp"
+    best, last = (torch.load(run / name, weights_only=True) for name in ("best.pth", "last.pth"))
+    assert best["args"]["ema"] == 0.9 and best["epoch"] == last["epoch"] == 1
+    assert all(torch.equal(best["state_dict"][k], last["ema"][k]) for k in last["ema"])
+    assert any(not torch.equal(best["state_dict"][k], last["state_dict"][k]) for k in last["state_dict"])
+    assert "ema" not in best

@@ -30,7 +30,7 @@ from model import create_model, num_outputs
 FORMAT_VERSION = 3  # 2: content_hash of the tensors; 3: of every key
 HASH_KEY = "content_hash"
 REQUIRED = ("state_dict", "model", "classification", "head", "dropout", "classes", "layout", "resize", "mean", "std")
-TRAINING_STATE = ("state_dict", "optimizer", "scheduler", "history", "train_state")
+TRAINING_STATE = ("state_dict", "optimizer", "scheduler", "history", "train_state", "ema")
 
 
 def describe(config, data):
@@ -123,12 +123,14 @@ def check_hash(path, ckpt):
         raise ValueError(f"checkpoint {path}: damaged or edited since it was saved ({what} do not match its content hash)")
 
 
-def save_epoch(run_dir, model, meta, *, improved, epoch, best, history, optimizer, scheduler, stale, generators):
-    """best.pth (when the epoch improved) and last.pth, with all that --resume needs."""
+def save_epoch(run_dir, model, meta, *, improved, epoch, best, history, optimizer, scheduler, stale, generators, ema=None):
+    """best.pth (when the epoch improved) and last.pth, with all that --resume needs. With --ema, best.pth holds the
+    averaged weights (the ones validated), last.pth the trained ones and the average beside them."""
     if improved:
-        save(run_dir / BEST, model, meta, epoch=epoch, best_metric=best)
+        save(run_dir / BEST, ema.module if ema is not None else model, meta, epoch=epoch, best_metric=best)
     save(run_dir / LAST, model, meta, epoch=epoch, best_metric=best, history=history, optimizer=optimizer.state_dict(),
-         scheduler=scheduler.state_dict(), train_state=dict(stale=stale, rng=rng_state(generators)))
+         scheduler=scheduler.state_dict(), train_state=dict(stale=stale, rng=rng_state(generators)),
+         **({"ema": ema.module.state_dict()} if ema is not None else {}))
 
 
 def read(path, device="cpu", mmap=False):
@@ -179,14 +181,17 @@ class Start:
     stale: int = 0  # epochs since the best, for --early_stopping
 
 
-def restore(path, *, lr, model, optimizer, scheduler, generators, device):
-    """last.pth -> model, optimiser, schedule (re-planned for this run's --epochs), random state -> Start."""
+def restore(path, *, lr, model, optimizer, scheduler, generators, device, ema=None):
+    """last.pth -> model, optimiser, schedule (re-planned for this run's --epochs), random state, the weights'
+    moving average with --ema -> Start."""
     state = read(path, device)
-    missing = [k for k in ("optimizer", "scheduler", "history", "epoch", "best_metric") if k not in state]
+    missing = [k for k in ("optimizer", "scheduler", "history", "epoch", "best_metric", *(["ema"] if ema else [])) if k not in state]
     if missing:
         raise ValueError(f"--resume {path}: not a last.pth (no {', '.join(missing)}); only last.pth can be resumed")
     try:
         model.load_state_dict(state["state_dict"])
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.load_state_dict(state["scheduler"])

@@ -37,8 +37,9 @@ def since_start():
 
 
 def train_one_epoch(model, loader, *, device, augment, normalize, criterion, optimizer, scaler, classification,
-                    amp_dtype=None, channels_last=False, clip_grad=0.0, progress=None, log_first_step=False):
-    """One pass over the loader; batches are augmented and normalised on the device.
+                    amp_dtype=None, channels_last=False, clip_grad=0.0, progress=None, log_first_step=False, ema=None):
+    """One pass over the loader; batches are augmented and normalised on the device; ema (timm's ModelEmaV3), when
+    given, is updated after every optimiser step.
     -> dict(loss, accuracy, images_per_s), and first_step_s (seconds from process start) with log_first_step.
     The loss and accuracy sums stay on the device and are read once, at the end: a read per step would make the
     host wait for the GPU at every step instead of queueing the next one. A diverged loss (NaN or inf) is found
@@ -63,6 +64,8 @@ def train_one_epoch(model, loader, *, device, augment, normalize, criterion, opt
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
         scaler.step(optimizer)
         scaler.update()
+        if ema is not None:
+            ema.update(model)
         total_loss += loss.detach().double() * len(y)
         correct += (class_log_probs(logits.detach(), classification).argmax(1) == y).sum()
         if not seen and log_first_step:  # the one wait of the epoch on purpose: when the first step is really done
