@@ -24,6 +24,26 @@ SCHEDULERS = {
 }
 
 
+def param_groups(model, lr, weight_decay, layer_decay=0.0):
+    """The optimiser's parameter groups: the trainable parameters as one, or with layer_decay (--layer_decay) timm's
+    layer-wise groups of a timm backbone (BEiT's rule: each layer's LR scaled by layer_decay per layer above it, 1-D
+    parameters without weight decay), our head at scale 1 as timm's own classifier is. Each group's "lr" is lr times
+    its "lr_scale", which the epoch schedules scale from."""
+    if not layer_decay:
+        return [dict(params=[p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay, lr_scale=1.0)]
+    backbone = getattr(model, "backbone", None)
+    if not hasattr(backbone, "group_matcher"):
+        raise ValueError(f"--layer_decay needs a timm backbone (--model timm/<name>): {type(backbone or model).__name__} "
+                         f"has no layer grouping")
+    from timm.optim import param_groups_layer_decay  # timm's own grouping, not written again
+    groups = [dict(g, lr_scale=g["lr_scale"] * layer_decay)  # one layer below the head, as below timm's classifier
+              for g in param_groups_layer_decay(backbone, weight_decay, layer_decay=layer_decay)]
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    groups += [dict(params=[p for p in head if p.ndim > 1], weight_decay=weight_decay, lr_scale=1.0),
+               dict(params=[p for p in head if p.ndim <= 1], weight_decay=0.0, lr_scale=1.0)]
+    return [dict(g, lr=lr * g["lr_scale"]) for g in groups if g["params"]]
+
+
 def create_optimizer(name, params, lr, weight_decay=0.0, momentum=0.9):
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")

@@ -38,7 +38,7 @@ from core.signals import STOP
 from imagedata.layouts import DataError
 from loss import create_criterion
 from model import WeightsError, create_model, input_config, num_outputs
-from optim import create_optimizer, create_scheduler
+from optim import create_optimizer, create_scheduler, param_groups
 from training import checkpoint, flags
 from training.engine import evaluate, resolve_device, seed_everything, since_start, train_one_epoch
 from training.predict import predict_images
@@ -144,7 +144,7 @@ class Optimisation:
 
 
 def build_optimisation(args, data, model, device):
-    optimizer = create_optimizer(args.optimizer, [p for p in model.parameters() if p.requires_grad],
+    optimizer = create_optimizer(args.optimizer, param_groups(model, args.lr, args.weight_decay, args.layer_decay),
                                  args.lr, args.weight_decay, args.momentum)
     amp_dtype = None
     if args.amp and device.type == "cuda":  # emulated bf16 (T4, V100) is slower than fp16 with loss scaling
@@ -240,7 +240,7 @@ def fit(args, data, model, opt, run_dir, start, device):
 def run_epoch(args, data, model, opt, epoch, device, first):
     """Train one epoch, validate, step the schedule -> (history row, validation outputs, training stats).
     A diverged model (non-finite validation loss or weights) stops the run before anything is saved."""
-    t0, lr = time.time(), opt.optimizer.param_groups[0]["lr"]  # the LR this epoch trains at
+    t0, lr = time.time(), opt.optimizer.param_groups[-1]["lr"]  # the LR this epoch trains at (the head's, at scale 1)
     train_stats = train_one_epoch(model, data.train_loader, device=device, augment=data.augment, normalize=data.normalize,
                                   criterion=opt.criterion, optimizer=opt.optimizer, scaler=opt.scaler,
                                   classification=args.classification, amp_dtype=opt.amp_dtype, channels_last=args.channels_last,

@@ -37,7 +37,7 @@ def test_an_epoch_saved_reads_back_with_every_key(tmp_path):
         assert (ckpt["classes"], ckpt["resize"], ckpt["args"]) == (DATA.classes, [64, 48], config)
         assert ckpt["epoch"] == 3 and ckpt["best_metric"] == 0.7
     assert not set(checkpoint.TRAINING_STATE[1:]) & set(best)  # best.pth: weights and description only
-    assert set(checkpoint.TRAINING_STATE) <= set(last) and last["train_state"]["stale"] == 1
+    assert set(checkpoint.TRAINING_STATE) - {"ema"} <= set(last) and last["train_state"]["stale"] == 1  # ema: with --ema
     meta = checkpoint.read_meta(tmp_path / "last.pth")
     assert "state_dict" not in meta and "optimizer" not in meta and meta["head"] == "32"
     loaded, _ = checkpoint.load_model(tmp_path / "best.pth")
@@ -173,3 +173,22 @@ def test_resume_hint_reads_the_disk(tmp_path):
     assert checkpoint.resume_hint(tmp_path) == "no epoch finished, so there is nothing to resume"
     saved_epoch(tmp_path, epoch=5)
     assert checkpoint.resume_hint(tmp_path) == f"{tmp_path / 'last.pth'} holds epoch 5: continue with --resume {tmp_path / 'last.pth'}"
+
+
+def test_restore_keeps_each_layer_groups_share_of_the_lr(tmp_path):
+    """--layer_decay: every group's LR is its lr_scale times the schedule's, before and after a resume re-plans it."""
+    saved_epoch(tmp_path)
+    model = create_model("BaseModel", 18, head="32", dropout=0.1)
+    params = list(model.parameters())
+    groups = [dict(params=params[:2], lr=0.01 * 0.25, lr_scale=0.25), dict(params=params[2:], lr=0.01, lr_scale=1.0)]
+    optimizer = create_optimizer("AdamW", groups, lr=0.01)
+    scheduler = create_scheduler("cosine", optimizer, epochs=6, warmup_epochs=1)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01 * 0.25 / 2, 0.01 / 2])  # warmup scales each
+    state = torch.load(tmp_path / "last.pth", weights_only=True)
+    state["optimizer"] = optimizer.state_dict()  # last.pth of a run with these groups
+    state.pop(checkpoint.HASH_KEY)
+    checkpoint.save(tmp_path / "last.pth", model, {k: v for k, v in state.items() if k != "state_dict"})
+    checkpoint.restore(tmp_path / "last.pth", lr=0.01, model=model, optimizer=optimizer, scheduler=scheduler,
+                       generators=[torch.Generator(), torch.Generator()], device="cpu")
+    factor = scheduler.lr_lambdas[0](3)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01 * 0.25 * factor, 0.01 * factor])

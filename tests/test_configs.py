@@ -33,7 +33,7 @@ def _values_to_try(spec):
 SEARCHED = {"search_space.json": {"lr", "batch_size", "optimizer", "weight_decay", "augmentation", "head", "criterion", "ema"},
             "config_local.yml": {"lr", "batch_size", "optimizer", "weight_decay", "augmentation", "head", "criterion"},
             "config_finetune.yml": {"model", "resize", "lr", "warmup_epochs", "weight_decay", "augmentation", "age_bounds"},
-            "config_gpu.yml": {"model", "lr", "warmup_epochs", "weight_decay", "augmentation", "age_bounds", "ema"}}
+            "config_gpu.yml": {"model", "lr", "warmup_epochs", "weight_decay", "augmentation", "age_bounds", "ema", "layer_decay"}}
 
 
 @pytest.mark.parametrize("where", list(SEARCHED))

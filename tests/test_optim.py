@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from optim import OPTIMIZERS, SCHEDULERS, create_optimizer, create_scheduler
+from optim import OPTIMIZERS, SCHEDULERS, create_optimizer, create_scheduler, param_groups
 
 
 def one_param():
@@ -65,3 +65,35 @@ def test_warmup_ramps_the_lr_up_then_hands_over_to_the_schedule():
     assert lrs == pytest.approx([0.1, 0.2, 0.3, 0.3, 0.15, 0.15])
     with pytest.raises(ValueError, match="--warmup_epochs needs an epoch schedule"):
         create_scheduler("plateau", opt, epochs=6, warmup_epochs=1)
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "resnet18"])
+def test_layer_decay_groups_get_the_rates_timms_factory_gives(name):
+    """--layer_decay: every parameter's LR and weight decay as timm's factory sets them for the same timm model with
+    its own classifier (our head stands where that classifier stands, at scale 1)."""
+    import timm
+    from timm.optim import create_optimizer_v2
+    from model import create_model
+    model = create_model(f"timm/{name}", 18)
+    groups = param_groups(model, 0.01, 0.05, layer_decay=0.7)
+    ours = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    reference = timm.create_model(name, num_classes=18)
+    factory = create_optimizer_v2(reference, "adamw", lr=0.01, weight_decay=0.05, layer_decay=0.7)
+    theirs = {n: (g["lr"] * g["lr_scale"], g["weight_decay"]) for g in factory.param_groups for n, p in reference.named_parameters()
+              if any(p is q for q in g["params"])}
+    classifier = reference.pretrained_cfg["classifier"]
+    named = dict(model.named_parameters())
+    for key, p in named.items():
+        theirs_key = key.removeprefix("backbone.") if key.startswith("backbone.") else f"{classifier}.{key.rsplit('.', 1)[1]}"
+        assert ours[id(p)] == pytest.approx(theirs[theirs_key]), key
+    scales = sorted({round(lr / 0.01, 6) for lr, _ in ours.values()})
+    assert scales[-1] == 1.0 and scales[0] < 0.7 ** 3  # the stem moves far less than the head
+    assert len({id(p) for g in groups for p in g["params"]}) == len(named)  # every parameter, once
+
+
+def test_layer_decay_needs_a_timm_backbone():
+    from model import create_model
+    with pytest.raises(ValueError, match=r"^--layer_decay needs a timm backbone \(--model timm/<name>\): BaseModel has no layer"):
+        param_groups(create_model("BaseModel", 18), 0.01, 0.05, layer_decay=0.7)
+    groups = param_groups(create_model("BaseModel", 18), 0.01, 0.05)  # off: one group at --lr, as before
+    assert len(groups) == 1 and groups[0]["lr"] == 0.01 and groups[0]["weight_decay"] == 0.05

@@ -179,6 +179,8 @@ def renamed_copy(demo_dir, tmp_path, new_name):
 
 BAD_INPUTS = {
     "missing data dir": (lambda d, t: (["--data_dir", t / "nowhere"], "does not exist")),
+    "layer decay without timm": (lambda d, t: (["--layer_decay", "0.8"], "--layer_decay needs a timm backbone")),
+    "ema out of range": (lambda d, t: (["--ema", "1"], "--ema")),
     "empty data dir": (lambda d, t: (["--data_dir", (t / "empty").mkdir() or t / "empty"], "no images found")),
     "truncated image": (lambda d, t: (lambda bad: (["--data_dir", bad[0], "--no_cache", "--num_workers", "1"], bad[1]))(corrupt_copy(d, t))),
     "truncated image cached": (lambda d, t: (lambda bad: (["--data_dir", bad[0]], bad[1]))(corrupt_copy(d, t))),

@@ -199,9 +199,9 @@ def restore(path, *, lr, model, optimizer, scheduler, generators, device, ema=No
         raise ValueError(f"--resume {path}: does not fit the run's model and optimiser ({one_line_reason(e)})") from None
     done = state["epoch"]
     if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-        scheduler.base_lrs, scheduler.last_epoch = [lr] * len(optimizer.param_groups), done
-        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
-            group["lr"] = lr * factor(done)
+        scheduler.base_lrs, scheduler.last_epoch = [lr * g.get("lr_scale", 1.0) for g in optimizer.param_groups], done
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(done)
     train_state = state.get("train_state") or {}
     if train_state.get("rng"):
         set_rng_state(train_state["rng"], generators)

@@ -133,6 +133,9 @@ def add_optimisation_flags(g):
     flag(g, "--lr_gamma", limit=POSITIVE, type=float, default=0.1, help="LR decay factor (step, multistep, plateau)")
     flag(g, "--warmup_epochs", limit=NON_NEGATIVE, type=int, default=0, help="linear LR warmup over the first N epochs")
     flag(g, "--clip_grad", limit=NON_NEGATIVE, type=float, default=0.0, help="clip the gradient norm to this (0 = off)")
+    flag(g, "--layer_decay", roles=("resume",), limit=FRACTION, type=float, default=0.0,
+         help="layer-wise LR decay for a timm backbone (timm's grouping, e.g. 0.75: each layer's LR that much below the one "
+              "above it, the head at --lr; 0 = off)")
     flag(g, "--ema", roles=("resume",), limit=FRACTION, type=float, default=0.0,
          help="keep an exponential moving average of the weights with this decay per step (timm's ModelEmaV3, e.g. 0.999; "
               "0 = off): validation, best.pth and the eval prediction use the averaged weights")
