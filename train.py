@@ -15,6 +15,7 @@ sets --epochs), the run directory is $NNI_OUTPUT_DIR, and every epoch and the en
 A finished run ends by writing summary.json, which the tools read.
 """
 import contextlib
+import copy
 import json
 import math
 import os
@@ -40,6 +41,7 @@ from loss import create_criterion
 from model import WeightsError, create_model, input_config, num_outputs
 from optim import create_optimizer, create_scheduler, param_groups
 from training import checkpoint, flags
+from training.average import TopEpochs, greedy_average, recompute_batchnorm
 from training.engine import evaluate, resolve_device, seed_everything, since_start, train_one_epoch
 from training.predict import predict_images
 
@@ -197,6 +199,7 @@ def fit(args, data, model, opt, run_dir, start, device):
           f"{len(data.classes)} classes | {args.model} on {device}", flush=True)
     meta = checkpoint.describe(flags.run_config(args), data)
     best, history, stale, best_val, first_step, final_sent = start.best, start.history, start.stale, None, None, False
+    top, averaged_epochs = TopEpochs(run_dir / "epochs", args.average_epochs, history, f"val_{args.metric}"), None
     try:
         for epoch in range(start.epoch, args.epochs + 1):
             row, val, stats = run_epoch(args, data, model, opt, epoch, device, first=epoch == start.epoch)
@@ -209,6 +212,7 @@ def fit(args, data, model, opt, run_dir, start, device):
                 checkpoint.save_epoch(run_dir, model, meta, improved=improved, epoch=epoch, best=best, history=history,
                                       optimizer=opt.optimizer, scheduler=opt.scheduler, stale=stale, generators=data.generators,
                                       ema=opt.ema)
+                top.offer(epoch, metric, scored(model, opt))
                 write_history(run_dir / HISTORY, history)
             log_row(writer, row)
             writer.flush()  # a stopped trial keeps its curves: dying by the signal skips writer.close()
@@ -217,6 +221,8 @@ def fit(args, data, model, opt, run_dir, start, device):
             if args.early_stopping and stale >= args.early_stopping:
                 print(f"early stopping: no better {args.metric} for {stale} epochs", flush=True)
                 break
+        if len(top.kept) > 1:
+            best, best_val, averaged_epochs = average_best_epochs(args, data, model, opt, run_dir, meta, top, best_val, device)
         if UNDER_NNI:  # before the figures and the eval prediction: a stop signal during those loses nothing
             with STOP.deferred():  # sent and marked sent, or neither
                 report_final(best)
@@ -233,8 +239,40 @@ def fit(args, data, model, opt, run_dir, start, device):
     print(f"best val {args.metric} {best:.4f} -> {run_dir / BEST}", flush=True)
     rising = warn_if_still_rising(args, [row[f"val_{args.metric}"] for row in history])
     best_row = max(history, key=lambda row: (row[f"val_{args.metric}"], -row["epoch"]))
+    if averaged_epochs:  # what best.pth now holds scored as the epochs were
+        best_row = dict(best_row, **{f"val_{k}": v for k, v in val_scores(args, data, best_val[1]).items()})
     return dict(best=dict(metric=args.metric, value=best, epoch=best_row["epoch"], val_accuracy=best_row["val_accuracy"],
-                          val_f1=best_row["val_f1"]), epochs=len(history), first_step_s=first_step, still_rising=rising)
+                          val_f1=best_row["val_f1"]), epochs=len(history), first_step_s=first_step, still_rising=rising,
+                averaged_epochs=averaged_epochs)
+
+
+def scored(model, opt):
+    """The weights validation scores and best.pth holds: the moving average with --ema, else the trained model."""
+    return opt.ema.module if opt.ema is not None else model
+
+
+def val_scores(args, data, val):
+    """Validation outputs -> the scores on the data's own labels (accuracy, f1, and per task on the mask layout)."""
+    return score(data.val_truth, val["preds"], len(data.classes), per_task=data.layout == "mask")
+
+
+def average_best_epochs(args, data, model, opt, run_dir, meta, top, best_val, device):
+    """--average_epochs: the best epochs' weights averaged greedily (training/average.py); when more than the best
+    joined, best.pth holds the average. -> (its validation metric, (epoch, validation outputs), the epochs averaged)."""
+    def score_of(soup):
+        val = evaluate(soup, data.val_loader, device=device, normalize=data.normalize, criterion=opt.criterion,
+                       classification=args.classification, amp_dtype=opt.amp_dtype)
+        return val_scores(args, data, val)[args.metric], val
+    soup = copy.deepcopy(scored(model, opt))
+    members, metric, kept = greedy_average(top, soup, score_of, lambda m: recompute_batchnorm(m, data.train_loader, data.normalize, device))
+    if kept:
+        soup.load_state_dict(kept[1])
+        with STOP.deferred():
+            checkpoint.save(run_dir / BEST, soup, meta, epoch=members[0], best_metric=metric, averaged_epochs=members)
+        best_val = (members[0], kept[0])
+    print(f"averaging the best epochs: {' + '.join(map(str, members))} kept, val {args.metric} {metric:.4f}", flush=True)
+    top.clear()
+    return metric, best_val, members
 
 
 def run_epoch(args, data, model, opt, epoch, device, first):
@@ -246,12 +284,12 @@ def run_epoch(args, data, model, opt, epoch, device, first):
                                   classification=args.classification, amp_dtype=opt.amp_dtype, channels_last=args.channels_last,
                                   clip_grad=args.clip_grad, progress=make_progress(f"epoch {epoch}/{args.epochs}"), log_first_step=first,
                                   ema=opt.ema)
-    val = evaluate(opt.ema.module if opt.ema is not None else model, data.val_loader, device=device, normalize=data.normalize, criterion=opt.criterion,
+    val = evaluate(scored(model, opt), data.val_loader, device=device, normalize=data.normalize, criterion=opt.criterion,
                    classification=args.classification, amp_dtype=opt.amp_dtype)
     if not math.isfinite(val["loss"]) or not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
         raise FloatingPointError(f"epoch {epoch}: validation loss is {val['loss']:.4g} and the weights are not all finite: "
                                  f"training diverged (try a lower --lr); nothing of this epoch was saved")
-    scores = score(data.val_truth, val["preds"], len(data.classes), per_task=data.layout == "mask")  # the data's own labels
+    scores = val_scores(args, data, val)
     opt.scheduler.step(scores[args.metric]) if args.scheduler == "plateau" else opt.scheduler.step()
     row = dict(epoch=epoch, train_loss=train_stats["loss"], train_accuracy=train_stats["accuracy"],
                train_images_per_s=train_stats["images_per_s"], val_loss=val["loss"], **{f"val_{k}": v for k, v in scores.items()},

@@ -6,7 +6,6 @@ cost per fold, where a greedy ensemble pays one per member."""
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import dataset
 from core import demo
@@ -17,6 +16,7 @@ from core.runs import BEST, VAL_SOFT
 from imagedata.augment import Normalize
 from imagedata.layouts import read_eval
 from training import checkpoint, flags
+from training.average import averaged, recompute_batchnorm
 from training.engine import resolve_device
 from training.predict import fold_split, image_loader, predict_images
 
@@ -59,24 +59,10 @@ class Fold:
         return probs, score(self.labels[self.val_idx], probs.argmax(1), probs.shape[1])["f1"]
 
     def recompute_batchnorm(self, model):
-        """Averaged weights need the statistics of their own activations: a cumulative mean over the training images."""
-        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None
-        model.train()
-        normalize = Normalize(self.meta["mean"], self.meta["std"]).to(self.device)
-        with torch.no_grad():
-            for x in image_loader(self.paths, self.size, self.images, indices=self.train_idx, batch_size=self.batch_size,
-                                  num_workers=0, device=self.device):
-                model(normalize(x.to(self.device)))
-        model.eval()
-
-
-def averaged(states):
-    """The mean of state dicts; integer tensors (BatchNorm's counters) are the first's."""
-    return {k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype) if v.is_floating_point() else v
-            for k, v in states[0].items()}
+        """BatchNorm statistics of the averaged weights, over this fold's training images."""
+        recompute_batchnorm(model, image_loader(self.paths, self.size, self.images, indices=self.train_idx, batch_size=self.batch_size,
+                                                num_workers=0, device=self.device),
+                            Normalize(self.meta["mean"], self.meta["std"]).to(self.device), self.device)
 
 
 def fold_soup(run_dir, names, k, device, log):

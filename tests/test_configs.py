@@ -30,10 +30,10 @@ def _values_to_try(spec):
 
 
 # what each shipped space must search: the fine-tuning one its own knobs (issue 30), the others the loss too
-SEARCHED = {"search_space.json": {"lr", "batch_size", "optimizer", "weight_decay", "augmentation", "head", "criterion", "ema"},
+SEARCHED = {"search_space.json": {"lr", "batch_size", "optimizer", "weight_decay", "augmentation", "head", "criterion", "ema", "average_epochs"},
             "config_local.yml": {"lr", "batch_size", "optimizer", "weight_decay", "augmentation", "head", "criterion"},
             "config_finetune.yml": {"model", "resize", "lr", "warmup_epochs", "weight_decay", "augmentation", "age_bounds"},
-            "config_gpu.yml": {"model", "lr", "warmup_epochs", "weight_decay", "augmentation", "age_bounds", "ema", "layer_decay"}}
+            "config_gpu.yml": {"model", "lr", "warmup_epochs", "weight_decay", "augmentation", "age_bounds", "ema", "layer_decay", "average_epochs"}}
 
 
 @pytest.mark.parametrize("where", list(SEARCHED))

@@ -59,13 +59,6 @@ def test_soup_vote_over_the_folds(fold_runs, demo_dir):
     assert 0 <= result["oof_f1"] <= 1
 
 
-def test_averaged_weights_keep_integer_counters():
-    a = {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor(5)}
-    b = {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(9)}
-    mean = soup.averaged([a, b])
-    assert mean["w"].tolist() == [2.0, 4.0] and mean["n"].item() == 5 and mean["w"].dtype == torch.float32
-
-
 @pytest.mark.slow
 def test_finalize_select_soup_reports_the_three_side_by_side(fold_runs):
     from search.vote import rank_and_vote, write_report

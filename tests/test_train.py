@@ -617,3 +617,20 @@ def test_ema_weights_are_what_best_pth_holds_and_says(run_train, tmp_path):
     assert all(torch.equal(best["state_dict"][k], last["ema"][k]) for k in last["ema"])
     assert any(not torch.equal(best["state_dict"][k], last["state_dict"][k]) for k in last["state_dict"])
     assert "ema" not in best
+
+
+def test_best_epochs_averaged_into_best_pth_as_summary_json_says(run_train, tmp_path):
+    """--average_epochs 3: the best epochs' weights averaged greedily at the end; summary.json says which joined,
+    validation never scores below the best epoch's, and val_soft.csv and best.pth hold the kept average."""
+    run_train("--epochs", "4", "--average_epochs", "3", "--lr", "0.01")
+    run = tmp_path / "runs" / "exp"
+    summary, history = json.loads((run / "summary.json").read_text()), read_csv(run / "history.csv")
+    best_epoch = max(history, key=lambda r: (float(r["val_accuracy"]), -int(r["epoch"])))
+    members = summary["averaged_epochs"]
+    assert members[0] == int(best_epoch["epoch"]) and len(members) <= 3 and set(members) <= {1, 2, 3, 4}
+    assert summary["best"]["value"] >= float(best_epoch["val_accuracy"]) and not (run / "epochs").exists()
+    best = torch.load(run / "best.pth", weights_only=True)
+    assert best.get("averaged_epochs", members[:1]) == members  # saved anew only when more than the best joined
+    val_soft = read_csv(run / "val_soft.csv")
+    probs = np.array([[float(v) for v in list(r.values())[2:]] for r in val_soft])
+    assert summary["best"]["val_accuracy"] == pytest.approx(float((probs.argmax(1) == [int(r["label"]) for r in val_soft]).mean()))

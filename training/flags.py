@@ -136,6 +136,9 @@ def add_optimisation_flags(g):
     flag(g, "--layer_decay", roles=("resume",), limit=FRACTION, type=float, default=0.0,
          help="layer-wise LR decay for a timm backbone (timm's grouping, e.g. 0.75: each layer's LR that much below the one "
               "above it, the head at --lr; 0 = off)")
+    flag(g, "--average_epochs", roles=("resume",), limit=NON_NEGATIVE, type=int, default=0,
+         help="at the end, average the weights of the best K epochs greedily (an epoch joins when validation does not drop, "
+              "BatchNorm recomputed) into best.pth; 0 or 1 = off")
     flag(g, "--ema", roles=("resume",), limit=FRACTION, type=float, default=0.0,
          help="keep an exponential moving average of the weights with this decay per step (timm's ModelEmaV3, e.g. 0.999; "
               "0 = off): validation, best.pth and the eval prediction use the averaged weights")

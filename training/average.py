@@ -1,0 +1,87 @@
+"""Averaged weights: the mean of state dicts, BatchNorm statistics recomputed for them, and a run's best epochs kept
+for --average_epochs (AutoGluon's top-3 checkpoint averaging: a greedy model soup inside one run). search/soup.py
+averages across finalists with the same two pieces."""
+import shutil
+
+import torch
+
+from core.files import load_untrusted, replace_atomically
+
+
+def averaged(states):
+    """The mean of state dicts; integer tensors (BatchNorm's counters) are the first's."""
+    return {k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype) if v.is_floating_point() else v
+            for k, v in states[0].items()}
+
+
+@torch.no_grad()
+def recompute_batchnorm(model, batches, normalize, device):
+    """Averaged weights need the statistics of their own activations: a cumulative mean over the batches (training
+    images, unaugmented), the model left in eval mode."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for batch in batches:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        model(normalize(x.to(device).float()))
+    model.eval()
+
+
+class TopEpochs:
+    """The weights of a run's best k epochs by the validation metric, on disk as they come (a file per epoch in
+    folder, each dropped when k better ones are there), so a resumed run still has them. Ties go to the earlier epoch."""
+
+    def __init__(self, folder, k, history=(), metric="val_accuracy"):
+        self.folder, self.k = folder, k
+        on_disk = {int(p.stem.removeprefix("epoch")) for p in folder.glob("epoch*.pth")} if folder.is_dir() else set()
+        self.kept = [(row[metric], row["epoch"]) for row in history if row["epoch"] in on_disk]  # a resumed run's
+
+    def ranked(self):
+        """-> [(metric, epoch)], best first."""
+        return sorted(self.kept, key=lambda m_e: (-m_e[0], m_e[1]))
+
+    def path(self, epoch):
+        return self.folder / f"epoch{epoch}.pth"
+
+    def offer(self, epoch, metric, model):
+        """Keep this epoch's weights if it is among the best k so far."""
+        if self.k < 2:
+            return
+        ranked = self.ranked()
+        if len(ranked) == self.k and (-metric, epoch) >= (-ranked[-1][0], ranked[-1][1]):
+            return
+        self.folder.mkdir(exist_ok=True)
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        replace_atomically(self.path(epoch), lambda tmp: torch.save(state, tmp))
+        self.kept.append((metric, epoch))
+        if len(self.kept) > self.k:
+            _, dropped = self.ranked()[-1]
+            self.kept = [(m, e) for m, e in self.kept if e != dropped]
+            self.path(dropped).unlink(missing_ok=True)
+
+    def state(self, epoch):
+        return load_untrusted(self.path(epoch), f"epoch {epoch}'s weights")
+
+    def clear(self):
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def greedy_average(top, soup, score, recompute):
+    """The best epoch, then each next best joining the average only when the averaged weights (BatchNorm recomputed)
+    score no lower on validation -> (member epochs, their metric, the validation outputs of the kept average or None
+    when only the best epoch is kept). soup: a model to load the averages into; score(model) -> (metric, outputs)."""
+    ranked = top.ranked()
+    (best, first), states = ranked[0], {ranked[0][1]: top.state(ranked[0][1])}
+    members, kept = [first], None
+    for _, epoch in ranked[1:]:
+        states[epoch] = top.state(epoch)
+        soup.load_state_dict(averaged([states[e] for e in [*members, epoch]]))
+        recompute(soup)
+        metric, outputs = score(soup)
+        if metric >= best:
+            members, best, kept = [*members, epoch], metric, (outputs, {k: v.clone() for k, v in soup.state_dict().items()})
+    return members, best, kept
