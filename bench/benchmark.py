@@ -24,6 +24,7 @@ Prints b/a and c/a. Not a test: numbers depend on the machine and its load.
 """
 import argparse
 import csv
+import math
 import os
 import statistics
 import subprocess
@@ -54,7 +55,10 @@ def parse_args(argv=None):
     p.add_argument("--resize", nargs=2, type=int, default=[128, 96], metavar=("H", "W"), help="input size")
     p.add_argument("--batch_size", type=int, default=64, help="batch size")
     p.add_argument("--epochs", type=int, default=3, help="train.py epochs for (b) and (c); the first is warm-up")
-    p.add_argument("--steps", type=int, default=20, help="timed steps for (a)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps for (a), at the least")
+    p.add_argument("--timed_seconds", type=float, default=10.0,
+                   help="time (a) and (b) over at least this long: on a GPU a demo epoch lasts about a second, too short "
+                        "for a stable figure; (a) repeats its steps, (b) and (c) train more epochs")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device")
     p.add_argument("--amp", action="store_true", help="pass --amp (CUDA)")
     p.add_argument("--channels_last", action="store_true", help="pass --channels_last (CUDA)")
@@ -66,9 +70,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def bare_step(model_name, size, batch_size, steps, device, amp, channels_last, compile_mode=None):
-    """(a): images/s of forward + backward + AdamW step on tensors already on the device
-    -> (images/s, seconds of the first step: with compile_mode, torch.compile's cost)."""
+def bare_step(model_name, size, batch_size, steps, device, amp, channels_last, compile_mode=None, min_seconds=0.0):
+    """(a): images/s of forward + backward + AdamW step on tensors already on the device, over `steps` steps or as
+    many more as last min_seconds -> (images/s, seconds of the first step: with compile_mode, torch.compile's cost,
+    the seconds timed)."""
     torch.manual_seed(0)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = create_model(model_name, 18).to(device, memory_format=memory_format).train()
@@ -95,8 +100,9 @@ def bare_step(model_name, size, batch_size, steps, device, amp, channels_last, c
         return time.perf_counter() - start
 
     first = timed(1)
-    timed(2)
-    return steps * batch_size / timed(steps), first
+    steps = max(steps, math.ceil(min_seconds / timed(2) * 2))  # two warm steps say how many fill min_seconds
+    seconds = timed(steps)
+    return steps * batch_size / seconds, first, seconds
 
 
 def host_overhead(data_dir, cache_dir, size, batch_size, feed, epochs=5, repeats=5):
@@ -140,7 +146,7 @@ def host_overhead(data_dir, cache_dir, size, batch_size, feed, epochs=5, repeats
 def compile_verdicts(cli, name, size, eager):
     """torch.compile's modes against the eager step (a) -> printed lines."""
     for mode in cli.compile:
-        rate, first = bare_step(name, size, cli.batch_size, cli.steps, cli.device, cli.amp, cli.channels_last, mode)
+        rate, first, _ = bare_step(name, size, cli.batch_size, cli.steps, cli.device, cli.amp, cli.channels_last, mode)
         saved = cli.batch_size / eager - cli.batch_size / rate  # seconds per step
         even = (first - cli.batch_size / eager) / saved if saved > 0 else float("inf")
         verdict = f"pays after {even:.0f} steps" if even < cli.trial_steps else f"does not pay within {cli.trial_steps} steps"
@@ -248,9 +254,14 @@ def main(argv=None):
 
     rows = []
     for name in cli.models:
-        a, _ = bare_step(name, size, cli.batch_size, cli.steps, cli.device, cli.amp, cli.channels_last)
-        b, summary = train_throughput(train_cmd(cli, data_dir, name, cache_dir, work / f"{name}_cache", cli.epochs), work / f"{name}_cache")
-        c, _ = train_throughput(train_cmd(cli, data_dir, name, cache_dir, work / f"{name}_nocache", cli.epochs, "--no_cache"),
+        a, _, a_seconds = bare_step(name, size, cli.batch_size, cli.steps, cli.device, cli.amp, cli.channels_last,
+                                    min_seconds=cli.timed_seconds)
+        train_images = round(len(data["paths"]) * (1 - 0.2))  # train.py's default --val_ratio
+        epochs = max(cli.epochs, 1 + math.ceil(cli.timed_seconds * a / train_images))  # (b) <= (a): at least that long
+        print(f"{name}: (a) timed over {a_seconds:.1f} s; (b) and (c) train {epochs} epochs, the first untimed, "
+              f"at least {(epochs - 1) * train_images / a:.1f} s timed", flush=True)
+        b, summary = train_throughput(train_cmd(cli, data_dir, name, cache_dir, work / f"{name}_cache", epochs), work / f"{name}_cache")
+        c, _ = train_throughput(train_cmd(cli, data_dir, name, cache_dir, work / f"{name}_nocache", epochs, "--no_cache"),
                                 work / f"{name}_nocache")
         overhead = (cli.batch_size / b - cli.batch_size / a) * 1e6  # microseconds per batch
         rows.append((name, a, b, c, overhead, summary["first_step_s"], summary["feed"]))
