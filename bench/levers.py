@@ -1,0 +1,97 @@
+"""Does a lever steady a fine-tune? The seed spread of one fine-tune (config_finetune.yml's command: lite0 from the
+installed ImageNet weights) with each lever off and on, on the demo and two sets drawn unlike it.
+
+    python -m bench.levers                                   # 5 seeds, 3 sets, 4 levers (about an hour on 2 cores)
+    python -m bench.levers --seeds 1 2 --sets small --work /tmp/levers
+
+Levers: none (the command as is), --ema 0.99, --average_epochs 3, --layer_decay 0.85. Eval macro F1 of each run's
+own eval prediction; the table gives mean ± sd over seeds and minutes per run. Each run's figures land in
+--work/results/ as JSON, so a rerun skips what is done. Not a test.
+"""
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.searches import ROOT, SETS, data_flags, data_of, train_run
+from core import demo
+from core.cli import Parser, run_main
+from core.runs import SUBMISSION
+from core.scoring import evaluate
+from search import nni_io
+
+LEVERS = {"none": [], "ema": ["--ema", "0.99"], "average_epochs": ["--average_epochs", "3"], "layer_decay": ["--layer_decay", "0.85"]}
+MID = (250, 80, (160, 120), 33)  # people, eval people, image size, seed: a third set, between small and the demo
+
+
+def build_parser():
+    p = Parser(prog="levers.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--sets", nargs="+", default=["demo", "small", "mid"], choices=["demo", "small", "mid"], help="data sets")
+    p.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS), help="levers")
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5], help="seeds")
+    p.add_argument("--work", type=Path, default=None, help="where everything goes (default: a temp dir)")
+    return p
+
+
+def data_for(name, work):
+    if name in SETS:
+        return data_of(name, work)
+    root = work / "data" / name
+    if not (root / "train").is_dir():
+        people, eval_people, size, seed = MID
+        root.parent.mkdir(parents=True, exist_ok=True)
+        demo.make_demo_data(root, people, eval_people, size=size, seed=seed)
+    return root
+
+
+def one(name, lever, seed, work):
+    data = data_for(name, work)
+    command = shlex.split(nni_io.load_config(ROOT / "config_finetune.yml")["trialCommand"])
+    words = [sys.executable, str(ROOT / "train.py"), *command[2:], *LEVERS[lever], "--seed", str(seed), *data_flags(data),
+             "--cache_dir", str(work / "cache")]
+    start = time.time()
+    run_dir, rows = train_run(words, work / "runs" / f"{name}_{lever}_{seed}")
+    return dict(set=name, lever=lever, seed=seed, minutes=(time.time() - start) / 60, val_f1=[f1 for _, f1 in rows],
+                eval_f1=evaluate(run_dir / SUBMISSION, data / "eval" / "truth.csv", "mask")["scores"]["f1"])
+
+
+def table(results, sets, levers):
+    print("\n| set | " + " | ".join(levers) + " |\n|---|" + "---|" * len(levers))
+    for name in sets:
+        cells = []
+        for lever in levers:
+            rows = [r for r in results if r["set"] == name and r["lever"] == lever]
+            f1 = [r["eval_f1"] for r in rows]
+            cells.append(f"{statistics.mean(f1):.3f} ± {statistics.stdev(f1) if len(f1) > 1 else 0:.3f} "
+                         f"({len(f1)}, {statistics.mean(r['minutes'] for r in rows):.1f} min)" if rows else "")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def main(argv=None):
+    cli = build_parser().parse_args(argv)
+    work = (cli.work or Path(tempfile.mkdtemp(prefix="levers-"))).resolve()
+    (work / "results").mkdir(parents=True, exist_ok=True)
+    print(f"work dir {work}", flush=True)
+    for seed in cli.seeds:  # seeds outermost: a stopped study still has every lever at its first seeds
+        for name in cli.sets:
+            for lever in cli.levers:
+                done = work / "results" / f"{name}_{lever}_{seed}.json"
+                if not done.is_file():
+                    done.write_text(json.dumps(one(name, lever, seed, work), indent=2))
+                r = json.loads(done.read_text())
+                print(f"{name} {lever} seed {seed}: eval F1 {r['eval_f1']:.4f} ({r['minutes']:.1f} min)", flush=True)
+    table([json.loads(p.read_text()) for p in sorted((work / "results").glob("*.json"))], cli.sets, cli.levers)
+
+
+def cli(argv=None):
+    return run_main("levers.py", main, argv)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    sys.exit(cli())
