@@ -80,7 +80,7 @@ def main(args):
     if args.print_flags:
         print(json.dumps(flags.run_config(args)))
         return None, None
-    startup = dict(imports_s=since_start())  # where a trial's time goes before it trains (docs/speed.md)
+    startup = dict(imports_s=since_start())  # where a trial's time goes before it trains (docs/gpu.md)
     if not (args.resume or UNDER_NNI):  # those write into the run's own directory, not a new one under --model_dir
         check_writable("--model_dir", args.model_dir)
     device = resolve_device(args.device)
@@ -239,7 +239,7 @@ def fit(args, data, model, opt, run_dir, start, device):
     print(f"best val {args.metric} {best:.4f} -> {run_dir / BEST}", flush=True)
     rising = warn_if_still_rising(args, [row[f"val_{args.metric}"] for row in history])
     best_row = max(history, key=lambda row: (row[f"val_{args.metric}"], -row["epoch"]))
-    if averaged_epochs:  # what best.pth now holds scored as the epochs were
+    if averaged_epochs and len(averaged_epochs) > 1:  # what best.pth now holds, scored as the epochs were
         best_row = dict(best_row, **{f"val_{k}": v for k, v in val_scores(args, data, best_val[1]).items()})
     return dict(best=dict(metric=args.metric, value=best, epoch=best_row["epoch"], val_accuracy=best_row["val_accuracy"],
                           val_f1=best_row["val_f1"]), epochs=len(history), first_step_s=first_step, still_rising=rising,
