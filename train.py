@@ -221,8 +221,8 @@ def fit(args, data, model, opt, run_dir, start, device):
             if args.early_stopping and stale >= args.early_stopping:
                 print(f"early stopping: no better {args.metric} for {stale} epochs", flush=True)
                 break
-        if len(top.kept) > 1:
-            best, best_val, averaged_epochs = average_best_epochs(args, data, model, opt, run_dir, meta, top, best_val, device)
+        if args.average_epochs > 1:
+            best, best_val, averaged_epochs = average_best_epochs(args, data, model, opt, run_dir, meta, top, best, best_val, device)
         if UNDER_NNI:  # before the figures and the eval prediction: a stop signal during those loses nothing
             with STOP.deferred():  # sent and marked sent, or neither
                 report_final(best)
@@ -256,9 +256,14 @@ def val_scores(args, data, val):
     return score(data.val_truth, val["preds"], len(data.classes), per_task=data.layout == "mask")
 
 
-def average_best_epochs(args, data, model, opt, run_dir, meta, top, best_val, device):
+def average_best_epochs(args, data, model, opt, run_dir, meta, top, best, best_val, device):
     """--average_epochs: the best epochs' weights averaged greedily (training/average.py); when more than the best
-    joined, best.pth holds the average. -> (its validation metric, (epoch, validation outputs), the epochs averaged)."""
+    joined, best.pth holds the average; the kept epochs' files are removed. -> (the validation metric of what best.pth
+    holds, (epoch, validation outputs), the epochs averaged)."""
+    if len(top.kept) < 2:
+        top.clear()
+        return best, best_val, [epoch for _, epoch in top.ranked()]
+
     def score_of(soup):
         val = evaluate(soup, data.val_loader, device=device, normalize=data.normalize, criterion=opt.criterion,
                        classification=args.classification, amp_dtype=opt.amp_dtype)
