@@ -9,7 +9,7 @@ import numpy as np
 from core.files import replace_atomically
 from core.folds import join_folds
 from core.metrics import score
-from core.runs import CONFIG, SUBMISSION_SOFT, SUMMARY, VAL_SOFT, read_summary, write_submission
+from core.runs import CONFIG, FINALIZE_REPORT, SUBMISSION_SOFT, SUMMARY, VAL_SOFT, read_summary, write_submission
 from core.submissions import alignment, read_soft, read_val_soft
 from search.finalists import differences, ran_configuration
 from search.trials import flag_words
@@ -103,7 +103,7 @@ def rank_and_vote(run_dir, finalists, k, select):
 
 
 def write_report(run_dir, report):
-    replace_atomically(run_dir / "finalize.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    replace_atomically(run_dir / FINALIZE_REPORT, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
     lines = [f"# finalize: experiment {report['experiment']}, {report['k']} folds", "",
              "| finalist | search trial | its val metric (one split) | out-of-fold macro F1 | fold F1 mean ± sd | flags |",
              "|---|---|---|---|---|---|"]
