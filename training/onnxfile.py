@@ -151,6 +151,7 @@ def export(sources, out, *, tta=False, exported_from="", log=print):
             graph.metadata_props.add(key=key, value=json.dumps(value))
         onnx.save(graph, str(tmp))
         checked["worst"] = check_against_torch(vote, tmp, sizes, names, what)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)  # only now: a refusal above leaves nothing behind
     replace_atomically(Path(out), write)
     log(f"wrote {out}: {what}{', flip TTA inside' if tta else ''}; inputs {', '.join(f'{n} {h}x{w}' for n, (h, w) in zip(names, sizes))} "
         f"uint8 NCHW; onnxruntime matches PyTorch within {checked['worst']:.1e}")
