@@ -47,6 +47,9 @@ def plan(args):
         folder = sources[0]
         if (folder / BEST).is_file() and not (folder / FINALIZE_REPORT).is_file():  # a train.py run dir
             return [(folder / BEST, 1.0)], (folder / BEST).with_suffix(".onnx"), str(folder / BEST)
+        if not (folder / FINALIZE_REPORT).is_file() and not any(folder.glob("*/fold0")):
+            raise ValueError(f"{folder}: neither a train.py run dir (no {BEST}) nor a finalize run dir (no {FINALIZE_REPORT}, "
+                             f"no finalist's folds)")
         report = read_report(folder)
         select = args.select or report["select"]
         return voted_models(folder, report, select), folder / f"{select}.onnx", f"{folder} (finalize --select {select})"

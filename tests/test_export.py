@@ -147,6 +147,8 @@ REFUSALS = {  # -> (argv, what the one line says)
     "a finalize run without a finished selection": (
         lambda c, t: ([(t / "finalize_x" / "defaults" / "fold0").mkdir(parents=True) or t / "finalize_x"],
                       f"{t / 'finalize_x'}: no finalize.json, so finalize has not finished a selection there")),
+    "a folder that is no run": (
+        lambda c, t: ([(t / "photos").mkdir() or t / "photos"], "photos: neither a train.py run dir (no best.pth) nor a finalize run dir")),
     "a soup that finalize did not make": (
         lambda c, t: ([finished_report(t / "finalize_y"), "--select", "soup"], "finalize ran --select winner there, so it made no soups")),
     "a damaged finalize.json": (
