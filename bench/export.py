@@ -101,7 +101,11 @@ def main(argv=None):
         print(f"warning: load average {load:.2f} before the run: another job shares the CPU", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         rows = [row for name, size in specs for row in measure(name, size, args.batches, args.seconds, Path(tmp))]
-    result = dict(machine=f"{cpu_name()}, {os.cpu_count()} cores", load_before=round(load, 2),
+    after = os.getloadavg()[0]
+    if after > max(load, 1.0) + 1.0:  # the run's own two threads bring it near 2; more means company
+        print(f"warning: load average rose to {after:.2f} during the run: another job shared the CPU, run again",
+              file=sys.stderr, flush=True)
+    result = dict(machine=f"{cpu_name()}, {os.cpu_count()} cores", load_before=round(load, 2), load_after=round(after, 2),
                   versions=dict(torch=torch.__version__, onnxruntime=onnxruntime.__version__, numpy=np.__version__), rows=rows)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
