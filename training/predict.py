@@ -95,7 +95,8 @@ def predict_one(path, meta, paths, decoded, *, device, tta, batch_size, num_work
     if onnxfile.is_onnx(path):
         probs = predict_onnx(path, meta, paths, device=device, decoded=decoded, tta=tta, batch_size=batch_size, num_workers=num_workers)
         sizes = ", ".join(f"{h}x{w}" for h, w in meta["inputs"].values())
-        return probs, (f"{path}: ONNX, {len(meta['members'])} models ({', '.join(sorted({m['model'] for m in meta['members']}))}) "
+        n = len(meta["members"])
+        return probs, (f"{path}: ONNX, {n} model{'s' if n > 1 else ''} ({', '.join(sorted({m['model'] for m in meta['members']}))}) "
                        f"{sizes}{', flip TTA inside' if meta['tta'] else ''}, exported from {meta['exported_from'] or '?'}")
     size = tuple(meta["resize"])
     model, ckpt = checkpoint.load_model(path, device)
