@@ -5,7 +5,9 @@
     python baseline/inference.py --checkpoint runs/kfold/fold*/best.pth --eval_dir DATA/eval --out runs/kfold_tta --tta
 
 Everything the model needs (backbone, head design, classes, input size, mean/std,
-layout) is read from the checkpoint, so no training flag is repeated here.
+layout) is read from the checkpoint, so no training flag is repeated here. An .onnx file
+that imgcls-export wrote runs the same way, under onnxruntime (CUDA where installed),
+fed as its metadata says.
 Several checkpoints are soft-voted: their class probabilities are averaged, so
 they must share the class list (they may differ in backbone, head design and
 input size). --tta also averages the horizontally flipped view of every image.
@@ -30,7 +32,8 @@ from training.predict import predict_checkpoints
 def build_parser():
     p = Parser(prog="inference.py", description="Predict an eval dir with train.py checkpoints (several = soft vote).",
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", nargs="+", required=True, help="best.pth / last.pth files; several are soft-voted")
+    p.add_argument("--checkpoint", nargs="+", required=True,
+                   help="best.pth / last.pth files, or .onnx files imgcls-export wrote (run by onnxruntime); several are soft-voted")
     p.add_argument("--eval_dir", required=True, help="mask layout: DATA/eval (info.csv + images/); folder layout: a folder of images")
     p.add_argument("--out", default="runs/inference", help="where submission.csv and submission_soft.csv go")
     p.add_argument("--tta", action="store_true", help="also average the horizontally flipped view")

@@ -16,6 +16,10 @@ SUBMISSION, SUBMISSION_SOFT = "submission.csv", "submission_soft.csv"  # on the 
 TENSORBOARD = "tensorboard"                  # its event files
 SUMMARY = "summary.json"  # written last, when a run ends well: its absence means the run did not finish
 
+# A finalize run directory's own files (beside its finalists' fold runs)
+FINALIZE_REPORT = "finalize.json"            # what was ranked, picked and voted: what export and the benchmarks read
+SOUP = "soup.pth"                            # --select soup: fold<i>/soup.pth, that fold's averaged model
+
 
 def increment_path(path):
     """runs/exp -> runs/exp if free, else runs/exp2, runs/exp3, ... The name is literal: as a glob, 'exp[1]'

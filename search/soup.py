@@ -12,7 +12,7 @@ from core import demo
 from core.folds import join_folds
 from core.metrics import score
 from core.submissions import alignment, read_val_soft
-from core.runs import BEST, VAL_SOFT
+from core.runs import BEST, SOUP, VAL_SOFT
 from imagedata.augment import Normalize
 from imagedata.layouts import read_eval
 from training import checkpoint, flags
@@ -87,15 +87,27 @@ def fold_soup(run_dir, names, k, device, log):
     return members, best, probs, fold, model, meta
 
 
+def save_soup(run_dir, i, model, meta, members):
+    """fold<i>/soup.pth: the fold's soup as a checkpoint (the first ingredient's description, the averaged weights), so
+    that export and inference can run what finalize voted -> its path relative to run_dir."""
+    path = run_dir / f"fold{i}" / SOUP
+    path.parent.mkdir(exist_ok=True)
+    dropped = (*checkpoint.TRAINING_STATE, checkpoint.HASH_KEY, "epoch", "best_metric")  # the ingredient's, not the soup's
+    checkpoint.save(path, model, dict({k: v for k, v in meta.items() if k not in dropped}, soup=members))
+    return path.relative_to(run_dir).as_posix()
+
+
 def soup_vote(run_dir, finalists, winner, k, eval_ids, log=print):
     """Every fold's greedy soup over the finalists shaped like the winner -> dict(members per fold, out-of-fold F1
-    of the soups (optimistic: each chose on its fold), their eval probabilities, averaged, in eval_ids' order)."""
+    of the soups (optimistic: each chose on its fold), their eval probabilities, averaged, in eval_ids' order, the
+    soups' checkpoints)."""
     device = resolve_device("auto")
     names = ingredients(run_dir, finalists, winner, k)
-    parts, evals, members = [], [], []
+    parts, evals, members, saved = [], [], [], []
     for i in range(k):
         chosen, _, probs, fold, model, meta = fold_soup(run_dir, names, i, device, log)
         members.append(chosen)
+        saved.append(save_soup(run_dir, i, model, meta, chosen))
         parts.append((f"soup fold{i}", i, fold.ids, fold.labels[fold.val_idx], probs))
         ids, paths = read_eval(fold.eval_dir, meta["layout"])
         probs = predict_images(model, meta, paths, device=device, batch_size=fold.batch_size, num_workers=0,
@@ -103,4 +115,4 @@ def soup_vote(run_dir, finalists, winner, k, eval_ids, log=print):
         evals.append(probs[alignment(eval_ids, ids, fold.eval_dir, "the finalists' eval predictions")])
     oof = join_folds(parts)
     return dict(ingredients=names, members=members, oof_f1=score(oof["labels"], oof["probs"].argmax(1), oof["probs"].shape[1])["f1"],
-                eval_probs=np.mean(evals, axis=0))
+                eval_probs=np.mean(evals, axis=0), checkpoints=saved)

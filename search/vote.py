@@ -9,7 +9,7 @@ import numpy as np
 from core.files import replace_atomically
 from core.folds import join_folds
 from core.metrics import score
-from core.runs import CONFIG, SUBMISSION_SOFT, SUMMARY, VAL_SOFT, read_summary, write_submission
+from core.runs import BEST, CONFIG, FINALIZE_REPORT, SUBMISSION_SOFT, SUMMARY, VAL_SOFT, read_summary, write_submission
 from core.submissions import alignment, read_soft, read_val_soft
 from search.finalists import differences, ran_configuration
 from search.trials import flag_words
@@ -92,7 +92,8 @@ def rank_and_vote(run_dir, finalists, k, select):
         from search.soup import soup_vote  # lazy: torch and the data, only for a soup
         made = soup_vote(run_dir, finalists, winner["name"], k, first["eval_ids"])
         used = [n for n in made["ingredients"] if any(n in members for members in made["members"])]  # what some fold kept
-        report.update(soup=dict(ingredients=made["ingredients"], members=made["members"], oof_f1=made["oof_f1"]),
+        report.update(soup=dict(ingredients=made["ingredients"], members=made["members"], oof_f1=made["oof_f1"],
+                                checkpoints=made["checkpoints"]),
                       cost=dict(report["cost"], soup=k), voted={f"the {k} fold soups of {' + '.join(used)}": 1.0})
         eval_probs = made["eval_probs"]
     else:
@@ -103,7 +104,7 @@ def rank_and_vote(run_dir, finalists, k, select):
 
 
 def write_report(run_dir, report):
-    replace_atomically(run_dir / "finalize.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
+    replace_atomically(run_dir / FINALIZE_REPORT, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))
     lines = [f"# finalize: experiment {report['experiment']}, {report['k']} folds", "",
              "| finalist | search trial | its val metric (one split) | out-of-fold macro F1 | fold F1 mean ± sd | flags |",
              "|---|---|---|---|---|---|"]
@@ -125,3 +126,39 @@ def write_report(run_dir, report):
     lines += ["", f"Voted (--select {report['select']}): {voted}; soft-voted on {report['eval_images']} eval images "
               f"-> submission.csv, submission_soft.csv."]
     replace_atomically(run_dir / "report.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+
+
+def read_report(run_dir):
+    """A finalize run dir's finalize.json -> the report dict; ValueError when finalize has not finished a selection
+    there (its folds may be home, but nothing was voted yet)."""
+    path = run_dir / FINALIZE_REPORT
+    if not path.is_file():
+        raise ValueError(f"{run_dir}: no {FINALIZE_REPORT}, so finalize has not finished a selection there "
+                         f"(run imgcls-finalize to the end first)")
+    try:
+        report = json.loads(path.read_text())
+    except ValueError:  # JSON and UTF-8 errors
+        report = None
+    if not isinstance(report, dict) or any(key not in report for key in ("select", "k", "winner", "greedy_weights")):
+        raise ValueError(f"{path}: damaged (not the report finalize wrote there): run imgcls-finalize again to rewrite it")
+    return report
+
+
+def voted_models(run_dir, report, select=None):
+    """What a finalize selection soft-votes, model by model -> [(checkpoint path, weight)], weights summing to 1: the
+    winner's K folds alike, the greedy ensemble's members' folds by their weights, or the K fold soups alike. select:
+    the report's own by default (what its submission_soft.csv holds)."""
+    select = select or report["select"]
+    k = report["k"]
+    if select == "soup":
+        soup = report.get("soup")
+        if soup is None:
+            raise ValueError(f"{run_dir}: finalize ran --select {report['select']} there, so it made no soups "
+                             f"(run imgcls-finalize again with --select soup: it trains nothing new)")
+        if "checkpoints" not in soup:
+            raise ValueError(f"{run_dir}: its soups were not saved (finalize from before export): run imgcls-finalize "
+                             f"again with --select soup (it trains nothing new)")
+        return [(run_dir / path, 1 / len(soup["checkpoints"])) for path in soup["checkpoints"]]
+    chosen = {report["winner"]: 1.0} if select == "winner" else report["greedy_weights"]
+    total = sum(chosen.values())
+    return [(run_dir / name / f"fold{i}" / BEST, weight / total / k) for name, weight in chosen.items() for i in range(k)]

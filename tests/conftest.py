@@ -106,9 +106,27 @@ def crafted_checkpoint(path, marker):
     return path
 
 
+# Finalize's finalists, as its run dir names them, and their flags over train.py's defaults
+FINALISTS = {"defaults": [], "top1": ["--lr", "0.003"], "top2": ["--lr", "0.0005", "--dropout", "0.4"]}
+
+
+@pytest.fixture(scope="session")
+def fold_runs(tmp_path_factory, demo_dir, cache_dir):
+    """Three finalists x 2 folds of BaseModel (it has BatchNorm), as finalize brings them home (the soup and export
+    tests share them: copy before writing a vote into it)."""
+    run_dir = tmp_path_factory.mktemp("finalize")
+    for name, flags in FINALISTS.items():
+        for fold in range(2):
+            cmd = [sys.executable, str(ROOT / "train.py"), "--data_dir", str(demo_dir / "train"), "--eval_dir",
+                   str(demo_dir / "eval"), "--cache_dir", str(cache_dir), *TINY, "--steps", "24", "--kfold", "2",
+                   "--fold", str(fold), "--model_dir", str(run_dir / name), "--name", f"fold{fold}", *flags]
+            subprocess.run(cmd, check=True, capture_output=True, timeout=300, env=train_env())
+    return run_dir
+
+
 # Fixtures that start train.py, nnictl or sshd: a test that uses one is slow (pytest -m "not slow" skips it).
 # A test that starts such a process itself says @pytest.mark.slow.
-SLOW_FIXTURES = {"run_train", "nni_home", "sshd", "runs", "trained"}
+SLOW_FIXTURES = {"run_train", "nni_home", "sshd", "runs", "trained", "fold_runs"}
 
 
 def pytest_collection_modifyitems(items):

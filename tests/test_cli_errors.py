@@ -9,7 +9,8 @@ from conftest import ROOT, train_env
 from sshd import free_port
 from test_experiment import EXP, registered
 
-TOOLS = {"train.py": "train.py", **{name: f"baseline/{name}" for name in ("inference.py", "ensemble.py", "evaluation.py", "kfold.py")},
+TOOLS = {"train.py": "train.py",
+         **{name: f"baseline/{name}" for name in ("inference.py", "export.py", "ensemble.py", "evaluation.py", "kfold.py")},
          **{name: f"search/{name}" for name in ("experiment.py", "finalize.py", "preflight.py")}}
 
 
@@ -30,6 +31,8 @@ CASES = {
                  ["--data_dir", "{demo}/train", "--cache_dir", "{t}/afile/cache"]],
     "inference.py": [["--checkpoint", "{t}/nowhere.pth", "--eval_dir", "{t}"], ["--checkpoint", "{t}/text.pth", "--eval_dir", "{t}"],
                      ["--checkpoint", "{t}/text.pth", "--eval_dir", "{t}/nowhere"], ["--no_such_flag"]],
+    "export.py": [["{t}/nowhere.pth"], ["{t}/text.pth"], ["{t}"], ["{t}/text.pth", "--out", "{t}/m.txt"], ["{t}/text.pth", "{t}/text.pth"],
+                  ["{t}/text.pth", "--select", "soup"], ["--no_such_flag", "{t}/text.pth"]],
     "ensemble.py": [["{t}/nowhere.csv", "{t}/empty.csv"], ["{t}/empty.csv", "{t}/binary.csv"], ["{t}/binary.csv"],
                     ["--method", "median", "{t}/empty.csv"]],
     "evaluation.py": [["{t}/empty.csv", "--truth", "{t}/nowhere.csv"], ["{t}/binary.csv", "--truth", "{t}/empty.csv"], ["{t}/empty.csv"]],

@@ -223,7 +223,7 @@ def test_one_prediction_loop_in_training_predict():
 def test_run_file_names_are_spelled_in_core_runs_only():
     from core import runs
     names = {runs.BEST, runs.LAST, runs.CONFIG, runs.HISTORY, runs.VAL_SOFT, runs.SUBMISSION, runs.SUBMISSION_SOFT, runs.SUMMARY,
-             runs.TENSORBOARD}
+             runs.TENSORBOARD, runs.FINALIZE_REPORT, runs.SOUP}
     spelled = [f"{path.relative_to(ROOT)}:{line} {value}" for path, module in MODULES.items() if module != "core.runs"
                for line, value in string_constants(path) if value in names or any(f"/ '{n}'" in value for n in names)]
     for path in MODULES:  # the names inside f-strings' expressions, such as {run_dir / 'best.pth'}

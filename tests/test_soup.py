@@ -1,31 +1,13 @@
 """search/soup.py: greedy model soups over real fold checkpoints (train.py --kfold runs on the tiny demo)."""
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY, train_env
+from conftest import FINALISTS
 from search import soup
 from search.finalists import Finalist
 from training import checkpoint
 from training.predict import predict_images
-
-FINALISTS = {"defaults": [], "top1": ["--lr", "0.003"], "top2": ["--lr", "0.0005", "--dropout", "0.4"]}
-
-
-@pytest.fixture(scope="module")
-def fold_runs(tmp_path_factory, demo_dir, cache_dir):
-    """Three finalists x 2 folds of BaseModel (it has BatchNorm), as finalize brings them home."""
-    run_dir = tmp_path_factory.mktemp("finalize")
-    for name, flags in FINALISTS.items():
-        for fold in range(2):
-            cmd = [sys.executable, str(ROOT / "train.py"), "--data_dir", str(demo_dir / "train"), "--eval_dir",
-                   str(demo_dir / "eval"), "--cache_dir", str(cache_dir), *TINY, "--steps", "24", "--kfold", "2",
-                   "--fold", str(fold), "--model_dir", str(run_dir / name), "--name", f"fold{fold}", *flags]
-            subprocess.run(cmd, check=True, capture_output=True, timeout=300, env=train_env())
-    return run_dir
 
 
 @pytest.mark.slow

@@ -154,6 +154,18 @@ def read_meta(path):
     return {k: v for k, v in read(path, mmap=True).items() if k not in TRAINING_STATE}
 
 
+def check_compatible(paths, metas):
+    """Soft voting averages column j of every model: refuse unless column j means the same class everywhere."""
+    first, ref = paths[0], metas[0]
+    for path, meta in zip(paths[1:], metas[1:]):
+        if meta["classes"] != ref["classes"]:
+            raise ValueError(f"checkpoints disagree on classes: {first} has {len(ref['classes'])} "
+                             f"({', '.join(map(str, ref['classes'][:4]))}, ...), {path} has {len(meta['classes'])} "
+                             f"({', '.join(map(str, meta['classes'][:4]))}, ...); only models of one task can be soft-voted")
+        if meta["layout"] != ref["layout"]:
+            raise ValueError(f"checkpoints disagree on the data layout: {first} is {ref['layout']}, {path} is {meta['layout']}")
+
+
 def build_model(ckpt):
     """The checkpoint's model, untrained (its weights are ckpt['state_dict'])."""
     return create_model(ckpt["model"], num_outputs(ckpt["classification"], len(ckpt["classes"])),

@@ -100,9 +100,14 @@ def predict(model, loader, *, device, normalize, classification, tta=False, prog
     model.eval()
     out = []
     for x in (progress(loader) if progress else loader):
-        x = normalize(x.to(device))
-        p = class_log_probs(model(x), classification).exp()
-        if tta:
-            p = (p + class_log_probs(model(x.flip(3)), classification).exp()) / 2
-        out.append(p.cpu())
+        out.append(class_probs(model, normalize(x.to(device)), classification, tta).cpu())
     return torch.cat(out).numpy()
+
+
+def class_probs(model, x, classification, tta=False):
+    """A normalised batch -> (N, C) class probabilities; tta averages the horizontally flipped view. Prediction and
+    the ONNX export (training/onnxfile.py) both call this, so the exported graph cannot compute otherwise."""
+    p = class_log_probs(model(x), classification).exp()
+    if tta:
+        p = (p + class_log_probs(model(x.flip(3)), classification).exp()) / 2
+    return p

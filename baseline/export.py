@@ -1,0 +1,82 @@
+"""Export a model to one ONNX file that a runtime loads without this project: a checkpoint, several (soft-voted), or
+a finalize run's selection (the winner's K folds, the greedy ensemble, the fold soups) as one graph.
+
+    python baseline/export.py runs/exp/best.pth                          # -> runs/exp/best.onnx
+    python baseline/export.py runs/finalize_EXP_ID                       # its selection -> runs/finalize_EXP_ID/winner.onnx
+    python baseline/export.py runs/finalize_EXP_ID --select greedy --tta
+    python baseline/export.py runs/exp/best.pth runs/exp2/best.pth --out runs/vote.onnx
+
+The graph takes uint8 RGB images, NCHW, decoded as this project decodes them (upright, centre-cropped to the input's
+aspect ratio, resized bilinearly to its H x W; the file's metadata says so and gives the size), with any batch size;
+normalises them inside; runs every model; and answers `probs`, the selection's weighted mean of the class
+probabilities: what finalize's submission_soft.csv holds. --tta puts the flip inside. Also inside, as metadata (JSON
+values): the class names, the layout, the input sizes, mean/std, the members and their weights, the project's
+version and what the file was exported from. A file is kept only if onnxruntime reproduces PyTorch's probabilities
+(within 1e-4) on a batch. `inference.py --checkpoint FILE.onnx` runs it as it runs checkpoints.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from core.cli import Parser, run_main
+from core.runs import BEST, FINALIZE_REPORT
+from search.vote import read_report, voted_models
+from training import onnxfile
+
+
+def build_parser():
+    p = Parser(prog="export.py", description="Export a checkpoint, several (soft-voted), or a finalize run's selection to one "
+                                             "ONNX file.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("source", nargs="+", help="best.pth files (several are soft-voted alike), a train.py run dir, or a "
+                                             "finalize run dir (runs/finalize_<EXP_ID>)")
+    p.add_argument("--out", default=None, help="the .onnx file (default: beside a checkpoint, <name>.onnx; in a finalize run "
+                                               "dir, <selection>.onnx)")
+    p.add_argument("--select", default=None, choices=["winner", "greedy", "soup"],
+                   help="a finalize run's selection to export (default: the one it voted into submission.csv)")
+    p.add_argument("--tta", action="store_true", help="average the horizontally flipped view too, inside the graph")
+    return p
+
+
+def plan(args):
+    """-> ([(checkpoint, weight)], the default output path, what it was exported from)."""
+    sources = [Path(s) for s in args.source]
+    if len(sources) == 1 and sources[0].is_dir():
+        folder = sources[0]
+        if (folder / BEST).is_file() and not (folder / FINALIZE_REPORT).is_file():  # a train.py run dir
+            return [(folder / BEST, 1.0)], (folder / BEST).with_suffix(".onnx"), str(folder / BEST)
+        if not (folder / FINALIZE_REPORT).is_file() and not any(folder.glob("*/fold0")):
+            raise ValueError(f"{folder}: neither a train.py run dir (no {BEST}) nor a finalize run dir (no {FINALIZE_REPORT}, "
+                             f"no finalist's folds)")
+        report = read_report(folder)
+        select = args.select or report["select"]
+        return voted_models(folder, report, select), folder / f"{select}.onnx", f"{folder} (finalize --select {select})"
+    if args.select:
+        raise ValueError(f"--select {args.select}: picks from a finalize run dir, and {', '.join(map(str, sources))} is not one")
+    for path in sources:
+        if path.is_dir():
+            raise ValueError(f"{path}: a folder among checkpoints: give a finalize run dir alone, or its checkpoints")
+    if len(sources) > 1 and args.out is None:
+        raise ValueError(f"{len(sources)} checkpoints are one vote: say where its file goes with --out FILE.onnx")
+    return [(p, 1 / len(sources)) for p in sources], sources[0].with_suffix(".onnx"), " + ".join(map(str, sources))
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.out is not None and not onnxfile.is_onnx(args.out):
+        raise ValueError(f"--out {args.out}: name it *.onnx (inference tells an exported file by its suffix)")
+    members, default_out, exported_from = plan(args)
+    out = Path(args.out or default_out)
+    onnxfile.export(members, out, tta=args.tta, exported_from=exported_from)
+    return out
+
+
+def cli(argv=None):
+    torch.set_num_threads(os.cpu_count() or 1)
+    return run_main("export.py", main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
