@@ -35,7 +35,7 @@ import yaml
 from bench.searches import ROOT, data_flags, finalist_eval_f1, run_experiment, soft_f1, train_run
 from core import demo
 from core.cli import Parser, run_main
-from core.runs import HISTORY, SUBMISSION, SUBMISSION_SOFT, read_summary
+from core.runs import FINALIZE_REPORT, HISTORY, SUBMISSION, SUBMISSION_SOFT, read_summary
 from core.scoring import evaluate
 from search import nni_io
 from search.trials import best_trial
@@ -162,7 +162,7 @@ def workflow(cli, work, gpu):
     for select in SELECTS:
         minutes[f"finalize_{select}"] = finalize(exp.id, config_path, out, cli, select)
         rows[f"finalize_{select}"] = [evaluate(out / SUBMISSION, truth, "mask")["scores"]["f1"]]
-    report = json.loads((out / "finalize.json").read_text())
+    report = json.loads((out / FINALIZE_REPORT).read_text())
     rows["defaults_kfold"] = [finalist_eval_f1(out, "defaults", cli.k, truth)]
     times = [trial_time(Path(t.log_path)) for t in done]
     return dict(device=gpu or "cpu", tiny=cli.tiny, set=dict(people=cli.people, eval_people=cli.eval_people, size=cli.size,
