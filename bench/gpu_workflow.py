@@ -18,7 +18,6 @@ start-up figures). Results: --work/results.json, and on a GPU bench/results/gpu_
 --tiny figures are a check that the pipeline runs, never GPU figures. Not a test.
 """
 import argparse
-import csv
 import json
 import os
 import shlex
@@ -32,10 +31,10 @@ from pathlib import Path
 
 import yaml
 
-from bench.searches import ROOT, data_flags, finalist_eval_f1, run_experiment, soft_f1, train_run
+from bench.searches import ROOT, data_flags, finalist_eval_f1, run_experiment, soft_f1, train_run, trial_time
 from core import demo
 from core.cli import Parser, run_main
-from core.runs import FINALIZE_REPORT, HISTORY, SUBMISSION, SUBMISSION_SOFT, read_summary
+from core.runs import FINALIZE_REPORT, SUBMISSION, SUBMISSION_SOFT
 from core.scoring import evaluate
 from search import nni_io
 from search.trials import best_trial
@@ -116,16 +115,6 @@ def defaults_runs(command, cli, work, data, parallel):
                              range(1, cli.seeds + 1)))
     truth = data / "eval" / "truth.csv"
     return [evaluate(r / SUBMISSION, truth, "mask")["scores"]["f1"] for r in runs], (time.time() - t0) / 60
-
-
-def trial_time(folder):
-    """Where one run's wall time went: start-up figures, first and later epochs, and its trial efficiency."""
-    summary = read_summary(folder)
-    with open(folder / HISTORY) as f:
-        seconds = [float(row["seconds"]) for row in csv.DictReader(f)]
-    steady = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
-    return dict(summary["startup"], wall_s=summary["wall_s"], first_epoch_s=seconds[0], later_epoch_s=steady,
-                efficiency=len(seconds) * steady / summary["wall_s"])
 
 
 def finalize(exp_id, config_path, out, cli, select):

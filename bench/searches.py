@@ -4,6 +4,7 @@ and a standalone train.py run to compare against."""
 import csv
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -149,3 +150,13 @@ def finalist_eval_f1(run_dir, name, k, truth):
     """Macro F1 of one finalist's K fold models, soft-voted on the eval split."""
     folds = [pd.read_csv(run_dir / name / f"fold{i}" / SUBMISSION_SOFT).set_index("ImageID") for i in range(k)]
     return table_f1(sum(folds) / k, truth)
+
+
+def trial_time(folder):
+    """Where one run's wall time went: start-up figures, first and later epochs, and its trial efficiency."""
+    summary = read_summary(folder)
+    with open(folder / HISTORY) as f:
+        seconds = [float(row["seconds"]) for row in csv.DictReader(f)]
+    steady = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
+    return dict(summary["startup"], wall_s=summary["wall_s"], first_epoch_s=seconds[0], later_epoch_s=steady,
+                efficiency=len(seconds) * steady / summary["wall_s"])
