@@ -160,15 +160,15 @@ def build_optimisation(args, data, model, device):
         optimizer=optimizer, amp_dtype=amp_dtype, scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
         scheduler=create_scheduler(args.scheduler, optimizer, args.epochs, args.lr_decay_step, args.milestones, args.lr_gamma,
                                    args.warmup_epochs),
-        ema=moving_average(model, args.ema))
+        ema=moving_average(model, args.ema, args.ema_warmup))
 
 
-def moving_average(model, decay):
+def moving_average(model, decay, warmup):
     """timm's ModelEmaV3 of the model (a copy, updated after every step), or None when decay is 0."""
     if not decay:
         return None
     from timm.utils import ModelEmaV3  # timm takes a second or two to import: only when asked
-    return ModelEmaV3(model, decay=decay)
+    return ModelEmaV3(model, decay=decay, use_warmup=warmup)
 
 
 def open_run_dir(args, data, model, opt, device):
@@ -288,7 +288,7 @@ def run_epoch(args, data, model, opt, epoch, device, first):
                                   criterion=opt.criterion, optimizer=opt.optimizer, scaler=opt.scaler,
                                   classification=args.classification, amp_dtype=opt.amp_dtype, channels_last=args.channels_last,
                                   clip_grad=args.clip_grad, progress=make_progress(f"epoch {epoch}/{args.epochs}"), log_first_step=first,
-                                  ema=opt.ema)
+                                  ema=opt.ema, steps_before=(epoch - 1) * len(data.train_loader))
     val = evaluate(scored(model, opt), data.val_loader, device=device, normalize=data.normalize, criterion=opt.criterion,
                    classification=args.classification, amp_dtype=opt.amp_dtype)
     if not math.isfinite(val["loss"]) or not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):

@@ -23,25 +23,30 @@ def one_epoch(clip_grad):
     return stats, moved
 
 
-def test_ema_is_what_timms_model_ema_gives_for_the_same_steps():
-    """--ema: train_one_epoch updates timm's ModelEmaV3 once after every optimiser step, as timm's own train loop does."""
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_is_what_timms_model_ema_gives_for_the_same_steps(warmup):
+    """--ema (and --ema_warmup): train_one_epoch updates timm's ModelEmaV3 once after every optimiser step with the
+    run's step count, as timm's own train loop does, across epochs."""
     from timm.utils import ModelEmaV3
     torch.manual_seed(0)
     x, y = torch.randn(40, 3, 2, 2), torch.randint(0, 18, (40,))
     loader = DataLoader(TensorDataset(x, y), batch_size=8)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 18), torch.nn.BatchNorm1d(18))
     by_hand, criterion = copy.deepcopy(model), create_criterion("cross_entropy")
-    ema, hand_ema = ModelEmaV3(model, decay=0.9), ModelEmaV3(by_hand, decay=0.9)
+    ema, hand_ema = (ModelEmaV3(m, decay=0.9, use_warmup=warmup) for m in (model, by_hand))
     optimizer, hand_opt = torch.optim.SGD(model.parameters(), lr=0.5), torch.optim.SGD(by_hand.parameters(), lr=0.5)
-    for _ in range(2):
+    step = 0
+    for epoch in range(2):
         train_one_epoch(model, loader, device=torch.device("cpu"), augment=None, normalize=torch.nn.Identity(), criterion=criterion,
-                        optimizer=optimizer, scaler=torch.amp.GradScaler("cpu", enabled=False), classification="single", ema=ema)
+                        optimizer=optimizer, scaler=torch.amp.GradScaler("cpu", enabled=False), classification="single", ema=ema,
+                        steps_before=epoch * len(loader))
         by_hand.train()
         for bx, by in loader:
             hand_opt.zero_grad()
             criterion(by_hand(bx), by).backward()
             hand_opt.step()
-            hand_ema.update(by_hand)
+            step += 1
+            hand_ema.update(by_hand, step=step)
     got, want, trained = ema.module.state_dict(), hand_ema.module.state_dict(), model.state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want)  # buffers (BatchNorm's running statistics) included
     assert not torch.equal(got["1.weight"], trained["1.weight"])  # an average, not the trained weights

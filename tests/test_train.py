@@ -434,10 +434,11 @@ def test_resume_with_more_epochs_replans_schedule_and_logs_each_epochs_lr(run_tr
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ema", ["0", "0.9"])
+@pytest.mark.parametrize("ema", [["--ema", "0"], ["--ema", "0.9"], ["--ema", "0.99", "--ema_warmup"]])
 def test_resume_continues_the_random_streams_exactly(run_train, tmp_path, ema):
-    """And with --ema, the weights' moving average: last.pth holds it beside the trained weights."""
-    flags = ["--scheduler", "none", "--early_stopping", "5", "--ema", ema]
+    """And with --ema, the weights' moving average: last.pth holds it beside the trained weights, and the step count
+    that --ema_warmup's decay follows goes on from where it stopped."""
+    flags = ["--scheduler", "none", "--early_stopping", "5", *ema]
     run_train("--epochs", "3", "--name", "whole", *flags)
     run_train("--epochs", "1", "--name", "split", *flags)
     split = tmp_path / "runs" / "split"

@@ -37,9 +37,10 @@ def since_start():
 
 
 def train_one_epoch(model, loader, *, device, augment, normalize, criterion, optimizer, scaler, classification,
-                    amp_dtype=None, channels_last=False, clip_grad=0.0, progress=None, log_first_step=False, ema=None):
+                    amp_dtype=None, channels_last=False, clip_grad=0.0, progress=None, log_first_step=False, ema=None, steps_before=0):
     """One pass over the loader; batches are augmented and normalised on the device; ema (timm's ModelEmaV3), when
-    given, is updated after every optimiser step.
+    given, is updated after every optimiser step with the run's step count (steps_before this epoch, plus this one's),
+    as timm's train loop does: its warmup and its first update (a copy) go by that count.
     -> dict(loss, accuracy, images_per_s), and first_step_s (seconds from process start) with log_first_step.
     The loss and accuracy sums stay on the device and are read once, at the end: a read per step would make the
     host wait for the GPU at every step instead of queueing the next one. A diverged loss (NaN or inf) is found
@@ -48,7 +49,7 @@ def train_one_epoch(model, loader, *, device, augment, normalize, criterion, opt
     total_loss = torch.zeros((), dtype=torch.float64, device=device)  # float64: the same sum as adding loss.item()s
     correct, seen, start, stats = torch.zeros((), dtype=torch.int64, device=device), 0, time.time(), {}
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    for x, y in (progress(loader) if progress else loader):
+    for step, (x, y) in enumerate(progress(loader) if progress else loader, start=steps_before + 1):
         x = x.to(device, non_blocking=True).float()
         if augment is not None:
             x = augment(x)
@@ -65,7 +66,7 @@ def train_one_epoch(model, loader, *, device, augment, normalize, criterion, opt
         scaler.step(optimizer)
         scaler.update()
         if ema is not None:
-            ema.update(model)
+            ema.update(model, step=step)
         total_loss += loss.detach().double() * len(y)
         correct += (class_log_probs(logits.detach(), classification).argmax(1) == y).sum()
         if not seen and log_first_step:  # the one wait of the epoch on purpose: when the first step is really done
