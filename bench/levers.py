@@ -4,10 +4,11 @@ installed ImageNet weights) with each lever off and on, on the demo and two sets
     python -m bench.levers                                   # 5 seeds, 3 sets, 4 levers (about an hour on 2 cores)
     python -m bench.levers --seeds 1 2 --sets small --work /tmp/levers
     python -m bench.levers --epochs 10 --sets demo mid --levers none ema_warmup average_epochs   # a longer fine-tune
+    python -m bench.levers --config config_gpu.yml --sets mid small     # on a GPU: lite0 at 224x224, 15 epochs
 
-Levers: none (the command as is), --ema 0.99, --ema 0.999 --ema_warmup, --average_epochs 3, --layer_decay 0.85. Eval macro F1 of each run's
-own eval prediction; the table gives mean ± sd over seeds and minutes per run. Each run's figures land in
---work/results/ as JSON, so a rerun skips what is done. Not a test.
+Levers: none (the command as is), --ema 0.99, --ema 0.999 --ema_warmup, --average_epochs 3, --layer_decay 0.85.
+Eval macro F1 of each run's own eval prediction; the table gives mean ± sd over seeds and minutes per run. Each
+run's figures land in --work/results/ as JSON, so a rerun skips what is done. Not a test.
 """
 import argparse
 import json
@@ -35,6 +36,7 @@ def build_parser():
     p = Parser(prog="levers.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sets", nargs="+", default=["demo", "small", "mid"], choices=["demo", "small", "mid"], help="data sets")
     p.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS), help="levers")
+    p.add_argument("--config", type=Path, default=ROOT / "config_finetune.yml", help="whose trialCommand is the fine-tune")
     p.add_argument("--epochs", type=int, default=None, help="train this many epochs instead of the command's")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5], help="seeds")
     p.add_argument("--work", type=Path, default=None, help="where everything goes (default: a temp dir)")
@@ -52,19 +54,21 @@ def data_for(name, work):
     return root
 
 
-def one(name, lever, seed, epochs, work):
+def one(config, name, lever, seed, epochs, work):
     data = data_for(name, work)
-    command = shlex.split(nni_io.load_config(ROOT / "config_finetune.yml")["trialCommand"])
-    words = [sys.executable, str(ROOT / "train.py"), *command[2:], *LEVERS[lever], *(["--epochs", str(epochs)] if epochs else []), "--seed", str(seed), *data_flags(data),
-             "--cache_dir", str(work / "cache")]
+    command = shlex.split(nni_io.load_config(config)["trialCommand"])
+    words = [sys.executable, str(ROOT / "train.py"), *command[2:], *LEVERS[lever], *(["--epochs", str(epochs)] if epochs else []),
+             "--seed", str(seed), *data_flags(data), "--cache_dir", str(work / "cache")]
     start = time.time()
-    run_dir, rows = train_run(words, work / "runs" / key(name, lever, seed, epochs))
-    return dict(set=name, lever=lever, seed=seed, epochs=epochs, minutes=(time.time() - start) / 60, val_f1=[f1 for _, f1 in rows],
+    run_dir, rows = train_run(words, work / "runs" / key(config, name, lever, seed, epochs))
+    return dict(set=name, lever=lever, seed=seed, config=config.name, epochs=epochs, minutes=(time.time() - start) / 60, val_f1=[f1 for _, f1 in rows],
                 eval_f1=evaluate(run_dir / SUBMISSION, data / "eval" / "truth.csv", "mask")["scores"]["f1"])
 
 
-def key(name, lever, seed, epochs):
-    return f"{name}_{lever}_{seed}" + (f"_{epochs}ep" if epochs else "")
+def key(config, name, lever, seed, epochs):
+    """A run's name in --work: config_finetune's 3-epoch runs as the first study named them."""
+    prefix = "" if config.name == "config_finetune.yml" else f"{config.stem}_"
+    return f"{prefix}{name}_{lever}_{seed}" + (f"_{epochs}ep" if epochs else "")
 
 
 def table(results, sets, levers):
@@ -87,13 +91,14 @@ def main(argv=None):
     for seed in cli.seeds:  # seeds outermost: a stopped study still has every lever at its first seeds
         for name in cli.sets:
             for lever in cli.levers:
-                done = work / "results" / f"{key(name, lever, seed, cli.epochs)}.json"
+                done = work / "results" / f"{key(cli.config, name, lever, seed, cli.epochs)}.json"
                 if not done.is_file():
-                    done.write_text(json.dumps(one(name, lever, seed, cli.epochs, work), indent=2))
+                    done.write_text(json.dumps(one(cli.config, name, lever, seed, cli.epochs, work), indent=2))
                 r = json.loads(done.read_text())
                 print(f"{name} {lever} seed {seed}: eval F1 {r['eval_f1']:.4f} ({r['minutes']:.1f} min)", flush=True)
     results = [json.loads(p.read_text()) for p in sorted((work / "results").glob("*.json"))]
-    table([r for r in results if r.get("epochs") == cli.epochs], cli.sets, cli.levers)
+    table([r for r in results if r.get("epochs") == cli.epochs and r.get("config", "config_finetune.yml") == cli.config.name],
+          cli.sets, cli.levers)
 
 
 def cli(argv=None):
