@@ -1,7 +1,7 @@
 """Does a lever steady a fine-tune? The seed spread of one fine-tune (config_finetune.yml's command: lite0 from the
 installed ImageNet weights) with each lever off and on, on the demo and two sets drawn unlike it.
 
-    python -m bench.levers                                   # 5 seeds, 3 sets, 4 levers (about an hour on 2 cores)
+    python -m bench.levers                                   # 5 seeds, 3 sets, 5 levers (over an hour on 2 cores)
     python -m bench.levers --seeds 1 2 --sets small --work /tmp/levers
     python -m bench.levers --epochs 10 --sets demo mid --levers none ema_warmup average_epochs   # a longer fine-tune
     python -m bench.levers --config config_gpu.yml --sets mid small     # on a GPU: lite0 at 224x224, 15 epochs
@@ -13,7 +13,6 @@ run's figures land in --work/results/ as JSON, so a rerun skips what is done. No
 import argparse
 import json
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -32,12 +31,18 @@ LEVERS = {"none": [], "ema": ["--ema", "0.99"], "ema_warmup": ["--ema", "0.999",
 MID = (250, 80, (160, 120), 33)  # people, eval people, image size, seed: a third set, between small and the demo
 
 
+def positive(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of epochs above 0")
+    return int(text)
+
+
 def build_parser():
     p = Parser(prog="levers.py", description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sets", nargs="+", default=["demo", "small", "mid"], choices=["demo", "small", "mid"], help="data sets")
     p.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS), help="levers")
     p.add_argument("--config", type=Path, default=ROOT / "config_finetune.yml", help="whose trialCommand is the fine-tune")
-    p.add_argument("--epochs", type=int, default=None, help="train this many epochs instead of the command's")
+    p.add_argument("--epochs", type=positive, default=None, help="train this many epochs instead of the command's")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5], help="seeds")
     p.add_argument("--work", type=Path, default=None, help="where everything goes (default: a temp dir)")
     return p
@@ -56,8 +61,8 @@ def data_for(name, work):
 
 def one(config, name, lever, seed, epochs, work):
     data = data_for(name, work)
-    command = shlex.split(nni_io.load_config(config)["trialCommand"])
-    words = [sys.executable, str(ROOT / "train.py"), *command[2:], *LEVERS[lever], *(["--epochs", str(epochs)] if epochs else []),
+    command = nni_io.train_words(nni_io.load_config(config)["trialCommand"])
+    words = [sys.executable, str(ROOT / "train.py"), *command, *LEVERS[lever], *(["--epochs", str(epochs)] if epochs else []),
              "--seed", str(seed), *data_flags(data), "--cache_dir", str(work / "cache")]
     start = time.time()
     run_dir, rows = train_run(words, work / "runs" / key(config, name, lever, seed, epochs))

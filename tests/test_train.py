@@ -436,8 +436,8 @@ def test_resume_with_more_epochs_replans_schedule_and_logs_each_epochs_lr(run_tr
 @pytest.mark.slow
 @pytest.mark.parametrize("ema", [["--ema", "0"], ["--ema", "0.9"], ["--ema", "0.99", "--ema_warmup"]])
 def test_resume_continues_the_random_streams_exactly(run_train, tmp_path, ema):
-    """And with --ema, the weights' moving average: last.pth holds it beside the trained weights, and the step count
-    that --ema_warmup's decay follows goes on from where it stopped."""
+    """And with --ema, the weights' moving average: last.pth holds it beside the trained weights, --ema_warmup
+    carried on into the resumed part."""
     flags = ["--scheduler", "none", "--early_stopping", "5", *ema]
     run_train("--epochs", "3", "--name", "whole", *flags)
     run_train("--epochs", "1", "--name", "split", *flags)
@@ -618,6 +618,22 @@ def test_ema_weights_are_what_best_pth_holds_and_says(run_train, tmp_path):
     assert all(torch.equal(best["state_dict"][k], last["ema"][k]) for k in last["ema"])
     assert any(not torch.equal(best["state_dict"][k], last["state_dict"][k]) for k in last["state_dict"])
     assert "ema" not in best
+
+
+def test_ema_warmup_follows_the_runs_step_count_across_a_resume(demo_dir, cache_dir, tmp_path, monkeypatch):
+    """--ema_warmup: the moving average is timm's with use_warmup, and each epoch passes on the optimiser steps
+    before it, counted from the run's start also when it was resumed (the warmup's decay goes by that count)."""
+    calls, one_epoch = [], train.train_one_epoch
+    def recording(model, loader, **kw):
+        calls.append((kw["steps_before"], len(loader), kw["ema"].use_warmup))
+        return one_epoch(model, loader, **kw)
+    monkeypatch.setattr(train, "train_one_epoch", recording)
+    base = [*TINY, "--data_dir", str(demo_dir / "train"), "--cache_dir", str(cache_dir), "--model_dir", str(tmp_path),
+            "--ema", "0.99", "--ema_warmup", "--scheduler", "none"]
+    train.main(flags.parse_args([*base, "--epochs", "1"]))
+    train.main(flags.parse_args(["--resume", str(tmp_path / "exp" / "last.pth"), "--epochs", "3"]))
+    steps = calls[0][1]
+    assert calls == [(0, steps, True), (steps, steps, True), (2 * steps, steps, True)] and steps > 1
 
 
 def test_best_epochs_averaged_into_best_pth_as_summary_json_says(run_train, tmp_path):

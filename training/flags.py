@@ -142,8 +142,8 @@ def add_optimisation_flags(g):
     flag(g, "--ema", roles=("resume",), limit=FRACTION, type=float, default=0.0,
          help="keep an exponential moving average of the weights with this decay per step (timm's ModelEmaV3, e.g. 0.999; "
               "0 = off): validation, best.pth and the eval prediction use the averaged weights")
-    flag(g, "--ema_warmup", roles=("resume",), action="store_true",
-         help="--ema's decay grows with the step count up to DECAY (timm's warmup: 0.9 after 30 steps, 0.99 after 1000), "
+    flag(g, "--ema_warmup", roles=("resume",), action=argparse.BooleanOptionalAction, default=False,
+         help="--ema's decay grows with the step count up to DECAY (timm's warmup: 0.9 after 32 steps, 0.99 after 1000), "
               "so a short run's average does not reach back to the untrained head")
     flag(g, "--criterion", default="cross_entropy", choices=list(LOSSES),
          help="loss (weighted_cross_entropy: class weights from the training counts)")
