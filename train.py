@@ -251,6 +251,12 @@ def scored(model, opt):
     return opt.ema.module if opt.ema is not None else model
 
 
+def validate(args, data, weights, opt, device):
+    """The validation outputs of these weights (an epoch's, or an average of epochs)."""
+    return evaluate(weights, data.val_loader, device=device, normalize=data.normalize, criterion=opt.criterion,
+                    classification=args.classification, amp_dtype=opt.amp_dtype)
+
+
 def val_scores(args, data, val):
     """Validation outputs -> the scores on the data's own labels (accuracy, f1, and per task on the mask layout)."""
     return score(data.val_truth, val["preds"], len(data.classes), per_task=data.layout == "mask")
@@ -265,8 +271,7 @@ def average_best_epochs(args, data, model, opt, run_dir, meta, top, best, best_v
         return best, best_val, [epoch for _, epoch in top.ranked()]
 
     def score_of(soup):
-        val = evaluate(soup, data.val_loader, device=device, normalize=data.normalize, criterion=opt.criterion,
-                       classification=args.classification, amp_dtype=opt.amp_dtype)
+        val = validate(args, data, soup, opt, device)
         return val_scores(args, data, val)[args.metric], val
     soup = copy.deepcopy(scored(model, opt))
     members, metric, kept = greedy_average(top, soup, score_of, lambda m: recompute_batchnorm(m, data.train_loader, data.normalize, device))
@@ -289,8 +294,7 @@ def run_epoch(args, data, model, opt, epoch, device, first):
                                   classification=args.classification, amp_dtype=opt.amp_dtype, channels_last=args.channels_last,
                                   clip_grad=args.clip_grad, progress=make_progress(f"epoch {epoch}/{args.epochs}"), log_first_step=first,
                                   ema=opt.ema, steps_before=(epoch - 1) * len(data.train_loader))
-    val = evaluate(scored(model, opt), data.val_loader, device=device, normalize=data.normalize, criterion=opt.criterion,
-                   classification=args.classification, amp_dtype=opt.amp_dtype)
+    val = validate(args, data, scored(model, opt), opt, device)
     if not math.isfinite(val["loss"]) or not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
         raise FloatingPointError(f"epoch {epoch}: validation loss is {val['loss']:.4g} and the weights are not all finite: "
                                  f"training diverged (try a lower --lr); nothing of this epoch was saved")
