@@ -102,6 +102,7 @@ class TrainingData:
     val_truth: np.ndarray        # their labels in the data's own scheme: what validation is scored on
     eval_ids: list = None        # with an eval dir: its image ids and paths
     eval_paths: list = None
+    infer_batch: int = None      # every validation and eval batch is this long, a short one padded: one shape on a GPU
 
 
 def load_training_data(*, dataset, data_dir, eval_dir, age_bounds, val_ratio, seed, kfold, fold, resize, augmentation,
@@ -140,7 +141,7 @@ def load_training_data(*, dataset, data_dir, eval_dir, age_bounds, val_ratio, se
                         normalize=Normalize(mean, std).to(device), augment=create_transform(augmentation),
                         train_loader=train_loader, val_set=val_set, val_loader=val_loader, eval_ids=eval_ids, eval_paths=eval_paths,
                         val_ids=[Path(data["paths"][i]).relative_to(data_dir).as_posix() for i in val_idx],
-                        val_truth=data["truth"][val_idx])
+                        val_truth=data["truth"][val_idx], infer_batch=min(valid_batch_size, max(len(val_idx), len(eval_paths or ()))))
 
 
 if __name__ == "__main__":  # the documented way to write the demo data by hand

@@ -42,7 +42,7 @@ from model import WeightsError, create_model, input_config, num_outputs
 from optim import create_optimizer, create_scheduler, param_groups
 from training import checkpoint, flags
 from training.average import TopEpochs, greedy_average, recompute_batchnorm
-from training.engine import evaluate, resolve_device, seed_everything, since_start, train_one_epoch
+from training.engine import cpu_threads, evaluate, resolve_device, seed_everything, since_start, train_one_epoch
 from training.predict import predict_images
 
 # ----------------------------------------------------------------------------- the NNI contract
@@ -81,6 +81,7 @@ def main(args):
         print(json.dumps(flags.run_config(args)))
         return None, None
     startup = dict(imports_s=since_start())  # where a trial's time goes before it trains (docs/gpu.md)
+    torch.set_num_threads(cpu_threads(args.threads))
     if not (args.resume or UNDER_NNI):  # those write into the run's own directory, not a new one under --model_dir
         check_writable("--model_dir", args.model_dir)
     device = resolve_device(args.device)
@@ -113,7 +114,7 @@ def main(args):
         e.add_note(checkpoint.resume_hint(run_dir))
         raise
     if data.eval_ids is not None:
-        predict_eval(args, data, model, run_dir, device)
+        predict_eval(args, data, model, opt, run_dir, device)
     write_summary(run_dir, dict(result, format=1, run_dir=str(run_dir.resolve()), model=args.model, classes=len(data.classes),
                                 train_images=len(data.train_loader.dataset), val_images=len(data.val_set),
                                 eval_images=len(data.eval_ids or ()), under_nni=UNDER_NNI, split_seed=split, feed=data.feed,
@@ -254,7 +255,8 @@ def scored(model, opt):
 def validate(args, data, weights, opt, device):
     """The validation outputs of these weights (an epoch's, or an average of epochs)."""
     return evaluate(weights, data.val_loader, device=device, normalize=data.normalize, criterion=opt.criterion,
-                    classification=args.classification, amp_dtype=opt.amp_dtype)
+                    classification=args.classification, amp_dtype=opt.amp_dtype, channels_last=args.channels_last,
+                    pad_to=data.infer_batch)
 
 
 def val_scores(args, data, val):
@@ -274,7 +276,8 @@ def average_best_epochs(args, data, model, opt, run_dir, meta, top, best, best_v
         val = validate(args, data, soup, opt, device)
         return val_scores(args, data, val)[args.metric], val
     soup = copy.deepcopy(scored(model, opt))
-    members, metric, kept = greedy_average(top, soup, score_of, lambda m: recompute_batchnorm(m, data.train_loader, data.normalize, device))
+    members, metric, kept = greedy_average(top, soup, score_of, lambda m: recompute_batchnorm(m, data.train_loader, data.normalize, device,
+                                                                                           opt.amp_dtype, args.channels_last))
     if kept:
         soup.load_state_dict(kept[1])
         with STOP.deferred():
@@ -324,12 +327,14 @@ def warn_if_still_rising(args, values):
 
 
 # ----------------------------------------------------------------------------- predict
-def predict_eval(args, data, model, run_dir, device):
-    """best.pth on the eval dir -> submission.csv and submission_soft.csv in the run directory."""
+def predict_eval(args, data, model, opt, run_dir, device):
+    """best.pth on the eval dir -> submission.csv and submission_soft.csv in the run directory, predicted as validation
+    scored it (autocast, memory format, batch length)."""
     best = checkpoint.read(run_dir / BEST, device)
     model.load_state_dict(best["state_dict"])
-    probs = predict_images(model, best, data.eval_paths, device=device, batch_size=args.valid_batch_size, num_workers=args.num_workers,
-                           cache_dir=args.cache_dir, use_cache=not args.no_cache, label="predicting")
+    probs = predict_images(model, best, data.eval_paths, device=device, batch_size=data.infer_batch, num_workers=args.num_workers,
+                           cache_dir=args.cache_dir, use_cache=not args.no_cache, label="predicting", amp_dtype=opt.amp_dtype,
+                           channels_last=args.channels_last, pad_to=data.infer_batch)
     write_submission(run_dir, data.eval_ids, probs, data.classes)
     print(f"wrote {run_dir / SUBMISSION} and submission_soft.csv ({len(data.eval_ids)} images)", flush=True)
 
@@ -355,7 +360,6 @@ def log_figures(writer, preds, truth, val_set, classes, epoch, n=16):
 # ----------------------------------------------------------------------------- entry point
 def cli(argv=None):
     STOP.install()
-    torch.set_num_threads(os.cpu_count() or 1)
     try:
         return run_main("train.py", lambda a: main(flags.parse_args(a, nni_parameters() if UNDER_NNI else None)), argv,
                         errors=(DataError, WeightsError, FloatingPointError, torch.OutOfMemoryError))

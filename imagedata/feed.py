@@ -1,6 +1,5 @@
 """How batches reach the model: ImageDataset, the feed choice (choose_feed: DeviceBatches on the device,
 or the DataLoader, Prefetched on a GPU) and the training and validation loaders for it."""
-import os
 import random
 import warnings
 
@@ -33,12 +32,13 @@ class ImageDataset(Dataset):
 DEVICE_SHARE = 0.5  # of the device's free memory the decoded images may take; the rest is the model's
 
 
-def loader_workers(requested, cached, device):
-    """-1 = choose: from the cache a batch is a ~1 ms gather that workers would only slow down with
-    inter-process copies on a CPU; decoding (no cache) and feeding a GPU want workers."""
+def loader_workers(requested, cached):
+    """-1 = choose: from the cache a batch is a ~1 ms gather that workers would only slow down with inter-process
+    copies, on a GPU too (each worker is a fork, and several trials share the box); decoding (no cache) wants
+    workers, as many as this process's share of the cores (torch's threads, set from that share by train.py)."""
     if requested >= 0:
         return requested
-    return 0 if cached and device.type == "cpu" else min(8, os.cpu_count() or 1)
+    return 0 if cached else min(8, torch.get_num_threads())
 
 
 def choose_feed(requested, image_bytes, device, free_bytes=None):
@@ -135,7 +135,7 @@ class Prefetched:
 def make_loaders(train_set, val_set, *, images, labels, sampler, generators, batch_size, valid_batch_size, num_workers, feed,
                  device):
     """The training and validation loaders for the chosen feed -> (train, val, loader workers used)."""
-    workers = 0 if feed == "device" else loader_workers(num_workers, images is not None, device)
+    workers = 0 if feed == "device" else loader_workers(num_workers, images is not None)
     loader_kw = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                      worker_init_fn=worker_init)
     train = DataLoader(train_set, batch_size, shuffle=sampler is None, sampler=sampler,

@@ -1,11 +1,15 @@
 """training/engine.py: one training epoch on real tensors, with gradient clipping, the weights' moving average and
-the first-step time."""
+the first-step time; validation and prediction with short batches padded; the CPU threads a trial takes."""
 import copy
+import os
+import subprocess
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from training import engine
 from training.engine import train_one_epoch
 from loss import create_criterion
 
@@ -96,3 +100,53 @@ def test_a_diverged_epoch_fails_at_its_end():
                         normalize=torch.nn.Identity(), criterion=create_criterion("cross_entropy"),
                         optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scaler=torch.amp.GradScaler("cpu", enabled=False),
                         classification="single")
+
+
+def bn_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.LazyLinear(18))
+    model(torch.rand(2, 3, 6, 6))
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    return model
+
+
+@pytest.mark.parametrize("pad_to", [None, 16, 40])
+def test_padding_the_short_batch_changes_no_score(pad_to):
+    """7 + 7 + 6 images in batches of 7: the short batch padded (to the first batch's size, or a given one) gives the
+    same loss, probabilities and predictions as unpadded, row for row."""
+    x, y = torch.rand(20, 3, 6, 6), torch.randint(0, 18, (20,))
+    model, loader = bn_model(), DataLoader(TensorDataset(x, y), batch_size=7)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    common = dict(device=torch.device("cpu"), normalize=torch.nn.Identity(), classification="single")
+    plain = engine.evaluate(model, loader, criterion=create_criterion("cross_entropy"), pad_to=1, **common)
+    padded = engine.evaluate(model, loader, criterion=create_criterion("cross_entropy"), pad_to=pad_to, **common)
+    assert seen == [7, 7, 6, *[pad_to or 7] * 3]
+    np.testing.assert_allclose(padded["probs"], plain["probs"], atol=1e-6)
+    assert padded["loss"] == pytest.approx(plain["loss"]) and (padded["preds"] == plain["preds"]).all()
+    images = DataLoader(x, batch_size=7)
+    np.testing.assert_allclose(engine.predict(model, images, tta=True, pad_to=pad_to, **common),
+                               engine.predict(model, images, tta=True, pad_to=1, **common), atol=1e-6)
+
+
+def test_threads_are_the_usable_cores_shared_among_the_experiments_trials_here(monkeypatch):
+    """Two other trials of this experiment (real processes whose environment names it) and one of another: this
+    trial takes a third of the cores it may use; standalone all of them; a number given wins."""
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("NNI_EXP_ID", raising=False)
+    assert engine.cpu_threads() == cores and engine.cpu_threads(3) == 3
+    others = [subprocess.Popen(["sleep", "30"], env=dict(os.environ, NNI_EXP_ID=exp, NNI_TRIAL_JOB_ID=job))
+              for exp, job in [("expA", "t1"), ("expA", "t2"), ("expB", "t3")]]
+    try:
+        monkeypatch.setenv("NNI_EXP_ID", "expA")
+        monkeypatch.setenv("NNI_TRIAL_JOB_ID", "t0")
+        assert engine.trials_here() == 3  # t0 (this one), t1, t2: not expB's
+        assert engine.cpu_threads() == max(cores // 3, 1)
+    finally:
+        for p in others:
+            p.kill()
+            p.wait()

@@ -651,3 +651,54 @@ def test_best_epochs_averaged_into_best_pth_as_summary_json_says(run_train, tmp_
     val_soft = read_csv(run / "val_soft.csv")
     probs = np.array([[float(v) for v in list(r.values())[2:]] for r in val_soft])
     assert summary["best"]["val_accuracy"] == pytest.approx(float((probs.argmax(1) == [int(r["label"]) for r in val_soft]).mean()))
+
+
+# ----------------------------------------------------------------------------- tensor shapes a GPU meets
+def shapes_reaching_the_model(monkeypatch, *args):
+    """Every distinct (shape, dtype, memory format, autocast) of the batches that reach the model (and --ema's copy) in
+    one in-process train.py run: on a GPU each new one costs seconds of kernel selection."""
+    seen = set()
+
+    def record(module, inputs):
+        x = inputs[0]
+        seen.add((tuple(x.shape), x.dtype, x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(),
+                  torch.is_autocast_enabled(x.device.type)))
+
+    def hooked(*a, **k):
+        model = create_model(*a, **k)
+        model.register_forward_pre_hook(record)
+        return model
+    monkeypatch.setattr(train, "create_model", hooked)
+    train.main(flags.parse_args([str(a) for a in args]))
+    return seen
+
+
+@pytest.mark.parametrize("extra, most", [([], 2), (["--channels_last"], 2), (["--average_epochs", "2", "--ema", "0.9"], 3)])
+def test_training_validation_and_eval_meet_at_most_two_shapes(extra, most, demo_dir, cache_dir, tmp_path, monkeypatch):
+    """Training batches are one shape (the last dropped); validation and the eval prediction share one (short batches
+    padded to it), in the training's memory format; --average_epochs' BatchNorm pass may add one."""
+    seen = shapes_reaching_the_model(monkeypatch, *TINY, "--epochs", "2", "--data_dir", demo_dir / "train", "--eval_dir",
+                                     demo_dir / "eval", "--cache_dir", cache_dir, "--model_dir", tmp_path, *extra)
+    assert len(seen) <= most, seen
+    assert {channels_last for _, _, channels_last, _ in seen} == {"--channels_last" in extra}
+    assert len({shape for shape, *_ in seen}) == 2  # training's batch, and one for every validation and eval batch
+
+
+def test_prediction_under_autocast_agrees_with_fp32(demo_dir, cache_dir, tmp_path):
+    """The eval prediction runs under the training's autocast (bf16 here, on the CPU) and memory format: on a trained
+    model its answers are fp32's on at least 99% of images, and any that differ were near ties in fp32."""
+    from training import checkpoint
+    from training.predict import predict_images
+    train.main(flags.parse_args([*TINY, "--epochs", "3", "--data_dir", str(demo_dir / "train"), "--cache_dir", str(cache_dir),
+                                 "--model_dir", str(tmp_path), "--name", "r", "--channels_last"]))
+    paths = sorted(str(p) for p in (demo_dir / "train").rglob("*.jpg"))
+    model, meta = checkpoint.load_model(tmp_path / "r" / "best.pth", torch.device("cpu"))
+    common = dict(device=torch.device("cpu"), cache_dir=cache_dir, batch_size=50)
+    exact = predict_images(model, meta, paths, **common)
+    model = model.to(memory_format=torch.channels_last)
+    fast = predict_images(model, meta, paths, amp_dtype=torch.bfloat16, channels_last=True, **common)
+    agree = exact.argmax(1) == fast.argmax(1)
+    assert len(paths) >= 100 and agree.mean() >= 0.99, agree.mean()
+    top2 = np.sort(exact, axis=1)[:, -2:]
+    assert ((top2[:, 1] - top2[:, 0])[~agree] < 0.05).all()
+    assert np.abs(exact - fast).max() < 0.05

@@ -6,6 +6,7 @@ import shutil
 import torch
 
 from core.files import load_untrusted, replace_atomically
+from training.engine import model_input
 
 
 def averaged(states):
@@ -15,9 +16,10 @@ def averaged(states):
 
 
 @torch.no_grad()
-def recompute_batchnorm(model, batches, normalize, device):
+def recompute_batchnorm(model, batches, normalize, device, amp_dtype=None, channels_last=False):
     """Averaged weights need the statistics of their own activations: a cumulative mean over the batches (training
-    images, unaugmented), the model left in eval mode."""
+    images, unaugmented; under the training's autocast and memory format, so a GPU meets no new kernel shape), the
+    model left in eval mode."""
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
@@ -27,7 +29,8 @@ def recompute_batchnorm(model, batches, normalize, device):
     model.train()
     for batch in batches:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        model(normalize(x.to(device).float()))
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            model(model_input(x, device, normalize, channels_last))
     model.eval()
 
 

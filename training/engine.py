@@ -18,6 +18,34 @@ def resolve_device(name):
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
+def usable_cores():
+    """The cores this process may run on (a container's or taskset's limit), not the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def trials_here():
+    """How many of this process's NNI experiment's trials run on this machine now, this one included: the processes whose
+    environment names the experiment, by trial id. NNI tells a trial nothing of the trials beside it (four share
+    a GPU box under config_gpu.yml), and each taking every core slows them all."""
+    exp_id, jobs = os.environ["NNI_EXP_ID"].encode(), {os.environ.get("NNI_TRIAL_JOB_ID", "").encode()}  # this one too
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            pairs = dict(item.split(b"=", 1) for item in env.read_bytes().split(b"\0") if b"=" in item)
+        except OSError:  # another user's process, or one that has just ended
+            continue
+        if pairs.get(b"NNI_EXP_ID") == exp_id and b"NNI_TRIAL_JOB_ID" in pairs:  # not its manager or tuner
+            jobs.add(pairs[b"NNI_TRIAL_JOB_ID"])
+    return max(len(jobs), 1)
+
+
+def cpu_threads(requested=0):
+    """Torch's intra-op threads: requested, or (0) the usable cores shared among the trials of this process's NNI
+    experiment that run beside it on this machine (all of them standalone)."""
+    if requested:
+        return requested
+    return max(usable_cores() // (trials_here() if "NNI_EXP_ID" in os.environ else 1), 1)
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -79,15 +107,35 @@ def train_one_epoch(model, loader, *, device, augment, normalize, criterion, opt
             **stats}
 
 
+def model_input(x, device, normalize, channels_last=False):
+    """A uint8 or float batch -> normalised floats on the device, in the memory format the model's weights are in
+    (a channels-last model fed a contiguous batch pays a layout copy and another kernel choice)."""
+    x = normalize(x.to(device, non_blocking=True).float())
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def padded_batches(loader, pad_to=None):
+    """The loader's batches, a short one padded with zeros to pad_to (default: the first batch's size) -> (batch, real
+    rows). On a GPU every new batch shape costs seconds of kernel selection; the padding rows are never scored, and in
+    eval mode no row changes another's outputs."""
+    for batch in loader:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        n, pad_to = len(x), pad_to or len(x)
+        if n < pad_to:
+            x = torch.cat([x, x.new_zeros((pad_to - n, *x.shape[1:]))])
+        yield (x, *batch[1:]) if isinstance(batch, (tuple, list)) else x, n
+
+
 @torch.no_grad()
-def evaluate(model, loader, *, device, normalize, criterion, classification, amp_dtype=None):
-    """Validation loss, predictions and class probabilities over a labelled loader (read from the device once)."""
+def evaluate(model, loader, *, device, normalize, criterion, classification, amp_dtype=None, channels_last=False, pad_to=None):
+    """Validation loss, predictions and class probabilities over a labelled loader (read from the device once), under
+    the training's autocast and memory format, short batches padded to pad_to (padded_batches)."""
     model.eval()
     total_loss, labels, probs = torch.zeros((), dtype=torch.float64, device=device), [], []
-    for x, y in loader:
+    for (x, y), n in padded_batches(loader, pad_to):
         y = y.to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(normalize(x.to(device))).float()
+            logits = model(model_input(x, device, normalize, channels_last))[:n].float()
         total_loss += criterion(logits, y).double() * len(y)
         probs.append(class_log_probs(logits, classification).exp())
         labels.append(y)
@@ -96,12 +144,15 @@ def evaluate(model, loader, *, device, normalize, criterion, classification, amp
 
 
 @torch.no_grad()
-def predict(model, loader, *, device, normalize, classification, tta=False, progress=None):
-    """Class probabilities for an unlabelled loader; tta averages the horizontally flipped view."""
+def predict(model, loader, *, device, normalize, classification, tta=False, progress=None, amp_dtype=None, channels_last=False,
+            pad_to=None):
+    """Class probabilities for an unlabelled loader; tta averages the horizontally flipped view; amp_dtype and
+    channels_last as the model trained (validation's own settings), short batches padded to pad_to (padded_batches)."""
     model.eval()
     out = []
-    for x in (progress(loader) if progress else loader):
-        out.append(class_probs(model, normalize(x.to(device)), classification, tta).cpu())
+    for x, n in padded_batches(progress(loader) if progress else loader, pad_to):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out.append(class_probs(model, model_input(x, device, normalize, channels_last), classification, tta)[:n].float().cpu())
     return torch.cat(out).numpy()
 
 

@@ -24,22 +24,24 @@ from training.engine import predict
 
 def image_loader(paths, size, images, *, indices=None, batch_size=256, num_workers=-1, device="cpu"):
     """Batches of decoded images (images: the decoded array, or None to decode each on the fly), in order."""
-    device = torch.device(device)
-    return DataLoader(ImageDataset(paths, size, images, indices=indices), batch_size,
-                      num_workers=loader_workers(num_workers, images is not None, device), pin_memory=device.type == "cuda")
+    workers = loader_workers(num_workers, images is not None)
+    return DataLoader(ImageDataset(paths, size, images, indices=indices), batch_size, num_workers=workers,
+                      pin_memory=workers > 0 and torch.device(device).type == "cuda")
 
 
 def predict_images(model, meta, paths, *, device, images=None, indices=None, tta=False, batch_size=256, num_workers=-1,
-                   cache_dir=DEFAULT_CACHE_DIR, use_cache=True, label=None):
+                   cache_dir=DEFAULT_CACHE_DIR, use_cache=True, label=None, amp_dtype=None, channels_last=False, pad_to=None):
     """A model's class probabilities (N, C) for the images at paths (indices: those only), decoded at its input size
     unless images (the decoded array) is given, normalised with its mean/std; tta averages the flipped view; label:
-    the progress bar's. meta: what the checkpoint says of the model (resize, mean, std, classification)."""
+    the progress bar's. meta: what the checkpoint says of the model (resize, mean, std, classification). amp_dtype,
+    channels_last, pad_to: engine.predict's."""
     device, size = torch.device(device), tuple(meta["resize"])
     if images is None:
         images = load_images(paths, size, cache_dir, use_cache, make_progress(f"decoding {size[0]}x{size[1]}"))
     loader = image_loader(paths, size, images, indices=indices, batch_size=batch_size, num_workers=num_workers, device=device)
     return predict(model, loader, device=device, normalize=Normalize(meta["mean"], meta["std"]).to(device),
-                   classification=meta["classification"], tta=tta, progress=make_progress(label) if label else None)
+                   classification=meta["classification"], tta=tta, progress=make_progress(label) if label else None,
+                   amp_dtype=amp_dtype, channels_last=channels_last, pad_to=pad_to)
 
 
 def fold_split(meta, fold_dirs):
