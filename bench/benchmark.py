@@ -24,6 +24,7 @@ Prints b/a and c/a. Not a test: numbers depend on the machine and its load.
 """
 import argparse
 import csv
+import json
 import math
 import os
 import statistics
@@ -67,14 +68,19 @@ def parse_args(argv=None):
     p.add_argument("--trial_steps", type=int, default=1000, help="a trial's steps, for the compile verdict (train.py's --steps)")
     p.add_argument("--proxy", action="store_true", help="measure only the host overhead per batch of each feed (CPU)")
     p.add_argument("--skip_memory", action="store_true", help="skip (e)")
+    p.add_argument("--skip_nocache", action="store_true", help="skip (c)")
+    p.add_argument("--cudnn_benchmark", action="store_true",
+                   help="(a) again with cuDNN autotuning (train.py's --cudnn_benchmark): its first step, and whether it pays")
+    p.add_argument("--json", type=Path, default=None, help="also write the table's figures to this file")
     return p.parse_args(argv)
 
 
-def bare_step(model_name, size, batch_size, steps, device, amp, channels_last, compile_mode=None, min_seconds=0.0):
+def bare_step(model_name, size, batch_size, steps, device, amp, channels_last, compile_mode=None, min_seconds=0.0, autotune=False):
     """(a): images/s of forward + backward + AdamW step on tensors already on the device, over `steps` steps or as
-    many more as last min_seconds -> (images/s, seconds of the first step: with compile_mode, torch.compile's cost,
-    the seconds timed)."""
+    many more as last min_seconds -> (images/s, seconds of the first step: with compile_mode, torch.compile's cost;
+    with autotune, cuDNN's search), the seconds timed)."""
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = autotune
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = create_model(model_name, 18).to(device, memory_format=memory_format).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -144,14 +150,21 @@ def host_overhead(data_dir, cache_dir, size, batch_size, feed, epochs=5, repeats
 
 
 def compile_verdicts(cli, name, size, eager):
-    """torch.compile's modes against the eager step (a) -> printed lines."""
-    for mode in cli.compile:
-        rate, first, _ = bare_step(name, size, cli.batch_size, cli.steps, cli.device, cli.amp, cli.channels_last, mode)
+    """torch.compile's modes, and cuDNN autotuning with --cudnn_benchmark, against the eager step (a) -> printed lines,
+    and {variant: (first step s, images/s, steps to break even)}."""
+    out = {}
+    variants = [(f"torch.compile mode={mode}", dict(compile_mode=mode)) for mode in cli.compile]
+    variants += [("cudnn.benchmark", dict(autotune=True))] * cli.cudnn_benchmark
+    for label, kw in variants:
+        rate, first, _ = bare_step(name, size, cli.batch_size, cli.steps, cli.device, cli.amp, cli.channels_last,
+                                   min_seconds=cli.timed_seconds / 2, **kw)
         saved = cli.batch_size / eager - cli.batch_size / rate  # seconds per step
         even = (first - cli.batch_size / eager) / saved if saved > 0 else float("inf")
         verdict = f"pays after {even:.0f} steps" if even < cli.trial_steps else f"does not pay within {cli.trial_steps} steps"
-        print(f"{name} torch.compile mode={mode}: first step {first:.1f} s, then {rate:.1f} img/s = {rate / eager:.2f} x eager: "
-              f"{verdict}", flush=True)
+        print(f"{name} {label}: first step {first:.1f} s, then {rate:.1f} img/s = {rate / eager:.2f} x eager: {verdict}", flush=True)
+        out[label] = dict(first_step_s=first, images_per_s=rate, ratio=rate / eager, break_even_steps=even if math.isfinite(even) else None)
+    torch.backends.cudnn.benchmark = False
+    return out
 
 
 def train_cmd(cli, data_dir, model_name, cache_dir, run_dir, epochs, *extra):
@@ -261,19 +274,24 @@ def main(argv=None):
         print(f"{name}: (a) timed over {a_seconds:.1f} s; (b) and (c) train {epochs} epochs, the first untimed, "
               f"at least {(epochs - 1) * train_images / a:.1f} s timed", flush=True)
         b, summary = train_throughput(train_cmd(cli, data_dir, name, cache_dir, work / f"{name}_cache", epochs), work / f"{name}_cache")
-        c, _ = train_throughput(train_cmd(cli, data_dir, name, cache_dir, work / f"{name}_nocache", epochs, "--no_cache"),
-                                work / f"{name}_nocache")
+        c = float("nan") if cli.skip_nocache else train_throughput(
+            train_cmd(cli, data_dir, name, cache_dir, work / f"{name}_nocache", epochs, "--no_cache"), work / f"{name}_nocache")[0]
         overhead = (cli.batch_size / b - cli.batch_size / a) * 1e6  # microseconds per batch
-        rows.append((name, a, b, c, overhead, summary["first_step_s"], summary["feed"]))
         print(f"{name}: (a) {a:.1f} img/s  (b) {b:.1f} img/s  (c) {c:.1f} img/s  b/a {b / a:.2f}  c/a {c / a:.2f}  "
               f"overhead {overhead:.0f} us/batch", flush=True)
-        compile_verdicts(cli, name, size, a)
+        rows.append(dict(model=name, a=a, b=b, c=None if math.isnan(c) else c, b_over_a=b / a, overhead_us=overhead,
+                         a_timed_s=a_seconds, b_epochs_timed=epochs - 1, first_step_s=summary["first_step_s"], feed=summary["feed"],
+                         trial_wall_s=summary["wall_s"], variants=compile_verdicts(cli, name, size, a)))
 
     print("\nmodel            (a) bare step   (b) train.py   (c) no cache    b/a    c/a   overhead/batch  (d) first step  feed")
-    for name, a, b, c, overhead, d, feed in rows:
-        print(f"{name:<16} {a:>9.1f} img/s {b:>9.1f} img/s {c:>9.1f} img/s  {b / a:5.2f}  {c / a:5.2f}  {overhead:>9.0f} us"
-              f"  {d:9.1f} s      {feed}")
+    for r in rows:
+        c = float("nan") if r["c"] is None else r["c"]
+        print(f"{r['model']:<16} {r['a']:>9.1f} img/s {r['b']:>9.1f} img/s {c:>9.1f} img/s  {r['b_over_a']:5.2f}  {c / r['a']:5.2f}  "
+              f"{r['overhead_us']:>9.0f} us  {r['first_step_s']:9.1f} s      {r['feed']}")
     print(f"(d) python -c 'import torch': {import_torch:.1f} s")
+    if cli.json:
+        cli.json.write_text(json.dumps(dict(device=cli.device, resize=cli.resize, batch_size=cli.batch_size, amp=cli.amp,
+                                            channels_last=cli.channels_last, import_torch_s=import_torch, rows=rows), indent=2))
 
     if not cli.skip_memory:
         one = [train_cmd(cli, data_dir, "BaseModel", cache_dir, work / "mem1", 1)]

@@ -31,6 +31,7 @@ def build_parser():
     p.add_argument("--gpu", action="store_true", help="--device cuda --amp --channels_last")
     p.add_argument("--people", type=int, default=20, help="people in the drawn set (7 images each)")
     p.add_argument("--repeats", type=int, default=3, help="warm runs per model")
+    p.add_argument("--resize", type=int, nargs=2, default=None, help="both models' input size (default: 128 96 and 224 224)")
     p.add_argument("--work", type=Path, default=None, help="where everything goes (default: a temp dir)")
     return p
 
@@ -56,7 +57,8 @@ def main(argv=None):
     runs = {name: [] for name in MODELS}
     for repeat in range(cli.repeats + 1):  # the first of each builds its cache (cold)
         for name, words in MODELS.items():
-            runs[name].append(one_run([*words, *common], work / "runs" / f"{name}_{repeat}"))
+            size = ["--resize", *map(str, cli.resize)] if cli.resize else []  # after the model's own: the last one wins
+            runs[name].append(one_run([*words, *size, *common], work / "runs" / f"{name}_{repeat}"))
     result = {name: dict(cold=r[0], warm={k: statistics.median(x[k] for x in r[1:]) for k in r[0]}) for name, r in runs.items()}
     (work / "startup.json").write_text(json.dumps(dict(gpu=cli.gpu, runs=runs, result=result), indent=2))
     keys = [*PHASES, "first_epoch_s", "later_epoch_s", "wall_s"]
