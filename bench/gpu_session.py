@@ -31,12 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.gpu_workflow import DEADLINE_EXIT
+from bench.searches import DEADLINE_EXIT, ROOT
 from core.cli import Parser, run_main
 from core.signals import STOP
 from search import nni_io
 
-ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("machine", "install", "bench", "workflow", "startup")
 NEEDED_WHEELS = ("nni-", "efficientnet_pytorch-")  # what the workflow cannot run without (bench/wheelhouse.txt)
 # The workflow's cuts, largest first: (seeds, trials, finalize --top, --k). The full one is gpu_workflow's defaults.

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.searches import ROOT, data_flags, finalist_eval_f1, run_experiment, soft_f1, train_run, trial_time
+from bench.searches import DEADLINE_EXIT, ROOT, data_flags, finalist_eval_f1, run_experiment, soft_f1, train_run, trial_time
 from core import demo
 from core.cli import Parser, run_main
 from core.runs import FINALIZE_REPORT, SUBMISSION, SUBMISSION_SOFT
@@ -71,7 +71,6 @@ def build_parser():
     return p
 
 
-DEADLINE_EXIT = 3  # cut by --deadline: gpu_session.py tells it from a failure
 POSITIVE = ("people", "eval_people", "trials", "epochs", "top", "k", "seeds")
 
 

@@ -21,6 +21,7 @@ from search.trials import from_rest
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+DEADLINE_EXIT = 3  # a bench cut by its --deadline, what finished kept: gpu_session.py tells it from a failure
 SIZE = ["--resize", "64", "48"]  # a quarter of the default pixels: the studies fit in hours on 2 cores
 
 
@@ -72,35 +73,49 @@ def search_config(method, seed, base, work):
     return config
 
 
-def run_experiment(config, port, work, budget=None):
-    """nnictl create; wait until DONE or until the trials have reported `budget` epochs; read it back; stop.
-    -> (search.trials.Experiment, the REST trial list, minutes)."""
+def run_experiment(config, port, work, budget=None, stall_s=600, deadline_s=None):
+    """nnictl create; wait until DONE, until the trials have reported `budget` epochs, or until deadline_s seconds
+    have passed since the create; read it back; stop. -> (search.trials.Experiment, the REST trial list, minutes).
+    A failed experiment, or one with no new epoch for stall_s seconds, exits; a deadline returns what finished."""
     path = work / f"{config['experimentName']}.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    t0 = time.time()
+    t0, until = time.time(), None if deadline_s is None else time.monotonic() + deadline_s
     code, out = nni_io.nnictl("create", "--config", str(path), "--port", str(port), env=env)
     exp_id = nni_io.exp_id_of(out)
     if code or not exp_id:
         sys.exit(f"nnictl create failed:\n{out}")
     try:
-        seen, since = -1, time.time()
-        while True:
-            time.sleep(1)
-            status = nni_io.rest(port, "check-status")["status"]
-            epochs = sum(m.get("type") == "PERIODICAL" for m in nni_io.rest(port, "metric-data"))
-            if status in ("DONE", "ERROR", "STOPPED") or (budget and epochs >= budget):
-                break
-            seen, since = (epochs, time.time()) if epochs != seen else (seen, since)
-            if time.time() - since > 600:  # a dead dispatcher leaves the experiment RUNNING with nothing to run
-                status = "ERROR"
-                break
+        status = wait_experiment(port, budget, stall_s, until)
         exp, jobs = from_rest(port), nni_io.rest(port, "trial-jobs")
     finally:
         nni_io.nnictl("stop", exp_id, env=env)
-    if status == "ERROR":
+    if status in ("ERROR", "STALLED"):
         sys.exit(f"experiment {exp_id} failed or stalled; see {work / 'nni' / exp_id / 'log'}")
+    if status == "DEADLINE":
+        done = sum(t.status == "SUCCEEDED" for t in exp.trials)
+        print(f"deadline {deadline_s:g} s reached: {done} of {len(exp.trials)} trials of {exp_id} finished, "
+              f"{sum(len(t.intermediates) for t in exp.trials)} epochs reported; the experiment is stopped", flush=True)
     return exp, jobs, (time.time() - t0) / 60
+
+
+def wait_experiment(port, budget=None, stall_s=600, until=None, poll_s=1):
+    """Poll an experiment -> how the wait ended: DONE, ERROR or STOPPED (NNI's), BUDGET (the trials reported `budget`
+    epochs), STALLED (no new epoch for stall_s seconds) or DEADLINE (time.monotonic() passed `until`)."""
+    seen, since = -1, time.monotonic()
+    while True:
+        time.sleep(poll_s)
+        status = nni_io.rest(port, "check-status")["status"]
+        epochs = sum(m.get("type") == "PERIODICAL" for m in nni_io.rest(port, "metric-data"))
+        if status in ("DONE", "ERROR", "STOPPED"):
+            return status
+        if budget and epochs >= budget:
+            return "BUDGET"
+        if until is not None and time.monotonic() >= until:
+            return "DEADLINE"
+        seen, since = (epochs, time.monotonic()) if epochs != seen else (seen, since)
+        if time.monotonic() - since > stall_s:  # a dead dispatcher leaves the experiment RUNNING with nothing to run
+            return "STALLED"
 
 
 def train_run(cmd, run_dir):

@@ -5,6 +5,7 @@ trained on the search's own machines, their models brought home, the winner's fo
     python search/finalize.py --port 8080 --config config_remote.yml --top 3 --k 5
     python search/finalize.py --id EXP_ID --config config_local.yml --select greedy
     python search/finalize.py --id EXP_ID --config config_local.yml --select soup
+    python search/finalize.py --id EXP_ID --config config_gpu.yml --deadline 8     # stop the folds at 8 min; a rerun goes on
 
 1. finalists  the top --top distinct configurations by the search's objective (a trial's length,
               --epochs or TRIAL_BUDGET, is not part of a configuration), plus the trial command's own
@@ -30,6 +31,7 @@ import argparse
 import contextlib
 import fcntl
 import json
+import math
 import os
 import shutil
 import sys
@@ -63,12 +65,17 @@ def read_config(path):
         raise ValueError(f"--config {e}") from None
 
 
-def fold_experiment_config(config_path, exp_id, jobs):
-    """The search's own config (training service, machines, trial command, concurrency) with BatchTuner over the jobs."""
+def fold_experiment_config(config_path, exp_id, jobs, deadline=None):
+    """The search's own config (training service, machines, trial command, concurrency) with BatchTuner over the jobs.
+    Its maxExperimentDuration is the deadline's (minutes), else none: the search's own budget is no measure of K folds
+    of several finalists at the standalone length (config_local's 30 minutes against their 45)."""
     config_path = Path(config_path)
     config = read_config(config_path)
+    duration = f"{math.ceil(deadline * 60)}s" if deadline else None
     for key in ("searchSpace", "searchSpaceFile", "assessor", "advisor", "maxExperimentDuration", "maxTrialDuration"):
         config.pop(key, None)
+    if duration:
+        config["maxExperimentDuration"] = duration
     code = Path(config.get("trialCodeDirectory", "."))
     config.update(experimentName=f"finalize-{exp_id}", trialCodeDirectory=str(code if code.is_absolute() else config_path.parent.resolve() / code),
                   searchSpace={"combine_params": {"_type": "choice", "_value": jobs}}, tuner={"name": "BatchTuner"},
@@ -76,13 +83,15 @@ def fold_experiment_config(config_path, exp_id, jobs):
     return config
 
 
-def run_fold_experiment(config, run_dir, port, log=print):
-    """nnictl create, wait until every fold trial has ended, read the trials back, nnictl stop -> (trials, how it
-    ended: DONE, ERROR, STOPPED, or INTERRUPTED by SIGINT/SIGTERM here). The experiment is stopped on every way out,
-    so an interrupted finalize leaves no manager holding the port."""
+def run_fold_experiment(config, run_dir, port, log=print, deadline_s=None):
+    """nnictl create, wait until every fold trial has ended or deadline_s (counted from before the create) has passed,
+    read the trials back, nnictl stop -> (trials, how it ended: DONE, ERROR, STOPPED, DEADLINE, or INTERRUPTED by
+    SIGINT/SIGTERM here). The experiment is stopped on every way out, so an interrupted finalize leaves no manager
+    holding the port."""
     path = run_dir / "folds.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     created = exp_id = None
+    until = None if deadline_s is None else time.monotonic() + deadline_s
     try:
         with STOP.deferred():  # a signal during the start waits for its id, so the experiment can be stopped
             code, out = nni_io.nnictl("create", "--config", str(path), "--port", str(port))
@@ -91,8 +100,7 @@ def run_fold_experiment(config, run_dir, port, log=print):
             created, exp_id = True, nni_io.exp_id_of(out)
         log(f"fold experiment on port {port} (web UI http://127.0.0.1:{port}): {config['maxTrialNumber']} trials")
         try:
-            while (status := nni_io.rest(port, "check-status")["status"]) not in ("DONE", "ERROR", "STOPPED"):
-                time.sleep(3)
+            status = wait_until_ended(port, until)
         except KeyboardInterrupt:
             status = "INTERRUPTED"
         with STOP.deferred():  # a second signal waits until the trials are read
@@ -102,6 +110,18 @@ def run_fold_experiment(config, run_dir, port, log=print):
             with STOP.deferred():
                 nni_io.nnictl("stop", exp_id) if exp_id else nni_io.nnictl("stop", "--port", str(port))
     return trials, status
+
+
+def wait_until_ended(port, until=None, poll_s=3):
+    """The experiment's status once it has ended (DONE, ERROR, STOPPED), or DEADLINE once time.monotonic() passes
+    `until`. NNI's own maxExperimentDuration only stops new trials: the ones running would go on past it."""
+    while True:
+        status = nni_io.rest(port, "check-status")["status"]
+        if until is not None and time.monotonic() >= until:  # before DONE: NNI's own clock, started after ours, may end it too
+            return "DEADLINE"
+        if status in ("DONE", "ERROR", "STOPPED"):
+            return status
+        time.sleep(poll_s if until is None else max(0.0, min(poll_s, until - time.monotonic())))
 
 
 def fold_trials(port, exp_id):
@@ -173,6 +193,10 @@ def build_parser():
                    help="finalize the trial command's own flags alone (for a search that has not reported a result)")
     p.add_argument("--out", default=None, help="run dir (default runs/finalize_<EXP_ID>; a rerun there trains only what is missing)")
     p.add_argument("--fold_port", type=int, default=8091, help="port of the fold experiment's NNI manager")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="minutes the fold experiment may run (also its maxExperimentDuration; unset, no limit): then it is "
+                        "stopped, the folds that finished come home, and finalize exits 1 saying what is missing (a rerun "
+                        "trains only that)")
     return p
 
 
@@ -234,17 +258,23 @@ def train_missing(args, config, run_dir, finalists, exp_id):
         raise ValueError(problem)
     jobs = fold_jobs(finalists, args.k, folds_home(run_dir, finalists, args.k))
     machines = nni_io.machines_of(config)
-    trials, status = run_fold_experiment(fold_experiment_config(args.config, exp_id, jobs), run_dir, args.fold_port)
+    fold_config = fold_experiment_config(args.config, exp_id, jobs, args.deadline)
+    trials, status = run_fold_experiment(fold_config, run_dir, args.fold_port, deadline_s=args.deadline and args.deadline * 60)
     with STOP.deferred():  # each fold comes home whole or not at all
         for trial in (t for t in trials if t.status == "SUCCEEDED"):
             print(f"home: {bring_home(trial, finalists, nni_io.trial_command(config), run_dir, machines)} from {trial.log_path}", flush=True)
     missing = fold_jobs(finalists, args.k, folds_home(run_dir, finalists, args.k))
+    came_home = (f"{len(jobs) - len(missing)} of the {len(jobs)} fold trainings came home to {run_dir}, the fold experiment "
+                 f"is stopped; run finalize again to train only the other {len(missing)}")
     if status == "INTERRUPTED":
-        raise KeyboardInterrupt(f"{len(jobs) - len(missing)} of the {len(jobs)} fold trainings came home to {run_dir}, "
-                                f"the fold experiment is stopped; run finalize again to train only the other {len(missing)}")
+        raise KeyboardInterrupt(came_home)
+    if status == "DEADLINE" and missing:  # a user's limit, as a failed fold is: exit 1, and a rerun goes on
+        raise ValueError(f"deadline {args.deadline:g} min reached: {came_home}")
     if missing:
         failed = [f"{t.log_path}/trial.stderr" for t in trials if t.status != "SUCCEEDED"]
         why = f"; why: {', '.join(failed[:2])}{f' and {len(failed) - 2} more' if len(failed) > 2 else ''}" if failed else ""
+        if status == "DONE" and len(trials) < len(jobs) and fold_config.get("maxExperimentDuration"):
+            why += f"; {len(jobs) - len(trials)} never started: its maxExperimentDuration {fold_config['maxExperimentDuration']} ran out"
         raise ValueError(f"{len(missing)} fold trainings did not come home (the fold experiment ended {status}{why}); "
                          f"run finalize again to train only those")
 
@@ -253,6 +283,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.k < 2 or args.top < 1:
         raise ValueError(f"--k {args.k} --top {args.top}: need K >= 2 and at least one finalist")
+    if args.deadline is not None and not 0 < args.deadline < math.inf:  # written so that nan is refused too
+        raise ValueError(f"--deadline {args.deadline:g}: give the minutes the fold experiment may run, above 0")
     config = read_config(args.config)
     exp = load_search(args)
     run_dir = Path(args.out or Path("runs") / f"finalize_{exp.id}")

@@ -1,6 +1,7 @@
 """search/finalize.py: the fold experiment's config, the fetch (local and over a real loopback sshd) with missing or
 damaged files, a real search finalized twice, locally and over SSH (the second run trains nothing), and what a
-rerun, a second finalize or an interruption may not do."""
+rerun, a second finalize, an interruption or a deadline may not do."""
+import contextlib
 import json
 import os
 import pwd
@@ -19,6 +20,7 @@ import pytest
 import yaml
 from nni.experiment.config import ExperimentConfig
 
+from bench.searches import run_experiment
 from conftest import ROOT, read_csv, run_cli
 from search import finalize
 from search.finalists import Finalist, select_finalists
@@ -43,6 +45,39 @@ def test_fold_experiment_is_the_search_config_with_batch_tuner(name, tmp_path):
     for machine in config["trainingService"].get("machineList", []):  # NNI checks that the key file exists
         machine["sshKeyFile"] = str(tmp_path / "key")
     ExperimentConfig(**config).validate()  # NNI's own schema check
+
+
+@pytest.mark.parametrize("name, deadline, duration", [("config_local.yml", None, None), ("config_local.yml", 2.5, "150s"),
+                                                     ("config_local.yml", 0.01, "1s"), ("no duration", None, None)])
+def test_the_fold_experiment_ends_by_the_deadline_not_by_the_searchs_budget(name, deadline, duration, tmp_path):
+    """The fold experiment had no maxExperimentDuration at all: NNI submitted folds for as long as they took. The
+    search's own (config_local's 30m) is a budget for trials, not for K folds of several finalists (45 minutes)."""
+    path = ROOT / name
+    if name == "no duration":
+        path = tmp_path / "search.yml"
+        path.write_text(yaml.safe_dump({k: v for k, v in yaml.safe_load((ROOT / "config_local.yml").read_text()).items()
+                                        if k != "maxExperimentDuration"}))
+    config = finalize.fold_experiment_config(path, "abc", [dict(epochs=0, kfold=2, fold=0)], deadline)
+    assert config.get("maxExperimentDuration") == duration
+    ExperimentConfig(**config).validate()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_a_deadline_that_is_no_length_of_time_is_one_line(capsys, tmp_path, value):
+    code, out, err = run_cli(finalize.cli, capsys, "--id", "x", "--config", ROOT / "config_local.yml", "--out", tmp_path / "f",
+                             "--deadline", value)
+    assert code == 1 and err == f"finalize.py: error: --deadline {float(value):g}: give the minutes the fold experiment may run, above 0\n"
+    assert not (tmp_path / "f").exists()
+
+
+def test_the_wait_ends_at_the_deadline_while_folds_still_run(monkeypatch):
+    monkeypatch.setattr(finalize.nni_io, "rest", lambda port, path: {"status": "RUNNING"})
+    t0 = time.monotonic()
+    assert finalize.wait_until_ended(1, until=t0 + 0.3, poll_s=0.1) == "DEADLINE"
+    assert 0.3 <= time.monotonic() - t0 < 1
+    monkeypatch.setattr(finalize.nni_io, "rest", lambda port, path: {"status": "DONE"})
+    assert finalize.wait_until_ended(1, until=time.monotonic() + 60) == "DONE"
+    assert finalize.wait_until_ended(1, until=time.monotonic() - 1) == "DEADLINE"  # train_missing decides: nothing missing, no error
 
 
 
@@ -365,6 +400,86 @@ def test_interrupted_finalize_keeps_finished_folds_then_trains_only_the_rest(tmp
     proc = subprocess.run(cmd, env=nni_env(nni_home), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "was planned with another trial command:" in proc.stderr and "--steps 8 -> 4" in proc.stderr
     assert len(proc.stderr.splitlines()) == 1
+
+
+# A train.py that trains the first fold it is given and keeps every later one running until it is killed, so that
+# a deadline finds one fold home and one still training, however fast the machine.
+FIRST_ONLY = """import os, runpy, sys, time
+if os.path.exists({hang!r}):
+    try:
+        os.close(os.open({first!r}, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        with open({pids!r}, "a") as f:
+            f.write(f"{{os.getpid()}}\\n")
+        time.sleep(3600)
+sys.argv[0] = {train!r}
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+def gone(pid, within=60):
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+            return True
+        time.sleep(1)
+    return False
+
+
+@pytest.mark.slow
+def test_a_deadline_stops_the_folds_keeps_the_finished_ones_and_a_rerun_trains_the_rest(tmp_path, demo_dir, cache_dir, nni_home,
+                                                                                       monkeypatch, capsys):
+    """The fold experiment had no deadline: finalize waited on a fold that would not end for as long as it ran,
+    past a GPU session's 10 minutes per command. Its search is bench.searches.run_experiment's, stopped by a deadline."""
+    monkeypatch.setenv("HOME", str(nni_home))  # nnictl's registry, where finalize --id looks
+    sleeper = dict(experimentName="sleeper", searchSpace={"x": {"_type": "choice", "_value": [1]}}, trialConcurrency=1,
+                   trialCommand=shlex.join([sys.executable, "-c", "import time; time.sleep(600)"]), trialCodeDirectory=str(tmp_path),
+                   maxTrialNumber=1, experimentWorkingDirectory=str(tmp_path / "nni"), trainingService={"platform": "local"},
+                   tuner={"name": "Random"})
+    search_port = free_port()
+    exp, _, minutes = run_experiment(sleeper, search_port, tmp_path, deadline_s=10)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(rf"deadline 10 s reached: 0 of [01] trials of {exp.id} finished, 0 epochs reported; the experiment is stopped",
+                        line), line
+    assert minutes < 1.5 and not any(t.status == "SUCCEEDED" for t in exp.trials)
+
+    shim = tmp_path / "code"
+    shim.mkdir()
+    hang, pids = tmp_path / "hang", tmp_path / "pids"
+    hang.touch()
+    (shim / "train.py").write_text(FIRST_ONLY.format(hang=str(hang), first=str(tmp_path / "first"), pids=str(pids),
+                                                     train=str(ROOT / "train.py")))
+    config = tiny_search(demo_dir, cache_dir, trials=1)
+    config["trialCodeDirectory"] = str(shim)
+    (tmp_path / "folds.yml").write_text(yaml.safe_dump(config))
+    out, port = tmp_path / "final", free_port()
+    cmd = [sys.executable, str(ROOT / "search" / "finalize.py"), "--id", exp.id, "--config", str(tmp_path / "folds.yml"),
+           "--defaults_only", "--k", "2", "--out", str(out), "--fold_port", str(port)]
+    try:
+        t0 = time.monotonic()
+        proc = subprocess.run([*cmd, "--deadline", "1.5"], env=nni_env(nni_home), cwd=ROOT, capture_output=True, text=True, timeout=400)
+        took = time.monotonic() - t0
+        assert proc.returncode == 1 and proc.stderr.splitlines()[-1] == (
+            f"finalize.py: error: deadline 1.5 min reached: 1 of the 2 fold trainings came home to {out}, the fold experiment "
+            f"is stopped; run finalize again to train only the other 1"), proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert took < 1.5 * 60 + 90, took  # the deadline, then the stop and one fold brought home
+        assert yaml.safe_load((out / "folds.yml").read_text())["maxExperimentDuration"] == "90s"
+        home = list(out.glob("defaults/fold*/summary.json"))
+        assert len(home) == 1 and not list(out.glob(".fetch-*"))
+        with socket.socket() as s:  # the fold experiment's manager is gone
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+        assert all(gone(int(pid)) for pid in pids.read_text().split()), "the fold still training outlived its experiment"
+    finally:
+        for pid in pids.read_text().split() if pids.is_file() else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+    stamp = home[0].parent.joinpath("best.pth").stat().st_mtime_ns
+    hang.unlink()
+    rerun = run_finalize(nni_home, *cmd[2:])
+    assert "fold experiment on port" in rerun and ": 1 trials" in rerun
+    assert home[0].parent.joinpath("best.pth").stat().st_mtime_ns == stamp
+    check_finalized(out, 2, demo_dir)
 
 
 @pytest.mark.parametrize("damage", [b'{"experiment": "exp12345", "finalists": [', b"\xff\xfe", b"[]", b'{"finalists": [{"nom": 1}]}'])
