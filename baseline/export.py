@@ -12,9 +12,12 @@ normalises them inside; runs every model; and answers `probs`, the selection's w
 probabilities: what finalize's submission_soft.csv holds. --tta puts the flip inside. Also inside, as metadata (JSON
 values): the class names, the layout, the input sizes, mean/std, the members and their weights, the project's
 version and what the file was exported from. A file is kept only if onnxruntime reproduces PyTorch's probabilities
-(within 1e-4) on a batch. `inference.py --checkpoint FILE.onnx` runs it as it runs checkpoints.
+(within 1e-4) on a batch. `inference.py --checkpoint FILE.onnx` runs it as it runs checkpoints. From a finalize run
+dir, each checkpoint must be the one finalize voted: its finalist's command, on its fold. SIGINT or SIGTERM end an
+export in one line, with no file half-written.
 """
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -22,9 +25,12 @@ from pathlib import Path
 import torch
 
 from core.cli import Parser, run_main
-from core.runs import BEST, FINALIZE_REPORT
+from core.files import check_output
+from core.runs import BEST, CONFIG, FINALIZE_REPORT
+from core.signals import STOP
+from search.finalists import differences, ran_configuration, without_length
 from search.vote import read_report, voted_models
-from training import onnxfile
+from training import checkpoint, onnxfile
 
 
 def build_parser():
@@ -52,15 +58,50 @@ def plan(args):
                              f"no finalist's folds)")
         report = read_report(folder)
         select = args.select or report["select"]
-        return voted_models(folder, report, select), folder / f"{select}.onnx", f"{folder} (finalize --select {select})"
+        models = voted_models(folder, report, select)
+        check_voted(folder, report, select, [path for path, _ in models])
+        return models, folder / f"{select}.onnx", f"{folder} (finalize --select {select})"
     if args.select:
         raise ValueError(f"--select {args.select}: picks from a finalize run dir, and {', '.join(map(str, sources))} is not one")
     for path in sources:
         if path.is_dir():
             raise ValueError(f"{path}: a folder among checkpoints: give a finalize run dir alone, or its checkpoints")
+        if onnxfile.is_onnx(path):
+            raise ValueError(f"{path}: an exported file, not a checkpoint (its metadata's members name the checkpoints it was "
+                             f"exported from)")
     if len(sources) > 1 and args.out is None:
         raise ValueError(f"{len(sources)} checkpoints are one vote: say where its file goes with --out FILE.onnx")
     return [(p, 1 / len(sources)) for p in sources], sources[0].with_suffix(".onnx"), " + ".join(map(str, sources))
+
+
+def voted_folds(report, select):
+    """(finalist, fold, the soup's members or None) of each checkpoint voted_models lists, in its order."""
+    if select == "soup":
+        return [(members[0], i, members) for i, members in enumerate(report["soup"]["members"])]  # the first's flags
+    chosen = [report["winner"]] if select == "winner" else list(report["greedy_weights"])
+    return [(name, i, None) for name in chosen for i in range(report["k"])]
+
+
+def check_voted(run_dir, report, select, paths):
+    """Each checkpoint is the one finalize voted: trained on its fold of K with its finalist's planned command (the
+    report's; where it has none, the fold's config.json, as finalize checks each fold it votes), and a soup of the
+    members it reports. A fold copied over another would export a file that does not reproduce the vote."""
+    planned = {row.get("name"): row.get("config") for row in report.get("finalists", []) if isinstance(row, dict)}
+    for path, (name, fold, soup) in zip(paths, voted_folds(report, select)):
+        meta = checkpoint.read_meta(path)
+        args, k = meta.get("args") or {}, report["k"]
+        if (args.get("kfold"), args.get("fold")) != (k, fold):
+            raise ValueError(f"{path}: trained as fold {args.get('fold')} of {args.get('kfold') or 'none'}, not as {name}'s "
+                             f"fold {fold} of {k}: finalize did not vote it (put its own fold back, or run finalize again)")
+        folder = run_dir / name / f"fold{fold}"
+        want = planned.get(name) or (ran_configuration(folder) if (folder / CONFIG).is_file() else None)
+        ran = json.loads(json.dumps(without_length(args)))  # as config.json reads
+        if want is not None and ran != want:
+            raise ValueError(f"{path}: trained with another command than {name}'s plan ({differences(want, ran)}): finalize "
+                             f"did not vote it (put its own fold back, or run finalize again)")
+        if soup is not None and meta.get("soup") != soup:
+            raise ValueError(f"{path}: a soup of {' + '.join(meta.get('soup') or ['?'])}, finalize voted one of "
+                             f"{' + '.join(soup)} (run finalize --select soup again)")
 
 
 def main(argv=None):
@@ -69,13 +110,19 @@ def main(argv=None):
         raise ValueError(f"--out {args.out}: name it *.onnx (inference tells an exported file by its suffix)")
     members, default_out, exported_from = plan(args)
     out = Path(args.out or default_out)
+    check_output(f"--out {out}" if args.out else f"{out} (the default --out)", out)  # before the export, not after it
     onnxfile.export(members, out, tta=args.tta, exported_from=exported_from)
     return out
 
 
 def cli(argv=None):
     torch.set_num_threads(os.cpu_count() or 1)
-    return run_main("export.py", main, argv)
+    STOP.install()  # SIGTERM as SIGINT: either one unwinds, so the temp file being written is removed
+    try:
+        return run_main("export.py", main, argv)
+    except KeyboardInterrupt:
+        print("export.py: interrupted: no file was left half-written", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

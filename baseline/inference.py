@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from core.cli import Parser, run_main
+from core.files import check_output
 from core.runs import SUBMISSION, write_submission
 from imagedata.constants import DEFAULT_CACHE_DIR
 from imagedata.layouts import DataError
@@ -49,6 +50,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.batch_size <= 0:
         raise ValueError("--batch_size must be positive")
+    check_output(f"--out {args.out}", args.out, folder=True)  # now, not after every image is predicted
     image_ids, probs, classes, layout = predict_checkpoints(
         args.checkpoint, args.eval_dir, device=resolve_device(args.device), tta=args.tta, batch_size=args.batch_size,
         num_workers=args.num_workers, cache_dir=args.cache_dir, use_cache=not args.no_cache)

@@ -4,6 +4,7 @@ torch is imported only inside load_untrusted, so the CSV-only tools that use the
 """
 import os
 import pickle
+import tempfile
 from pathlib import Path
 
 
@@ -51,6 +52,25 @@ def replace_atomically(path, write):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def check_output(what, path, folder=False):
+    """ValueError starting with `what` (e.g. "--out FILE") unless path, a file (or with folder, a folder), can be
+    written: checked before the work whose result it holds, not after. Tried by making a file that has no name in
+    the folder it goes to (or, before that exists, the nearest one above it), so nothing is left: os.access says yes
+    to root on a read-only disk. Creates nothing."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise ValueError(f"{what}: {'a file, not a folder' if folder else 'a folder, not a file'}")
+    existing = path if folder else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what}: cannot write there ({existing} is a file)")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise ValueError(f"{what}: cannot write there ({e.strerror or type(e).__name__})") from None
 
 
 def read_mapping(path, what):

@@ -192,3 +192,31 @@ def test_restore_keeps_each_layer_groups_share_of_the_lr(tmp_path):
                        generators=[torch.Generator(), torch.Generator()], device="cpu")
     factor = scheduler.lr_lambdas[0](3)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01 * 0.25 * factor, 0.01 * factor])
+
+
+@pytest.mark.parametrize("version", [0, 1, 2])
+def test_a_hash_is_checked_whatever_the_format_says(tmp_path, version):
+    # classes swapped and the format lowered: a lower format skipped the check, with content_hash still in the file
+    saved_epoch(tmp_path)
+    ckpt = torch.load(tmp_path / "best.pth", weights_only=True)
+    ckpt["classes"][:2] = ckpt["classes"][1::-1]
+    torch.save(dict(ckpt, format=version), tmp_path / "edited.pth")
+    with pytest.raises(ValueError) as e:
+        checkpoint.read(tmp_path / "edited.pth")
+    assert str(e.value) == (f"checkpoint {tmp_path / 'edited.pth'}: damaged or edited since it was saved (classes, format do not "
+                            f"match its content hash)")
+    if version < 2:  # a format-2 hash (the tensors') under a lower format is checked as format 2 checks it
+        v2 = dict(ckpt, format=version, state_dict=dict(ckpt["state_dict"], **{"features.0.weight": torch.zeros(1)}))
+        torch.save(dict(v2, **{checkpoint.HASH_KEY: checkpoint.tensor_hash(ckpt)}), tmp_path / "v2.pth")
+        with pytest.raises(ValueError, match="v2.pth: damaged \\(its tensors do not match"):
+            checkpoint.read(tmp_path / "v2.pth")
+
+
+def test_a_checkpoint_from_before_hashes_reads_with_one_warning_line(tmp_path, capsys):
+    saved_epoch(tmp_path)
+    ckpt = torch.load(tmp_path / "best.pth", weights_only=True)
+    torch.save({k: v for k, v in dict(ckpt, format=1).items() if k != checkpoint.HASH_KEY}, tmp_path / "v1.pth")
+    checkpoint.read_meta(tmp_path / "v1.pth")
+    checkpoint.load_model(tmp_path / "v1.pth")  # read twice, warned once
+    assert capsys.readouterr().err == (f"warning: checkpoint {tmp_path / 'v1.pth'}: format 1, from before checkpoints carried a "
+                                       f"content hash: read unchecked\n")

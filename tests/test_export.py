@@ -3,6 +3,9 @@
 finalize run's selection exported as one file reproduces its submission_soft.csv."""
 import json
 import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -12,9 +15,9 @@ import torch
 
 import model
 from baseline import export, inference
-from conftest import FINALISTS, read_csv, run_cli
+from conftest import FINALISTS, ROOT, read_csv, run_cli, train_env
 from core.labels import mask_class_names
-from search.finalists import Finalist
+from search.finalists import Finalist, ran_configuration
 from search.vote import rank_and_vote, write_report
 from training import checkpoint, onnxfile
 from training.predict import predict_checkpoints
@@ -161,6 +164,14 @@ REFUSALS = {  # -> (argv, what the one line says)
     "classes that differ": (
         lambda c, t: ([c["BaseModel"], untrained(t / "ab.pth", "BaseModel", classes=["a", "b"]), "--out", t / "v.onnx"],
                       "checkpoints disagree on classes")),
+    # the output is checked before the export: mkdir's FileExistsError, or a folder, after the work
+    "--out under a file": (lambda c, t: ([c["BaseModel"], "--out", write(t / "f", "") / "m.onnx"],
+                                         f"--out {t / 'f' / 'm.onnx'}: cannot write there ({t / 'f'} is a file)")),
+    "--out a folder": (lambda c, t: ([c["BaseModel"], "--out", (t / "m.onnx").mkdir() or t / "m.onnx"],
+                                     f"--out {t / 'm.onnx'}: a folder, not a file")),
+    "the default --out a folder": (lambda c, t: ([shutil.copy(c["BaseModel"], t / "b.pth")] if (t / "b.onnx").mkdir() is None else [],
+                                                 f"{t / 'b.onnx'} (the default --out): a folder, not a file")),
+    "an exported file as the source": (lambda c, t: ([write(t / "m.onnx", "")], "m.onnx: an exported file, not a checkpoint")),
 }
 
 
@@ -245,3 +256,197 @@ def test_the_fold_soups_as_one_file(fold_runs, demo_dir, cache_dir, tmp_path, ca
     assert checkpoint.read_meta(run_dir / "fold0" / "soup.pth")["soup"] == report["soup"]["members"][0]
     _, onnx_file = exported_reproduces_finalize(run_dir, "soup", demo_dir, cache_dir, capsys)
     assert onnxfile.read_meta(onnx_file)["exported_from"] == f"{run_dir} (finalize --select soup)"
+    soups = [run_dir / path for path in report["soup"]["checkpoints"]]
+    shutil.copy(soups[1], soups[0])  # fold1's soup as fold0's: not what finalize voted
+    code, _, err = run_cli(export.cli, capsys, run_dir, "--select", "soup")
+    assert code == 1 and err.startswith(f"export.py: error: {soups[0]}: trained as fold 1 of 2, not as "), err
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder on a read-only file system, where mounting is allowed (root: chmod stops no write); else skipped."""
+    path = tmp_path / "ro"
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    yield path
+    subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def test_an_out_that_cannot_be_written_is_one_line_before_any_work(checkpoints, read_only_dir, capsys, monkeypatch):
+    monkeypatch.setattr(onnxfile, "export", lambda *a, **k: pytest.fail("exported before checking --out"))
+    code, out, err = run_cli(export.cli, capsys, checkpoints["BaseModel"], "--out", read_only_dir / "sub" / "m.onnx")
+    assert (code, out) == (1, "")
+    assert err == f"export.py: error: --out {read_only_dir / 'sub' / 'm.onnx'}: cannot write there (Read-only file system)\n"
+
+
+# ----------------------------------------------------------------------------- an exported file edited
+def with_metadata(src, dst, changes=None, drop=(), graph=None, rehash=False):
+    """src's file with its metadata entries changed (JSON values) or dropped, or another graph's (graph: a file) under
+    them; rehash: its content hash recomputed over the edit, as a forger (or a bug) would."""
+    model = onnx.load(str(src))
+    entries = {p.key: p.value for p in model.metadata_props}
+    if graph is not None:
+        model = onnx.load(str(graph))
+    entries.update({k: json.dumps(v) for k, v in (changes or {}).items()})
+    del model.metadata_props[:]
+    for key, value in entries.items():
+        if key not in drop and not (rehash and key == onnxfile.HASH_KEY):
+            model.metadata_props.add(key=key, value=value)
+    if rehash:
+        model.metadata_props.add(key=onnxfile.HASH_KEY, value=json.dumps(onnxfile.content_hash(model)))
+    onnx.save(model, str(dst))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoints, tmp_path_factory):
+    """The BaseModel's file, the same model with the flip inside (another graph, the same inputs), and a 5-class one."""
+    folder = tmp_path_factory.mktemp("exported")
+    five = untrained(folder / "five.pth", "BaseModel", classes=list("abcde"))
+    files = dict(plain=(checkpoints["BaseModel"], False), flip=(checkpoints["BaseModel"], True), five=(five, False))
+    for name, (ckpt, tta) in files.items():
+        onnxfile.export([(ckpt, 1.0)], folder / f"{name}.onnx", tta=tta, log=lambda line: None)
+    return {name: folder / f"{name}.onnx" for name in files}
+
+
+def refused_by_inference(path, demo_dir, tmp_path, capsys):
+    """inference.py on the file -> its one line, checking that it refused and wrote nothing."""
+    code, out, err = run_cli(inference.cli, capsys, "--checkpoint", path, "--eval_dir", demo_dir / "eval", "--out", tmp_path / "out")
+    assert (code, out) == (1, "") and len(err.splitlines()) == 1 and err.startswith("inference.py: error: "), err
+    assert not (tmp_path / "out").exists()
+    return err.removeprefix("inference.py: error: ").rstrip("\n")
+
+
+EDITED = {  # -> (the edit, what the line says after the file's name): each ran as if genuine
+    "classes reordered": (lambda e: dict(changes=dict(classes=mask_class_names()[::-1])),
+                          "damaged or edited since it was exported (classes do not match its content hash)"),
+    "the flip set inside": (lambda e: dict(changes=dict(tta=True)),
+                            "damaged or edited since it was exported (tta do not match its content hash)"),
+    "another graph under its metadata": (lambda e: dict(graph=e["flip"]),
+                                         "damaged or edited since it was exported (the graph do not match its content hash)"),
+    "its format lowered": (lambda e: dict(changes=dict(imgcls_format=1)),
+                           "damaged or edited since it was exported (imgcls_format do not match its content hash)"),
+    "its hash removed": (lambda e: dict(drop=[onnxfile.HASH_KEY]), "metadata format 2 without its content hash (imgcls_hash "
+                                                                   "removed?): refused, as an edited file would be; export it again"),
+    "exported before hashes": (lambda e: dict(changes=dict(imgcls_format=1), drop=[onnxfile.HASH_KEY]),
+                               "exported before files carried a content hash (metadata format 1, no imgcls_hash): export it "
+                               "again with imgcls-export"),
+}
+
+
+@pytest.mark.parametrize("case", list(EDITED))
+def test_an_edited_or_swapped_file_is_refused_naming_what_changed(case, exported, demo_dir, tmp_path, capsys):
+    edit, expected = EDITED[case]
+    path = with_metadata(exported["plain"], tmp_path / "m.onnx", **edit(exported))
+    assert refused_by_inference(path, demo_dir, tmp_path, capsys) == f"{path}: {expected}"
+
+
+BROKEN = {  # -> (the edit, what the line says with the hash recomputed over it): tracebacks, or a numpy broadcast error
+    "inputs at another size": (lambda e: dict(changes=dict(inputs={"image": [64, 64]})),
+                               "its graph's input image takes uint8 N x 3 x 64 x 48, its metadata says uint8 N x 3 x 64 x 64"),
+    "inputs renamed": (lambda e: dict(changes=dict(inputs={"img": [64, 48]})), "its graph's inputs (image) are not its metadata's (img)"),
+    "output removed": (lambda e: dict(drop=["output"]), "its metadata has no output (edited?)"),
+    "inputs removed": (lambda e: dict(drop=["inputs"]), "its metadata has no inputs (edited?)"),
+    "output renamed": (lambda e: dict(changes=dict(output="logits")), "its graph has no output logits (it answers probs)"),
+    "format as text": (lambda e: dict(changes=dict(imgcls_format="1")), 'its metadata format "1" is not a whole number (edited?)'),
+    "classes as a number": (lambda e: dict(changes=dict(classes=18)),
+                            "its metadata's classes is not a list of distinct class names (it is 18)"),
+    "17 classes": (lambda e: dict(changes=dict(classes=mask_class_names()[:17])),
+                   "its graph answers 18 probabilities per image, its metadata names 17 classes"),
+    "a 5-class graph": (lambda e: dict(graph=e["five"]), "its graph answers 5 probabilities per image, its metadata names 18 classes"),
+    "tta as text": (lambda e: dict(changes=dict(tta="yes")), 'its metadata\'s tta is not true or false (it is "yes")'),
+}
+
+
+@pytest.mark.parametrize("rehash", [False, True], ids=["its hash as exported", "its hash recomputed"])
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_a_file_that_does_not_fit_its_metadata_is_one_line_naming_the_problem(case, rehash, exported, demo_dir, tmp_path, capsys):
+    edit, expected = BROKEN[case]
+    path = with_metadata(exported["plain"], tmp_path / "m.onnx", rehash=rehash, **edit(exported))
+    line = refused_by_inference(path, demo_dir, tmp_path, capsys)
+    if rehash or case == "format as text":  # the format is read first: it says how the rest is checked
+        assert line == f"{path}: {expected}"
+    else:
+        assert line.startswith(f"{path}: damaged or edited since it was exported (") and line.endswith(" do not match its content hash)")
+
+
+def test_an_entry_given_twice_is_refused(exported, tmp_path):
+    path = with_metadata(exported["plain"], tmp_path / "m.onnx")
+    model = onnx.load(str(path))
+    model.metadata_props.add(key="classes", value=json.dumps(mask_class_names()[::-1]))  # a reader keeps one or the other
+    onnx.save(model, str(path))
+    with pytest.raises(ValueError, match="m.onnx: its metadata holds classes twice"):
+        onnxfile.read_meta(path)
+
+
+def test_a_genuine_file_reads_and_its_hash_covers_the_graph_and_every_entry(exported):
+    meta = onnxfile.read_meta(exported["plain"])
+    assert meta["imgcls_format"] == onnxfile.FORMAT == 2
+    assert set(meta[onnxfile.HASH_KEY]["metadata"]) == set(meta) - {onnxfile.HASH_KEY}
+    assert meta[onnxfile.HASH_KEY] == onnxfile.content_hash(onnx.load(str(exported["plain"])))
+
+
+def test_a_checkpoint_edited_with_its_format_lowered_is_refused(checkpoints, demo_dir, tmp_path, capsys):
+    ckpt = torch.load(checkpoints["BaseModel"], weights_only=True)
+    ckpt["classes"][:2] = ckpt["classes"][1::-1]
+    path = tmp_path / "edited.pth"
+    torch.save(dict(ckpt, format=1), path)  # a lower format skipped the check, with the hash still in the file
+    expected = f"checkpoint {path}: damaged or edited since it was saved (classes, format do not match its content hash)\n"
+    assert run_cli(export.cli, capsys, path, "--out", tmp_path / "m.onnx") == (1, "", f"export.py: error: {expected}")
+    assert refused_by_inference(path, demo_dir, tmp_path, capsys) + "\n" == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited.pth"]
+
+
+# ----------------------------------------------------------------------------- stopped by a signal
+SLOW_CHECK = """import sys, time
+from training import onnxfile
+def slow(*args, **kwargs):  # the graph is written, the check has not run: where SIGTERM left the temp file behind
+    print("checking", flush=True)
+    time.sleep(120)
+onnxfile.check_against_torch = slow
+from baseline import export
+sys.exit(export.cli(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_an_export_leaves_no_file_and_says_so_in_one_line(signum, checkpoints, tmp_path):
+    out = tmp_path / "out" / "vote.onnx"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CHECK, *map(str, checkpoints.values()), "--out", str(out)], cwd=ROOT,
+                            env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "checking\n", proc.stderr.read()
+        assert (out.parent / ".vote.onnx.tmp").is_file()  # the four models' graph, complete and unchecked
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert (proc.returncode, err) == (130, "export.py: interrupted: no file was left half-written\n")
+    assert list(out.parent.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- a finalize run's fold replaced
+@pytest.mark.slow
+@pytest.mark.parametrize("planned", [True, False], ids=["configs in the report", "a report without them"])
+def test_a_fold_that_finalize_did_not_vote_is_refused(planned, fold_runs, tmp_path, capsys):
+    run_dir = tmp_path / "finalize"
+    shutil.copytree(fold_runs, run_dir)
+    report = dict(rank_and_vote(run_dir, [Finalist(name, {}) for name in FINALISTS], 2, "winner"), experiment="test")
+    if planned:  # what finalize's plan holds (these folds trained under --name fold<i>: fold0's, whose file is swapped)
+        report["finalists"] = [dict(row, config=ran_configuration(run_dir / row["name"] / "fold0")) for row in report["finalists"]]
+    write_report(run_dir, report)
+    winner = report["winner"]
+    other = next(name for name in FINALISTS if name != winner)
+    target = run_dir / winner / "fold0" / "best.pth"
+    shutil.copy(run_dir / other / "fold0" / "best.pth", target)  # another finalist's fold, under the winner's name
+    code, out, err = run_cli(export.cli, capsys, run_dir, "--select", "winner")
+    assert (code, out) == (1, "") and len(err.splitlines()) == 1, err
+    assert err.startswith(f"export.py: error: {target}: trained with another command than {winner}'s plan (--"), err
+    assert err.endswith("finalize did not vote it (put its own fold back, or run finalize again)\n")
+    shutil.copy(run_dir / winner / "fold1" / "best.pth", target)  # the winner's other fold
+    assert run_cli(export.cli, capsys, run_dir, "--select", "winner") == (
+        1, "", f"export.py: error: {target}: trained as fold 1 of 2, not as {winner}'s fold 0 of 2: finalize did not vote it "
+               f"(put its own fold back, or run finalize again)\n")
+    assert not (run_dir / "winner.onnx").exists()

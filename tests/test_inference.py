@@ -10,6 +10,7 @@ from PIL import Image
 
 from baseline import inference
 from conftest import ROOT, TINY, crafted_checkpoint, read_csv, run_cli, train_env
+from core.labels import mask_class_names
 
 
 
@@ -220,3 +221,33 @@ def test_photos_of_every_kind_are_predicted(tmp_path, capsys):
     assert ids == ["a.webp", "b.bmp", "c.png", "d.png"]
     assert np.allclose(probs[0], probs[1], atol=1e-5)  # the same picture in two formats
     assert np.abs(probs[2] - probs[3]).max() > 1e-4  # a dark grey 16-bit PNG is not white (both white: equal to the digit)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder on a read-only file system, where mounting is allowed (root: chmod stops no write); else skipped."""
+    path = tmp_path / "ro"
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    yield path
+    subprocess.run(["umount", str(path)], capture_output=True)
+
+
+OUTS = {  # --out -> what the line says after it: each predicted every image, then a traceback
+    "a file": (lambda t, ro: (t / "README.md").write_text("x") and t / "README.md", "a file, not a folder"),
+    "under a file": (lambda t, ro: (t / "f").write_text("x") and t / "f" / "out", lambda t: f"cannot write there ({t / 'f'} is a file)"),
+    "read-only": (lambda t, ro: ro() / "out", "cannot write there (Read-only file system)"),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTS))
+def test_an_out_that_cannot_be_written_is_one_line_before_predicting(case, demo_dir, tmp_path, capsys, request):
+    ckpt = untrained_checkpoint(tmp_path / "m.pth", mask_class_names(), "mask")
+    make, expected = OUTS[case]
+    out = make(tmp_path, lambda: request.getfixturevalue("read_only_dir"))
+    code, stdout, err = run_cli(inference.cli, capsys, "--checkpoint", ckpt, "--eval_dir", demo_dir / "eval", "--out", out,
+                                "--cache_dir", tmp_path / "cache", "--num_workers", 0)
+    expected = expected(tmp_path) if callable(expected) else expected
+    assert (code, stdout, err) == (1, "", f"inference.py: error: --out {out}: {expected}\n")
+    assert not (tmp_path / "cache").exists()  # not one image decoded

@@ -5,8 +5,9 @@ A checkpoint is a dict of plain types and tensors, so that it loads with
 torch.load(weights_only=True): a .pth file someone hands you never runs code.
     format                                              FORMAT_VERSION (absent in files from before it: 0)
     content_hash                                        {key: sha256 of its value} for every other key, tensors and
-                                                        metadata alike, written by save, checked by read (format 3;
-                                                        format 2 hashed its tensors only; older files are unchecked)
+                                                        metadata alike, written by save, checked by read whatever
+                                                        the format says (format 2 hashed its tensors only; files
+                                                        of format 0 and 1 carry none: read with a warning line)
     state_dict, model, classification, head, dropout   rebuild the model
     classes, layout, resize, mean, std                  what its outputs and inputs mean
     metric, args, epoch, best_metric                    how it was trained (args = config.json)
@@ -16,6 +17,7 @@ torch.load(weights_only=True): a .pth file someone hands you never runs code.
 import hashlib
 import math
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,7 @@ FORMAT_VERSION = 3  # 2: content_hash of the tensors; 3: of every key
 HASH_KEY = "content_hash"
 REQUIRED = ("state_dict", "model", "classification", "head", "dropout", "classes", "layout", "resize", "mean", "std")
 TRAINING_STATE = ("state_dict", "optimizer", "scheduler", "history", "train_state", "ema")
+UNCHECKED = set()  # files of format 0 or 1 already warned about in this process
 
 
 def describe(config, data):
@@ -102,15 +105,22 @@ def tensors(value, where=""):
 
 
 def check_hash(path, ckpt):
-    """ValueError naming the file and what changed, unless its content hash matches (format 2 on; older files carry
-    none and are read as they are)."""
+    """ValueError naming the file and what changed, unless its content hash matches. A hash in the file is always
+    checked, whatever its format says: the format is an entry like any other, and lowering it must not turn the check
+    off. A file without one is read if its format is from before hashes (0, 1: what older releases wrote, but also what
+    a hash removed with the format lowered looks like), with one warning line, since nothing in it can be checked;
+    format 2 on, the hash was removed."""
     version, saved = ckpt.get("format", 0), ckpt.get(HASH_KEY)
-    if version < 2:
-        return
     if saved is None:
+        if version < 2:
+            if str(path) not in UNCHECKED:  # once: a file is read for its description, then for its model
+                UNCHECKED.add(str(path))
+                print(f"warning: checkpoint {path}: format {version}, from before checkpoints carried a content hash: "
+                      f"read unchecked", file=sys.stderr, flush=True)
+            return
         raise ValueError(f"checkpoint {path}: format {version} without its content hash (removed?): refused, as a "
                          f"changed file would be")
-    if version == 2:
+    if isinstance(saved, str) and version <= 2:  # format 2's: the tensors' hash; a format-3 file of it is refused below
         if saved != tensor_hash(ckpt):
             raise ValueError(f"checkpoint {path}: damaged (its tensors do not match the content hash saved with them)")
         return

@@ -2,9 +2,11 @@
 graph that takes uint8 images as the decoder gives them, normalises them with each model's mean/std, turns each
 model's outputs into class probabilities (engine.class_probs, as prediction does), optionally with the flipped view,
 and averages them with the selection's weights. What a runtime needs to feed it (classes, input sizes, how the
-images are resized and cropped) travels inside as metadata. A file is kept only when onnxruntime reproduces PyTorch
-on a batch."""
+images are resized and cropped) travels inside as metadata, under a content hash of the graph and every entry, so
+that an edited or swapped file is refused as an edited checkpoint is. A file is kept only when onnxruntime reproduces
+PyTorch on a batch and read_meta accepts it."""
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -23,7 +25,8 @@ from training.engine import class_probs
 
 OPSET = 17           # onnxruntime 1.31 runs it everywhere; nothing here needs a newer operator
 TOLERANCE = 1e-4     # largest difference of a probability between onnxruntime and PyTorch that a file may keep
-FORMAT = 1           # of the metadata; a file without it was not written here
+FORMAT = 2           # of the metadata (a file without it was not written here); 2: with HASH_KEY, which 1 lacked
+HASH_KEY = "imgcls_hash"
 OUTPUT = "probs"
 PREPROCESSING = ("each image upright by its EXIF orientation, RGB (transparency over white), centre-cropped to the "
                  "input's aspect ratio, resized bilinearly (PIL) to the input's H x W; fed as uint8 NCHW 0..255; "
@@ -149,7 +152,9 @@ def export(sources, out, *, tta=False, exported_from="", log=print):
         graph = onnx.load(str(tmp))
         for key, value in props.items():
             graph.metadata_props.add(key=key, value=json.dumps(value))
+        graph.metadata_props.add(key=HASH_KEY, value=json.dumps(content_hash(graph)))
         onnx.save(graph, str(tmp))
+        read_meta(tmp)  # the reader inference uses: a file it would refuse is not kept
         checked["worst"] = check_against_torch(vote, tmp, sizes, names, what)
     Path(out).parent.mkdir(parents=True, exist_ok=True)  # only now: a refusal above leaves nothing behind
     replace_atomically(Path(out), write)
@@ -162,9 +167,25 @@ def is_onnx(path):
     return Path(path).suffix.lower() == ".onnx"
 
 
+def content_hash(graph):
+    """{"graph": sha256 of the model without its metadata, "metadata": {key: sha256 of its text} for every entry but the
+    hash}: the graph and every entry a reader uses (classes name the columns, inputs say what to feed, tta whether to
+    flip again) or shows, per entry so that a refusal can say what changed. The entries are taken off while the
+    model is serialised, and put back."""
+    props = [(p.key, p.value) for p in graph.metadata_props]
+    del graph.metadata_props[:]
+    try:
+        model = hashlib.sha256(graph.SerializeToString(deterministic=True)).hexdigest()
+    finally:
+        for key, value in props:
+            graph.metadata_props.add(key=key, value=value)
+    return dict(graph=model, metadata={k: hashlib.sha256(v.encode()).hexdigest() for k, v in props if k != HASH_KEY})
+
+
 def read_meta(path):
-    """An exported file's metadata (classes, layout, inputs {name: [H, W]}, tta, members, ...); ValueError naming the file
-    when it is missing, not ONNX, or not exported here."""
+    """An exported file's metadata (classes, layout, inputs {name: [H, W]}, tta, members, ...), checked: its content
+    hash, then what prediction reads of it against the graph. ValueError naming the file and the problem when it is
+    missing, not ONNX, not exported here, exported before files carried a hash, edited, or does not fit its graph."""
     import onnx
     from google.protobuf.message import DecodeError
     path = Path(path)
@@ -174,16 +195,109 @@ def read_meta(path):
         graph = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, OSError):
         raise ValueError(f"{path}: not an ONNX file") from None
-    props = {p.key: p.value for p in graph.metadata_props}
+    props = {}
+    for p in graph.metadata_props:
+        if p.key in props:  # a reader of the map keeps one of them, and which is its own business
+            raise ValueError(f"{path}: its metadata holds {p.key} twice (edited?)")
+        props[p.key] = p.value
     if "imgcls_format" not in props:
         raise ValueError(f"{path}: an ONNX file without this project's metadata (classes, input sizes): export it with imgcls-export")
+    check_hash(path, graph, props)
     try:
         meta = {k: json.loads(v) for k, v in props.items()}
     except ValueError:
         raise ValueError(f"{path}: its metadata is not JSON (edited?)") from None
-    if meta["imgcls_format"] > FORMAT:
-        raise ValueError(f"{path}: metadata format {meta['imgcls_format']} is newer than this code's {FORMAT} (update the code)")
+    check_entries(path, meta)
+    check_graph(path, graph, meta)
     return meta
+
+
+def check_hash(path, graph, props):
+    """ValueError unless the file's content hash matches its graph and metadata. A hash present is checked whatever
+    the format says; without one, a format-1 file (from before hashes) is refused as one to export again."""
+    try:
+        version = json.loads(props["imgcls_format"])
+    except ValueError:
+        version = None
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError(f"{path}: its metadata format {props['imgcls_format'][:20]} is not a whole number (edited?)")
+    if version > FORMAT:
+        raise ValueError(f"{path}: metadata format {version} is newer than this code's {FORMAT} (update the code)")
+    if HASH_KEY not in props:
+        if version < 2:
+            raise ValueError(f"{path}: exported before files carried a content hash (metadata format {version}, no "
+                             f"{HASH_KEY}): export it again with imgcls-export")
+        raise ValueError(f"{path}: metadata format {version} without its content hash ({HASH_KEY} removed?): refused, as an "
+                         f"edited file would be; export it again")
+    try:
+        saved = json.loads(props[HASH_KEY])
+    except ValueError:
+        saved = None
+    if not (isinstance(saved, dict) and isinstance(saved.get("graph"), str) and isinstance(saved.get("metadata"), dict)):
+        raise ValueError(f"{path}: damaged or edited since it was exported (its {HASH_KEY} is not a content hash)")
+    now = content_hash(graph)
+    changed = (["the graph"] if now["graph"] != saved["graph"] else []) + sorted(
+        k for k in now["metadata"].keys() | saved["metadata"].keys() if now["metadata"].get(k) != saved["metadata"].get(k))
+    if changed:
+        what = ", ".join(changed[:6]) + (", ..." if len(changed) > 6 else "")
+        raise ValueError(f"{path}: damaged or edited since it was exported ({what} do not match its content hash)")
+
+
+def is_size(value):
+    return isinstance(value, list) and len(value) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in value)
+
+
+ENTRIES = {  # what prediction reads of a file's metadata -> (what it must be, the test)
+    "classes": ("a list of distinct class names", lambda v: isinstance(v, list) and len(v) > 0
+                and all(isinstance(c, str) for c in v) and len(set(v)) == len(v)),
+    "layout": ("mask or folder", lambda v: v in ("mask", "folder")),
+    "inputs": ("{input name: [H, W]}", lambda v: isinstance(v, dict) and len(v) > 0 and all(map(is_size, v.values()))),
+    "output": ("the output's name", lambda v: isinstance(v, str)),
+    "tta": ("true or false", lambda v: isinstance(v, bool)),
+    "members": ("a list of the models", lambda v: isinstance(v, list) and len(v) > 0
+                and all(isinstance(m, dict) and isinstance(m.get("model"), str) for m in v)),
+    "exported_from": ("text", lambda v: isinstance(v, str)),
+}
+
+
+def check_entries(path, meta):
+    """A file whose hash matches but whose entries are not what an export writes (a hash recomputed over an edit,
+    a bug): refused naming the entry, rather than failing on it mid-prediction."""
+    for key, (what, fits) in ENTRIES.items():
+        if key not in meta:
+            raise ValueError(f"{path}: its metadata has no {key} (edited?)")
+        if not fits(meta[key]):
+            raise ValueError(f"{path}: its metadata's {key} is not {what} (it is {json.dumps(meta[key])[:40]})")
+
+
+def dims(value_info):
+    """A graph input's or output's (element type, [dimension: its size, or None where it is named or unknown])."""
+    import onnx
+    t = value_info.type.tensor_type
+    return (onnx.TensorProto.DataType.Name(t.elem_type).lower(),
+            [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim])
+
+
+def check_graph(path, graph, meta):
+    """The graph takes what the metadata says it is fed (uint8 N x 3 x H x W under each input's name) and answers one
+    probability per class under the output's name."""
+    fed = {i.name for i in graph.graph.initializer}
+    inputs = {i.name: i for i in graph.graph.input if i.name not in fed}
+    if sorted(inputs) != sorted(meta["inputs"]):
+        raise ValueError(f"{path}: its graph's inputs ({', '.join(inputs)}) are not its metadata's ({', '.join(meta['inputs'])})")
+    for name, (h, w) in meta["inputs"].items():
+        kind, shape = dims(inputs[name])
+        if kind != "uint8" or len(shape) != 4 or shape[1:] != [3, h, w]:
+            shown = " x ".join("N" if d is None else str(d) for d in shape)
+            raise ValueError(f"{path}: its graph's input {name} takes {kind} {shown}, its metadata says uint8 N x 3 x {h} x {w}")
+    outputs = {o.name: o for o in graph.graph.output}
+    if meta["output"] not in outputs:
+        raise ValueError(f"{path}: its graph has no output {meta['output']} (it answers {', '.join(outputs)})")
+    _, shape = dims(outputs[meta["output"]])
+    if len(shape) != 2 or shape[1] != len(meta["classes"]):
+        answers = (f"{shape[1]} probabilities per image" if len(shape) == 2 and shape[1] else
+                   "probabilities of no fixed count" if len(shape) == 2 else f"a {len(shape)}-axis output")
+        raise ValueError(f"{path}: its graph answers {answers}, its metadata names {len(meta['classes'])} classes")
 
 
 def session(path, device):
