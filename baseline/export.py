@@ -18,7 +18,6 @@ export in one line, with no file half-written.
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from core.signals import STOP
 from search.finalists import differences, ran_configuration, without_length
 from search.vote import read_report, voted_models
 from training import checkpoint, onnxfile
+from training.engine import usable_cores
 
 
 def build_parser():
@@ -116,7 +116,7 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(usable_cores())
     STOP.install()  # SIGTERM as SIGINT: either one unwinds, so the temp file being written is removed
     try:
         return run_main("export.py", main, argv)

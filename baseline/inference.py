@@ -15,7 +15,6 @@ submission.csv holds the class index for the mask layout and the class name for
 the class-per-folder layout; submission_soft.csv one probability column per class.
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from core.files import check_output
 from core.runs import SUBMISSION, write_submission
 from imagedata.constants import DEFAULT_CACHE_DIR
 from imagedata.layouts import DataError
-from training.engine import resolve_device
+from training.engine import resolve_device, usable_cores
 from training.predict import predict_checkpoints
 
 
@@ -63,7 +62,7 @@ def main(argv=None):
 
 
 def cli(argv=None):
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(usable_cores())
     return run_main("inference.py", main, argv, errors=(DataError,))
 
 

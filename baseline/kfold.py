@@ -19,7 +19,6 @@ The out-of-fold score is slightly optimistic: each fold's validation part also p
 """
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +36,7 @@ from core.runs import BEST, SUBMISSION, increment_path, read_summary, write_subm
 from imagedata.decode import load_images
 from imagedata.layouts import DataError, check_dir
 from training import checkpoint, flags
-from training.engine import resolve_device
+from training.engine import resolve_device, usable_cores
 from training.predict import fold_split, predict_checkpoints, predict_images, say
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,7 +201,7 @@ def parse_args(argv):
 
 
 def cli(argv=None):
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(usable_cores())
     try:
         return run_main("kfold.py", main, argv, errors=(DataError,))
     except KeyboardInterrupt:
