@@ -33,6 +33,17 @@ def nni_home(tmp_path_factory):
     return home
 
 
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder on a read-only file system, where mounting is allowed (root: chmod stops no write); else skipped."""
+    path = tmp_path / "ro"
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    yield path
+    subprocess.run(["umount", str(path)], capture_output=True)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")

@@ -262,17 +262,6 @@ def test_the_fold_soups_as_one_file(fold_runs, demo_dir, cache_dir, tmp_path, ca
     assert code == 1 and err.startswith(f"export.py: error: {soups[0]}: trained as fold 1 of 2, not as "), err
 
 
-@pytest.fixture
-def read_only_dir(tmp_path):
-    """A folder on a read-only file system, where mounting is allowed (root: chmod stops no write); else skipped."""
-    path = tmp_path / "ro"
-    path.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], capture_output=True).returncode:
-        pytest.skip("cannot mount a read-only tmpfs here")
-    yield path
-    subprocess.run(["umount", str(path)], capture_output=True)
-
-
 def test_an_out_that_cannot_be_written_is_one_line_before_any_work(checkpoints, read_only_dir, capsys, monkeypatch):
     monkeypatch.setattr(onnxfile, "export", lambda *a, **k: pytest.fail("exported before checking --out"))
     code, out, err = run_cli(export.cli, capsys, checkpoints["BaseModel"], "--out", read_only_dir / "sub" / "m.onnx")

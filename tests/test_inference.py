@@ -223,17 +223,6 @@ def test_photos_of_every_kind_are_predicted(tmp_path, capsys):
     assert np.abs(probs[2] - probs[3]).max() > 1e-4  # a dark grey 16-bit PNG is not white (both white: equal to the digit)
 
 
-@pytest.fixture
-def read_only_dir(tmp_path):
-    """A folder on a read-only file system, where mounting is allowed (root: chmod stops no write); else skipped."""
-    path = tmp_path / "ro"
-    path.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], capture_output=True).returncode:
-        pytest.skip("cannot mount a read-only tmpfs here")
-    yield path
-    subprocess.run(["umount", str(path)], capture_output=True)
-
-
 OUTS = {  # --out -> what the line says after it: each predicted every image, then a traceback
     "a file": (lambda t, ro: (t / "README.md").write_text("x") and t / "README.md", "a file, not a folder"),
     "under a file": (lambda t, ro: (t / "f").write_text("x") and t / "f" / "out", lambda t: f"cannot write there ({t / 'f'} is a file)"),
