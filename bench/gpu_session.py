@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 from bench.searches import DEADLINE_EXIT, ROOT
@@ -87,8 +88,9 @@ class Session:
         try:
             result = run()
             self.status[name] = "done"
-        except Exception as e:  # a phase's failure must not cost the phases after it
-            result, self.status[name] = dict(error=f"{type(e).__name__}: {e}"), f"failed: {type(e).__name__}: {e}"
+        except Exception as e:  # a phase's failure must not cost the phases after it; a bug keeps its traceback
+            result = dict(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:])
+            self.status[name] = f"failed: {type(e).__name__}: {e}"
         result = dict(result or {}, seconds=round(time.monotonic() - t0, 1))
         self.write(name, result)
         self.log(f"{name}: {self.status[name][:300]} ({result['seconds']:.0f} s)")
