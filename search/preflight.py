@@ -7,12 +7,13 @@ The search space is checked against train.py's own parser, without starting a tr
 is a flag, every entry follows NNI's rules for its _type, every value it can draw (a normal's
 mean) coerces to the flag's type and lies in its range, every choice is a valid name, nested
 choices are well formed, no key is given twice across nesting levels, the values of different
-keys pass together (pairwise, sampled), and with start_from_defaults train.py's defaults are in
-the space. One FAIL line per problem; a WARN line where only some draws fail (a normal's tails).
+keys pass together (pairwise, sampled; train.py's optimiser and LR schedule on the model too), and
+with start_from_defaults train.py's defaults are in the space. One FAIL line per problem; a WARN
+line where only some draws fail (a normal's tails).
 
 For each machine in trainingService.machineList (for a local config: this machine, as imgcls-nnictl starts
 its trials: the tools' interpreter first on PATH, in trialCodeDirectory, no ssh or callback) it prints one
-line, OK or FAIL:
+OK line, or one FAIL line per check that fails:
 
   ssh       key login with the configured user/port/key (the `ssh` client,
             BatchMode, no known_hosts written)
@@ -31,8 +32,8 @@ line, OK or FAIL:
   weights   with --pretrained (and no --weights): the ImageNet weights of every backbone the
             search can draw are in that machine's cache, or downloadable from it
 
-Exits 1 if any check fails, naming machine and check. The search-space checks are search/space.py;
-what runs on each machine is search/probe.py.
+Exits 1 if any check fails, naming machine and check; the last line counts the FAIL lines. The
+search-space checks are search/space.py; what runs on each machine is search/probe.py.
 """
 import contextlib
 import errno
@@ -68,11 +69,20 @@ class Result:
     def bad(self, check, message):
         self.failed.append((check, message))
 
-    def line(self):
+    def lines(self):
+        """One FAIL line per problem, so that the summary counts the lines a user reads; else one OK line."""
         if self.failed:
-            msg = "; ".join(f"{c}: {m}" for c, m in self.failed)
-            return f"FAIL {self.machine.name} {msg}"
-        return f"OK   {self.machine.name} " + " | ".join(self.ok)
+            return [f"FAIL {self.machine.name} {c}: {m}" for c, m in self.failed]
+        return [f"OK   {self.machine.name} " + " | ".join(self.ok)]
+
+    def show(self, out):
+        """Prints the lines -> the number of problems."""
+        print(*self.lines(), sep="\n", file=out, flush=True)
+        return len(self.failed)
+
+
+def problems(n):
+    return f"{n} problem{'' if n == 1 else 's'}, see FAIL lines"
 
 
 # ----------------------------------------------------------------------------- config
@@ -322,12 +332,11 @@ def preflight(config_path, port, timeout=10, out=sys.stdout):
         code_dir = Path(config_path).parent / str(config.get("trialCodeDirectory", "."))
         res = check_machine(local, config, space_of(config, config_path), port, False, importlib.metadata.version("nni"),
                             timeout, cwd=code_dir if code_dir.is_dir() else None)
-        print(res.line(), file=out, flush=True)
-        failed += bool(res.failed)
-        print(f"preflight: {'this machine ready' if not failed else f'{failed} problems, see FAIL lines'}", file=out)
+        failed += res.show(out)
+        print(f"preflight: {'this machine ready' if not failed else problems(failed)}", file=out)
         return 1 if failed else 0
     if not machines:
-        print(f"preflight: {'search space ok' if not failed else f'{failed} problems, see FAIL lines'}; "
+        print(f"preflight: {'search space ok' if not failed else problems(failed)}; "
               f"no remote machines to check", file=out)
         return 1 if failed else 0
     local_nni = importlib.metadata.version("nni")
@@ -348,11 +357,10 @@ def preflight(config_path, port, timeout=10, out=sys.stdout):
     try:
         for m in machines:
             res = check_machine(m, config, space, port, bool(ip), local_nni, timeout)
-            print(res.line(), file=out, flush=True)
-            failed += bool(res.failed)
+            failed += res.show(out)
     finally:
         listener.__exit__(None, None, None)
-    summary = f"all {len(machines)} machine(s) ready" if not failed else f"{failed} problems, see FAIL lines"
+    summary = f"all {len(machines)} machine(s) ready" if not failed else problems(failed)
     print(f"preflight: {summary}", file=out)
     return 1 if failed else 0
 

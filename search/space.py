@@ -2,7 +2,8 @@
 check): every key is a flag, every entry follows NNI's rules for its _type, every value it can draw (a normal's
 mean) coerces to the flag's type and lies in its range, every choice is a valid name, nested choices are well
 formed, no key is given twice across nesting levels, the values of different keys pass together (pairwise,
-sampled), and with start_from_defaults train.py's defaults are in the space.
+sampled), and with start_from_defaults train.py's defaults are in the space. "Pass" is every check train.py makes
+before its first step: its flags', then its optimiser's and LR schedule's on the model (built without weights).
 """
 import argparse
 import difflib
@@ -11,6 +12,7 @@ import json
 import math
 import random
 
+from core.labels import NUM_MASK_CLASSES
 from search.nni_io import train_words, trial_command
 
 NNI_TYPES = ("choice", "randint", "uniform", "quniform", "loguniform", "qloguniform", "normal", "qnormal", "lognormal", "qlognormal")
@@ -83,6 +85,7 @@ class SpaceCheck:
         self.actions = self.flags.settable(self.parser)
         self.base = vars(flags.parse_flags(self.parser, train_words(trial_command), f"trialCommand {trial_command!r}"))
         self.problems, self.warnings = [], []
+        self.models = {}  # a model of each set of model flags, built once: covering() asks hundreds of times
 
     def error(self, params):
         """train.py's refusal of NNI parameters (nested choices as NNI sends them) over trialCommand's flags, or None."""
@@ -91,9 +94,31 @@ class SpaceCheck:
             self.flags.apply_params(self.parser, args, params, "search space")
             args.weights = None  # a path on the servers, not here
             self.flags.check_args(self.flags.resolve(args))
+            self.optimisation(args)
         except ValueError as e:
             return str(e).removeprefix("search space: ")
         return None
+
+    def optimisation(self, args):
+        """What train.py refuses only once its model is built, before the first step: build_optimisation's parameter
+        groups (--layer_decay needs a timm backbone's layer grouping), optimiser and LR schedule, by their own code.
+        The model is built on the meta device without weights: its layers decide, and it costs no memory, no download.
+        Its EMA copy is left out: it needs real weights, and refuses no flag."""
+        import torch
+        from model import create_model, num_outputs
+        from optim import create_optimizer, create_scheduler, param_groups
+
+        key = json.dumps([args.model, args.classification, args.head, args.dropout, args.init, args.freeze_backbone, args.resize])
+        if key not in self.models:
+            with torch.device("meta"):  # the class count only sizes the last layer: the mask layout's stands for any
+                self.models[key] = create_model(args.model, num_outputs(args.classification, NUM_MASK_CLASSES), head=args.head,
+                                                dropout=args.dropout, init=args.init, freeze_backbone=args.freeze_backbone,
+                                                resize=args.resize)
+        optimizer = create_optimizer(args.optimizer, param_groups(self.models[key], args.lr, args.weight_decay, args.layer_decay),
+                                     args.lr, args.weight_decay, args.momentum)
+        # --epochs 0 trains as many as --steps takes on the data: any count stands for it here
+        create_scheduler(args.scheduler, optimizer, args.epochs or 1, args.lr_decay_step, args.milestones, args.lr_gamma,
+                         args.warmup_epochs)
 
     def integer(self, key):
         return self.actions[key].type is int and self.actions[key].nargs is None
@@ -271,8 +296,7 @@ def defaults_problem(config, space, well_formed=True):
 def pretrained_models(command, space):
     """The backbones whose ImageNet weights every trial downloads: with --pretrained and without --weights, read as
     train.py reads the command (a command it refuses has its own FAIL line: none here)."""
-    from model import pretrained_stats  # lazy: torch, only for a space with backbones to look at
-    from training.flags import defaults
+    from training.flags import defaults  # lazy: torch, only for a space with backbones to look at
     try:
         base = defaults(train_words(command))
     except ValueError:
@@ -282,4 +306,13 @@ def pretrained_models(command, space):
         return []
     spec = (space or {}).get("model")
     models = spec["_value"] if isinstance(spec, dict) and spec.get("_type") == "choice" else [base["model"]]
-    return [m for m in models if isinstance(m, str) and pretrained_stats(m) is not None]  # BaseModel has no ImageNet weights
+    return [m for m in models if isinstance(m, str) and has_imagenet_weights(m)]
+
+
+def has_imagenet_weights(name):
+    """BaseModel has none; a name train.py refuses has its own FAIL line, and no weights to look for."""
+    from model import pretrained_stats
+    try:
+        return pretrained_stats(name) is not None
+    except ValueError:
+        return False

@@ -206,7 +206,7 @@ def test_a_local_configs_space_problem_is_a_fail_line_and_this_machine_is_checke
     lines = proc.stdout.splitlines()
     assert proc.returncode == 1 and len(lines) == 3, proc.stdout + proc.stderr
     assert lines[0] == "FAIL search space optimizer: parameter 'optimizer': 'Adamw' is not one of SGD, Adam, AdamW"
-    assert lines[1].startswith("OK   this machine python ") and lines[2] == "preflight: 1 problems, see FAIL lines"
+    assert lines[1].startswith("OK   this machine python ") and lines[2] == "preflight: 1 problem, see FAIL lines"
 
 
 def test_a_trial_command_train_py_refuses_is_one_fail_line(tmp_path):
@@ -218,7 +218,7 @@ def test_a_trial_command_train_py_refuses_is_one_fail_line(tmp_path):
     lines = proc.stdout.splitlines()
     assert proc.returncode == 1 and len(lines) == 3 and proc.stderr == "", proc.stdout + proc.stderr
     assert lines[0] == "FAIL search space trialCommand 'python3 train.py --modle x': unrecognized arguments: --modle x"
-    assert lines[2] == "preflight: 1 problems, see FAIL lines"
+    assert lines[2] == "preflight: 1 problem, see FAIL lines"
 
 
 @pytest.mark.slow
@@ -242,7 +242,7 @@ def test_this_machine_is_checked_as_its_trials_run(tmp_path):
     lines = preflight(tmp_path / "c.yml").stdout.splitlines()
     assert lines[1].startswith(f"FAIL this machine trial: trialCommand's {str(bare)!r} is {bare} (env {tmp_path / 'bare'}), "
                                f"not this interpreter's env {sys.prefix}, which imgcls-nnictl puts first on PATH"), lines
-    assert lines[2] == "preflight: 1 problems, see FAIL lines"
+    assert lines[2] == "preflight: 1 problem, see FAIL lines"
 
 
 def test_space_checked_against_the_flags_after_train_py():
@@ -285,6 +285,8 @@ NNI_RULE_MISTAKES = {
     "conflict in a nested option": ({"feed": spec("choice", "loader", "device"),
                                      "criterion": spec("choice", {"_name": "cross_entropy"}, {"_name": "focal", "no_cache": spec("choice", True)})},
                                     "feed=device with criterion=focal no_cache=true: "),
+    "conflict in the schedule": ({"scheduler": spec("choice", "cosine", "plateau"), "warmup_epochs": spec("choice", 0, 2)},
+                                 "scheduler=plateau with warmup_epochs=2: --warmup_epochs needs an epoch schedule"),
     "key at two levels": ({"lr": spec("loguniform", 1e-4, 1e-2), "criterion": spec("choice", {"_name": "focal", "lr": spec("choice", 5.0)})},
                           "lr: given at the top level and in criterion=focal: "),
     "key in two nested choices": ({"criterion": spec("choice", {"_name": "focal", "lr": spec("choice", 0.01)}),
@@ -460,3 +462,59 @@ def test_a_tuner_trial_command_other_than_trial_command_is_one_fail_line():
         "a YAML anchor)"]
     config["tuner"]["classArgs"]["trial_command"] = config["trialCommand"] + " --epochs 9"  # not searched: the same first trial
     assert pf.check_space(config, ROOT / "config_finetune.yml", io.StringIO()) == 0
+
+
+# ----------------------------------------------------------------------------- every problem a FAIL line, all counted
+def gpu_config(tmp_path, models=(), **changes):
+    """config_gpu.yml as a user edits it: `models` added to the search space's model choices."""
+    config = load_config(ROOT / "config_gpu.yml")
+    config["searchSpace"]["model"]["_value"] += list(models)
+    config.update(trialCodeDirectory=str(ROOT), **changes)
+    config["tuner"]["codeDirectory"] = str(ROOT)
+    (tmp_path / "config_gpu.yml").write_text(yaml.safe_dump(config))
+    return tmp_path / "config_gpu.yml", config
+
+
+def summary_counts_fail_lines(proc):
+    lines = proc.stdout.splitlines()
+    fails = [line for line in lines if line.startswith("FAIL ")]
+    n = len(fails)
+    assert lines[-1] == f"preflight: {n} problem{'s' if n != 1 else ''}, see FAIL lines", proc.stdout
+    return fails
+
+
+def test_a_model_train_py_refuses_is_a_fail_line_and_the_machine_is_still_checked(tmp_path):
+    """timm/tf_efficientnet_lite9 in config_gpu.yml's models: its FAIL line, then the same text as `preflight.py:
+    error:` from the weights check, exit 1, without this machine's checks or the summary."""
+    path, _ = gpu_config(tmp_path, ["timm/tf_efficientnet_lite9"])
+    proc = preflight(path)
+    assert proc.returncode == 1 and proc.stderr == "", proc.stdout + proc.stderr
+    fails = summary_counts_fail_lines(proc)
+    assert fails[0].startswith("FAIL search space model: parameter 'model': unknown timm model 'tf_efficientnet_lite9'")
+    assert sum("unknown timm model" in line for line in proc.stdout.splitlines()) == 1, proc.stdout
+    assert any(line.startswith(("OK   this machine python ", "FAIL this machine ")) for line in proc.stdout.splitlines())
+
+
+def test_a_non_timm_model_with_layer_decay_searched_fails_together(tmp_path):
+    """efficientnet_b0 in config_gpu.yml's models while layer_decay 0.85/0.95 is searched: preflight said OK alone
+    and together, and every trial that drew the pair failed in train.py's optimiser."""
+    path, config = gpu_config(tmp_path, ["efficientnet_b0"])
+    out = io.StringIO()
+    assert pf.check_space(config, path, out) == 1, out.getvalue()
+    assert out.getvalue().splitlines() == [
+        "FAIL search space model=efficientnet_b0 with layer_decay=0.85: --layer_decay needs a timm backbone (--model "
+        "timm/<name>): EfficientNet has no layer grouping: each value passes alone, not together; drop one of them from "
+        "its entry, or make them options of one nested choice"]
+
+
+def test_each_problem_of_a_machine_is_a_fail_line_and_counted(tmp_path):
+    """Two problems of this machine were one FAIL line, counted as '1 problems'."""
+    config = {"searchSpace": {"lr": spec("choice", 0.001)}, "trialGpuNumber": 64,  # more GPUs than any host has
+              "trialCommand": f"python3 train.py --data_dir {tmp_path / 'nowhere'}", "trialCodeDirectory": str(ROOT),
+              "trainingService": {"platform": "local"}}
+    (tmp_path / "c.yml").write_text(yaml.safe_dump(config))
+    proc = preflight(tmp_path / "c.yml")
+    assert proc.returncode == 1 and proc.stderr == "", proc.stdout + proc.stderr
+    fails = summary_counts_fail_lines(proc)
+    assert [line.split(":")[0] for line in fails] == ["FAIL this machine gpu", "FAIL this machine data"], proc.stdout
+    assert proc.stdout.splitlines()[-1] == "preflight: 2 problems, see FAIL lines"
