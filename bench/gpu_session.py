@@ -38,7 +38,6 @@ from core.signals import STOP
 from search import nni_io
 
 PHASES = ("machine", "install", "bench", "workflow", "startup")
-NEEDED_WHEELS = ("nni-", "efficientnet_pytorch-")  # what the workflow cannot run without (bench/wheelhouse.txt)
 # The workflow's cuts, largest first: (seeds, trials, finalize --top, --k). The full one is gpu_workflow's defaults.
 CUTS = ((3, 8, 2, 5), (2, 8, 2, 3), (2, 4, 1, 3), (2, 4, 1, 2))  # each stage is at least one wave: 3 is the fewest
 PARALLEL = 4  # config_gpu.yml's trialConcurrency: trials (and folds) share the GPU four at a time
@@ -143,16 +142,10 @@ def install(session, folder, gpu):
     """The wheelhouse into this interpreter, no index; then NNI's GPU-info collector, as its scheduler runs it."""
     result = {}
     if folder:
-        wheels = sorted(Path(folder).glob("*.whl"))
-        missing = [w for w in NEEDED_WHEELS if not any(p.name.lower().startswith(w) for p in wheels)]
-        if missing:
-            raise ValueError(f"--wheelhouse {folder}: no {', '.join(m.rstrip('-') for m in missing)} wheel there "
-                             f"(build it with python -m bench.wheelhouse DIR)")
-        code, out = session.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(folder),
-                                 *map(str, wheels)], "install", timeout=300)
+        code, out = session.run([sys.executable, "-m", "bench.wheelhouse", str(folder), "--install"], "install", timeout=300)
         if code:
-            raise RuntimeError(f"pip install --no-index failed: {out.strip().splitlines()[-1] if out.strip() else code}")
-        result["installed"] = [w.name for w in wheels]
+            raise RuntimeError(f"--wheelhouse {out.strip().splitlines()[-1].removeprefix('wheelhouse.py: error: ') if out.strip() else code}")
+        result["installed"] = out.strip().splitlines()[-1]
     code, out = session.run([sys.executable, "-m", "nni.tools.nni_manager_scripts.collect_gpu_info", "--detail"], "gpu_info", timeout=60)
     info = json.loads(out.strip().splitlines()[-1]) if code == 0 and out.strip() else dict(success=False, output=out[-500:])
     result["nni_gpu_info"] = info

@@ -95,8 +95,8 @@ def test_a_wheelhouse_without_nni_stops_the_session_at_the_install(tmp_path, nni
     (tmp_path / "wheels" / "six-1.0-py3-none-any.whl").write_bytes(b"an unrelated wheel")
     proc, _, out = session(tmp_path, nni_home, "--tiny", "--wheelhouse", str(tmp_path / "wheels"), timeout=120)
     assert proc.returncode == 1
-    assert read(out, "session")["status"]["install"] == (f"failed: ValueError: --wheelhouse {tmp_path / 'wheels'}: no nni, "
-                                                         f"efficientnet_pytorch wheel there (build it with python -m bench.wheelhouse DIR)")
+    assert read(out, "session")["status"]["install"] == (f"failed: RuntimeError: --wheelhouse {tmp_path / 'wheels'}: no nni, "
+                                                         f"efficientnet-pytorch wheel there (build it with python -m bench.wheelhouse DIR)")
     assert set(read(out, "session")["finished"]) == {"machine"}  # nothing was installed, nothing after it ran
 
 
