@@ -77,7 +77,7 @@ def test_tiny_session_brings_home_every_phase(tmp_path, nni_home):
 
 @pytest.mark.slow
 def test_a_deadline_too_short_brings_home_what_finished_and_leaves_no_manager(tmp_path, nni_home):
-    proc, port, out = session(tmp_path, nni_home, "--tiny", "--deadline", "2.5")
+    proc, port, out = session(tmp_path, nni_home, "--tiny", "--deadline", "1.4")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     status = read(out, "session")["status"]
     assert [status[p] for p in ("machine", "install", "bench")] == ["done"] * 3
