@@ -19,14 +19,13 @@ import torch
 from torch.utils.data import WeightedRandomSampler
 
 from core import demo
-from core.cli import make_progress
+from core.cli import UserError, make_progress
 from core.labels import DEFAULT_AGE_BOUNDS
 from imagedata.augment import ColorJitter, GaussianNoise, Normalize, RandomAffine, RandomFlip
 from imagedata.decode import decode_all, load_images, mean_std
 from imagedata.feed import ImageDataset, choose_feed, make_loaders
 from imagedata.layouts import DataError, read_eval, read_folder_train, read_mask_train
 from imagedata.split import split_by_profile, split_random
-
 
 # name -> (layout, reader, splitter): the --dataset choices
 DATASETS = {
@@ -39,7 +38,7 @@ DATASETS = {
 def create_dataset(name, data_dir, age_bounds=DEFAULT_AGE_BOUNDS):
     """-> (layout, data dict, splitter)."""
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
+        raise UserError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
     layout, reader, splitter = DATASETS[name]
     return layout, reader(data_dir, age_bounds), splitter
 
@@ -72,7 +71,7 @@ TRANSFORMS = {
 def create_transform(name):
     """-> a module on float NCHW batches in [0, 255], or None for no augmentation."""
     if name not in TRANSFORMS:
-        raise ValueError(f"unknown augmentation {name!r}; valid: {', '.join(TRANSFORMS)}")
+        raise UserError(f"unknown augmentation {name!r}; valid: {', '.join(TRANSFORMS)}")
     steps = TRANSFORMS[name]()
     return torch.nn.Sequential(*steps) if steps else None
 
@@ -113,7 +112,7 @@ def load_training_data(*, dataset, data_dir, eval_dir, age_bounds, val_ratio, se
     split_seed: seeds the train/validation split instead of seed (None: seed). feed: see choose_feed. stats: the
     (mean, std) to normalise with (model.input_config's, for ImageNet weights), else the data's own."""
     if data_dir is None and DATASETS[dataset][0] != "mask":
-        raise ValueError(f"--dataset {dataset} needs --data_dir (the demo data is in the mask layout)")
+        raise UserError(f"--dataset {dataset} needs --data_dir (the demo data is in the mask layout)")
     data_dir, eval_dir = demo.data_dirs(data_dir, eval_dir)
     layout, data, train_idx, val_idx = read_split(dataset, data_dir, age_bounds, val_ratio, seed if split_seed is None else split_seed,
                                                   kfold, fold)

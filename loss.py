@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core.cli import UserError
 from core.labels import TASK_SIZES, decode_class, split_heads
 
 
@@ -79,9 +80,9 @@ class MultiHeadLoss(nn.Module):
 def create_criterion(name, classification="single", focal_gamma=2.0, smoothing=0.1, class_counts=None):
     """class_counts (training images per class) is needed by weighted_cross_entropy only."""
     if name not in LOSSES:
-        raise ValueError(f"unknown criterion {name!r}; valid: {', '.join(LOSSES)}")
+        raise UserError(f"unknown criterion {name!r}; valid: {', '.join(LOSSES)}")
     if name == "weighted_cross_entropy" and class_counts is None:
-        raise ValueError("weighted_cross_entropy needs class_counts")
+        raise UserError("weighted_cross_entropy needs class_counts")
     make = lambda counts: LOSSES[name](focal_gamma=focal_gamma, smoothing=smoothing,  # noqa: E731
                                        class_weights=None if counts is None else balanced_weights(counts))
     if classification == "multi_head":

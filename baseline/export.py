@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from core.cli import Parser, run_main
+from core.cli import Parser, UserError, run_main
 from core.files import check_output
 from core.runs import BEST, CONFIG, FINALIZE_REPORT
 from core.signals import STOP
@@ -54,23 +54,23 @@ def plan(args):
         if (folder / BEST).is_file() and not (folder / FINALIZE_REPORT).is_file():  # a train.py run dir
             return [(folder / BEST, 1.0)], (folder / BEST).with_suffix(".onnx"), str(folder / BEST)
         if not (folder / FINALIZE_REPORT).is_file() and not any(folder.glob("*/fold0")):
-            raise ValueError(f"{folder}: neither a train.py run dir (no {BEST}) nor a finalize run dir (no {FINALIZE_REPORT}, "
-                             f"no finalist's folds)")
+            raise UserError(f"{folder}: neither a train.py run dir (no {BEST}) nor a finalize run dir (no {FINALIZE_REPORT}, "
+                            f"no finalist's folds)")
         report = read_report(folder)
         select = args.select or report["select"]
         models = voted_models(folder, report, select)
         check_voted(folder, report, select, [path for path, _ in models])
         return models, folder / f"{select}.onnx", f"{folder} (finalize --select {select})"
     if args.select:
-        raise ValueError(f"--select {args.select}: picks from a finalize run dir, and {', '.join(map(str, sources))} is not one")
+        raise UserError(f"--select {args.select}: picks from a finalize run dir, and {', '.join(map(str, sources))} is not one")
     for path in sources:
         if path.is_dir():
-            raise ValueError(f"{path}: a folder among checkpoints: give a finalize run dir alone, or its checkpoints")
+            raise UserError(f"{path}: a folder among checkpoints: give a finalize run dir alone, or its checkpoints")
         if onnxfile.is_onnx(path):
-            raise ValueError(f"{path}: an exported file, not a checkpoint (its metadata's members name the checkpoints it was "
-                             f"exported from)")
+            raise UserError(f"{path}: an exported file, not a checkpoint (its metadata's members name the checkpoints it was "
+                            f"exported from)")
     if len(sources) > 1 and args.out is None:
-        raise ValueError(f"{len(sources)} checkpoints are one vote: say where its file goes with --out FILE.onnx")
+        raise UserError(f"{len(sources)} checkpoints are one vote: say where its file goes with --out FILE.onnx")
     return [(p, 1 / len(sources)) for p in sources], sources[0].with_suffix(".onnx"), " + ".join(map(str, sources))
 
 
@@ -91,23 +91,23 @@ def check_voted(run_dir, report, select, paths):
         meta = checkpoint.read_meta(path)
         args, k = meta.get("args") or {}, report["k"]
         if (args.get("kfold"), args.get("fold")) != (k, fold):
-            raise ValueError(f"{path}: trained as fold {args.get('fold')} of {args.get('kfold') or 'none'}, not as {name}'s "
-                             f"fold {fold} of {k}: finalize did not vote it (put its own fold back, or run finalize again)")
+            raise UserError(f"{path}: trained as fold {args.get('fold')} of {args.get('kfold') or 'none'}, not as {name}'s "
+                            f"fold {fold} of {k}: finalize did not vote it (put its own fold back, or run finalize again)")
         folder = run_dir / name / f"fold{fold}"
         want = planned.get(name) or (ran_configuration(folder) if (folder / CONFIG).is_file() else None)
         ran = json.loads(json.dumps(without_length(args)))  # as config.json reads
         if want is not None and ran != want:
-            raise ValueError(f"{path}: trained with another command than {name}'s plan ({differences(want, ran)}): finalize "
-                             f"did not vote it (put its own fold back, or run finalize again)")
+            raise UserError(f"{path}: trained with another command than {name}'s plan ({differences(want, ran)}): finalize "
+                            f"did not vote it (put its own fold back, or run finalize again)")
         if soup is not None and meta.get("soup") != soup:
-            raise ValueError(f"{path}: a soup of {' + '.join(meta.get('soup') or ['?'])}, finalize voted one of "
-                             f"{' + '.join(soup)} (run finalize --select soup again)")
+            raise UserError(f"{path}: a soup of {' + '.join(meta.get('soup') or ['?'])}, finalize voted one of "
+                            f"{' + '.join(soup)} (run finalize --select soup again)")
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.out is not None and not onnxfile.is_onnx(args.out):
-        raise ValueError(f"--out {args.out}: name it *.onnx (inference tells an exported file by its suffix)")
+        raise UserError(f"--out {args.out}: name it *.onnx (inference tells an exported file by its suffix)")
     members, default_out, exported_from = plan(args)
     out = Path(args.out or default_out)
     check_output(f"--out {out}" if args.out else f"{out} (the default --out)", out)  # before the export, not after it

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from core.cli import Parser, run_main
+from core.cli import Parser, UserError, run_main
 from core.files import check_output
 from core.runs import SUBMISSION, write_submission
 from imagedata.constants import DEFAULT_CACHE_DIR
@@ -48,7 +48,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.batch_size <= 0:
-        raise ValueError("--batch_size must be positive")
+        raise UserError("--batch_size must be positive")
     check_output(f"--out {args.out}", args.out, folder=True)  # now, not after every image is predicted
     image_ids, probs, classes, layout = predict_checkpoints(
         args.checkpoint, args.eval_dir, device=resolve_device(args.device), tta=args.tta, batch_size=args.batch_size,

@@ -28,8 +28,8 @@ import pandas as pd
 import torch
 
 from core import demo
+from core.cli import Parser, UserError, make_progress, run_main
 from core.folds import join_folds
-from core.cli import Parser, make_progress, run_main
 from core.labels import TASKS, natural_key
 from core.metrics import score
 from core.runs import BEST, SUBMISSION, increment_path, read_summary, write_submission
@@ -57,7 +57,7 @@ def check_train_args(train_args):
     for arg in train_args:
         flag = arg.split("=", 1)[0]
         if flag in owned:
-            raise ValueError(f"{flag} is set by kfold.py for every fold; remove it after --")
+            raise UserError(f"{flag} is set by kfold.py for every fold; remove it after --")
 
 
 def train_folds(run_dir, k, train_args):
@@ -68,19 +68,19 @@ def train_folds(run_dir, k, train_args):
                "--kfold", str(k), "--fold", str(fold), "--model_dir", str(run_dir), "--name", f"fold{fold}"]
         code = subprocess.call(cmd)
         if code != 0:
-            raise ValueError(f"fold {fold}: train.py exited with code {code} (its message is above); "
-                             f"the folds trained so far are in {run_dir}")
+            raise UserError(f"fold {fold}: train.py exited with code {code} (its message is above); "
+                            f"the folds trained so far are in {run_dir}")
 
 
 def fold_checkpoints(run_dir):
     """The fold runs' best.pth, each from a run that finished (its summary.json says so and lists it)."""
     folds = sorted((p for p in Path(run_dir).glob("fold*") if p.is_dir()), key=lambda p: natural_key(p.name))
     if not folds:
-        raise ValueError(f"{run_dir}: no fold*/best.pth")
+        raise UserError(f"{run_dir}: no fold*/best.pth")
     paths = []
     for fold in folds:
         if BEST not in read_summary(fold)["files"]:
-            raise ValueError(f"{fold}: its summary.json lists no best.pth")
+            raise UserError(f"{fold}: its summary.json lists no best.pth")
         paths.append(fold / BEST)
     return paths
 
@@ -96,8 +96,8 @@ def out_of_fold(checkpoints, *, device, tta=False, batch_size=256, num_workers=-
         if reference is None:
             reference = dict(paths=data["paths"], classes=ckpt["classes"], layout=layout, split=(a["dataset"], a["kfold"], a["seed"]))
         elif data["paths"] != reference["paths"] or (a["dataset"], a["kfold"], a["seed"]) != reference["split"]:
-            raise ValueError(f"{path}: trained on other data or another split (dataset, K, seed) than {checkpoints[0]}; "
-                             f"out-of-fold parts would not line up")
+            raise UserError(f"{path}: trained on other data or another split (dataset, K, seed) than {checkpoints[0]}; "
+                            f"out-of-fold parts would not line up")
         size = tuple(ckpt["resize"])
         # the whole training set, as train.py cached it, so the cache file is reused instead of rebuilt per fold
         images = load_images(data["paths"], size, a["cache_dir"], not a["no_cache"], make_progress("decoding images"))
@@ -190,13 +190,13 @@ def parse_args(argv):
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (train.py flags go after --)")
     check_train_args(train_args)
     if args.k < 2:
-        raise ValueError(f"--k {args.k}: need at least 2 folds")
+        raise UserError(f"--k {args.k}: need at least 2 folds")
     if args.batch_size <= 0:
-        raise ValueError("--batch_size must be positive")
+        raise UserError("--batch_size must be positive")
     if args.eval_dir:
         check_dir(args.eval_dir, "eval dir")  # fail now, not after hours of training
     if args.reuse and train_args:
-        raise ValueError("--reuse trains nothing: drop the train.py flags after --")
+        raise UserError("--reuse trains nothing: drop the train.py flags after --")
     return args, train_args
 
 

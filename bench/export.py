@@ -22,12 +22,11 @@ import onnxruntime
 import torch
 
 import model
-from core.cli import Parser, run_main
+from core.cli import Parser, UserError, run_main
 from core.labels import mask_class_names
 from imagedata.augment import Normalize
 from training import checkpoint, onnxfile
 from training.engine import class_probs
-
 
 
 def parse_args(argv=None):
@@ -94,7 +93,7 @@ def main(argv=None):
         try:
             specs.append((name, tuple(int(v) for v in size.split("x"))))
         except ValueError:
-            raise ValueError(f"--models {spec}: expected model:HxW, e.g. BaseModel:128x96") from None
+            raise UserError(f"--models {spec}: expected model:HxW, e.g. BaseModel:128x96") from None
     torch.set_num_threads(os.cpu_count() or 1)
     load = os.getloadavg()[0]
     if load > 1.2:  # another process on the cores: the two runtimes would not be measured alike

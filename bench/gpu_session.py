@@ -33,7 +33,7 @@ import traceback
 from pathlib import Path
 
 from bench.searches import DEADLINE_EXIT, ROOT
-from core.cli import Parser, run_main
+from core.cli import Parser, UserError, run_main
 from core.signals import STOP
 from search import nni_io
 
@@ -242,7 +242,7 @@ def main(argv=None):
         parser.set_defaults(deadline=TINY["deadline"])
         cli = parser.parse_args(argv)
     if cli.out is None:
-        raise ValueError("--out is not given and $OUT is not set: the results need a folder")
+        raise UserError("--out is not given and $OUT is not set: the results need a folder")
     cli.out.mkdir(parents=True, exist_ok=True)
     deadline_s = cli.deadline * 60
     work = (cli.work or Path(tempfile.mkdtemp(prefix="gpu-session-"))).resolve()
@@ -255,7 +255,7 @@ def main(argv=None):
         info = session.phase("machine", lambda: machine(session)) or {}
         gpu = info.get("gpu")
         if not (gpu or cli.tiny):
-            raise ValueError("no CUDA GPU here: this session measures a GPU (--tiny runs its phases on the CPU)")
+            raise UserError("no CUDA GPU here: this session measures a GPU (--tiny runs its phases on the CPU)")
         session.phase("install", lambda: install(session, cli.wheelhouse, gpu))
         if session.status["install"] != "done":
             raise RuntimeError("the install failed: nothing after it can run")

@@ -36,7 +36,7 @@ import yaml
 
 from bench.searches import DEADLINE_EXIT, ROOT, data_flags, finalist_eval_f1, run_experiment, soft_f1, train_run, trial_time
 from core import demo
-from core.cli import Parser, run_main
+from core.cli import Parser, UserError, run_main
 from core.runs import FINALIZE_REPORT, SUBMISSION, SUBMISSION_SOFT
 from core.scoring import evaluate
 from search import nni_io
@@ -79,7 +79,7 @@ def search_config(cli, data, work, gpu):
     config = nni_io.load_config(cli.config)
     words = shlex.split(config["trialCommand"])
     if "--epochs" not in words:
-        raise ValueError(f"{cli.config}: its trialCommand has no --epochs for the workflow to shorten")
+        raise UserError(f"{cli.config}: its trialCommand has no --epochs for the workflow to shorten")
     words[words.index("--epochs") + 1] = str(cli.epochs)
     steps = cli.epochs * -(-round(cli.people * 7 * (1 - 1 / cli.k)) // int(nni_io.flag_value(config["trialCommand"], "--batch_size")))
     command = shlex.join([sys.executable, str(ROOT / "train.py"), *words[2:], *(["--resize", *map(str, cli.resize)] if cli.resize else []), "--steps", str(steps),
@@ -90,7 +90,7 @@ def search_config(cli, data, work, gpu):
     models = config["searchSpace"]["model"]["_value"]
     here = [m for m in models[:1 if cli.tiny else None] if package_file(m.removeprefix("timm/"))]
     if not here:
-        raise ValueError(f"{cli.config}: none of {', '.join(models)} has its weights package installed (bench/wheelhouse.txt)")
+        raise UserError(f"{cli.config}: none of {', '.join(models)} has its weights package installed (bench/wheelhouse.txt)")
     if here != models:  # no hub need be reachable: the search takes the backbones whose weights are here
         print(f"searching {', '.join(here)}: the weights of the rest are not installed", flush=True)
     config["searchSpace"]["model"] = {"_type": "choice", "_value": here}
@@ -121,7 +121,7 @@ def finalize(exp_id, config_path, out, cli, select, left_s):
     if code and left_s is not None and left_s - (time.time() - t0) <= 0:
         raise TimeoutError(f"deadline {cli.deadline:g} min reached in finalize --select {select}")
     if code:
-        raise ValueError(f"finalize --select {select} failed (exit {code}); its lines are above")
+        raise UserError(f"finalize --select {select} failed (exit {code}); its lines are above")
     return (time.time() - t0) / 60
 
 
@@ -132,7 +132,7 @@ def drawn_set(cli, work):
     if (data / "train").is_dir():
         had = json.loads(made.read_text()) if made.is_file() else None
         if had != wanted:
-            raise ValueError(f"--work {work} holds a set drawn with {had or 'unknown values'}, not {wanted}: use another --work")
+            raise UserError(f"--work {work} holds a set drawn with {had or 'unknown values'}, not {wanted}: use another --work")
         return data
     demo.make_demo_data(data, cli.people, cli.eval_people, size=tuple(cli.size), seed=cli.set_seed)
     made.write_text(json.dumps(wanted))
@@ -165,7 +165,7 @@ def workflow(cli, work, gpu, save):
     exp, _, result["minutes"]["search"] = run_experiment(config, cli.port, work, stall_s=600, deadline_s=left())
     done = [t for t in exp.trials if t.status == "SUCCEEDED"]
     if not done:
-        raise ValueError(f"search {exp.id}: no trial succeeded; see {work / 'nni' / exp.id / 'trials'}")
+        raise UserError(f"search {exp.id}: no trial succeeded; see {work / 'nni' / exp.id / 'trials'}")
     result["eval_f1"]["search_best"] = [soft_f1(Path(best_trial(exp).log_path) / SUBMISSION_SOFT, truth)]
     times = [trial_time(Path(t.log_path)) for t in done]
     result.update(search=dict(experiment=exp.id, trials=len(exp.trials), succeeded=len(done), epochs=cli.epochs), trials=times,
@@ -217,13 +217,13 @@ def main(argv=None):
         cli = parser.parse_args(argv)
     for name in POSITIVE:
         if getattr(cli, name) < 1:
-            raise ValueError(f"--{name} {getattr(cli, name)}: must be 1 or more")
+            raise UserError(f"--{name} {getattr(cli, name)}: must be 1 or more")
     if cli.deadline is not None and cli.deadline <= 0:
-        raise ValueError(f"--deadline {cli.deadline:g}: must be above 0 minutes")
+        raise UserError(f"--deadline {cli.deadline:g}: must be above 0 minutes")
     import torch  # after the checks: a typo costs no torch import
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     if not (gpu or cli.tiny):
-        raise ValueError("no CUDA GPU here: this measures the GPU workflow (--tiny runs its pipeline on the CPU)")
+        raise UserError("no CUDA GPU here: this measures the GPU workflow (--tiny runs its pipeline on the CPU)")
     work = (cli.work or Path(tempfile.mkdtemp(prefix="gpu-workflow-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
     results = (cli.results or work / "results.json").resolve()

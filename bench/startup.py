@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.searches import ROOT, data_flags, trial_time
 from core import demo
-from core.cli import Parser, run_main
+from core.cli import Parser, UserError, run_main
 
 MODELS = {"BaseModel": ["--model", "BaseModel", "--resize", "128", "96"],
           "lite0": ["--model", "timm/tf_efficientnet_lite0", "--pretrained", "--resize", "224", "224"]}
@@ -40,7 +40,7 @@ def one_run(words, run_dir):
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *words, "--model_dir", str(run_dir.parent), "--name", run_dir.name],
                           capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
-        raise ValueError(f"train.py failed: {proc.stderr.strip()[-500:]}")
+        raise UserError(f"train.py failed: {proc.stderr.strip()[-500:]}")
     return trial_time(run_dir)  # 2 epochs: the later epoch is the second
 
 

@@ -22,7 +22,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from core.cli import Parser, run_main
+from core.cli import Parser, UserError, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 LIST = ROOT / "bench" / "wheelhouse.txt"
@@ -57,11 +57,11 @@ def install(folder):
     this interpreter already has where it satisfies them (an image's own requests or psutil), and fails naming any need
     that neither the interpreter nor the folder holds."""
     if not folder.is_dir():
-        raise ValueError(f"{folder}: no such folder of wheels")
+        raise UserError(f"{folder}: no such folder of wheels")
     here = {canonical(p.name.split("-")[0]) for p in folder.glob("*.whl")}
     missing = [n for n in NEEDED if n not in here]
     if missing:
-        raise ValueError(f"{folder}: no {', '.join(missing)} wheel there (build it with python -m bench.wheelhouse DIR)")
+        raise UserError(f"{folder}: no {', '.join(missing)} wheel there (build it with python -m bench.wheelhouse DIR)")
     wanted = [r for r in requirements(["0", "1", "2"]) if canonical(name(r)) in here]
     pip("install", "-q", "--no-index", "--find-links", str(folder), *wanted)
     print(f"installed from {folder}: {', '.join(wanted)} (what this interpreter had and satisfied them, kept)")
@@ -81,7 +81,7 @@ def requirements(backbones):
 def pip(*args):
     proc = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
     if proc.returncode:
-        raise ValueError(f"pip {args[0]} failed: {(proc.stderr.strip().splitlines() or ['(no output)'])[-1]}")
+        raise UserError(f"pip {args[0]} failed: {(proc.stderr.strip().splitlines() or ['(no output)'])[-1]}")
 
 
 def record(rows):
@@ -120,7 +120,7 @@ def make_folder(folder):
     """The wheels' folder, made where missing -> the topmost folder this made (a failed run removes it), or None."""
     if folder.exists():
         if not folder.is_dir():
-            raise ValueError(f"{folder}: not a folder (give a new or existing directory for the wheels)")
+            raise UserError(f"{folder}: not a folder (give a new or existing directory for the wheels)")
         return None
     top = folder
     while not top.parent.exists():
@@ -128,7 +128,7 @@ def make_folder(folder):
     try:
         folder.mkdir(parents=True)
     except OSError as e:
-        raise ValueError(f"{folder}: cannot make it: {e.strerror}") from None
+        raise UserError(f"{folder}: cannot make it: {e.strerror}") from None
     return top
 
 

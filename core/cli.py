@@ -8,6 +8,12 @@ import argparse
 import sys
 
 
+class UserError(ValueError):
+    """A user's mistake (a file, flag or value): run_main prints it as one line naming the problem. Any other
+    exception, a ValueError from numpy or from this project's own bug, keeps its traceback. A ValueError, so that
+    code catching ValueError around a check still catches it."""
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + line
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -26,10 +32,10 @@ def one_line_reason(error):
 
 
 def run_main(prog, main, argv=None, errors=()):
-    """main(argv); a ValueError (or one of `errors`) becomes `prog: error: message` and exit code 1."""
+    """main(argv); a UserError (or one of `errors`) becomes `prog: error: message` and exit code 1."""
     try:
         main(argv)
-    except (ValueError, *errors) as e:
+    except (UserError, *errors) as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
         return 1
     return 0

@@ -7,40 +7,42 @@ import pickle
 import tempfile
 from pathlib import Path
 
+from core.cli import UserError
+
 
 def check_file(flag, path):
-    """ValueError naming the flag unless path is an existing file."""
+    """UserError naming the flag unless path is an existing file."""
     if not Path(path).is_file():
-        raise ValueError(f"{flag} {path}: {'not a file' if Path(path).exists() else 'no such file'}")
+        raise UserError(f"{flag} {path}: {'not a file' if Path(path).exists() else 'no such file'}")
 
 
 def load_untrusted(path, what, device="cpu", mmap=False):
     """torch.load of a file someone handed us: tensors and plain values only (weights_only=True), so
-    loading never runs code. Any failure is a ValueError that starts with `what` (e.g. "--weights FILE")."""
+    loading never runs code. Any failure is a UserError that starts with `what` (e.g. "--weights FILE")."""
     import torch
 
     if not Path(path).is_file():
-        raise ValueError(f"{what}: {'not a file' if Path(path).exists() else 'no such file'}")
+        raise UserError(f"{what}: {'not a file' if Path(path).exists() else 'no such file'}")
     import zipfile
     is_zip = zipfile.is_zipfile(path)
     with open(path, "rb") as f:
         legacy = f.read(1) == b"\x80"  # torch's pre-1.6 format: pickles, the first its magic number
     if not (is_zip or legacy):  # read as a pickle, any other file fails as "weights only": blamed on Python objects
-        raise ValueError(f"{what}: not a PyTorch file (neither torch's zip format nor its legacy one)")
+        raise UserError(f"{what}: not a PyTorch file (neither torch's zip format nor its legacy one)")
     try:  # mmap needs the zip format; a legacy file loads whole
         return torch.load(path, map_location=device, weights_only=True, mmap=mmap and is_zip)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower():
-            raise ValueError(f"{what}: refused: it holds Python objects other than tensors and plain values, "
-                             f"and loading those could run code") from None
-        raise ValueError(f"{what}: not a PyTorch file (UnpicklingError)") from None
+            raise UserError(f"{what}: refused: it holds Python objects other than tensors and plain values, "
+                            f"and loading those could run code") from None
+        raise UserError(f"{what}: not a PyTorch file (UnpicklingError)") from None
     except Exception as e:  # zip, EOF and torch errors: the file, not our code
-        raise ValueError(f"{what}: not a PyTorch file ({type(e).__name__})") from None
+        raise UserError(f"{what}: not a PyTorch file ({type(e).__name__})") from None
 
 
 def replace_atomically(path, write):
     """write(tmp_path), then rename over path: a kill never leaves half a file, and a full disk
-    leaves the old file, no temp file, and a ValueError naming the file."""
+    leaves the old file, no temp file, and a UserError naming the file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -48,33 +50,33 @@ def replace_atomically(path, write):
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
-        raise ValueError(f"cannot write {path}: {reason}") from None
+        raise UserError(f"cannot write {path}: {reason}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
 def check_output(what, path, folder=False):
-    """ValueError starting with `what` (e.g. "--out FILE") unless path, a file (or with folder, a folder), can be
+    """UserError starting with `what` (e.g. "--out FILE") unless path, a file (or with folder, a folder), can be
     written: checked before the work whose result it holds, not after. Tried by making a file that has no name in
     the folder it goes to (or, before that exists, the nearest one above it), so nothing is left: os.access says yes
     to root on a read-only disk. Creates nothing."""
     path = Path(path)
     if path.exists() and path.is_dir() != folder:
-        raise ValueError(f"{what}: {'a file, not a folder' if folder else 'a folder, not a file'}")
+        raise UserError(f"{what}: {'a file, not a folder' if folder else 'a folder, not a file'}")
     existing = path if folder else path.parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(f"{what}: cannot write there ({existing} is a file)")
+        raise UserError(f"{what}: cannot write there ({existing} is a file)")
     try:
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
-        raise ValueError(f"{what}: cannot write there ({e.strerror or type(e).__name__})") from None
+        raise UserError(f"{what}: cannot write there ({e.strerror or type(e).__name__})") from None
 
 
 def read_mapping(path, what):
-    """A JSON or YAML file (by suffix) holding a mapping -> dict; ValueError naming `what` otherwise.
+    """A JSON or YAML file (by suffix) holding a mapping -> dict; UserError naming `what` otherwise.
     YAML through safe_load: a file never builds Python objects."""
     check_file(what, path)
     path = Path(path)
@@ -89,7 +91,7 @@ def read_mapping(path, what):
             data = json.loads(text)
     except Exception as e:  # yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError: the file, not our code
         reason = " ".join(str(e).split()) or type(e).__name__
-        raise ValueError(f"{what} {path}: not valid {'YAML' if is_yaml else 'JSON'} ({reason})") from None
+        raise UserError(f"{what} {path}: not valid {'YAML' if is_yaml else 'JSON'} ({reason})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{what} {path}: expected a mapping of flag names to values")
+        raise UserError(f"{what} {path}: expected a mapping of flag names to values")
     return data

@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+from core.cli import UserError
 from core.files import replace_atomically
 from core.labels import is_mask_scheme
 
@@ -41,28 +42,28 @@ def write_summary(run_dir, summary):
 
 
 def read_summary(run_dir):
-    """-> the summary dict of a finished run; ValueError naming the run dir otherwise."""
+    """-> the summary dict of a finished run; UserError naming the run dir otherwise."""
     path = Path(run_dir) / SUMMARY
     if not path.is_file():
-        raise ValueError(f"{run_dir}: no {SUMMARY}, so the run did not finish (its log says why)")
+        raise UserError(f"{run_dir}: no {SUMMARY}, so the run did not finish (its log says why)")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f"{path}: not valid JSON") from None
+        raise UserError(f"{path}: not valid JSON") from None
 
 
 def listed_files(folder):
     """The files a finished run's summary.json lists (train.py writes it last, naming every file of the run), or None
-    where there is none (the run did not finish). ValueError "not a valid summary" or "lists no files"."""
+    where there is none (the run did not finish). UserError "not a valid summary" or "lists no files"."""
     path = Path(folder) / SUMMARY
     if not path.is_file():
         return None
     try:
         listed = json.loads(path.read_text()).get("files")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        raise ValueError("is not a valid summary") from None
+        raise UserError("is not a valid summary") from None
     if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
-        raise ValueError("lists no files")
+        raise UserError("lists no files")
     return listed
 
 

@@ -9,6 +9,7 @@ cannot be told apart).
 """
 import numpy as np
 
+from core.cli import UserError
 from core.labels import NUM_MASK_CLASSES, is_mask_scheme, mask_class_names, natural_key
 from core.metrics import confusion, score
 from core.submissions import alignment, answer_column, read_hard, read_soft, read_table, soft_columns, soft_sibling
@@ -31,13 +32,13 @@ def class_list(truth_answers, answers, layout):
     auto refuses to guess when every answer is an integer: class folders are often named 1, 2, ..., 10."""
     answers = truth_answers + answers
     if layout == "auto" and all(a.lstrip("-").isdigit() for a in truth_answers):
-        raise ValueError("every ans in the truth is an integer and no submission_soft.csv names the classes: "
-                         "say --layout mask (indices of the 18 mask classes) or --layout folder (class names such as 1, 10)")
+        raise UserError("every ans in the truth is an integer and no submission_soft.csv names the classes: "
+                        "say --layout mask (indices of the 18 mask classes) or --layout folder (class names such as 1, 10)")
     if layout == "mask":
         bad = [a for a in answers if not (a.isdigit() and int(a) < NUM_MASK_CLASSES)]
         if bad:
-            raise ValueError(f"ans {bad[0]!r} is not a mask-layout class index 0..{NUM_MASK_CLASSES - 1} "
-                             f"(class names need --layout folder)")
+            raise UserError(f"ans {bad[0]!r} is not a mask-layout class index 0..{NUM_MASK_CLASSES - 1} "
+                            f"(class names need --layout folder)")
         return mask_class_names()
     return sorted(set(answers), key=natural_key)
 
@@ -46,13 +47,13 @@ def to_indices(answers, classes, ids, path):
     indices = [answer_column(a, classes) for a in answers]
     if None in indices:
         i = indices.index(None)
-        raise ValueError(f"{path}: ans {answers[i]!r} (image {ids[i]}) is neither a class name nor a class index "
-                         f"of the {len(classes)} classes ({', '.join(classes[:4])}, ...)")
+        raise UserError(f"{path}: ans {answers[i]!r} (image {ids[i]}) is neither a class name nor a class index "
+                        f"of the {len(classes)} classes ({', '.join(classes[:4])}, ...)")
     return np.array(indices)
 
 
 def evaluate(submission, truth, layout="auto"):
-    """-> dict(scores, matrix, classes, images). Raises ValueError on mismatched files."""
+    """-> dict(scores, matrix, classes, images). Raises UserError on mismatched files."""
     ids, answers, probs, classes = read_submission(submission)
     truth_ids, truth_answers = read_hard(truth)
     rows = alignment(truth_ids, ids, submission, truth)

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from core.cli import UserError
 from imagedata.constants import NO_CACHE_FOR_DEVICE
 from imagedata.decode import decode_image
 
@@ -49,15 +50,15 @@ def choose_feed(requested, image_bytes, device, free_bytes=None):
     loader: the DataLoader, its workers gather or decode, the next batch is copied while this one trains."""
     size = f"{(image_bytes or 0) / 2**20:.0f} MiB" if (image_bytes or 0) < 2**30 else f"{image_bytes / 2**30:.1f} GiB"
     if requested == "device" and image_bytes is None:
-        raise ValueError(NO_CACHE_FOR_DEVICE)
+        raise UserError(NO_CACHE_FOR_DEVICE)
     if requested == "loader" or image_bytes is None:
         return "loader", "data feed: loader (" + ("--feed loader)" if requested == "loader" else "no cache: the loader decodes the images)")
     if device.type == "cpu":
         return "device", f"data feed: device (the {size} cache, memory-mapped, indexed in place)"
     room = f"{free_bytes / 2**30:.1f} GiB free on {device}, up to {DEVICE_SHARE:.0%} of it for images, the rest for the model"
     if image_bytes > free_bytes:  # forced or not, the copy itself would fail with CUDA's out-of-memory error
-        raise ValueError(f"--feed device: {size} of decoded images do not fit in the {free_bytes / 2**30:.1f} GiB free on {device}; "
-                         f"use --feed auto or loader, or a smaller --resize")
+        raise UserError(f"--feed device: {size} of decoded images do not fit in the {free_bytes / 2**30:.1f} GiB free on {device}; "
+                        f"use --feed auto or loader, or a smaller --resize")
     if requested == "device" or image_bytes <= DEVICE_SHARE * free_bytes:
         return "device", f"data feed: device ({size} of decoded images copied to {device} once; {room}" + \
             ("; --feed device)" if image_bytes > DEVICE_SHARE * free_bytes else ")")

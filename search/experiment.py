@@ -46,7 +46,7 @@ import tempfile
 import urllib.error
 from pathlib import Path
 
-from core.cli import Parser, run_main
+from core.cli import Parser, UserError, run_main
 from core.runs import SUMMARY, incomplete, listed_files
 from search import nni_io
 from search.trials import best_command, best_trial, flatten, from_id, from_rest, is_number, ranked
@@ -102,21 +102,21 @@ ENDED = {"STOPPED", "VIEWED"}  # no NNI process runs for it: a trial it still li
 
 
 def trial_to_fetch(exp, trial_id):
-    """The trial --fetch copies; ValueError when there is none, it is still being written, or its local dir is gone."""
+    """The trial --fetch copies; UserError when there is none, it is still being written, or its local dir is gone."""
     trial = next((t for t in exp.trials if t.id == trial_id), None)
     if trial is None or not trial.log_path:
-        raise ValueError(f"experiment {exp.id} has no trial {trial_id!r} with an output dir "
-                         f"(trials: {', '.join(t.id for t in exp.trials) or 'none'})")
+        raise UserError(f"experiment {exp.id} has no trial {trial_id!r} with an output dir "
+                        f"(trials: {', '.join(t.id for t in exp.trials) or 'none'})")
     if trial.status not in FINISHED and exp.status not in ENDED:
-        raise ValueError(f"trial {trial_id} is {trial.status}: its files are not all written yet; wait for it to end "
-                         f"or stop the experiment (nnictl stop {exp.id}), then fetch it")
+        raise UserError(f"trial {trial_id} is {trial.status}: its files are not all written yet; wait for it to end "
+                        f"or stop the experiment (nnictl stop {exp.id}), then fetch it")
     if ":" not in trial.log_path and not Path(trial.log_path).is_dir():  # fetch() would copy nothing and call it done
-        raise ValueError(f"trial {trial_id} ({trial.status}): its output dir {trial.log_path} is gone, nothing to fetch")
+        raise UserError(f"trial {trial_id} ({trial.status}): its output dir {trial.log_path} is gone, nothing to fetch")
     return trial
 
 
 def check_copy(folder, trial, partial=False):
-    """ValueError unless folder is the whole of a finished run: summary.json, and every file it lists there and
+    """UserError unless folder is the whole of a finished run: summary.json, and every file it lists there and
     not empty (a listed directory, such as tensorboard/, only there). -> False for an unfinished run's
     files taken with partial."""
     source = trial.log_path
@@ -124,15 +124,15 @@ def check_copy(folder, trial, partial=False):
         if partial:
             return False
         names = sorted(p.name + "/" * p.is_dir() for p in folder.iterdir())
-        raise ValueError(f"trial {trial.id} ({trial.status}): no {SUMMARY}, so the run did not finish; its dir has "
-                         f"{', '.join(names) or 'no files'} (--partial copies them anyway)")
+        raise UserError(f"trial {trial.id} ({trial.status}): no {SUMMARY}, so the run did not finish; its dir has "
+                        f"{', '.join(names) or 'no files'} (--partial copies them anyway)")
     try:
         listed = listed_files(folder)
     except ValueError as e:
-        raise ValueError(f"trial {trial.id}: {source}/{SUMMARY} {e}, the copy is refused") from None
+        raise UserError(f"trial {trial.id}: {source}/{SUMMARY} {e}, the copy is refused") from None
     what = incomplete(folder, listed, may_be_empty=NNI_LOGS)
     if what:
-        raise ValueError(f"trial {trial.id}: the copy of {source} is incomplete ({what}, all listed in its {SUMMARY})")
+        raise UserError(f"trial {trial.id}: the copy of {source} is incomplete ({what}, all listed in its {SUMMARY})")
     return True
 
 
@@ -143,19 +143,19 @@ def fetch_trial(exp, trial_id, out, partial=False):
     trial = trial_to_fetch(exp, trial_id)
     out = Path(out or Path("runs") / f"{exp.id}_{trial_id}")
     if out.exists():
-        raise ValueError(f"{out} exists: give another --out")
+        raise UserError(f"{out} exists: give another --out")
     made = [p for p in out.parents if not p.exists()]  # deepest first: removed again if the fetch fails
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     except OSError as e:
-        raise ValueError(f"--out {out}: cannot create it ({e.strerror or e})") from None
+        raise UserError(f"--out {out}: cannot create it ({e.strerror or e})") from None
     try:
         nni_io.fetch(trial.log_path, tmp, nni_io.machines_of(exp.params))
         complete = check_copy(tmp, trial, partial)
         os.rename(tmp, out)
     except (OSError, subprocess.SubprocessError) as e:  # a local file that cannot be read, ssh missing or hanging
-        raise ValueError(f"trial {trial_id}: could not copy {trial.log_path} ({getattr(e, 'strerror', None) or e})") from None
+        raise UserError(f"trial {trial_id}: could not copy {trial.log_path} ({getattr(e, 'strerror', None) or e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         for p in made if not out.exists() else ():
@@ -193,21 +193,21 @@ def build_parser():
 
 
 def load(args):
-    """The experiment --port or --id names; ValueError in one line when it cannot be read."""
+    """The experiment --port or --id names; UserError in one line when it cannot be read."""
     if args.port is not None:
         where = f"{args.host}:{args.port}"
         try:
             return from_rest(args.port, args.host)
         except (urllib.error.URLError, OSError) as e:
-            raise ValueError(f"no NNI experiment answers on {where} ({getattr(e, 'reason', None) or e})") from None
+            raise UserError(f"no NNI experiment answers on {where} ({getattr(e, 'reason', None) or e})") from None
         except (ValueError, KeyError, TypeError, AttributeError) as e:  # some other HTTP server on that port
-            raise ValueError(f"{where} answers, but not as NNI's REST API ({type(e).__name__}: {e})") from None
+            raise UserError(f"{where} answers, but not as NNI's REST API ({type(e).__name__}: {e})") from None
     try:
         return from_id(args.id)
     except LookupError as e:  # not registered, or registered without a database
-        raise ValueError(e.args[0] if e.args else repr(e)) from None
+        raise UserError(e.args[0] if e.args else repr(e)) from None
     except (OSError, sqlite3.Error) as e:
-        raise ValueError(f"experiment {args.id}: cannot read its nni.sqlite ({e})") from None
+        raise UserError(f"experiment {args.id}: cannot read its nni.sqlite ({e})") from None
 
 
 def main(argv=None):
@@ -225,7 +225,7 @@ def main(argv=None):
         try:
             write_csv(exp, a.csv)
         except OSError as e:
-            raise ValueError(f"--csv {a.csv}: cannot write it ({e.strerror or e})") from None
+            raise UserError(f"--csv {a.csv}: cannot write it ({e.strerror or e})") from None
     if a.json:
         best = best_trial(exp)
         print(json.dumps(None if best is None else {

@@ -3,11 +3,11 @@ one) plus the trial command's own flags, and the fold trainings they need."""
 import json
 from dataclasses import dataclass
 
+from core.cli import UserError
 from core.runs import CONFIG
 from search.nni_io import train_words
 from search.trials import flag_words, flatten, is_number, ranked
 from training import flags
-
 
 
 @dataclass
@@ -55,8 +55,8 @@ def select_finalists(exp, trial_command, top=3, defaults_only=False):
     if defaults_only:
         return [Finalist("defaults", {}, config=defaults)]
     if not finished(exp):
-        raise ValueError(f"nothing to finalize yet: experiment {exp.id} has {len(exp.trials)} trials, none reported a final "
-                         f"result (wait for the search, or pass --defaults_only to finalize train.py's defaults alone)")
+        raise UserError(f"nothing to finalize yet: experiment {exp.id} has {len(exp.trials)} trials, none reported a final "
+                        f"result (wait for the search, or pass --defaults_only to finalize train.py's defaults alone)")
     finalists = []
     for trial in ranked(exp):
         value = trial.metric if is_number(trial.metric) else trial.best_intermediate_for(exp.maximize)

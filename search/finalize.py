@@ -43,7 +43,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from core.cli import Parser, run_main
+from core.cli import Parser, UserError, run_main
 from core.files import replace_atomically
 from core.runs import BEST, CONFIG, HISTORY, SUBMISSION_SOFT, SUMMARY, VAL_SOFT, read_summary
 from core.signals import STOP
@@ -62,7 +62,7 @@ def read_config(path):
     try:
         return nni_io.load_config(path)
     except ValueError as e:
-        raise ValueError(f"--config {e}") from None
+        raise UserError(f"--config {e}") from None
 
 
 def fold_experiment_config(config_path, exp_id, jobs, deadline=None):
@@ -96,7 +96,7 @@ def run_fold_experiment(config, run_dir, port, log=print, deadline_s=None):
         with STOP.deferred():  # a signal during the start waits for its id, so the experiment can be stopped
             code, out = nni_io.nnictl("create", "--config", str(path), "--port", str(port))
             if code:
-                raise ValueError(f"nnictl create --config {path} failed: {' '.join(out.split())[-300:]}")
+                raise UserError(f"nnictl create --config {path} failed: {' '.join(out.split())[-300:]}")
             created, exp_id = True, nni_io.exp_id_of(out)
         log(f"fold experiment on port {port} (web UI http://127.0.0.1:{port}): {config['maxTrialNumber']} trials")
         try:
@@ -134,16 +134,16 @@ def fold_trials(port, exp_id):
 
 # ----------------------------------------------------------------------------- bringing the models home
 def check_fetched(folder):
-    """Every copied file is what a finished fold run writes; ValueError naming the first that is not."""
+    """Every copied file is what a finished fold run writes; UserError naming the first that is not."""
     summary = read_summary(folder)
     checkpoint.read_meta(folder / BEST)
     for name in (VAL_SOFT, SUBMISSION_SOFT, HISTORY):
         try:
             table = pd.read_csv(folder / name)
         except Exception as e:  # pandas' parser errors: the file, not our code
-            raise ValueError(f"{folder / name}: not a CSV ({type(e).__name__})") from None
+            raise UserError(f"{folder / name}: not a CSV ({type(e).__name__})") from None
         if table.empty or (name != HISTORY and "ImageID" not in table):
-            raise ValueError(f"{folder / name}: empty or without ImageID")
+            raise UserError(f"{folder / name}: empty or without ImageID")
     return summary
 
 
@@ -159,7 +159,7 @@ def bring_home(trial, finalists, trial_command, run_dir, machines):
         ran = ran_configuration(tmp)
         finalist = next((f for f in finalists if configuration(trial_command, f.params) == ran), None)
         if finalist is None:
-            raise ValueError(f"trial {trial.id}: its config.json matches no finalist")
+            raise UserError(f"trial {trial.id}: its config.json matches no finalist")
         check_fetched(tmp)
         target = run_dir / finalist.name / f"fold{config['fold']}"
         target.parent.mkdir(exist_ok=True)
@@ -204,9 +204,9 @@ def load_search(args):
     try:
         return from_rest(args.port) if args.port else from_id(args.id)
     except (urllib.error.URLError, OSError) as e:
-        raise ValueError(f"no NNI experiment answers on port {args.port} ({e})") from None
+        raise UserError(f"no NNI experiment answers on port {args.port} ({e})") from None
     except LookupError as e:
-        raise ValueError(str(e)) from None
+        raise UserError(str(e)) from None
 
 
 @contextlib.contextmanager
@@ -217,8 +217,8 @@ def locked(run_dir):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            raise ValueError(f"{run_dir}: another finalize.py (pid {f.read().strip() or '?'}) is running there; "
-                             f"wait for it or use another --out") from None
+            raise UserError(f"{run_dir}: another finalize.py (pid {f.read().strip() or '?'}) is running there; "
+                            f"wait for it or use another --out") from None
         f.truncate(0)
         f.write(str(os.getpid()))
         f.flush()
@@ -237,17 +237,17 @@ def plan(run_dir, args, exp, finalists, trial_command):
         saved = json.loads(path.read_text())
         finalists = [Finalist(**f) for f in saved["finalists"]]
     except (ValueError, TypeError, KeyError, AttributeError):  # JSON and UTF-8 errors are ValueErrors
-        raise ValueError(f"{path}: damaged (not the plan finalize wrote there): restore it, or delete it to plan the "
-                         f"folds anew") from None
+        raise UserError(f"{path}: damaged (not the plan finalize wrote there): restore it, or delete it to plan the "
+                        f"folds anew") from None
     changed = [f"--{k} {saved.get(k)} (now {v})" if k != "experiment" else f"experiment {saved.get(k)} (now {v})"
                for k, v in fixed.items() if saved.get(k) != v]
     if changed:
-        raise ValueError(f"{run_dir} was planned for {', '.join(changed)}: use another --out")
+        raise UserError(f"{run_dir} was planned for {', '.join(changed)}: use another --out")
     for f in finalists:
         now = configuration(trial_command, f.params)
         if now != f.config:
-            raise ValueError(f"{run_dir} was planned with another trial command: {f.name} {differences(f.config, now)}; "
-                             f"use the config it was planned with, or another --out")
+            raise UserError(f"{run_dir} was planned with another trial command: {f.name} {differences(f.config, now)}; "
+                            f"use the config it was planned with, or another --out")
     return finalists
 
 
@@ -255,7 +255,7 @@ def train_missing(args, config, run_dir, finalists, exp_id):
     """The fold experiment over what is not home yet, then every finished fold brought home, also when it ended early."""
     problem = nni_io.port_problem(args.fold_port, " (--fold_port)")
     if problem:
-        raise ValueError(problem)
+        raise UserError(problem)
     jobs = fold_jobs(finalists, args.k, folds_home(run_dir, finalists, args.k))
     machines = nni_io.machines_of(config)
     fold_config = fold_experiment_config(args.config, exp_id, jobs, args.deadline)
@@ -269,22 +269,22 @@ def train_missing(args, config, run_dir, finalists, exp_id):
     if status == "INTERRUPTED":
         raise KeyboardInterrupt(came_home)
     if status == "DEADLINE" and missing:  # a user's limit, as a failed fold is: exit 1, and a rerun goes on
-        raise ValueError(f"deadline {args.deadline:g} min reached: {came_home}")
+        raise UserError(f"deadline {args.deadline:g} min reached: {came_home}")
     if missing:
         failed = [f"{t.log_path}/trial.stderr" for t in trials if t.status != "SUCCEEDED"]
         why = f"; why: {', '.join(failed[:2])}{f' and {len(failed) - 2} more' if len(failed) > 2 else ''}" if failed else ""
         if status == "DONE" and len(trials) < len(jobs) and fold_config.get("maxExperimentDuration"):
             why += f"; {len(jobs) - len(trials)} never started: its maxExperimentDuration {fold_config['maxExperimentDuration']} ran out"
-        raise ValueError(f"{len(missing)} fold trainings did not come home (the fold experiment ended {status}{why}); "
-                         f"run finalize again to train only those")
+        raise UserError(f"{len(missing)} fold trainings did not come home (the fold experiment ended {status}{why}); "
+                        f"run finalize again to train only those")
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.k < 2 or args.top < 1:
-        raise ValueError(f"--k {args.k} --top {args.top}: need K >= 2 and at least one finalist")
+        raise UserError(f"--k {args.k} --top {args.top}: need K >= 2 and at least one finalist")
     if args.deadline is not None and not 0 < args.deadline < math.inf:  # written so that nan is refused too
-        raise ValueError(f"--deadline {args.deadline:g}: give the minutes the fold experiment may run, above 0")
+        raise UserError(f"--deadline {args.deadline:g}: give the minutes the fold experiment may run, above 0")
     config = read_config(args.config)
     exp = load_search(args)
     run_dir = Path(args.out or Path("runs") / f"finalize_{exp.id}")

@@ -21,20 +21,22 @@ from pathlib import Path
 
 import yaml
 
+from core.cli import UserError
+
 
 # ----------------------------------------------------------------------------- the config
 def load_config(path):
-    """An NNI v3 experiment config (YAML, read safely) -> dict; ValueError in one line naming the file when it
+    """An NNI v3 experiment config (YAML, read safely) -> dict; UserError in one line naming the file when it
     cannot be read, is no YAML, or is no experiment (no trialCommand, no training service, a remote one
     without machines)."""
     path = Path(path)
     try:
         config = yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"{path}: not a readable YAML file ({reason_of(e)})") from None
+        raise UserError(f"{path}: not a readable YAML file ({reason_of(e)})") from None
     problem = config_problem(config)
     if problem:
-        raise ValueError(f"{path}: {problem}")
+        raise UserError(f"{path}: {problem}")
     return config
 
 
@@ -89,12 +91,12 @@ def search_space(config, config_path):
     if "searchSpace" in config:
         return config["searchSpace"]
     if "searchSpaceFile" not in config:
-        raise ValueError("no searchSpace or searchSpaceFile")
+        raise UserError("no searchSpace or searchSpaceFile")
     path = Path(config_path).parent / config["searchSpaceFile"]
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"searchSpaceFile {path}: {e}") from None
+        raise UserError(f"searchSpaceFile {path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- its machines
@@ -128,13 +130,13 @@ def gpu_indices(value):
 
 
 def machines_of(config):
-    """The machineList of every remote training service ([] for a config that runs here); ValueError for a remote
+    """The machineList of every remote training service ([] for a config that runs here); UserError for a remote
     service without machines."""
     machines = []
     for svc in (s for s in services_of(config) if isinstance(s, dict) and s.get("platform") == "remote"):
         for m in svc.get("machineList") or []:
             if not isinstance(m, dict) or "host" not in m:
-                raise ValueError(f"trainingService.machineList: {m!r} is not a machine with a host")
+                raise UserError(f"trainingService.machineList: {m!r} is not a machine with a host")
             machines.append(Machine(
                 host=str(m["host"]), port=int(m.get("port", 22)), user=str(m.get("user", "")),
                 ssh_key_file=m.get("sshKeyFile", "~/.ssh/id_rsa"), password=m.get("password"),
@@ -142,7 +144,7 @@ def machines_of(config):
                 gpu_indices=gpu_indices(m.get("gpuIndices")), use_active_gpu=bool(m.get("useActiveGpu", False)),
             ))
     if is_remote(config) and not machines:
-        raise ValueError("trainingService.machineList is empty")
+        raise UserError("trainingService.machineList is empty")
     return machines
 
 
@@ -260,20 +262,20 @@ def log_dir_of(db):
 def fetch(source, target, machines=(), names=None):
     """A trial's output dir -> target (an existing, empty dir): every file, or only those named.
     source: a local dir, or NNI's remote "host:~/path" (copied with tar over SSH as machines[host] logs in).
-    ValueError naming what could not be copied; what was copied so far is left for the caller to remove."""
+    UserError naming what could not be copied; what was copied so far is left for the caller to remove."""
     target = Path(target)
     if ":" not in source or Path(source).is_dir():
         src = Path(source)
         for name in names or [p.relative_to(src) for p in sorted(src.rglob("*")) if p.is_file()]:
             if not (src / name).is_file():
-                raise ValueError(f"{src / name}: missing")
+                raise UserError(f"{src / name}: missing")
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src / name, target / name)
         return
     host, path = source.split(":", 1)
     candidates = [m for m in machines if m.host == host]
     if not candidates:
-        raise ValueError(f"trial output {source}: no machine {host} in the experiment's machineList")
+        raise UserError(f"trial output {source}: no machine {host} in the experiment's machineList")
     path = path.removeprefix("~/")  # ssh runs the command in the user's home
     command = f"tar -C {shlex.quote(path)} -cf - -- " + (shlex.join(names) if names else ".")
     with tempfile.TemporaryFile() as archive:
@@ -285,10 +287,10 @@ def fetch(source, target, machines=(), names=None):
                 break
         else:
             reason = [line for line in proc.stderr.decode(errors="replace").splitlines() if line.strip()]
-            raise ValueError(f"{host}:{path}: could not copy ({reason[0] if reason else f'ssh exit {proc.returncode}'})")
+            raise UserError(f"{host}:{path}: could not copy ({reason[0] if reason else f'ssh exit {proc.returncode}'})")
         archive.seek(0)
         try:
             with tarfile.open(fileobj=archive) as tar:
                 tar.extractall(target, filter="data")  # "data": no absolute paths, links out or devices
         except (tarfile.TarError, OSError) as e:
-            raise ValueError(f"{host}:{path}: the copy is damaged ({e})") from None
+            raise UserError(f"{host}:{path}: the copy is damaged ({e})") from None

@@ -30,7 +30,7 @@ from them, the search's best trial is never worse than the defaults on the
 validation metric, and TPE's first model of good and bad has a good point in
 it (SMAC's initial design evaluates the default configuration first for the
 same reason). A default outside the search space stops the tuner with a
-ValueError naming it. With ``trial_command`` (config_finetune.yml passes its own
+UserError naming it. With ``trial_command`` (config_finetune.yml passes its own
 trialCommand through a YAML alias), the first trial is that command's flags
 instead, so a search whose space leaves train.py's defaults (a pretrained
 backbone, its input size) starts from the configuration the config names.
@@ -53,6 +53,7 @@ from nni.algorithms.hpo.hyperband_advisor import Hyperband
 from nni.algorithms.hpo.tpe_tuner import TpeTuner
 from nni.common.hpo_utils import format_parameters
 
+from core.cli import UserError
 from search.nni_io import train_words
 
 
@@ -70,18 +71,18 @@ def default_parameters(space, defaults):
     params = {}
     for key, spec in space.items():
         if key not in defaults:
-            raise ValueError(f"start_from_defaults: search space key {key!r} is not a train.py flag")
+            raise UserError(f"start_from_defaults: search space key {key!r} is not a train.py flag")
         value, kind, values = defaults[key], spec["_type"], spec["_value"]
         if kind == "choice" and all(isinstance(v, dict) for v in values):  # nested: {_name: ..., own keys}
             option = next((v for v in values if v["_name"] == value), None)
             if option is None:
-                raise ValueError(f"start_from_defaults: train.py's default {key}={value!r} is not among {[v['_name'] for v in values]}")
+                raise UserError(f"start_from_defaults: train.py's default {key}={value!r} is not among {[v['_name'] for v in values]}")
             params[key] = {"_name": value, **default_parameters({k: v for k, v in option.items() if k != "_name"}, defaults)}
             continue
         if kind == "choice" and value not in values:
-            raise ValueError(f"start_from_defaults: train.py's default {key}={value!r} is not among {values}")
+            raise UserError(f"start_from_defaults: train.py's default {key}={value!r} is not among {values}")
         if kind != "choice" and not can_draw(kind, values, value):
-            raise ValueError(f"start_from_defaults: train.py's default {key}={value!r} is outside {kind} {values}")
+            raise UserError(f"start_from_defaults: train.py's default {key}={value!r} is outside {kind} {values}")
         params[key] = value
     return params
 

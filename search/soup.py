@@ -9,16 +9,18 @@ import numpy as np
 
 import dataset
 from core import demo
+from core.cli import UserError
 from core.folds import join_folds
 from core.metrics import score
-from core.submissions import alignment, read_val_soft
 from core.runs import BEST, SOUP, VAL_SOFT
+from core.submissions import alignment, read_val_soft
 from imagedata.augment import Normalize
 from imagedata.layouts import read_eval
 from training import checkpoint, flags
 from training.average import averaged, recompute_batchnorm
 from training.engine import resolve_device
 from training.predict import fold_split, image_loader, predict_images
+
 
 def shape_of(meta):
     """What averaged weights must share: the flags their shapes depend on, and the classes and input statistics."""
@@ -44,9 +46,9 @@ class Fold:
         a = meta["args"]
         data_dir, eval_dir = demo.data_dirs(a["data_dir"], a.get("eval_dir"), make=False)
         if not Path(data_dir).is_dir():
-            raise ValueError(f"--select soup recomputes BatchNorm statistics on each fold's training images, and the folds' "
-                             f"data dir {data_dir} is not on this machine: run finalize where the data is, or pick --select "
-                             f"winner or greedy")
+            raise UserError(f"--select soup recomputes BatchNorm statistics on each fold's training images, and the folds' "
+                            f"data dir {data_dir} is not on this machine: run finalize where the data is, or pick --select "
+                            f"winner or greedy")
         _, data, self.train_idx, self.val_idx, self.ids = fold_split(meta, fold_dirs)
         self.paths, self.labels, self.size, self.eval_dir, self.meta = data["paths"], data["truth"], tuple(meta["resize"]), eval_dir, meta
         self.images = dataset.load_images(self.paths, self.size, a["cache_dir"], not a["no_cache"])

@@ -6,6 +6,7 @@ from dataclasses import asdict
 
 import numpy as np
 
+from core.cli import UserError
 from core.files import replace_atomically
 from core.folds import join_folds
 from core.metrics import score
@@ -20,11 +21,11 @@ def fold_files(folder, finalist):
     trained with the finalist's planned command (a fold of another command is never voted)."""
     for name in (SUMMARY, CONFIG, VAL_SOFT, SUBMISSION_SOFT):
         if not (folder / name).is_file():
-            raise ValueError(f"{folder / name}: missing (delete {folder} and run finalize again to retrain that fold)")
+            raise UserError(f"{folder / name}: missing (delete {folder} and run finalize again to retrain that fold)")
     ran = ran_configuration(folder)
     if finalist.config is not None and ran != finalist.config:
-        raise ValueError(f"{folder}: trained with another command than {finalist.name}'s plan ({differences(finalist.config, ran)}); "
-                         f"delete it and run again, or use another --out")
+        raise UserError(f"{folder}: trained with another command than {finalist.name}'s plan ({differences(finalist.config, ran)}); "
+                        f"delete it and run again, or use another --out")
     return read_summary(folder), read_val_soft(folder / VAL_SOFT), read_soft(folder / SUBMISSION_SOFT)
 
 
@@ -36,10 +37,10 @@ def finalist_scores(run_dir, finalist, k):
         folder = run_dir / finalist.name / f"fold{fold}"
         summary, (ids, labels, probs, classes), (eval_ids, eval_probs, eval_classes) = fold_files(folder, finalist)
         if len(ids) != summary["val_images"]:
-            raise ValueError(f"{folder / VAL_SOFT}: {len(ids)} held-out images, its run held out {summary['val_images']} "
-                             f"(damaged? delete {folder} and run again to retrain it)")
+            raise UserError(f"{folder / VAL_SOFT}: {len(ids)} held-out images, its run held out {summary['val_images']} "
+                            f"(damaged? delete {folder} and run again to retrain it)")
         if (parts and classes != parts[0][0]) or eval_classes != classes:
-            raise ValueError(f"{folder}: its val_soft.csv and submission_soft.csv name other classes than {finalist.name}'s fold0")
+            raise UserError(f"{folder}: its val_soft.csv and submission_soft.csv name other classes than {finalist.name}'s fold0")
         fold_f1.append(score(labels, probs.argmax(1), len(classes))["f1"])
         parts.append((classes, (folder / VAL_SOFT, fold, ids, labels, probs)))
         if evals:  # the same eval images, in fold0's order
@@ -76,10 +77,10 @@ def rank_and_vote(run_dir, finalists, k, select):
     first = results[finalists[0].name]
     for name, r in results.items():
         if r["ids"] != first["ids"] or r["classes"] != first["classes"] or r["eval_ids"] != first["eval_ids"]:
-            raise ValueError(f"{name}: its folds cover other images or classes than {finalists[0].name}'s")
+            raise UserError(f"{name}: its folds cover other images or classes than {finalists[0].name}'s")
         if not np.array_equal(r["labels"], first["labels"]):
-            raise ValueError(f"{name}: its held-out images carry other labels than {finalists[0].name}'s "
-                             f"(other data?): out-of-fold scores would not compare")
+            raise UserError(f"{name}: its held-out images carry other labels than {finalists[0].name}'s "
+                            f"(other data?): out-of-fold scores would not compare")
     rows = [dict(asdict(f), oof_f1=macro_f1(first["labels"], results[f.name]["probs"]), fold_f1_mean=float(np.mean(results[f.name]["fold_f1"])),
                  fold_f1_sd=float(np.std(results[f.name]["fold_f1"], ddof=1)) if k > 1 else 0.0) for f in finalists]
     winner = max(rows, key=lambda row: row["oof_f1"])
@@ -129,18 +130,18 @@ def write_report(run_dir, report):
 
 
 def read_report(run_dir):
-    """A finalize run dir's finalize.json -> the report dict; ValueError when finalize has not finished a selection
+    """A finalize run dir's finalize.json -> the report dict; UserError when finalize has not finished a selection
     there (its folds may be home, but nothing was voted yet)."""
     path = run_dir / FINALIZE_REPORT
     if not path.is_file():
-        raise ValueError(f"{run_dir}: no {FINALIZE_REPORT}, so finalize has not finished a selection there "
-                         f"(run imgcls-finalize to the end first)")
+        raise UserError(f"{run_dir}: no {FINALIZE_REPORT}, so finalize has not finished a selection there "
+                        f"(run imgcls-finalize to the end first)")
     try:
         report = json.loads(path.read_text())
     except ValueError:  # JSON and UTF-8 errors
         report = None
     if not isinstance(report, dict) or any(key not in report for key in ("select", "k", "winner", "greedy_weights")):
-        raise ValueError(f"{path}: damaged (not the report finalize wrote there): run imgcls-finalize again to rewrite it")
+        raise UserError(f"{path}: damaged (not the report finalize wrote there): run imgcls-finalize again to rewrite it")
     return report
 
 
@@ -153,11 +154,11 @@ def voted_models(run_dir, report, select=None):
     if select == "soup":
         soup = report.get("soup")
         if soup is None:
-            raise ValueError(f"{run_dir}: finalize ran --select {report['select']} there, so it made no soups "
-                             f"(run imgcls-finalize again with --select soup: it trains nothing new)")
+            raise UserError(f"{run_dir}: finalize ran --select {report['select']} there, so it made no soups "
+                            f"(run imgcls-finalize again with --select soup: it trains nothing new)")
         if "checkpoints" not in soup:
-            raise ValueError(f"{run_dir}: its soups were not saved (finalize from before export): run imgcls-finalize "
-                             f"again with --select soup (it trains nothing new)")
+            raise UserError(f"{run_dir}: its soups were not saved (finalize from before export): run imgcls-finalize "
+                            f"again with --select soup (it trains nothing new)")
         return [(run_dir / path, 1 / len(soup["checkpoints"])) for path in soup["checkpoints"]]
     chosen = {report["winner"]: 1.0} if select == "winner" else report["greedy_weights"]
     total = sum(chosen.values())

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import crafted_checkpoint
+
 from model import create_model
 from optim import create_optimizer, create_scheduler
 from training import checkpoint, flags
@@ -220,3 +220,66 @@ def test_a_checkpoint_from_before_hashes_reads_with_one_warning_line(tmp_path, c
     checkpoint.load_model(tmp_path / "v1.pth")  # read twice, warned once
     assert capsys.readouterr().err == (f"warning: checkpoint {tmp_path / 'v1.pth'}: format 1, from before checkpoints carried a "
                                        f"content hash: read unchecked\n")
+
+
+def plateau_run(lr, weight_decay, momentum, gamma, patience, scales=(0.25, 1.0)):
+    """An SGD model with two layer groups (their LRs lr_scale x lr) under ReduceLROnPlateau."""
+    torch.manual_seed(0)
+    model = create_model("BaseModel", 18, head="32", dropout=0.1)
+    params = list(model.parameters())
+    groups = [dict(params=params[:2], lr=lr * scales[0], lr_scale=scales[0], weight_decay=weight_decay),
+              dict(params=params[2:], lr=lr * scales[1], lr_scale=scales[1], weight_decay=weight_decay)]
+    optimizer = create_optimizer("SGD", groups, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    return model, optimizer, create_scheduler("plateau", optimizer, epochs=10, lr_decay_step=patience, gamma=gamma)
+
+
+def test_restore_takes_the_optimiser_settings_given_now_and_keeps_what_the_run_accumulated(tmp_path):
+    """--resume with a new --lr, --weight_decay, --momentum, --lr_gamma, --lr_decay_step under plateau: the saved optimiser
+    and schedule state used to override them all. The plateau's cut so far stays, as a share of the LR given now, and each
+    layer group keeps its share of it; the momentum buffers and the plateau's count carry on."""
+    model, optimizer, scheduler = plateau_run(lr=0.01, weight_decay=1e-4, momentum=0.9, gamma=0.1, patience=1)
+    model(torch.rand(2, 3, 64, 48)).sum().backward()
+    optimizer.step()
+    for metric in (0.5, 0.4, 0.4, 0.3):  # two epochs no better: the plateau cuts the LR by 0.1; one more counts
+        scheduler.step(metric)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01 * 0.25 * 0.1, 0.01 * 0.1])
+    meta = checkpoint.describe(dict(flags.defaults(), head="32", dropout=0.1, lr=0.01, weight_decay=1e-4, momentum=0.9), DATA)
+    checkpoint.save(tmp_path / "best.pth", model, meta, epoch=1, best_metric=0.5)
+    checkpoint.save_epoch(tmp_path, model, meta, improved=False, epoch=4, best=0.5, history=[{"epoch": e} for e in range(1, 5)],
+                          optimizer=optimizer, scheduler=scheduler, stale=3, generators=[])
+    model, optimizer, scheduler = plateau_run(lr=0.02, weight_decay=0.05, momentum=0.5, gamma=0.5, patience=3)
+    start = checkpoint.restore(tmp_path / "last.pth", lr=0.02, model=model, optimizer=optimizer, scheduler=scheduler,
+                               generators=[], device="cpu")
+    assert start.epoch == 5
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.02 * 0.25 * 0.1, 0.02 * 0.1])
+    assert [(g["weight_decay"], g["momentum"], g["lr_scale"]) for g in optimizer.param_groups] == [(0.05, 0.5, 0.25), (0.05, 0.5, 1.0)]
+    assert optimizer.state and all("momentum_buffer" in s for s in optimizer.state.values())
+    assert (scheduler.factor, scheduler.patience, scheduler.num_bad_epochs, scheduler.best) == (0.5, 3, 1, 0.5)
+    assert scheduler.get_last_lr() == [g["lr"] for g in optimizer.param_groups]
+    saved = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert saved["optimizer"]["param_groups"][0]["weight_decay"] == 1e-4  # the file is as it was: only this run changed
+
+
+def test_restore_starts_from_what_best_pth_holds(tmp_path):
+    """--average_epochs may leave best.pth better than any epoch: the resumed run's best to beat is best.pth's, not the
+    best epoch's that last.pth recorded (a worse later epoch replaced the better average)."""
+    model, _ = saved_epoch(tmp_path)  # best 0.7 in both files
+    meta = {k: v for k, v in checkpoint.read_meta(tmp_path / "best.pth").items() if k not in ("state_dict", checkpoint.HASH_KEY)}
+    checkpoint.save(tmp_path / "best.pth", model, dict(meta, best_metric=0.8, averaged_epochs=[3, 2]))
+    optimizer = create_optimizer("AdamW", model.parameters(), lr=0.01)
+    start = checkpoint.restore(tmp_path / "last.pth", lr=0.01, model=model, optimizer=optimizer, generators=[], device="cpu",
+                               scheduler=create_scheduler("cosine", optimizer, epochs=10))
+    assert start.best == 0.8
+
+
+def test_an_interruption_after_training_says_what_is_done_and_how_to_finish(tmp_path):
+    saved_epoch(tmp_path, epoch=5)
+    last = tmp_path / "last.pth"
+    assert checkpoint.resume_hint(tmp_path, "the eval prediction") == (
+        f"training finished ({last} holds its last epoch, 5; {tmp_path / 'best.pth'} its best, epoch 5), but the eval "
+        f"prediction was interrupted: write what is missing with --resume {last}")
+    with pytest.raises(KeyboardInterrupt) as e:
+        with checkpoint.interruption_says(tmp_path):
+            with checkpoint.interruption_says(tmp_path, "writing summary.json"):
+                raise KeyboardInterrupt(2)
+    assert e.value.__notes__ == [checkpoint.resume_hint(tmp_path, "writing summary.json")]  # the innermost stage's

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from training import flags
 
 
@@ -91,6 +91,7 @@ def test_command_line_flags_win_over_the_config_even_at_their_default(tmp_path):
     (["--milestones", "0"], "--milestones 0: epochs count from 1"),
     (["--dropout", "1"], "--dropout 1.0: must be in [0, 1)"),
     (["--dataset", "ImageFolderDataset", "--classification", "multi_head"], "multi_head needs a mask-layout dataset"),
+    (["--ema_warmup"], "--ema_warmup warms up --ema's moving average, which is off (--ema 0)"),  # config.json said both
 ])
 def test_ranges_refused_with_the_flag_named(argv, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):

@@ -213,11 +213,12 @@ BAD_INPUTS = {
     "lr nan": (lambda d, t: (["--lr", "nan"], "--lr nan: must be positive")),
     "zero steps": (lambda d, t: (["--steps", "0"], "--steps 0: must be positive")),
     "negative warmup": (lambda d, t: (["--warmup_epochs", "-1"], "--warmup_epochs -1: must be 0 or more")),
+    "ema warmup without ema": (lambda d, t: (["--ema_warmup"], "--ema_warmup warms up --ema's moving average, which is off")),
     "config is a directory": (lambda d, t: (["--config", t], f"--config {t}: not a file")),
     "resume is a directory": (lambda d, t: (["--resume", t], f"--resume {t}: not a file")),
     # as root, chmod blocks no write: a folder under a file is one that fails for everyone (ENOTDIR)
     "model dir under a file": (lambda d, t: (["--model_dir", write(t / "f", "") / "runs"],
-                                             f"--model_dir {t / 'f' / 'runs'}: cannot write there (Not a directory)")),
+                                             f"--model_dir {t / 'f' / 'runs'}: cannot write there ({t / 'f'} is a file)")),
     "cache dir under a file": (lambda d, t: (["--cache_dir", write(t / "f", "") / "cache"],
                                              f"--cache_dir {t / 'f' / 'cache'}: cannot write there (Not a directory)")),
 }
@@ -702,3 +703,110 @@ def test_prediction_under_autocast_agrees_with_fp32(demo_dir, cache_dir, tmp_pat
     top2 = np.sort(exact, axis=1)[:, -2:]
     assert ((top2[:, 1] - top2[:, 0])[~agree] < 0.05).all()
     assert np.abs(exact - fast).max() < 0.05
+
+
+# ----------------------------------------------------------------------------- a resume: what it keeps, what it takes now
+def in_process(demo_dir, cache_dir, tmp_path, *args):
+    """train.main on the tiny demo data (with its eval dir) in this process; --resume: its flags only."""
+    given = [str(a) for a in args]
+    if "--resume" not in given:
+        given = [*TINY, "--data_dir", str(demo_dir / "train"), "--eval_dir", str(demo_dir / "eval"), "--cache_dir", str(cache_dir),
+                 "--model_dir", str(tmp_path), "--name", "r", *given]
+    return train.main(flags.parse_args(given))
+
+
+@pytest.mark.parametrize("scheduler, lr_epoch_2", [("plateau", 0.01), ("cosine", 0.01 * 0.5)])
+def test_resume_trains_with_the_optimiser_settings_given_now(scheduler, lr_epoch_2, demo_dir, cache_dir, tmp_path):
+    """--resume with a new --lr, --weight_decay and --momentum: the optimiser state loaded from last.pth overrode them
+    (it trained on at weight decay 1e-4 and, under plateau, lr 0.002) while config.json and the checkpoint's args said
+    0.05 and 0.01. Now config.json, last.pth's args and the optimiser's own groups agree, and so does history's lr."""
+    in_process(demo_dir, cache_dir, tmp_path, "--epochs", "1", "--optimizer", "SGD", "--scheduler", scheduler)
+    last = tmp_path / "r" / "last.pth"
+    in_process(demo_dir, cache_dir, tmp_path, "--resume", last, "--epochs", "2", "--lr", "0.01", "--weight_decay", "0.05",
+               "--momentum", "0.5")
+    config, ckpt = json.loads((tmp_path / "r" / "config.json").read_text()), torch.load(last, weights_only=True)
+    for recorded in (config, ckpt["args"]):
+        assert (recorded["lr"], recorded["weight_decay"], recorded["momentum"]) == (0.01, 0.05, 0.5)
+    groups = ckpt["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], g["momentum"], g["initial_lr"] if scheduler == "cosine" else g["lr"]) for g in groups] == \
+           [(0.05, 0.5, 0.01)] * len(groups)
+    assert [float(r["lr"]) for r in read_csv(tmp_path / "r" / "history.csv")] == pytest.approx([0.002, lr_epoch_2])
+
+
+def test_resume_of_an_averaged_run_beats_the_average_and_says_what_best_pth_holds(demo_dir, cache_dir, tmp_path):
+    """A finished --average_epochs run resumed for more epochs: its best started from the best epoch's metric, not the
+    average's that best.pth held (a worse later epoch could replace the better average), and summary.json named the
+    resumed epochs as averaged while best.pth held epochs 1-2. Now best.pth, summary.json, val_soft.csv and history
+    agree after every resume, and the best never falls below the average: resumed once for an epoch at a high
+    --lr, then for two more, which are averaged among themselves against it."""
+    in_process(demo_dir, cache_dir, tmp_path, "--epochs", "2", "--ema", "0.9", "--ema_warmup", "--average_epochs", "2", "--lr", "0.01")
+    run = tmp_path / "r"
+    average = torch.load(run / "best.pth", weights_only=True)["best_metric"]
+    for epochs, lr in ((3, "0.1"), (5, "0.01")):
+        in_process(demo_dir, cache_dir, tmp_path, "--resume", run / "last.pth", "--epochs", epochs, "--lr", lr)
+        best = torch.load(run / "best.pth", weights_only=True)
+        summary, history = json.loads((run / "summary.json").read_text()), read_csv(run / "history.csv")
+        assert [int(r["epoch"]) for r in history] == list(range(1, epochs + 1)) and not (run / "epochs").exists()
+        assert best["best_metric"] >= max(average, *(float(r["val_accuracy"]) for r in history))
+        assert summary["averaged_epochs"] == best.get("averaged_epochs", [best["epoch"]])
+        assert (summary["best"]["value"], summary["best"]["epoch"]) == (best["best_metric"], best["epoch"])
+        val_soft = read_csv(run / "val_soft.csv")
+        probs = np.array([[float(v) for v in list(r.values())[2:]] for r in val_soft])
+        accuracy = float((probs.argmax(1) == [int(r["label"]) for r in val_soft]).mean())
+        assert summary["best"]["val_accuracy"] == pytest.approx(accuracy) == best["best_metric"]  # --metric accuracy
+
+
+def test_resume_of_an_early_stopped_run_trains_no_more_and_writes_its_outputs(demo_dir, cache_dir, tmp_path, capsys):
+    """A run that stopped early, resumed (a stop signal cut its outputs short): it trained one more epoch past the stop."""
+    in_process(demo_dir, cache_dir, tmp_path, "--epochs", "6", "--early_stopping", "1", "--lr", "1e-7")
+    run = tmp_path / "r"
+    epochs = len(read_csv(run / "history.csv"))
+    assert epochs < 6 and "early stopping" in capsys.readouterr().out
+    (run / "summary.json").unlink()
+    in_process(demo_dir, cache_dir, tmp_path, "--resume", run / "last.pth", "--epochs", "6")
+    assert len(read_csv(run / "history.csv")) == epochs and json.loads((run / "summary.json").read_text())["epochs"] == epochs
+    assert "early stopping: no better accuracy for 1 epochs, before this resume" in capsys.readouterr().out
+
+
+def has_figures(run):
+    images = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload().Tags()["images"]
+    return {"val/confusion_matrix", "val/predictions"} <= set(images)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fold", [[], ["--kfold", "2", "--fold", "1"]])
+def test_stop_right_after_the_last_epoch_then_resume_writes_every_output(demo_dir, cache_dir, tmp_path, run_train, fold):
+    """SIGINT right after the last epoch's line, then the printed --resume: it ended well with summary.json, but without
+    val_soft.csv (a --kfold fold's out-of-fold part) and the TensorBoard figures, which only a new best used to write."""
+    proc = start_train(demo_dir, cache_dir, tmp_path, "--epochs", "2", "--eval_dir", demo_dir / "eval", *fold)
+    read_row_line(proc, prefix="epoch 2 |")
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    run = tmp_path / "runs" / "exp"
+    assert proc.returncode == -signal.SIGINT and not (run / "summary.json").exists()
+    assert stderr.strip().splitlines()[-1].endswith(f"--resume {run / 'last.pth'}")
+    proc = run_train("--resume", run / "last.pth", data=False)
+    summary = json.loads((run / "summary.json").read_text())
+    assert {"val_soft.csv", "submission.csv", "submission_soft.csv"} <= set(summary["files"]) and has_figures(run)
+    assert len(read_csv(run / "val_soft.csv")) == summary["val_images"] and len(read_csv(run / "history.csv")) == 2
+    assert f"resuming {run} at epoch 3: its 2 epochs are done" in proc.stdout
+
+
+@pytest.mark.slow
+def test_stop_during_the_eval_prediction_says_training_finished_and_resume_finishes_it(cache_dir, tmp_path, run_train):
+    """SIGINT after `best val ... -> best.pth`, during the eval prediction, said `stopped before training started`."""
+    from core.demo import make_demo_data
+    data = make_demo_data(tmp_path / "big", profiles=24, eval_profiles=30, size=(64, 48), seed=3)  # a prediction to stop
+    proc = start_train(data, cache_dir, tmp_path, "--epochs", "1", "--eval_dir", data / "eval", "--valid_batch_size", "4")
+    read_row_line(proc, prefix="best val")
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    run, last = tmp_path / "runs" / "exp", tmp_path / "runs" / "exp" / "last.pth"
+    assert proc.returncode == -signal.SIGINT and not (run / "submission.csv").exists()
+    assert stderr.strip().splitlines()[-1] == (f"train.py: interrupted; training finished ({last} holds its last epoch, 1; "
+                                               f"{run / 'best.pth'} its best, epoch 1), but the eval prediction was "
+                                               f"interrupted: write what is missing with --resume {last}")
+    run_train("--resume", last, data=False)
+    submission = read_csv(run / "submission.csv")
+    assert [r["ImageID"] for r in submission] == [r["ImageID"] for r in read_csv(data / "eval" / "info.csv")]
+    assert "submission.csv" in json.loads((run / "summary.json").read_text())["files"]

@@ -19,6 +19,7 @@ import pytest
 
 from bench import wheelhouse
 from conftest import ROOT, run_cli
+from core.cli import UserError
 
 
 def make_wheel(path, files):
@@ -80,7 +81,7 @@ def test_a_file_as_the_folder_is_one_line_error(capsys):
 def test_a_failed_download_leaves_no_folder_it_made_and_keeps_one_it_found(tmp_path, capsys, monkeypatch):
     def offline(*args):
         (tmp_path / "new" / "wheels" / "half.whl").write_bytes(b"")  # what pip had fetched before it failed
-        raise ValueError("pip download failed: ERROR: No matching distribution found for nni==3.0")
+        raise UserError("pip download failed: ERROR: No matching distribution found for nni==3.0")
     monkeypatch.setattr(wheelhouse, "pip", offline)
     code, _, err = run_cli(wheelhouse.cli, capsys, tmp_path / "new" / "wheels")
     assert code == 1 and "No matching distribution" in err

@@ -1,12 +1,20 @@
-"""Averaged weights: the mean of state dicts, BatchNorm statistics recomputed for them, and a run's best epochs kept
-for --average_epochs (AutoGluon's top-3 checkpoint averaging: a greedy model soup inside one run). search/soup.py
-averages across finalists with the same two pieces."""
+"""Averaged weights: --ema's moving average, the mean of state dicts, BatchNorm statistics recomputed for them, and a
+run's best epochs kept for --average_epochs (AutoGluon's top-3 checkpoint averaging: a greedy model soup inside one
+run). search/soup.py averages across finalists with the same two pieces."""
 import shutil
 
 import torch
 
 from core.files import load_untrusted, replace_atomically
 from training.engine import model_input
+
+
+def moving_average(model, decay, warmup):
+    """--ema: timm's ModelEmaV3 of the model (a copy, updated after every step), or None when decay is 0."""
+    if not decay:
+        return None
+    from timm.utils import ModelEmaV3  # timm takes a second or two to import: only when asked
+    return ModelEmaV3(model, decay=decay, use_warmup=warmup)
 
 
 def averaged(states):

@@ -1,5 +1,6 @@
 """The checkpoint format (best.pth, last.pth), whole: what it holds, saving an epoch, reading and
-checking a file, loading its model, and what --resume restores and refuses.
+checking a file, loading its model, what --resume restores and refuses, and what a stopped run's
+last line says.
 
 A checkpoint is a dict of plain types and tensors, so that it loads with
 torch.load(weights_only=True): a .pth file someone hands you never runs code.
@@ -14,6 +15,7 @@ torch.load(weights_only=True): a .pth file someone hands you never runs code.
     optimizer, scheduler, history, train_state          last.pth only: what --resume continues from
                                                         (train_state: early-stopping count, every RNG's state)
 """
+import contextlib
 import hashlib
 import math
 import random
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.cli import one_line_reason
+from core.cli import UserError, one_line_reason
 from core.files import load_untrusted, replace_atomically
 from core.runs import BEST, LAST
 from model import create_model, num_outputs
@@ -33,6 +35,9 @@ FORMAT_VERSION = 3  # 2: content_hash of the tensors; 3: of every key
 HASH_KEY = "content_hash"
 REQUIRED = ("state_dict", "model", "classification", "head", "dropout", "classes", "layout", "resize", "mean", "std")
 TRAINING_STATE = ("state_dict", "optimizer", "scheduler", "history", "train_state", "ema")
+# ReduceLROnPlateau's settings (from --lr_gamma, --lr_decay_step): a resume takes them from the flags given now
+PLATEAU_SETTINGS = ("factor", "patience", "threshold", "threshold_mode", "cooldown", "min_lrs", "default_min_lr", "eps", "mode",
+                    "mode_worse")
 UNCHECKED = set()  # files of format 0 or 1 already warned about in this process
 
 
@@ -105,7 +110,7 @@ def tensors(value, where=""):
 
 
 def check_hash(path, ckpt):
-    """ValueError naming the file and what changed, unless its content hash matches. A hash in the file is always
+    """UserError naming the file and what changed, unless its content hash matches. A hash in the file is always
     checked, whatever its format says: the format is an entry like any other, and lowering it must not turn the check
     off. A file without one is read if its format is from before hashes (0, 1: what older releases wrote, but also what
     a hash removed with the format lowered looks like), with one warning line, since nothing in it can be checked;
@@ -118,19 +123,19 @@ def check_hash(path, ckpt):
                 print(f"warning: checkpoint {path}: format {version}, from before checkpoints carried a content hash: "
                       f"read unchecked", file=sys.stderr, flush=True)
             return
-        raise ValueError(f"checkpoint {path}: format {version} without its content hash (removed?): refused, as a "
-                         f"changed file would be")
+        raise UserError(f"checkpoint {path}: format {version} without its content hash (removed?): refused, as a "
+                        f"changed file would be")
     if isinstance(saved, str) and version <= 2:  # format 2's: the tensors' hash; a format-3 file of it is refused below
         if saved != tensor_hash(ckpt):
-            raise ValueError(f"checkpoint {path}: damaged (its tensors do not match the content hash saved with them)")
+            raise UserError(f"checkpoint {path}: damaged (its tensors do not match the content hash saved with them)")
         return
     if not isinstance(saved, dict):
-        raise ValueError(f"checkpoint {path}: damaged or edited since it was saved (its content hash is not one of format 3)")
+        raise UserError(f"checkpoint {path}: damaged or edited since it was saved (its content hash is not one of format 3)")
     now = content_hash(ckpt)
     changed = sorted(k for k in now.keys() | saved.keys() if now.get(k) != saved.get(k))
     if changed:
         what = ", ".join(changed[:6]) + (", ..." if len(changed) > 6 else "")
-        raise ValueError(f"checkpoint {path}: damaged or edited since it was saved ({what} do not match its content hash)")
+        raise UserError(f"checkpoint {path}: damaged or edited since it was saved ({what} do not match its content hash)")
 
 
 def save_epoch(run_dir, model, meta, *, improved, epoch, best, history, optimizer, scheduler, stale, generators, ema=None):
@@ -144,16 +149,16 @@ def save_epoch(run_dir, model, meta, *, improved, epoch, best, history, optimize
 
 
 def read(path, device="cpu", mmap=False):
-    """-> the checkpoint dict; ValueError naming the file if it is missing, unreadable, not a train.py
+    """-> the checkpoint dict; UserError naming the file if it is missing, unreadable, not a train.py
     checkpoint, from a newer format, damaged or edited (any key not hashing as saved), or holds anything but plain
     types and tensors."""
     ckpt = load_untrusted(path, f"checkpoint {path}", device, mmap)
     missing = [k for k in REQUIRED if k not in ckpt] if isinstance(ckpt, dict) else ["state_dict"]
     if missing:
-        raise ValueError(f"checkpoint {path}: not a train.py checkpoint (no {', '.join(missing)})")
+        raise UserError(f"checkpoint {path}: not a train.py checkpoint (no {', '.join(missing)})")
     if ckpt.get("format", 0) > FORMAT_VERSION:
-        raise ValueError(f"checkpoint {path}: format {ckpt['format']} is newer than this code's {FORMAT_VERSION} "
-                         f"(update the code)")
+        raise UserError(f"checkpoint {path}: format {ckpt['format']} is newer than this code's {FORMAT_VERSION} "
+                        f"(update the code)")
     check_hash(path, ckpt)
     return ckpt
 
@@ -169,11 +174,11 @@ def check_compatible(paths, metas):
     first, ref = paths[0], metas[0]
     for path, meta in zip(paths[1:], metas[1:]):
         if meta["classes"] != ref["classes"]:
-            raise ValueError(f"checkpoints disagree on classes: {first} has {len(ref['classes'])} "
-                             f"({', '.join(map(str, ref['classes'][:4]))}, ...), {path} has {len(meta['classes'])} "
-                             f"({', '.join(map(str, meta['classes'][:4]))}, ...); only models of one task can be soft-voted")
+            raise UserError(f"checkpoints disagree on classes: {first} has {len(ref['classes'])} "
+                            f"({', '.join(map(str, ref['classes'][:4]))}, ...), {path} has {len(meta['classes'])} "
+                            f"({', '.join(map(str, meta['classes'][:4]))}, ...); only models of one task can be soft-voted")
         if meta["layout"] != ref["layout"]:
-            raise ValueError(f"checkpoints disagree on the data layout: {first} is {ref['layout']}, {path} is {meta['layout']}")
+            raise UserError(f"checkpoints disagree on the data layout: {first} is {ref['layout']}, {path} is {meta['layout']}")
 
 
 def build_model(ckpt):
@@ -189,7 +194,7 @@ def load_model(path, device="cpu"):
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
-        raise ValueError(f"checkpoint {path}: its weights do not fit {ckpt['model']} ({one_line_reason(e)})") from None
+        raise UserError(f"checkpoint {path}: its weights do not fit {ckpt['model']} ({one_line_reason(e)})") from None
     return model.to(device).eval(), ckpt
 
 
@@ -205,29 +210,41 @@ class Start:
 
 def restore(path, *, lr, model, optimizer, scheduler, generators, device, ema=None):
     """last.pth -> model, optimiser, schedule (re-planned for this run's --epochs), random state, the weights'
-    moving average with --ema -> Start."""
+    moving average with --ema -> Start. The optimiser and the schedule were built from the flags given now, and their
+    settings win over the saved ones (--lr, --weight_decay, --momentum, plateau's --lr_gamma and --lr_decay_step): only
+    the state the run accumulated carries on (moments, the plateau's count, the LR's share of --lr each group trains at).
+    The best to beat is what best.pth holds, which --average_epochs may have made better than any epoch."""
     state = read(path, device)
     missing = [k for k in ("optimizer", "scheduler", "history", "epoch", "best_metric", *(["ema"] if ema else [])) if k not in state]
     if missing:
-        raise ValueError(f"--resume {path}: not a last.pth (no {', '.join(missing)}); only last.pth can be resumed")
+        raise UserError(f"--resume {path}: not a last.pth (no {', '.join(missing)}); only last.pth can be resumed")
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    planned = {k: v for k, v in scheduler.state_dict().items() if k in PLATEAU_SETTINGS} if plateau else {}
     try:
         model.load_state_dict(state["state_dict"])
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.load_state_dict(state["scheduler"])
+        if plateau:
+            scheduler.load_state_dict(dict(state["scheduler"], **planned))
     except (KeyError, ValueError, RuntimeError) as e:
-        raise ValueError(f"--resume {path}: does not fit the run's model and optimiser ({one_line_reason(e)})") from None
-    done = state["epoch"]
-    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        raise UserError(f"--resume {path}: does not fit the run's model and optimiser ({one_line_reason(e)})") from None
+    done, was = state["epoch"], (state.get("args") or {}).get("lr", lr)
+    for group, now in zip(optimizer.param_groups, settings):  # the plateau's cuts so far, as a share of the LR
+        group.update(now, lr=now["lr"] * group["lr"] / (was * group.get("lr_scale", 1.0)) if plateau else now["lr"])
+    if plateau:
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    else:
         scheduler.base_lrs, scheduler.last_epoch = [lr * g.get("lr_scale", 1.0) for g in optimizer.param_groups], done
         for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group["lr"] = base * factor(done)
     train_state = state.get("train_state") or {}
     if train_state.get("rng"):
         set_rng_state(train_state["rng"], generators)
-    return Start(epoch=done + 1, best=state["best_metric"], history=state["history"], stale=train_state.get("stale", 0))
+    best = Path(path).parent / BEST
+    return Start(epoch=done + 1, best=read_meta(best).get("best_metric", -math.inf) if best.is_file() else -math.inf,
+                 history=state["history"], stale=train_state.get("stale", 0))
 
 
 def rng_state(generators):
@@ -249,9 +266,26 @@ def set_rng_state(state, generators):
         generator.set_state(saved)
 
 
-def resume_hint(run_dir):
-    """The truth about what an interrupted run left, read from disk."""
+@contextlib.contextmanager
+def interruption_says(run_dir, cut_short=None):
+    """A stop signal's last line says what is true of the run dir (resume_hint): the epoch to resume from,
+    or, once training is done, which stage after it was cut short; the innermost stage to say it wins."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        if not getattr(e, "__notes__", None):
+            e.add_note(resume_hint(run_dir, cut_short))
+        raise
+
+
+def resume_hint(run_dir, cut_short=None):
+    """The truth about what an interrupted run left, read from disk. cut_short: what was stopped after the training
+    ended (the eval prediction, ...), which --resume of the finished run then writes."""
     last = Path(run_dir) / LAST
     if not last.is_file():
         return "no epoch finished, so there is nothing to resume"
+    if cut_short:
+        best = read_meta(Path(run_dir) / BEST)
+        return (f"training finished ({last} holds its last epoch, {read_meta(last)['epoch']}; {Path(run_dir) / BEST} its best, "
+                f"epoch {best['epoch']}), but {cut_short} was interrupted: write what is missing with --resume {last}")
     return f"{last} holds epoch {read_meta(last)['epoch']}: continue with --resume {last}"

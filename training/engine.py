@@ -7,14 +7,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import class_log_probs
+from core.cli import UserError
 from loss import finite_loss
+from model import class_log_probs
 
 
 def resolve_device(name):
     """auto|cpu|cuda -> torch.device; asking for CUDA where there is none is a user error."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device available")
+        raise UserError("--device cuda: no CUDA device available")
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 

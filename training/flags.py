@@ -20,7 +20,7 @@ import io
 import math
 import os
 
-from core.cli import Parser
+from core.cli import Parser, UserError
 from core.files import check_file, read_mapping
 from core.labels import DEFAULT_AGE_BOUNDS
 from dataset import DATASETS, TRANSFORMS
@@ -181,15 +181,15 @@ def add_run_flags(g):
 
 # ----------------------------------------------------------------------------- values from files and NNI
 def coerce(action, value):
-    """A value from a config file or NNI -> the type its flag would give, or ValueError."""
+    """A value from a config file or NNI -> the type its flag would give, or UserError."""
     key = action.dest
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
-            raise ValueError(f"parameter {key!r} must be true/false, got {value!r}")
+            raise UserError(f"parameter {key!r} must be true/false, got {value!r}")
         return value
     if action.nargs is not None:
         if not isinstance(value, (list, tuple)) or (action.nargs == 2 and len(value) != 2):
-            raise ValueError(f"parameter {key!r} must be a list of {action.nargs} values, got {value!r}")
+            raise UserError(f"parameter {key!r} must be a list of {action.nargs} values, got {value!r}")
         return [coerce_one(action, key, v) for v in value]
     return coerce_one(action, key, value)
 
@@ -202,15 +202,15 @@ def coerce_one(action, key, value):
         value = int(value)
     ok = isinstance(value, str) if kind is str else (isinstance(value, (int, float)) and not isinstance(value, bool))
     if not ok or (kind is int and not isinstance(value, int)):
-        raise ValueError(f"parameter {key!r} must be {kind.__name__}, got {value!r}")
+        raise UserError(f"parameter {key!r} must be {kind.__name__}, got {value!r}")
     value = kind(value)
     if action.choices is not None and value not in action.choices:
-        raise ValueError(f"parameter {key!r}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+        raise UserError(f"parameter {key!r}: {value!r} is not one of {', '.join(map(str, action.choices))}")
     if key in NAMES:
         try:
             NAMES[key](value)
         except ValueError as e:
-            raise ValueError(f"parameter {key!r}: {e}") from None
+            raise UserError(f"parameter {key!r}: {e}") from None
     return value
 
 
@@ -223,18 +223,18 @@ def apply_params(parser, args, params, source):
         if isinstance(value, dict):
             value = dict(value)
             if "_name" not in value:
-                raise ValueError(f"{source}: parameter {key!r} is a dict without '_name'")
+                raise UserError(f"{source}: parameter {key!r} is a dict without '_name'")
             flat[key] = value.pop("_name")
             flat.update(value)
         else:
             flat[key] = value
     for key, value in flat.items():
         if key not in actions:
-            raise ValueError(f"{source}: unknown parameter {key!r}; valid: {', '.join(actions)}")
+            raise UserError(f"{source}: unknown parameter {key!r}; valid: {', '.join(actions)}")
         try:
             setattr(args, key, coerce(actions[key], value))
         except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
+            raise UserError(f"{source}: {e}") from None
     return args
 
 
@@ -247,7 +247,7 @@ def trial_budget(params):
     params = dict(params)
     budget = params.pop("TRIAL_BUDGET")
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1e6:
-        raise ValueError(f"TRIAL_BUDGET must be a positive number of epochs, got {budget!r}")
+        raise UserError(f"TRIAL_BUDGET must be a positive number of epochs, got {budget!r}")
     params["epochs"] = math.ceil(budget - 1e-6)
     return params
 
@@ -312,31 +312,34 @@ def parse_flags(parser, words, what):
             return parser.parse_args(words)
     except SystemExit:
         said = (err.getvalue().strip().splitlines() or ["its flags do not parse"])[-1]
-        raise ValueError(f"{what}: {said.split(' error: ', 1)[-1]}") from None
+        raise UserError(f"{what}: {said.split(' error: ', 1)[-1]}") from None
 
 
 # ----------------------------------------------------------------------------- ranges
 def check_args(args):
     for key, (ok, must) in limits().items():
         if not ok(getattr(args, key)):
-            raise ValueError(f"--{key} {getattr(args, key)}: must be {must}")
+            raise UserError(f"--{key} {getattr(args, key)}: must be {must}")
     check_model_name(args.model)
     if args.resize is not None and min(args.resize) <= 0:
-        raise ValueError(f"--resize {args.resize[0]} {args.resize[1]}: sizes must be positive")
+        raise UserError(f"--resize {args.resize[0]} {args.resize[1]}: sizes must be positive")
     if not 0 < args.val_ratio < 1:
-        raise ValueError(f"--val_ratio {args.val_ratio}: must be between 0 and 1")
+        raise UserError(f"--val_ratio {args.val_ratio}: must be between 0 and 1")
     if not 0 < args.age_bounds[0] < args.age_bounds[1]:
-        raise ValueError(f"--age_bounds {args.age_bounds[0]} {args.age_bounds[1]}: need 0 < LOW < HIGH")
+        raise UserError(f"--age_bounds {args.age_bounds[0]} {args.age_bounds[1]}: need 0 < LOW < HIGH")
     if min(args.milestones) < 1:
-        raise ValueError(f"--milestones {' '.join(map(str, args.milestones))}: epochs count from 1")
+        raise UserError(f"--milestones {' '.join(map(str, args.milestones))}: epochs count from 1")
     if args.kfold and not (args.kfold >= 2 and 0 <= args.fold < args.kfold):
-        raise ValueError(f"--kfold {args.kfold} --fold {args.fold}: need K >= 2 and 0 <= fold < K")
+        raise UserError(f"--kfold {args.kfold} --fold {args.fold}: need K >= 2 and 0 <= fold < K")
     if args.weights:
         check_file("--weights", args.weights)
     if args.feed == "device" and args.no_cache:  # here too, not only when the data is read: preflight runs this
-        raise ValueError(NO_CACHE_FOR_DEVICE)
+        raise UserError(NO_CACHE_FOR_DEVICE)
+    if args.ema_warmup and not args.ema:  # else config.json would record a warmup of nothing
+        raise UserError("--ema_warmup warms up --ema's moving average, which is off (--ema 0): give --ema DECAY too, "
+                        "or drop --ema_warmup")
     if args.classification == "multi_head" and DATASETS[args.dataset][0] != "mask":
-        raise ValueError(f"--classification multi_head needs a mask-layout dataset, not {args.dataset}")
+        raise UserError(f"--classification multi_head needs a mask-layout dataset, not {args.dataset}")
 
 
 def check_resume(saved, explicit):
@@ -349,5 +352,5 @@ def check_resume(saved, explicit):
     changed = [k for k in fixed if k in explicit and not same(k)]
     if changed:
         k = changed[0]
-        raise ValueError(f"--resume: --{k} {explicit[k]} differs from the run's {getattr(saved, k)}; resuming cannot change "
-                         f"{', '.join(fixed)} (start a new run with --config on its config.json instead)")
+        raise UserError(f"--resume: --{k} {explicit[k]} differs from the run's {getattr(saved, k)}; resuming cannot change "
+                        f"{', '.join(fixed)} (start a new run with --config on its config.json instead)")

@@ -9,8 +9,8 @@ import contextlib
 import hashlib
 import json
 import os
-import sys
 import re
+import sys
 import warnings
 from importlib import metadata as package_metadata
 from pathlib import Path
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.cli import UserError
 from core.files import replace_atomically
 from imagedata.augment import Normalize
 from training import checkpoint
@@ -114,7 +115,7 @@ def write_graph(vote, samples, names, tmp, what):
             torch.onnx.export(vote, tuple(samples), str(tmp), input_names=names, output_names=[OUTPUT], opset_version=OPSET,
                               dynamic_axes={n: {0: "batch"} for n in [*names, OUTPUT]}, dynamo=False)
     except (RuntimeError, torch.onnx.errors.OnnxExporterError) as e:
-        raise ValueError(f"{what} does not export to ONNX: {unsupported(e)}") from None
+        raise UserError(f"{what} does not export to ONNX: {unsupported(e)}") from None
 
 
 def check_against_torch(vote, tmp, sizes, names, what, batch=3):
@@ -126,13 +127,13 @@ def check_against_torch(vote, tmp, sizes, names, what, batch=3):
     got = session(tmp, torch.device("cpu")).run([OUTPUT], {n: x.numpy() for n, x in zip(names, images)})[0]
     worst = float(np.abs(got - expected).max())
     if not worst <= TOLERANCE:
-        raise ValueError(f"{what}: onnxruntime's probabilities differ from PyTorch's by {worst:.2e} (more than {TOLERANCE:g}); "
-                         f"the file was not kept")
+        raise UserError(f"{what}: onnxruntime's probabilities differ from PyTorch's by {worst:.2e} (more than {TOLERANCE:g}); "
+                        f"the file was not kept")
     return worst
 
 
 def export(sources, out, *, tta=False, exported_from="", log=print):
-    """sources: [(checkpoint path, weight)], weights summing to 1 -> out, one .onnx file; ValueError naming the problem
+    """sources: [(checkpoint path, weight)], weights summing to 1 -> out, one .onnx file; UserError naming the problem
     (a checkpoint, classes that differ, an operator that does not export, a file that does not reproduce PyTorch)."""
     import onnx
     paths = [Path(p) for p, _ in sources]
@@ -184,63 +185,63 @@ def content_hash(graph):
 
 def read_meta(path):
     """An exported file's metadata (classes, layout, inputs {name: [H, W]}, tta, members, ...), checked: its content
-    hash, then what prediction reads of it against the graph. ValueError naming the file and the problem when it is
+    hash, then what prediction reads of it against the graph. UserError naming the file and the problem when it is
     missing, not ONNX, not exported here, exported before files carried a hash, edited, or does not fit its graph."""
     import onnx
     from google.protobuf.message import DecodeError
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: no such file")
+        raise UserError(f"{path}: no such file")
     try:
         graph = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, OSError):
-        raise ValueError(f"{path}: not an ONNX file") from None
+        raise UserError(f"{path}: not an ONNX file") from None
     props = {}
     for p in graph.metadata_props:
         if p.key in props:  # a reader of the map keeps one of them, and which is its own business
-            raise ValueError(f"{path}: its metadata holds {p.key} twice (edited?)")
+            raise UserError(f"{path}: its metadata holds {p.key} twice (edited?)")
         props[p.key] = p.value
     if "imgcls_format" not in props:
-        raise ValueError(f"{path}: an ONNX file without this project's metadata (classes, input sizes): export it with imgcls-export")
+        raise UserError(f"{path}: an ONNX file without this project's metadata (classes, input sizes): export it with imgcls-export")
     check_hash(path, graph, props)
     try:
         meta = {k: json.loads(v) for k, v in props.items()}
     except ValueError:
-        raise ValueError(f"{path}: its metadata is not JSON (edited?)") from None
+        raise UserError(f"{path}: its metadata is not JSON (edited?)") from None
     check_entries(path, meta)
     check_graph(path, graph, meta)
     return meta
 
 
 def check_hash(path, graph, props):
-    """ValueError unless the file's content hash matches its graph and metadata. A hash present is checked whatever
+    """UserError unless the file's content hash matches its graph and metadata. A hash present is checked whatever
     the format says; without one, a format-1 file (from before hashes) is refused as one to export again."""
     try:
         version = json.loads(props["imgcls_format"])
     except ValueError:
         version = None
     if not isinstance(version, int) or isinstance(version, bool):
-        raise ValueError(f"{path}: its metadata format {props['imgcls_format'][:20]} is not a whole number (edited?)")
+        raise UserError(f"{path}: its metadata format {props['imgcls_format'][:20]} is not a whole number (edited?)")
     if version > FORMAT:
-        raise ValueError(f"{path}: metadata format {version} is newer than this code's {FORMAT} (update the code)")
+        raise UserError(f"{path}: metadata format {version} is newer than this code's {FORMAT} (update the code)")
     if HASH_KEY not in props:
         if version < 2:
-            raise ValueError(f"{path}: exported before files carried a content hash (metadata format {version}, no "
-                             f"{HASH_KEY}): export it again with imgcls-export")
-        raise ValueError(f"{path}: metadata format {version} without its content hash ({HASH_KEY} removed?): refused, as an "
-                         f"edited file would be; export it again")
+            raise UserError(f"{path}: exported before files carried a content hash (metadata format {version}, no "
+                            f"{HASH_KEY}): export it again with imgcls-export")
+        raise UserError(f"{path}: metadata format {version} without its content hash ({HASH_KEY} removed?): refused, as an "
+                        f"edited file would be; export it again")
     try:
         saved = json.loads(props[HASH_KEY])
     except ValueError:
         saved = None
     if not (isinstance(saved, dict) and isinstance(saved.get("graph"), str) and isinstance(saved.get("metadata"), dict)):
-        raise ValueError(f"{path}: damaged or edited since it was exported (its {HASH_KEY} is not a content hash)")
+        raise UserError(f"{path}: damaged or edited since it was exported (its {HASH_KEY} is not a content hash)")
     now = content_hash(graph)
     changed = (["the graph"] if now["graph"] != saved["graph"] else []) + sorted(
         k for k in now["metadata"].keys() | saved["metadata"].keys() if now["metadata"].get(k) != saved["metadata"].get(k))
     if changed:
         what = ", ".join(changed[:6]) + (", ..." if len(changed) > 6 else "")
-        raise ValueError(f"{path}: damaged or edited since it was exported ({what} do not match its content hash)")
+        raise UserError(f"{path}: damaged or edited since it was exported ({what} do not match its content hash)")
 
 
 def is_size(value):
@@ -265,9 +266,9 @@ def check_entries(path, meta):
     a bug): refused naming the entry, rather than failing on it mid-prediction."""
     for key, (what, fits) in ENTRIES.items():
         if key not in meta:
-            raise ValueError(f"{path}: its metadata has no {key} (edited?)")
+            raise UserError(f"{path}: its metadata has no {key} (edited?)")
         if not fits(meta[key]):
-            raise ValueError(f"{path}: its metadata's {key} is not {what} (it is {json.dumps(meta[key])[:40]})")
+            raise UserError(f"{path}: its metadata's {key} is not {what} (it is {json.dumps(meta[key])[:40]})")
 
 
 def dims(value_info):
@@ -284,20 +285,20 @@ def check_graph(path, graph, meta):
     fed = {i.name for i in graph.graph.initializer}
     inputs = {i.name: i for i in graph.graph.input if i.name not in fed}
     if sorted(inputs) != sorted(meta["inputs"]):
-        raise ValueError(f"{path}: its graph's inputs ({', '.join(inputs)}) are not its metadata's ({', '.join(meta['inputs'])})")
+        raise UserError(f"{path}: its graph's inputs ({', '.join(inputs)}) are not its metadata's ({', '.join(meta['inputs'])})")
     for name, (h, w) in meta["inputs"].items():
         kind, shape = dims(inputs[name])
         if kind != "uint8" or len(shape) != 4 or shape[1:] != [3, h, w]:
             shown = " x ".join("N" if d is None else str(d) for d in shape)
-            raise ValueError(f"{path}: its graph's input {name} takes {kind} {shown}, its metadata says uint8 N x 3 x {h} x {w}")
+            raise UserError(f"{path}: its graph's input {name} takes {kind} {shown}, its metadata says uint8 N x 3 x {h} x {w}")
     outputs = {o.name: o for o in graph.graph.output}
     if meta["output"] not in outputs:
-        raise ValueError(f"{path}: its graph has no output {meta['output']} (it answers {', '.join(outputs)})")
+        raise UserError(f"{path}: its graph has no output {meta['output']} (it answers {', '.join(outputs)})")
     _, shape = dims(outputs[meta["output"]])
     if len(shape) != 2 or shape[1] != len(meta["classes"]):
         answers = (f"{shape[1]} probabilities per image" if len(shape) == 2 and shape[1] else
                    "probabilities of no fixed count" if len(shape) == 2 else f"a {len(shape)}-axis output")
-        raise ValueError(f"{path}: its graph answers {answers}, its metadata names {len(meta['classes'])} classes")
+        raise UserError(f"{path}: its graph answers {answers}, its metadata names {len(meta['classes'])} classes")
 
 
 def session(path, device):
@@ -311,4 +312,4 @@ def session(path, device):
     try:
         return onnxruntime.InferenceSession(str(path), options, providers=providers)
     except Exception as e:  # onnxruntime's own error types (InvalidGraph, Fail, ...), not importable by name
-        raise ValueError(f"{path}: onnxruntime cannot load it ({str(e).strip().splitlines()[0][:200]})") from None
+        raise UserError(f"{path}: onnxruntime cannot load it ({str(e).strip().splitlines()[0][:200]})") from None

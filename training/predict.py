@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 import dataset
 from core import demo
-from core.cli import make_progress
+from core.cli import UserError, make_progress
 from core.folds import check_held_out
 from core.runs import VAL_SOFT
 from imagedata.augment import Normalize
@@ -50,7 +50,7 @@ def fold_split(meta, fold_dirs):
     have changed since. -> (layout, data, train_idx, val_idx, the held-out ids relative to the data dir)."""
     a = meta["args"]
     if not a.get("kfold"):
-        raise ValueError(f"{fold_dirs[0]}: not trained with --kfold, so it has no out-of-fold part")
+        raise UserError(f"{fold_dirs[0]}: not trained with --kfold, so it has no out-of-fold part")
     data_dir, _ = demo.data_dirs(a["data_dir"], None, make=False)
     layout, data, train_idx, val_idx = dataset.read_split(a["dataset"], data_dir, a["age_bounds"], a["val_ratio"], a["seed"],
                                                           a["kfold"], a["fold"])
@@ -116,7 +116,7 @@ def predict_checkpoints(checkpoints, eval_dir, *, device="cpu", tta=False, batch
     model runs."""
     checkpoints = [Path(p) for p in checkpoints]
     if not checkpoints:
-        raise ValueError("no checkpoint given")
+        raise UserError("no checkpoint given")
     metas = [read_model_meta(p) for p in checkpoints]
     checkpoint.check_compatible(checkpoints, metas)
     classes, layout = metas[0]["classes"], metas[0]["layout"]
