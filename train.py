@@ -42,7 +42,7 @@ from model import WeightsError, create_model, input_config, num_outputs
 from optim import create_optimizer, create_scheduler, param_groups
 from training import checkpoint, flags
 from training.average import TopEpochs, greedy_average, moving_average, recompute_batchnorm
-from training.engine import cpu_threads, evaluate, resolve_device, seed_everything, since_start, train_one_epoch
+from training.engine import cpu_threads, evaluate, pad_length, resolve_device, seed_everything, since_start, train_one_epoch
 from training.predict import predict_images
 
 # ----------------------------------------------------------------------------- the NNI contract
@@ -250,7 +250,7 @@ def validate(args, data, weights, opt, device):
     """The validation outputs of these weights (an epoch's, or an average of epochs)."""
     return evaluate(weights, data.val_loader, device=device, normalize=data.normalize, criterion=opt.criterion,
                     classification=args.classification, amp_dtype=opt.amp_dtype, channels_last=args.channels_last,
-                    pad_to=data.infer_batch)
+                    pad_to=pad_length(device, data.infer_batch))
 
 
 def val_scores(args, data, val):
@@ -330,7 +330,7 @@ def predict_eval(args, data, model, opt, run_dir, device):
     model.load_state_dict(best["state_dict"])
     probs = predict_images(model, best, data.eval_paths, device=device, batch_size=data.infer_batch, num_workers=args.num_workers,
                            cache_dir=args.cache_dir, use_cache=not args.no_cache, label="predicting", amp_dtype=opt.amp_dtype,
-                           channels_last=args.channels_last, pad_to=data.infer_batch)
+                           channels_last=args.channels_last, pad_to=pad_length(device, data.infer_batch))
     write_submission(run_dir, data.eval_ids, probs, data.classes)
     print(f"wrote {run_dir / SUBMISSION} and submission_soft.csv ({len(data.eval_ids)} images)", flush=True)
 

@@ -116,21 +116,21 @@ def bn_model():
 
 @pytest.mark.parametrize("pad_to", [None, 16, 40])
 def test_padding_the_short_batch_changes_no_score(pad_to):
-    """7 + 7 + 6 images in batches of 7: the short batch padded (to the first batch's size, or a given one) gives the
+    """7 + 7 + 6 images in batches of 7: the short batch padded (to a given length; None: not padded) gives the
     same loss, probabilities and predictions as unpadded, row for row."""
     x, y = torch.rand(20, 3, 6, 6), torch.randint(0, 18, (20,))
     model, loader = bn_model(), DataLoader(TensorDataset(x, y), batch_size=7)
     seen = []
     model.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
     common = dict(device=torch.device("cpu"), normalize=torch.nn.Identity(), classification="single")
-    plain = engine.evaluate(model, loader, criterion=create_criterion("cross_entropy"), pad_to=1, **common)
+    plain = engine.evaluate(model, loader, criterion=create_criterion("cross_entropy"), **common)
     padded = engine.evaluate(model, loader, criterion=create_criterion("cross_entropy"), pad_to=pad_to, **common)
-    assert seen == [7, 7, 6, *[pad_to or 7] * 3]
+    assert seen == [7, 7, 6, *([7, 7, 6] if pad_to is None else [pad_to] * 3)]
     np.testing.assert_allclose(padded["probs"], plain["probs"], atol=1e-6)
     assert padded["loss"] == pytest.approx(plain["loss"]) and (padded["preds"] == plain["preds"]).all()
     images = DataLoader(x, batch_size=7)
     np.testing.assert_allclose(engine.predict(model, images, tta=True, pad_to=pad_to, **common),
-                               engine.predict(model, images, tta=True, pad_to=1, **common), atol=1e-6)
+                               engine.predict(model, images, tta=True, **common), atol=1e-6)
 
 
 def test_threads_are_the_usable_cores_shared_among_the_experiments_trials_here(monkeypatch):

@@ -115,14 +115,19 @@ def model_input(x, device, normalize, channels_last=False):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def pad_length(device, length):
+    """The length short validation and eval batches are padded to: on a GPU, length (each new batch shape costs
+    seconds of kernel selection); on a CPU none: there padding is only more work (docs/gpu.md)."""
+    return length if device.type == "cuda" else None
+
+
 def padded_batches(loader, pad_to=None):
-    """The loader's batches, a short one padded with zeros to pad_to (default: the first batch's size) -> (batch, real
-    rows). On a GPU every new batch shape costs seconds of kernel selection; the padding rows are never scored, and in
-    eval mode no row changes another's outputs."""
+    """The loader's batches, a short one padded with zeros to pad_to (None: none padded) -> (batch, real rows). The
+    padding rows are never scored, and in eval mode no row changes another's outputs."""
     for batch in loader:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        n, pad_to = len(x), pad_to or len(x)
-        if n < pad_to:
+        n = len(x)
+        if pad_to and n < pad_to:
             x = torch.cat([x, x.new_zeros((pad_to - n, *x.shape[1:]))])
         yield (x, *batch[1:]) if isinstance(batch, (tuple, list)) else x, n
 
