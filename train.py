@@ -33,7 +33,7 @@ from core.cli import make_progress, run_main
 from core.files import check_output
 from core.figures import confusion_image, prediction_grid
 from core.metrics import confusion, score
-from core.runs import (BEST, CONFIG, HISTORY, SUBMISSION, TENSORBOARD, VAL_SOFT, increment_path, write_config, write_history,
+from core.runs import (BEST, CONFIG, EPOCHS, HISTORY, SUBMISSION, TENSORBOARD, VAL_SOFT, increment_path, write_config, write_history,
                        write_submission, write_summary, write_val_soft)
 from core.signals import STOP
 from imagedata.layouts import DataError
@@ -41,7 +41,7 @@ from loss import create_criterion
 from model import WeightsError, create_model, input_config, num_outputs
 from optim import create_optimizer, create_scheduler, param_groups
 from training import checkpoint, flags
-from training.average import TopEpochs, greedy_average, moving_average, recompute_batchnorm
+from training.average import TopEpochs, greedy_soup, moving_average, recompute_batchnorm
 from training.engine import cpu_threads, evaluate, pad_length, resolve_device, seed_everything, since_start, train_one_epoch
 from training.predict import predict_images
 
@@ -91,9 +91,9 @@ def main(args):
     _, stats = input_config(args.model, args.resize, args.pretrained, args.weights)  # ImageNet weights: their own statistics
     data = dataset.load_training_data(
         dataset=args.dataset, data_dir=args.data_dir, eval_dir=args.eval_dir, age_bounds=args.age_bounds, val_ratio=args.val_ratio,
-        seed=args.seed, kfold=args.kfold, fold=args.fold, resize=args.resize, stats=stats, augmentation=args.augmentation, sampler=args.sampler,
-        batch_size=args.batch_size, valid_batch_size=args.valid_batch_size, num_workers=args.num_workers, cache_dir=args.cache_dir,
-        use_cache=not args.no_cache, device=device, split_seed=split, feed=args.feed)
+        seed=args.seed, kfold=args.kfold, fold=args.fold, resize=args.resize, stats=stats, augmentation=args.augmentation,
+        sampler=args.sampler, batch_size=args.batch_size, valid_batch_size=args.valid_batch_size, num_workers=args.num_workers,
+        cache_dir=args.cache_dir, use_cache=not args.no_cache, device=device, split_seed=split, feed=args.feed)
     print(data.feed_note, flush=True)
     startup["data_s"] = since_start()
     if not args.epochs:  # the step budget, in whole epochs; config.json then records the epochs it became
@@ -103,17 +103,17 @@ def main(args):
                          init=args.init, pretrained=args.pretrained, weights=args.weights, freeze_backbone=args.freeze_backbone,
                          resize=args.resize)
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-    opt = build_optimisation(args, data, model, device)  # before compile: --ema's copy must be of the plain model
+    recipe = build_recipe(args, data, model, device)  # before compile: --ema's copy must be of the plain model
     if args.compile != "none":  # in place: its state_dict keeps the plain keys that checkpoints and the tools read
         model.compile(mode=args.compile)
     startup["model_s"] = since_start()
-    run_dir, start = open_run_dir(args, data, model, opt, device)
+    run_dir, progress = open_run_dir(args, data, model, recipe, device)
     with checkpoint.interruption_says(run_dir):
-        result = fit(args, data, model, opt, run_dir, start, device)
+        result = fit(args, data, model, recipe, run_dir, progress, device)
     with checkpoint.interruption_says(run_dir, "the eval prediction" if data.eval_ids is not None else "writing summary.json"):
         print(f"best val {args.metric} {result['best']['value']:.4f} -> {run_dir / BEST}", flush=True)
         if data.eval_ids is not None:
-            predict_eval(args, data, model, opt, run_dir, device)
+            predict_eval(args, data, model, recipe, run_dir, device)
     with checkpoint.interruption_says(run_dir, "writing summary.json"):
         write_summary(run_dir, dict(result, format=1, run_dir=str(run_dir.resolve()), model=args.model, classes=len(data.classes),
                                     train_images=len(data.train_loader.dataset), val_images=len(data.val_set),
@@ -124,7 +124,8 @@ def main(args):
 
 
 @dataclass
-class Optimisation:
+class Recipe:
+    """How the run trains, beside the model: its loss, optimiser and schedule, mixed precision and --ema's average."""
     criterion: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object           # LambdaLR (epoch schedules) or ReduceLROnPlateau
@@ -133,7 +134,7 @@ class Optimisation:
     ema: torch.nn.Module        # --ema: timm's ModelEmaV3 (its .module is validated and saved as best.pth), else None
 
 
-def build_optimisation(args, data, model, device):
+def build_recipe(args, data, model, device):
     optimizer = create_optimizer(args.optimizer, param_groups(model, args.lr, args.weight_decay, args.layer_decay),
                                  args.lr, args.weight_decay, args.momentum)
     amp_dtype = None
@@ -142,7 +143,7 @@ def build_optimisation(args, data, model, device):
     if args.sampler == "weighted" and args.criterion == "weighted_cross_entropy":  # balanced once, not twice
         print("weighted_cross_entropy with --sampler weighted: the sampler already draws every class alike, so the loss "
               "weighs them as drawn (equally)", flush=True)
-    return Optimisation(
+    return Recipe(
         criterion=create_criterion(args.criterion, args.classification, focal_gamma=args.focal_gamma, smoothing=args.smoothing,
                                    class_counts=data.drawn_counts).to(device),
         optimizer=optimizer, amp_dtype=amp_dtype, scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
@@ -151,16 +152,16 @@ def build_optimisation(args, data, model, device):
         ema=moving_average(model, args.ema, args.ema_warmup))
 
 
-def open_run_dir(args, data, model, opt, device):
+def open_run_dir(args, data, model, recipe, device):
     """The run directory (the resumed one, NNI's, or the next free runs/<name>) with config.json written,
-    and where training starts (a resumed run's state is loaded first) -> (run_dir, checkpoint.Start)."""
-    start = checkpoint.Start()
+    and where training stands (a resumed run's state is loaded first) -> (run_dir, checkpoint.Progress)."""
+    progress = checkpoint.Progress()
     if args.resume:
         run_dir = Path(args.resume).parent
-        start = checkpoint.restore(args.resume, lr=args.lr, model=model, optimizer=opt.optimizer, scheduler=opt.scheduler,
-                                   generators=data.generators, device=device, ema=opt.ema)
-        print(f"resuming {run_dir} at epoch {start.epoch}" + (f": its {start.epoch - 1} epochs are done, so only what comes "
-              f"after training (val_soft.csv, figures, eval prediction, summary.json) is written" if start.epoch > args.epochs
+        progress = checkpoint.restore(args.resume, lr=args.lr, model=model, optimizer=recipe.optimizer, scheduler=recipe.scheduler,
+                                      generators=data.generators, device=device, ema=recipe.ema)
+        print(f"resuming {run_dir} at epoch {progress.epoch}" + (f": its {progress.epoch - 1} epochs are done, so only what comes "
+              f"after training (val_soft.csv, figures, eval prediction, summary.json) is written" if progress.epoch > args.epochs
               else ""), flush=True)
     elif UNDER_NNI:
         run_dir = Path(os.environ["NNI_OUTPUT_DIR"])
@@ -168,137 +169,135 @@ def open_run_dir(args, data, model, opt, device):
         run_dir = increment_path(Path(args.model_dir) / args.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(run_dir / CONFIG, flags.run_config(args))
-    return run_dir, start
+    return run_dir, progress
 
 
 # ----------------------------------------------------------------------------- fit
-def fit(args, data, model, opt, run_dir, start, device):
-    """Train from start.epoch to --epochs (or early stopping); checkpoints, history, TensorBoard and NNI
+def fit(args, data, model, recipe, run_dir, progress, device):
+    """Train from progress.epoch to --epochs (or early stopping); checkpoints, history, TensorBoard and NNI
     reports every epoch. -> the summary's training part: best metric and epoch, epochs, first-step time."""
     from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(run_dir / TENSORBOARD, purge_step=start.epoch if args.resume else None)
+    writer = SummaryWriter(run_dir / TENSORBOARD, purge_step=progress.epoch if args.resume else None)
     print(f"run dir {run_dir} | {len(data.train_loader.dataset)} train / {len(data.val_set)} val images, "
           f"{len(data.classes)} classes | {args.model} on {device}", flush=True)
     meta = checkpoint.describe(flags.run_config(args), data)
-    best, history, stale, best_val, first_step, final_sent = start.best, start.history, start.stale, None, None, False
-    top = TopEpochs(run_dir / "epochs", args.average_epochs, history, f"val_{args.metric}")
-    stopped = args.early_stopping and stale >= args.early_stopping  # a resumed run that had stopped early stays stopped
+    top = TopEpochs(run_dir / EPOCHS, args.average_epochs, progress.history, f"val_{args.metric}")
+    stopped = args.early_stopping and progress.stale >= args.early_stopping  # a resumed run that had stopped early stays stopped
     if stopped:
-        print(f"early stopping: no better {args.metric} for {stale} epochs, before this resume", flush=True)
+        print(f"early stopping: no better {args.metric} for {progress.stale} epochs, before this resume", flush=True)
     try:
-        for epoch in range(start.epoch, start.epoch if stopped else args.epochs + 1):
-            row, val, stats = run_epoch(args, data, model, opt, epoch, device, first=epoch == start.epoch)
-            first_step = stats.get("first_step_s", first_step)
+        for epoch in range(progress.epoch, progress.epoch if stopped else args.epochs + 1):
+            row, val, stats = run_epoch(args, data, model, recipe, epoch, device, first=epoch == progress.epoch)
+            progress.first_step_s = stats.get("first_step_s", progress.first_step_s)
             metric = row[f"val_{args.metric}"]
-            improved = metric > best
-            best, stale, best_val = (metric, 0, (epoch, val)) if improved else (best, stale + 1, best_val)
-            history.append(row)
+            improved = progress.add(row, val, metric)
             with STOP.deferred():  # best.pth, last.pth and history.csv describe the same epoch, or none do
-                checkpoint.save_epoch(run_dir, model, meta, improved=improved, epoch=epoch, best=best, history=history,
-                                      optimizer=opt.optimizer, scheduler=opt.scheduler, stale=stale, generators=data.generators,
-                                      ema=opt.ema)
-                top.offer(epoch, metric, scored(model, opt))
-                write_history(run_dir / HISTORY, history)
+                checkpoint.save_epoch(run_dir, model, meta, improved=improved, epoch=epoch, best=progress.best,
+                                      history=progress.history, optimizer=recipe.optimizer, scheduler=recipe.scheduler,
+                                      stale=progress.stale, generators=data.generators, ema=recipe.ema)
+                top.offer(epoch, metric, scored(model, recipe))
+                write_history(run_dir / HISTORY, progress.history)
             log_row(writer, row)
             writer.flush()  # a stopped trial keeps its curves: dying by the signal skips writer.close()
             if UNDER_NNI:
                 report_epoch(metric, row)
-            if args.early_stopping and stale >= args.early_stopping:
-                print(f"early stopping: no better {args.metric} for {stale} epochs", flush=True)
+            if args.early_stopping and progress.stale >= args.early_stopping:
+                print(f"early stopping: no better {args.metric} for {progress.stale} epochs", flush=True)
                 break
         if args.average_epochs > 1:
-            best, best_val = average_best_epochs(args, data, model, opt, run_dir, meta, top, best, best_val, device)
+            average_best_epochs(args, data, model, recipe, run_dir, meta, top, progress, device)
         if UNDER_NNI:  # before the figures and the eval prediction: a stop signal during those loses nothing
             with STOP.deferred():  # sent and marked sent, or neither
-                report_final(best)
-                final_sent = True
+                report_final(progress.best)
+                progress.final_sent = True
     except KeyboardInterrupt:
-        if UNDER_NNI and history and not final_sent:  # an assessor's stop: the tuner (TPE) still learns how far this got
+        if UNDER_NNI and progress.history and not progress.final_sent:  # an assessor's stop: the tuner (TPE) still learns how far this got
             with contextlib.suppress(Exception):  # whatever NNI says, the trial must still end by the signal
-                report_final(best)
+                report_final(progress.best)
         raise
     # Once, at the end: drawing the figures at every new best cost seconds per epoch.
     with checkpoint.interruption_says(run_dir, "writing val_soft.csv and the figures"):
-        (epoch, val), averaged = held_best(args, data, model, opt, run_dir, best_val, device)
-        log_figures(writer, val["preds"], data.val_truth, data.val_set, data.classes, epoch)
+        averaged = held_best(args, data, model, recipe, run_dir, progress, device)
+        val = progress.best_outputs
+        log_figures(writer, val["preds"], data.val_truth, data.val_set, data.classes, progress.best_epoch)
         write_val_soft(run_dir / VAL_SOFT, data.val_ids, data.val_truth, val["probs"], data.classes)
         writer.close()
-    rising = warn_if_still_rising(args, [row[f"val_{args.metric}"] for row in history])
-    scores = val_scores(args, data, val)  # what best.pth holds, scored as the epochs were
-    return dict(best=dict(metric=args.metric, value=best, epoch=epoch, val_accuracy=scores["accuracy"], val_f1=scores["f1"]),
-                epochs=len(history), first_step_s=first_step, still_rising=rising,
+    rising = warn_if_still_rising(args, [row[f"val_{args.metric}"] for row in progress.history])
+    scores = val_scores(data, val)  # what best.pth holds, scored as the epochs were
+    return dict(best=dict(metric=args.metric, value=progress.best, epoch=progress.best_epoch, val_accuracy=scores["accuracy"],
+                          val_f1=scores["f1"]), epochs=len(progress.history), first_step_s=progress.first_step_s, still_rising=rising,
                 averaged_epochs=averaged if args.average_epochs > 1 else None)
 
 
-def held_best(args, data, model, opt, run_dir, best_val, device):
-    """What best.pth holds -> ((epoch, validation outputs), the epochs averaged into it). This process's outputs where it
-    wrote best.pth; else (a resumed run that made nothing better, or had no epoch left to train) best.pth validated
+def held_best(args, data, model, recipe, run_dir, progress, device):
+    """The epochs averaged into best.pth; progress holds its epoch and validation outputs after: this process's where it
+    wrote best.pth, else (a resumed run that made nothing better, or had no epoch left to train) best.pth validated
     again, so that a resume writes every output the run would have. The model is the trained one no more after."""
     held = checkpoint.read(run_dir / BEST, device)
-    if best_val is None:
+    if progress.best_outputs is None:
         model.load_state_dict(held["state_dict"])
-        best_val = held["epoch"], validate(args, data, model, opt, device)
-    return best_val, held.get("averaged_epochs", [held["epoch"]])
+        progress.best_epoch, progress.best_outputs = held["epoch"], validate(args, data, model, recipe, device)
+    return held.get("averaged_epochs", [held["epoch"]])
 
 
-def scored(model, opt):
+def scored(model, recipe):
     """The weights validation scores and best.pth holds: the moving average with --ema, else the trained model."""
-    return opt.ema.module if opt.ema is not None else model
+    return recipe.ema.module if recipe.ema is not None else model
 
 
-def validate(args, data, weights, opt, device):
+def validate(args, data, weights, recipe, device):
     """The validation outputs of these weights (an epoch's, or an average of epochs)."""
-    return evaluate(weights, data.val_loader, device=device, normalize=data.normalize, criterion=opt.criterion,
-                    classification=args.classification, amp_dtype=opt.amp_dtype, channels_last=args.channels_last,
+    return evaluate(weights, data.val_loader, device=device, normalize=data.normalize, criterion=recipe.criterion,
+                    classification=args.classification, amp_dtype=recipe.amp_dtype, channels_last=args.channels_last,
                     pad_to=pad_length(device, data.infer_batch))
 
 
-def val_scores(args, data, val):
+def val_scores(data, val):
     """Validation outputs -> the scores on the data's own labels (accuracy, f1, and per task on the mask layout)."""
     return score(data.val_truth, val["preds"], len(data.classes), per_task=data.layout == "mask")
 
 
-def average_best_epochs(args, data, model, opt, run_dir, meta, top, best, best_val, device):
+def average_best_epochs(args, data, model, recipe, run_dir, meta, top, progress, device):
     """--average_epochs: the best epochs' weights averaged greedily (training/average.py); when more than the best
-    joined and the average scores no lower than best (what best.pth holds: a resumed run's earlier average may be
-    better), best.pth holds it; the kept epochs' files are removed. -> (the validation metric of what best.pth holds,
-    (epoch, validation outputs) where this process saved it, else best_val)."""
+    joined and the average scores no lower than progress.best (what best.pth holds: a resumed run's earlier average
+    may be better), best.pth holds it and progress says so; the kept epochs' files are removed."""
     if len(top.kept) < 2:
         top.clear()
-        return best, best_val
+        return
 
     def score_of(soup):
-        val = validate(args, data, soup, opt, device)
-        return val_scores(args, data, val)[args.metric], val
-    soup = copy.deepcopy(scored(model, opt))
-    members, metric, kept = greedy_average(top, soup, score_of, lambda m: recompute_batchnorm(m, data.train_loader, data.normalize, device,
-                                                                                           opt.amp_dtype, args.channels_last))
-    print(f"averaging the best epochs: {' + '.join(map(str, members))} kept, val {args.metric} {metric:.4f}"
-          + ("" if metric >= best else f", below best.pth's {best:.4f}: best.pth kept"), flush=True)
-    if kept and metric >= best:
-        soup.load_state_dict(kept[1])
+        val = validate(args, data, soup, recipe, device)
+        return val_scores(data, val)[args.metric], val
+    soup = copy.deepcopy(scored(model, recipe))
+    ranked = top.ranked()  # [(metric, epoch)], best first
+    kept = greedy_soup([epoch for _, epoch in ranked], top.state, (ranked[0][0], None), soup, score=score_of,
+                       recompute=lambda m: recompute_batchnorm(m, data.train_loader, data.normalize, device, recipe.amp_dtype,
+                                                               args.channels_last))
+    print(f"averaging the best epochs: {' + '.join(map(str, kept.members))} kept, val {args.metric} {kept.metric:.4f}"
+          + ("" if kept.metric >= progress.best else f", below best.pth's {progress.best:.4f}: best.pth kept"), flush=True)
+    if kept.state is not None and kept.metric >= progress.best:
+        soup.load_state_dict(kept.state)
         with STOP.deferred():
-            checkpoint.save(run_dir / BEST, soup, meta, epoch=members[0], best_metric=metric, averaged_epochs=members)
-        best, best_val = metric, (members[0], kept[0])
+            checkpoint.save(run_dir / BEST, soup, meta, epoch=kept.members[0], best_metric=kept.metric, averaged_epochs=kept.members)
+        progress.best, progress.best_epoch, progress.best_outputs = kept.metric, kept.members[0], kept.outputs
     top.clear()
-    return best, best_val
 
 
-def run_epoch(args, data, model, opt, epoch, device, first):
+def run_epoch(args, data, model, recipe, epoch, device, first):
     """Train one epoch, validate, step the schedule -> (history row, validation outputs, training stats).
     A diverged model (non-finite validation loss or weights) stops the run before anything is saved."""
-    t0, lr = time.time(), opt.optimizer.param_groups[-1]["lr"]  # the LR this epoch trains at (the head's, at scale 1)
+    t0, lr = time.time(), recipe.optimizer.param_groups[-1]["lr"]  # the LR this epoch trains at (the head's, at scale 1)
     train_stats = train_one_epoch(model, data.train_loader, device=device, augment=data.augment, normalize=data.normalize,
-                                  criterion=opt.criterion, optimizer=opt.optimizer, scaler=opt.scaler,
-                                  classification=args.classification, amp_dtype=opt.amp_dtype, channels_last=args.channels_last,
+                                  criterion=recipe.criterion, optimizer=recipe.optimizer, scaler=recipe.scaler,
+                                  classification=args.classification, amp_dtype=recipe.amp_dtype, channels_last=args.channels_last,
                                   clip_grad=args.clip_grad, progress=make_progress(f"epoch {epoch}/{args.epochs}"), log_first_step=first,
-                                  ema=opt.ema, steps_before=(epoch - 1) * len(data.train_loader))
-    val = validate(args, data, scored(model, opt), opt, device)
+                                  ema=recipe.ema, steps_before=(epoch - 1) * len(data.train_loader))
+    val = validate(args, data, scored(model, recipe), recipe, device)
     if not math.isfinite(val["loss"]) or not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
         raise FloatingPointError(f"epoch {epoch}: validation loss is {val['loss']:.4g} and the weights are not all finite: "
                                  f"training diverged (try a lower --lr); nothing of this epoch was saved")
-    scores = val_scores(args, data, val)
-    opt.scheduler.step(scores[args.metric]) if args.scheduler == "plateau" else opt.scheduler.step()
+    scores = val_scores(data, val)
+    recipe.scheduler.step(scores[args.metric]) if args.scheduler == "plateau" else recipe.scheduler.step()
     row = dict(epoch=epoch, train_loss=train_stats["loss"], train_accuracy=train_stats["accuracy"],
                train_images_per_s=train_stats["images_per_s"], val_loss=val["loss"], **{f"val_{k}": v for k, v in scores.items()},
                lr=lr, seconds=time.time() - t0)
@@ -323,13 +322,13 @@ def warn_if_still_rising(args, values):
 
 
 # ----------------------------------------------------------------------------- predict
-def predict_eval(args, data, model, opt, run_dir, device):
+def predict_eval(args, data, model, recipe, run_dir, device):
     """best.pth on the eval dir -> submission.csv and submission_soft.csv in the run directory, predicted as validation
     scored it (autocast, memory format, batch length)."""
     best = checkpoint.read(run_dir / BEST, device)
     model.load_state_dict(best["state_dict"])
     probs = predict_images(model, best, data.eval_paths, device=device, batch_size=data.infer_batch, num_workers=args.num_workers,
-                           cache_dir=args.cache_dir, use_cache=not args.no_cache, label="predicting", amp_dtype=opt.amp_dtype,
+                           cache_dir=args.cache_dir, use_cache=not args.no_cache, label="predicting", amp_dtype=recipe.amp_dtype,
                            channels_last=args.channels_last, pad_to=pad_length(device, data.infer_batch))
     write_submission(run_dir, data.eval_ids, probs, data.classes)
     print(f"wrote {run_dir / SUBMISSION} and submission_soft.csv ({len(data.eval_ids)} images)", flush=True)

@@ -32,7 +32,7 @@ from core.cli import Parser, UserError, make_progress, run_main
 from core.folds import join_folds
 from core.labels import TASKS, natural_key
 from core.metrics import score
-from core.runs import BEST, SUBMISSION, increment_path, read_summary, write_submission
+from core.runs import BEST, KFOLD, KFOLD_SCORES, OOF_SOFT, SUBMISSION, increment_path, read_summary, write_submission
 from imagedata.decode import load_images
 from imagedata.layouts import DataError, check_dir
 from training import checkpoint, flags
@@ -76,7 +76,7 @@ def fold_checkpoints(run_dir):
     """The fold runs' best.pth, each from a run that finished (its summary.json says so and lists it)."""
     folds = sorted((p for p in Path(run_dir).glob("fold*") if p.is_dir()), key=lambda p: natural_key(p.name))
     if not folds:
-        raise UserError(f"{run_dir}: no fold*/best.pth")
+        raise UserError(f"{run_dir}: no fold*/{BEST}")
     paths = []
     for fold in folds:
         if BEST not in read_summary(fold)["files"]:
@@ -153,13 +153,13 @@ def main(argv=None):
     else:
         run_dir = increment_path(Path(args.model_dir) / args.name)
         run_dir.mkdir(parents=True)
-        (run_dir / "kfold.json").write_text(json.dumps({"k": args.k, "train_args": train_args}, indent=2))
+        (run_dir / KFOLD).write_text(json.dumps({"k": args.k, "train_args": train_args}, indent=2))
         train_folds(run_dir, args.k, train_args)
     checkpoints = fold_checkpoints(run_dir)
 
     print(f"=== out of fold ({len(checkpoints)} folds{', flip TTA' if args.tta else ''})", flush=True)
     result = out_of_fold(checkpoints, device=device, tta=args.tta, batch_size=args.batch_size, num_workers=args.num_workers)
-    write_oof(run_dir / "oof_soft.csv", result)
+    write_oof(run_dir / OOF_SOFT, result)
     s = result["scores"]
     tasks = "".join(f", {t} F1 {s[f'{t}_f1']:.4f}" for t in TASKS if f"{t}_f1" in s)
     print(f"out-of-fold ({len(result['labels'])} images): accuracy {s['accuracy']:.4f}, macro F1 {s['f1']:.4f}{tasks}", flush=True)
@@ -177,7 +177,7 @@ def main(argv=None):
         write_submission(run_dir, ids, probs, classes)
         summary["eval_dir"] = str(eval_dir)
         print(f"wrote {run_dir / SUBMISSION} and submission_soft.csv ({len(ids)} images)", flush=True)
-    (run_dir / "kfold_scores.json").write_text(json.dumps(summary, indent=2))
+    (run_dir / KFOLD_SCORES).write_text(json.dumps(summary, indent=2))
     return run_dir, summary
 
 

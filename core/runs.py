@@ -16,10 +16,18 @@ VAL_SOFT = "val_soft.csv"                    # the best epoch's validation proba
 SUBMISSION, SUBMISSION_SOFT = "submission.csv", "submission_soft.csv"  # on the eval dir: answers, probabilities
 TENSORBOARD = "tensorboard"                  # its event files
 SUMMARY = "summary.json"  # written last, when a run ends well: its absence means the run did not finish
+EPOCHS = "epochs"                            # --average_epochs: the best epochs' weights (epoch<n>.pth) until averaged
 
 # A finalize run directory's own files (beside its finalists' fold runs)
 FINALIZE_REPORT = "finalize.json"            # what was ranked, picked and voted: what export and the benchmarks read
+REPORT = "report.md"                         # the same in words: finalists, selections, the vote (finalize prints it)
+FOLDS_CONFIG = "folds.yml"                   # the NNI experiment that trains the finalists' folds
 SOUP = "soup.pth"                            # --select soup: fold<i>/soup.pth, that fold's averaged model
+
+# A kfold.py run directory's own files (beside its fold<i> runs)
+KFOLD = "kfold.json"                         # k and the train.py flags every fold was given
+OOF_SOFT = "oof_soft.csv"                    # the out-of-fold probabilities: every training image, once
+KFOLD_SCORES = "kfold_scores.json"           # out-of-fold and per-fold scores, and the eval dir voted on
 
 
 def increment_path(path):

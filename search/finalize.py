@@ -45,7 +45,7 @@ import yaml
 
 from core.cli import Parser, UserError, run_main
 from core.files import replace_atomically
-from core.runs import BEST, CONFIG, HISTORY, SUBMISSION_SOFT, SUMMARY, VAL_SOFT, read_summary
+from core.runs import BEST, CONFIG, FOLDS_CONFIG, HISTORY, REPORT, SUBMISSION_SOFT, SUMMARY, VAL_SOFT, read_summary
 from core.signals import STOP
 from search import nni_io
 from search.finalists import Finalist, configuration, differences, finished, fold_jobs, ran_configuration, select_finalists
@@ -88,7 +88,7 @@ def run_fold_experiment(config, run_dir, port, log=print, deadline_s=None):
     read the trials back, nnictl stop -> (trials, how it ended: DONE, ERROR, STOPPED, DEADLINE, or INTERRUPTED by
     SIGINT/SIGTERM here). The experiment is stopped on every way out, so an interrupted finalize leaves no manager
     holding the port."""
-    path = run_dir / "folds.yml"
+    path = run_dir / FOLDS_CONFIG
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     created = exp_id = None
     until = None if deadline_s is None else time.monotonic() + deadline_s
@@ -302,7 +302,7 @@ def main(argv=None):
             print(f"all {len(finalists) * args.k} fold trainings are home: training nothing", flush=True)
         report = dict(experiment=exp.id, **rank_and_vote(run_dir, finalists, args.k, args.select))
         write_report(run_dir, report)
-    print((run_dir / "report.md").read_text(), flush=True)
+    print((run_dir / REPORT).read_text(), flush=True)
     return run_dir, report
 
 

@@ -17,7 +17,7 @@ from core.submissions import alignment, read_val_soft
 from imagedata.augment import Normalize
 from imagedata.layouts import read_eval
 from training import checkpoint, flags
-from training.average import averaged, recompute_batchnorm
+from training.average import greedy_soup, recompute_batchnorm
 from training.engine import resolve_device
 from training.predict import fold_split, image_loader, predict_images
 
@@ -73,20 +73,18 @@ def fold_soup(run_dir, names, k, device, log):
     fold = Fold(loaded[names[0]][1], device, [run_dir / n / f"fold{k}" for n in names])
     scored = {n: fold.held_out(model, ckpt["classification"]) for n, (model, ckpt) in loaded.items()}
     order = sorted(names, key=lambda n: -scored[n][1])  # stable: ties keep the finalists' rank order
-    members, (probs, best) = [order[0]], scored[order[0]]
     model, meta = loaded[order[0]]
     soup = checkpoint.build_model(meta).to(device)
-    for candidate in order[1:]:
-        soup.load_state_dict(averaged([loaded[n][1]["state_dict"] for n in [*members, candidate]]))
-        fold.recompute_batchnorm(soup)
-        trial_probs, f1 = fold.held_out(soup, meta["classification"])
+
+    def said(members, candidate, f1, best):
         log(f"soup fold{k}: {'+'.join(members)} + {candidate}: held-out F1 {f1:.4f} against {best:.4f}"
             f" -> {'kept' if f1 >= best else 'left out'}")
-        if f1 >= best:
-            members, best, probs = [*members, candidate], f1, trial_probs
-            model = soup
-            soup = checkpoint.build_model(meta).to(device)
-    return members, best, probs, fold, model, meta
+    kept = greedy_soup(order, lambda n: loaded[n][1]["state_dict"], scored[order[0]][::-1], soup, fold.recompute_batchnorm,
+                       lambda m: fold.held_out(m, meta["classification"])[::-1], log=said)
+    if kept.state is not None:
+        soup.load_state_dict(kept.state)
+        model = soup
+    return kept.members, kept.metric, kept.outputs, fold, model, meta
 
 
 def save_soup(run_dir, i, model, meta, members):

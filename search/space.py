@@ -100,7 +100,7 @@ class SpaceCheck:
         return None
 
     def optimisation(self, args):
-        """What train.py refuses only once its model is built, before the first step: build_optimisation's parameter
+        """What train.py refuses only once its model is built, before the first step: build_recipe's parameter
         groups (--layer_decay needs a timm backbone's layer grouping), optimiser and LR schedule, by their own code.
         The model is built on the meta device without weights: its layers decide, and it costs no memory, no download.
         Its EMA copy is left out: it needs real weights, and refuses no flag."""

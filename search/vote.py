@@ -10,7 +10,7 @@ from core.cli import UserError
 from core.files import replace_atomically
 from core.folds import join_folds
 from core.metrics import score
-from core.runs import BEST, CONFIG, FINALIZE_REPORT, SUBMISSION_SOFT, SUMMARY, VAL_SOFT, read_summary, write_submission
+from core.runs import BEST, CONFIG, FINALIZE_REPORT, REPORT, SUBMISSION_SOFT, SUMMARY, VAL_SOFT, read_summary, write_submission
 from core.submissions import alignment, read_soft, read_val_soft
 from search.finalists import differences, ran_configuration
 from search.trials import flag_words
@@ -126,7 +126,7 @@ def write_report(run_dir, report):
                      f"{cost['soup']} |")
     lines += ["", f"Voted (--select {report['select']}): {voted}; soft-voted on {report['eval_images']} eval images "
               f"-> submission.csv, submission_soft.csv."]
-    replace_atomically(run_dir / "report.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    replace_atomically(run_dir / REPORT, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
 
 
 def read_report(run_dir):

@@ -3,7 +3,7 @@ average that never scores below its best epoch on the validation it was chosen o
 import pytest
 import torch
 
-from training.average import TopEpochs, averaged, greedy_average, recompute_batchnorm
+from training.average import TopEpochs, averaged, greedy_soup, recompute_batchnorm
 
 
 def small_model(seed):
@@ -41,7 +41,7 @@ def test_top_epochs_keeps_the_best_k_on_disk_and_again_after_a_resume(tmp_path):
     assert not (tmp_path / "epochs").exists()
 
 
-def test_greedy_average_never_scores_below_its_best_epoch(tmp_path):
+def test_greedy_soup_never_scores_below_its_best_epoch(tmp_path):
     """Real weights scored by a real model on fixed data: an epoch joins only when the average scores no lower."""
     torch.manual_seed(3)
     x, y = torch.rand(64, 3, 2, 2), torch.randint(0, 3, (64,))
@@ -61,12 +61,16 @@ def test_greedy_average_never_scores_below_its_best_epoch(tmp_path):
         recompute_batchnorm(model, [(x, None)], torch.nn.Identity(), torch.device("cpu"))
         top.offer(epoch, score(model)[0], model)
     ranked = top.ranked()
-    members, metric, kept = greedy_average(top, small_model(0), score,
-                                           lambda m: recompute_batchnorm(m, [(x, None)], torch.nn.Identity(), torch.device("cpu")))
+    tries = []
+    kept = greedy_soup([e for _, e in ranked], top.state, (ranked[0][0], "the best's"), small_model(0),
+                       lambda m: recompute_batchnorm(m, [(x, None)], torch.nn.Identity(), torch.device("cpu")), score,
+                       log=lambda members, candidate, metric, best: tries.append((candidate, metric >= best)))
+    members, metric = kept.members, kept.metric
     assert members[0] == ranked[0][1] and metric >= ranked[0][0]
-    assert (kept is None) == (len(members) == 1) and 1 < len(members) < 6  # here: some joined, some were left out
-    if kept:  # the kept weights are the members' average, BatchNorm recomputed, and score what was reported
-        soup = small_model(0)
-        soup.load_state_dict(kept[1])
-        assert score(soup)[0] == pytest.approx(metric)
-        assert torch.allclose(kept[1]["0.weight"], averaged([top.state(e) for e in members])["0.weight"])
+    assert [c for c, joined in tries if joined] == members[1:] and len(tries) == 5  # every other epoch tried once
+    assert (kept.state is None) == (len(members) == 1) and 1 < len(members) < 6  # here: some joined, some were left out
+    # the kept weights are the members' average, BatchNorm recomputed, and score what was reported
+    soup = small_model(0)
+    soup.load_state_dict(kept.state)
+    assert score(soup)[0] == pytest.approx(metric) and torch.equal(score(soup)[1], kept.outputs)
+    assert torch.allclose(kept.state["0.weight"], averaged([top.state(e) for e in members])["0.weight"])

@@ -1,6 +1,7 @@
 """The project's structure: imports that run one way between the layers, one home per concern, tools
 that never import train.py, no import cycles, short functions, and CSV-only tools that start without torch."""
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ GRAPH = {MODULES[p]: imports_of(p) - {MODULES[p]} for p in MODULES}
 LAYERS = [
     ("bottom: pure helpers", lambda m: m.split(".")[0] == "core"),
     ("middle: data, model, loss, optim", lambda m: m in ("dataset", "model", "weights", "loss", "optim") or m.split(".")[0] == "imagedata"),
-    ("training: flags, engine, checkpoint format, signals", lambda m: m.split(".")[0] == "training"),
+    ("training: flags, engine, checkpoint format, prediction, averaging, export", lambda m: m.split(".")[0] == "training"),
     ("top: train.py and the tools", lambda m: m == "train" or m.split(".")[0] in ("search", "baseline", "bench")),
 ]
 
@@ -63,13 +64,8 @@ def test_the_layer_check_finds_an_import_running_up():
     graph = dict(GRAPH, dataset=GRAPH["dataset"] | {"training.engine"}, **{"core.labels": {"model"}})
     assert upward_imports(graph) == [
         "core.labels (bottom: pure helpers) -> model (middle: data, model, loss, optim)",
-        "dataset (middle: data, model, loss, optim) -> training.engine (training: flags, engine, checkpoint format, signals)"]
-
-
-def test_the_bottom_layer_imports_nothing_above_it():
-    bottom = {m: GRAPH[m] for m in GRAPH if layer_of(m) == 0}
-    assert {m: sorted(i) for m, i in bottom.items() if any(layer_of(x) for x in i)} == {}
-    assert "core.files" in bottom and "core.labels" in bottom
+        "dataset (middle: data, model, loss, optim) -> training.engine (training: flags, engine, checkpoint format, prediction, "
+        "averaging, export)"]
 
 
 def test_one_torch_load_in_the_project():
@@ -201,11 +197,6 @@ def test_a_console_script_runs_from_the_venv(script, tmp_path):
     assert proc.returncode == 0 and proc.stdout.startswith("usage: "), proc.stderr
 
 
-def string_constants(path):
-    """(line, value) of every plain string literal in a file, f-string parts included."""
-    return [(n.lineno, n.value) for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
-
-
 def test_one_prediction_loop_in_training_predict():
     """engine.predict and the ImageDataset + DataLoader pair behind it are called from training/predict.py only
     (dataset.py builds the training loaders)."""
@@ -220,21 +211,93 @@ def test_one_prediction_loop_in_training_predict():
     assert found == []
 
 
-def test_run_file_names_are_spelled_in_core_runs_only():
+def run_file_names():
+    """core/runs.py's names of a run's files and folders: its module-level constants in capitals whose value is a file
+    name (BEST = "best.pth", EPOCHS = "epochs", ...), so a name added there is checked with no edit here."""
     from core import runs
-    names = {runs.BEST, runs.LAST, runs.CONFIG, runs.HISTORY, runs.VAL_SOFT, runs.SUBMISSION, runs.SUBMISSION_SOFT, runs.SUMMARY,
-             runs.TENSORBOARD, runs.FINALIZE_REPORT, runs.SOUP}
-    spelled = [f"{path.relative_to(ROOT)}:{line} {value}" for path, module in MODULES.items() if module != "core.runs"
-               for line, value in string_constants(path) if value in names or any(f"/ '{n}'" in value for n in names)]
-    for path in MODULES:  # the names inside f-strings' expressions, such as {run_dir / 'best.pth'}
-        spelled += [f"{path.relative_to(ROOT)}: {n}" for n in names if f"/ '{n}'" in path.read_text()]
+    return {value for name, value in vars(runs).items()
+            if name.isupper() and isinstance(value, str) and re.fullmatch(r"\.?[\w-]+(\.\w+)?", value)}
+
+
+def docstrings(tree):
+    return {id(n.body[0].value) for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+
+
+def spelled_names(tree, names):
+    """(line, name) where code spells one of names: a path join (x / "name", Path("name"), open("name"), f"{x}/name",
+    "name/..."), and a name with a dot (best.pth: not a word) as any string. A folder's name (epochs) is a word as
+    well (a flag, a column): spelled only in a path. Docstrings may name the files."""
+    found, skip = [], docstrings(tree)
+    for n in ast.walk(tree):
+        if isinstance(n, ast.BinOp) and isinstance(n.op, ast.Div):
+            found += [(o.lineno, o.value) for o in (n.left, n.right) if isinstance(o, ast.Constant) and o.value in names]
+        elif isinstance(n, ast.Call) and getattr(n.func, "id", getattr(n.func, "attr", None)) in ("Path", "open", "joinpath", "join"):
+            found += [(o.lineno, o.value) for o in n.args if isinstance(o, ast.Constant) and o.value in names]
+        elif isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in skip:
+            found += [(n.lineno, x) for x in sorted(names) if "." in x and n.value == x
+                      or n.value.endswith(f"/{x}") or n.value.startswith(f"{x}/") or f"/{x}/" in n.value]
+    return sorted(set(found))
+
+
+def test_run_file_names_are_spelled_in_core_runs_only():
+    """core/runs.py is the one place a run's file names are spelled: every other module takes its constants."""
+    names = run_file_names()
+    assert {"best.pth", "epochs", "report.md", "kfold.json", "oof_soft.csv", "tensorboard"} <= names
+    spelled = [f"{path.relative_to(ROOT)}:{line} {name}" for path, module in MODULES.items() if module != "core.runs"
+               for line, name in spelled_names(ast.parse(path.read_text()), names)]
+    for path in MODULES:  # the names in code that a string holds, such as python -c's
+        spelled += [f"{path.relative_to(ROOT)}: {n}" for n in names for q in "'\"" if f"/ {q}{n}{q}" in path.read_text()]
     assert spelled == []
+
+
+def test_the_run_file_check_finds_a_spelling():
+    tree = ast.parse('"""Writes best.pth/last.pth."""\nx = run / "epochs" / "epoch1.pth"\nm = row["epochs"]\n'
+                     'open("history.csv")\nf"{run}/config.json"\nname = "summary.json"\nf"{run / \'soup.pth\'}"')
+    assert spelled_names(tree, {"best.pth", "epochs", "history.csv", "config.json", "summary.json", "soup.pth", "last.pth"}) == [
+        (2, "epochs"), (4, "history.csv"), (5, "config.json"), (6, "summary.json"), (7, "soup.pth")]
 
 
 def test_package_docstrings_say_one_line_and_leave_the_map_to_design_md():
     for init in sorted(ROOT.glob("*/__init__.py")):
         doc = ast.get_docstring(ast.parse(init.read_text())) or ""
         assert "\n" not in doc.strip() and "docs/design.md" in doc, f"{init.relative_to(ROOT)}: {doc!r}"
+
+
+def module_map(text):
+    """A design.md's module map (its first code block: layer, path, what it does) -> (the paths its entries name, in the
+    path column, and every .py path it mentions anywhere)."""
+    block = re.search(r"^```\n(.*?)^```", text, re.S | re.M).group(1)
+    firsts = [(m.start(1), m.group(1)) for line in block.splitlines() if (m := re.match(r"(?:top|training|middle|bottom)?\s+(\S+)", line))]
+    column = min(start for start, _ in firsts)
+    return [token for start, token in firsts if start == column], re.findall(r"(?<![\w/.-])((?:\w+/)*\w+\.py)\b", block)
+
+
+def map_errors(text, modules):
+    """What a module map gets wrong about modules (paths from the root): the ones it leaves out (a package is named by
+    its folder), the ones it names twice, and the paths it names that are not there."""
+    entries, mentioned = module_map(text)
+    named = {m.removesuffix("__init__.py") for m in modules}
+    return ([f"not in the map: {m}" for m in sorted(named - set(entries))]
+            + [f"named twice: {e}" for e in sorted({e for e in entries if entries.count(e) > 1})]
+            + [f"not there: {e}" for e in sorted(set(entries) | set(mentioned)) if not (ROOT / e).exists()])
+
+
+def test_design_md_maps_every_module_and_nothing_else():
+    """docs/design.md's module map names every module of the project (each package by its folder), once, and no path
+    that is not there."""
+    assert map_errors((ROOT / "docs" / "design.md").read_text(), [p.relative_to(ROOT).as_posix() for p in MODULES]) == []
+
+
+def test_the_map_check_finds_a_gap_and_a_stale_path():
+    text = ("```\ntop        train.py         flags, fit, and set by search/gone.py\n"
+            "           search/          the search phase\n"
+            "                            (search/finalize.py, in a description: no entry)\n"
+            "bottom     core/gone.sh     removed\n"
+            "           core/runs.py     the run files\n           core/runs.py     again\n```\n")
+    assert map_errors(text, ["train.py", "search/__init__.py", "search/finalize.py", "core/__init__.py", "core/runs.py"]) == [
+        "not in the map: core/", "not in the map: search/finalize.py", "named twice: core/runs.py",
+        "not there: core/gone.sh", "not there: search/gone.py"]
 
 
 def test_readme_is_at_most_150_lines():

@@ -1,5 +1,7 @@
 """The README's commands as a new user runs them: from the repository root with the venv not activated. Every
 command's program is there, takes the flags the README gives it and finds the files it names; the cheap ones run."""
+import json
+import re
 import shlex
 import subprocess
 import sys
@@ -52,25 +54,89 @@ def test_the_readme_has_the_workflow_commands():
     assert {"imgcls-nnictl", "imgcls-preflight", "imgcls-experiment", "imgcls-finalize", "imgcls-inference", "python"} <= tools
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("words", COMMANDS, ids=[shlex.join(w)[:60] for w in COMMANDS])
-def test_each_command_takes_its_flags_and_finds_its_files(words):
+# Every program's --help, run in one process: for each, sys.argv as its own process has it, and its file run as
+# __main__ (a console script's, train.py, or `-m`'s module) -> {key: [exit code, stdout, stderr]}. Run with -P: nothing
+# on sys.path but the installed packages, as a console script has (a script dir's module that is not installed fails
+# here, where `python train.py` would find it: a false failure, never a false pass).
+HELP = r"""
+import contextlib, io, json, runpy, sys, traceback
+runs, written, results = json.loads(sys.argv[1]), sys.argv[2], {}
+for key, (kind, target, argv) in runs:
+    sys.argv, out, err = argv, io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_module(target, run_name="__main__", alter_sys=True) if kind == "module" else runpy.run_path(target, run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            code = 1
+            traceback.print_exc()
+    results[key] = [code, out.getvalue(), err.getvalue()]
+with open(written, "w") as f:
+    json.dump(results, f)
+"""
+
+
+def help_run(prefix):
+    """prefix (program()'s) -> (kind, target, sys.argv) of `prefix --help`."""
+    if len(prefix) > 1 and prefix[1] == "-m":  # python -m module
+        return "module", prefix[2], [prefix[2], *prefix[3:], "--help"]
+    if Path(prefix[0]).name.startswith("python"):  # python script.py
+        return "path", prefix[1], [prefix[1], *prefix[2:], "--help"]
+    shebang = Path(prefix[0]).read_text().splitlines()[0].removeprefix("#!")  # a console script: runs with this venv
+    assert Path(shebang).resolve() == Path(sys.executable).resolve(), f"{prefix[0]} runs {shebang}"
+    return "path", prefix[0], [prefix[0], *prefix[1:], "--help"]
+
+
+def needs_help(words):
     found = program(words)
-    if found is None:  # python3 -m venv .venv: the machine's own
+    return found is not None and Path(found[0][0]).name != "pip"
+
+
+@pytest.fixture(scope="module")
+def usages(tmp_path_factory):
+    """shlex.join(prefix) -> [exit code, stdout, stderr] of `prefix --help`, every program's in one process (console
+    scripts first, so that each of them imports its own modules)."""
+    prefixes = {shlex.join(p): p for p, _ in sorted((program(w) for w in COMMANDS if needs_help(w)),
+                                                       key=lambda found: Path(found[0][0]).name.startswith("python"))}
+    out = tmp_path_factory.mktemp("help") / "usages.json"
+    proc = subprocess.run([sys.executable, "-P", "-c", HELP, json.dumps([(key, help_run(p)) for key, p in prefixes.items()]),
+                           str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and out.is_file(), proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+FLAG = re.compile(r"--?[A-Za-z][\w-]*")
+
+
+@pytest.mark.parametrize("words", [pytest.param(w, marks=[pytest.mark.slow] if needs_help(w) else []) for w in COMMANDS],
+                         ids=[shlex.join(w)[:60] for w in COMMANDS])
+def test_each_command_takes_its_flags_and_finds_its_files(words, request):
+    found = program(words)
+    if found is None:  # the machine's own python3 does one thing: make the venv every other command runs from
+        assert words[:3] == ["python3", "-m", "venv"] and ".venv" in words[3:], f"{shlex.join(words)}: not the venv's python"
         return
     prefix, rest = found
-    if prefix[-1] == "pytest":
-        return
     if Path(prefix[0]).name == "pip":
         assert (ROOT / rest[-1]).is_file()
         return
-    usage = subprocess.run([*prefix, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert usage.returncode == 0, usage.stderr
+    code, usage, err = request.getfixturevalue("usages")[shlex.join(prefix)]
+    assert code == 0, err
     for word in rest:
-        if word.startswith("--"):
-            assert word in usage.stdout, f"{shlex.join(words)}: {word} is not in its --help"
+        if FLAG.fullmatch(word):
+            assert word in usage, f"{shlex.join(words)}: {word} is not in its --help"
         elif word.endswith((".yml", ".txt")):
             assert (ROOT / word).is_file(), f"{shlex.join(words)}: no {word}"
+    if prefix[-1] == "pytest":  # its -m names declared markers, and it is given the tests' dir
+        declared = {line.split(":")[0].split("(")[0].strip() for line in request.config.getini("markers")}
+        if "-m" in rest:
+            named = set(rest[rest.index("-m") + 1].replace("(", " ").replace(")", " ").split()) - {"not", "and", "or"}
+            assert named <= declared, f"{shlex.join(words)}: no marker {named - declared}"
+        assert (ROOT / rest[-1]).is_dir(), f"{shlex.join(words)}: no {rest[-1]}"
 
 
 @pytest.mark.slow

@@ -603,7 +603,7 @@ def test_weighted_loss_weighs_the_classes_as_the_sampler_draws_them(demo_dir, ca
         seed=args.seed, kfold=0, fold=0, resize=args.resize, augmentation=args.augmentation, sampler=args.sampler,
         batch_size=args.batch_size, valid_batch_size=args.valid_batch_size, num_workers=0, cache_dir=cache_dir, use_cache=True,
         device=device)
-    weights = train.build_optimisation(args, data, torch.nn.Linear(2, 2), device).criterion.weight
+    weights = train.build_recipe(args, data, torch.nn.Linear(2, 2), device).criterion.weight
     weights = weights[torch.as_tensor(data.class_counts > 0)]  # a class absent from training is never a target
     assert torch.allclose(weights, weights[0].expand_as(weights)) == equal
     assert ("already draws every class alike" in capsys.readouterr().out) == equal

@@ -1,7 +1,8 @@
 """Averaged weights: --ema's moving average, the mean of state dicts, BatchNorm statistics recomputed for them, and a
 run's best epochs kept for --average_epochs (AutoGluon's top-3 checkpoint averaging: a greedy model soup inside one
-run). search/soup.py averages across finalists with the same two pieces."""
+run). search/soup.py averages across finalists with the same greedy soup."""
 import shutil
+from dataclasses import dataclass
 
 import torch
 
@@ -81,18 +82,32 @@ class TopEpochs:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def greedy_average(top, soup, score, recompute):
-    """The best epoch, then each next best joining the average only when the averaged weights (BatchNorm recomputed)
-    score no lower on validation -> (member epochs, their metric, the validation outputs of the kept average or None
-    when only the best epoch is kept). soup: a model to load the averages into; score(model) -> (metric, outputs)."""
-    ranked = top.ranked()
-    (best, first), states = ranked[0], {ranked[0][1]: top.state(ranked[0][1])}
-    members, kept = [first], None
-    for _, epoch in ranked[1:]:
-        states[epoch] = top.state(epoch)
-        soup.load_state_dict(averaged([states[e] for e in [*members, epoch]]))
+@dataclass
+class Soup:
+    """What greedy_soup kept."""
+    members: list        # the ingredients averaged, the best first
+    metric: float        # the average's score (the best's own where none joined)
+    outputs: object      # score()'s outputs for the average (the best's own where none joined)
+    state: dict = None   # the average's weights, BatchNorm recomputed; None where none joined
+
+
+def greedy_soup(ranked, state_of, first, soup, recompute, score, log=None):
+    """A greedy model soup (Wortsman et al. 2022): the best ingredient, then each next joining the average only when the
+    averaged weights (BatchNorm recomputed) score no lower. Used by --average_epochs over a run's best epochs and by
+    finalize's soup over finalists. ranked: ingredients, best first; state_of(ingredient) -> its state dict; first:
+    (metric, outputs) of the best alone; soup: a model to load the averages into; score(model) -> (metric, outputs);
+    log(members, candidate, metric, best) after each try -> Soup."""
+    states = {}
+    members, (best, outputs), state = [ranked[0]], first, None
+    for candidate in ranked[1:]:
+        for name in (*members, candidate):
+            if name not in states:
+                states[name] = state_of(name)
+        soup.load_state_dict(averaged([states[n] for n in (*members, candidate)]))
         recompute(soup)
-        metric, outputs = score(soup)
+        metric, tried = score(soup)
+        if log:
+            log(members, candidate, metric, best)
         if metric >= best:
-            members, best, kept = [*members, epoch], metric, (outputs, {k: v.clone() for k, v in soup.state_dict().items()})
-    return members, best, kept
+            members, best, outputs, state = [*members, candidate], metric, tried, {k: v.clone() for k, v in soup.state_dict().items()}
+    return Soup(members, best, outputs, state)

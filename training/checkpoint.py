@@ -200,17 +200,33 @@ def load_model(path, device="cpu"):
 
 # ----------------------------------------------------------------------------- resume
 @dataclass
-class Start:
-    """Where training starts: epoch 1 with nothing behind it, or a resumed run's state."""
+class Progress:
+    """Where a run stands: the epoch it starts from (1, or a resumed run's next), the best metric (what best.pth
+    holds), its epoch and validation outputs where this process validated them (None: best.pth is an earlier
+    process's), the history rows, the epochs since the best (--early_stopping's count), the first step's seconds, and
+    whether NNI has the final result."""
     epoch: int = 1
     best: float = -math.inf
     history: list = field(default_factory=list)
-    stale: int = 0  # epochs since the best, for --early_stopping
+    stale: int = 0
+    best_epoch: int = None
+    best_outputs: dict = None
+    first_step_s: float = None
+    final_sent: bool = False
+
+    def add(self, row, outputs, metric):
+        """An epoch's history row, validation outputs and metric -> whether it is the new best."""
+        self.history.append(row)
+        if metric > self.best:
+            self.best, self.stale, self.best_epoch, self.best_outputs = metric, 0, row["epoch"], outputs
+            return True
+        self.stale += 1
+        return False
 
 
 def restore(path, *, lr, model, optimizer, scheduler, generators, device, ema=None):
     """last.pth -> model, optimiser, schedule (re-planned for this run's --epochs), random state, the weights'
-    moving average with --ema -> Start. The optimiser and the schedule were built from the flags given now, and their
+    moving average with --ema -> Progress. The optimiser and the schedule were built from the flags given now, and their
     settings win over the saved ones (--lr, --weight_decay, --momentum, plateau's --lr_gamma and --lr_decay_step): only
     the state the run accumulated carries on (moments, the plateau's count, the LR's share of --lr each group trains at).
     The best to beat is what best.pth holds, which --average_epochs may have made better than any epoch."""
@@ -243,7 +259,7 @@ def restore(path, *, lr, model, optimizer, scheduler, generators, device, ema=No
     if train_state.get("rng"):
         set_rng_state(train_state["rng"], generators)
     best = Path(path).parent / BEST
-    return Start(epoch=done + 1, best=read_meta(best).get("best_metric", -math.inf) if best.is_file() else -math.inf,
+    return Progress(epoch=done + 1, best=read_meta(best).get("best_metric", -math.inf) if best.is_file() else -math.inf,
                  history=state["history"], stale=train_state.get("stale", 0))
 
 
