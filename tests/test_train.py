@@ -459,17 +459,6 @@ def test_command_line_flags_win_over_the_resumed_runs(run_train, tmp_path):
     assert args.epochs == 12 and args.resize == [64, 48]
 
 
-@pytest.fixture
-def read_only_dir(tmp_path):
-    """A folder on a read-only file system (EROFS), where mounting is allowed (root); else the test is skipped."""
-    path = tmp_path / "ro"
-    path.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], capture_output=True).returncode:
-        pytest.skip("cannot mount a read-only tmpfs here")
-    yield path
-    subprocess.run(["umount", str(path)], capture_output=True)
-
-
 @pytest.mark.parametrize("flag", ["--model_dir", "--cache_dir"])
 def test_read_only_output_dir_is_one_line(flag, read_only_dir, train_cli, tmp_path):
     earlier_run(tmp_path)
