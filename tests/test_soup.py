@@ -1,9 +1,15 @@
 """search/soup.py: greedy model soups over real fold checkpoints (train.py --kfold runs on the tiny demo)."""
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from conftest import FINALISTS
+from core.folds import join_folds
+from core.metrics import score
+from imagedata.layouts import read_eval
 from search import soup
 from search.finalists import Finalist
 from training import checkpoint
@@ -31,29 +37,48 @@ def test_a_soup_never_scores_below_its_best_ingredient_on_its_fold(fold_runs, fo
     assert data.held_out(model, "single")[1] == pytest.approx(f1)  # the model handed back is the soup scored
 
 
+@pytest.fixture
+def own_runs(fold_runs, tmp_path):
+    """A copy of the shared fold runs, for the tests that write a vote (soup.pth, report.md, submission.csv) into them."""
+    return Path(shutil.copytree(fold_runs, tmp_path / "finalize"))
+
+
 @pytest.mark.slow
-def test_soup_vote_over_the_folds(fold_runs, demo_dir):
+def test_soup_vote_over_the_folds(own_runs, demo_dir):
+    """Each fold's soup is saved as a checkpoint that predicts what the vote counted: its held-out images' F1, joined
+    over the folds, is the reported out-of-fold F1, and its eval probabilities, averaged, are the vote's."""
     finalists = [Finalist(name, {}) for name in FINALISTS]
     eval_ids = [line.split(",")[0] for line in (demo_dir / "eval" / "info.csv").read_text().splitlines()[1:]][::-1]
-    result = soup.soup_vote(fold_runs, finalists, "defaults", 2, eval_ids, log=lambda line: None)
+    result = soup.soup_vote(own_runs, finalists, "defaults", 2, eval_ids, log=lambda line: None)
     assert result["ingredients"] == list(FINALISTS) and len(result["members"]) == 2
     assert result["eval_probs"].shape == (len(eval_ids), 18) and np.allclose(result["eval_probs"].sum(1), 1, atol=1e-5)
-    assert 0 <= result["oof_f1"] <= 1
+    parts, evals = [], []
+    for i, saved in enumerate(result["checkpoints"]):
+        model, meta = checkpoint.load_model(own_runs / saved)
+        assert meta["soup"] == result["members"][i]
+        fold = soup.Fold(meta, torch.device("cpu"), [own_runs / n / f"fold{i}" for n in FINALISTS])
+        parts.append((f"fold{i}", i, fold.ids, fold.labels[fold.val_idx], fold.held_out(model, meta["classification"])[0]))
+        ids, paths = read_eval(demo_dir / "eval", meta["layout"])
+        probs = predict_images(model, meta, paths, device="cpu", num_workers=0, cache_dir=meta["args"]["cache_dir"])
+        evals.append(probs[[ids.index(e) for e in eval_ids]])
+    oof = join_folds(parts)
+    assert result["oof_f1"] == pytest.approx(score(oof["labels"], oof["probs"].argmax(1), 18)["f1"])
+    np.testing.assert_allclose(result["eval_probs"], np.mean(evals, axis=0), atol=1e-5)
 
 
 @pytest.mark.slow
-def test_finalize_select_soup_reports_the_three_side_by_side(fold_runs):
+def test_finalize_select_soup_reports_the_three_side_by_side(own_runs):
     from search.vote import rank_and_vote, write_report
     finalists = [Finalist(name, {}) for name in FINALISTS]
-    report = rank_and_vote(fold_runs, finalists, 2, "soup")
+    report = rank_and_vote(own_runs, finalists, 2, "soup")
     assert report["soup"]["ingredients"] == list(FINALISTS) and report["cost"]["soup"] == 2
     assert report["cost"]["winner"] == 2 and report["cost"]["greedy"] == 2 * len(report["greedy_weights"])
     used = [n for n in FINALISTS if any(n in members for members in report["soup"]["members"])]  # not the candidates
     assert used and list(report["voted"]) == [f"the 2 fold soups of {' + '.join(used)}"]
-    write_report(fold_runs, dict(report, experiment="test"))
-    text = (fold_runs / "report.md").read_text()
+    write_report(own_runs, dict(report, experiment="test"))
+    text = (own_runs / "report.md").read_text()
     assert "| soup per fold (fold0: " in text and "models evaluated per image" in text and "Voted (--select soup)" in text
-    assert (fold_runs / "submission.csv").is_file()
+    assert (own_runs / "submission.csv").is_file()
 
 
 @pytest.mark.slow

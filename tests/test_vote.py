@@ -63,9 +63,22 @@ def fake_run(tmp_path):
 
 
 def test_fake_folds_rank(fake_run):
+    """Every finalist scored out of fold on the same 8 images, the best out-of-fold F1 the winner, and the submission
+    its folds' eval probabilities averaged, in the folds' eval order."""
     run_dir, finalists = fake_run
     report = vote.rank_and_vote(run_dir, finalists, 2, "winner")
     assert report["oof_images"] == 8 and report["eval_images"] == 3
+    rows = {row["name"]: row for row in report["finalists"]}
+    assert list(rows) == [f.name for f in finalists] and all(0 <= row["oof_f1"] <= 1 for row in rows.values())
+    assert report["winner_oof_f1"] == max(row["oof_f1"] for row in rows.values()) == rows[report["winner"]]["oof_f1"]
+    assert report["voted"] == {report["winner"]: 1.0} and sum(report["greedy_weights"].values()) == pytest.approx(1)
+    folds = [pd.read_csv(run_dir / report["winner"] / f"fold{i}" / "submission_soft.csv") for i in range(2)]
+    voted = pd.read_csv(run_dir / "submission_soft.csv")
+    assert list(voted["ImageID"]) == list(folds[0]["ImageID"]) == ["x.jpg", "y.jpg", "z.jpg"]
+    np.testing.assert_allclose(voted[CLASSES18].to_numpy(), (folds[0][CLASSES18].to_numpy() + folds[1][CLASSES18].to_numpy()) / 2,
+                               atol=1e-6)
+    answers = pd.read_csv(run_dir / "submission.csv")
+    assert list(answers["ans"]) == list(voted[CLASSES18].to_numpy().argmax(1))
 
 
 def damage(run_dir, how):
