@@ -77,12 +77,12 @@ POSITIVE = ("people", "eval_people", "trials", "epochs", "top", "k", "seeds")
 def search_config(cli, data, work, gpu):
     """config_gpu.yml as shipped, shortened, on the drawn set, trials run by this interpreter."""
     config = nni_io.load_config(cli.config)
-    words = shlex.split(config["trialCommand"])
+    words = nni_io.train_words(config["trialCommand"])
     if "--epochs" not in words:
         raise UserError(f"{cli.config}: its trialCommand has no --epochs for the workflow to shorten")
-    words[words.index("--epochs") + 1] = str(cli.epochs)
+    words = nni_io.with_flag(words, "--epochs", cli.epochs)
     steps = cli.epochs * -(-round(cli.people * 7 * (1 - 1 / cli.k)) // int(nni_io.flag_value(config["trialCommand"], "--batch_size")))
-    command = shlex.join([sys.executable, str(ROOT / "train.py"), *words[2:], *(["--resize", *map(str, cli.resize)] if cli.resize else []), "--steps", str(steps),
+    command = shlex.join([sys.executable, str(ROOT / "train.py"), *words, *(["--resize", *map(str, cli.resize)] if cli.resize else []), "--steps", str(steps),
                           *data_flags(data), "--cache_dir", str(work / "cache")])
     config.update(experimentName="gpu-workflow", trialCommand=command, trialCodeDirectory=str(ROOT), maxTrialNumber=cli.trials,
                   maxExperimentDuration="1h", experimentWorkingDirectory=str(work / "nni"))

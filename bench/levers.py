@@ -19,8 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.searches import ROOT, SETS, data_flags, data_of, train_run
-from core import demo
+from bench.searches import ROOT, data_flags, data_of, train_run
 from core.cli import Parser, run_main
 from core.runs import SUBMISSION
 from core.scoring import evaluate
@@ -28,7 +27,6 @@ from search import nni_io
 
 LEVERS = {"none": [], "ema": ["--ema", "0.99"], "ema_warmup": ["--ema", "0.999", "--ema_warmup"],
           "average_epochs": ["--average_epochs", "3"], "layer_decay": ["--layer_decay", "0.85"]}
-MID = (250, 80, (160, 120), 33)  # people, eval people, image size, seed: a third set, between small and the demo
 
 
 def positive(text):
@@ -48,19 +46,8 @@ def build_parser():
     return p
 
 
-def data_for(name, work):
-    if name in SETS:
-        return data_of(name, work)
-    root = work / "data" / name
-    if not (root / "train").is_dir():
-        people, eval_people, size, seed = MID
-        root.parent.mkdir(parents=True, exist_ok=True)
-        demo.make_demo_data(root, people, eval_people, size=size, seed=seed)
-    return root
-
-
 def one(config, name, lever, seed, epochs, work):
-    data = data_for(name, work)
+    data = data_of(name, work)
     command = nni_io.train_words(nni_io.load_config(config)["trialCommand"])
     words = [sys.executable, str(ROOT / "train.py"), *command, *LEVERS[lever], *(["--epochs", str(epochs)] if epochs else []),
              "--seed", str(seed), *data_flags(data), "--cache_dir", str(work / "cache")]

@@ -29,9 +29,7 @@ def local_config(epochs=None):
     """config_local.yml, its trials' --epochs replaced by `epochs` when given."""
     base = nni_io.load_config(ROOT / "config_local.yml")
     if epochs:
-        words = shlex.split(base["trialCommand"])
-        words[words.index("--epochs") + 1] = str(epochs)
-        base["trialCommand"] = shlex.join(words)
+        base["trialCommand"] = shlex.join(nni_io.with_flag(shlex.split(base["trialCommand"]), "--epochs", epochs))
     return base
 
 
@@ -47,8 +45,7 @@ def default_budget(config):
 
 def trial_words(config, *extra):
     """config_local.yml's trialCommand with the venv's absolute python (trials must not depend on PATH)."""
-    words = shlex.split(config["trialCommand"])
-    return [sys.executable, *words[1:], *extra]
+    return [sys.executable, "train.py", *nni_io.train_words(config["trialCommand"]), *extra]
 
 
 def search_config(method, seed, base, work):
@@ -133,12 +130,15 @@ def train_run(cmd, run_dir):
 
 # name -> (people, eval people, image size, seed): None = the demo itself
 SETS = {"demo": None, "small": (120, 60, (112, 84), 31), "large": (700, 100, (144, 108), 32)}
+MORE_SETS = {"mid": (250, 80, (160, 120), 33)}  # between small and the demo: drawn for bench/levers.py, not the searches' sets
 
 
 def data_of(name, work):
-    if SETS[name] is None:
+    """The named set's folder (drawn into work on first use; the demo's own folder for demo)."""
+    drawn = {**SETS, **MORE_SETS}[name]
+    if drawn is None:
         return demo.ensure_demo_data()
-    people, eval_people, size, seed = SETS[name]
+    people, eval_people, size, seed = drawn
     root = work / "data" / name
     if not (root / "train").is_dir():
         root.parent.mkdir(parents=True, exist_ok=True)

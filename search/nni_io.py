@@ -194,6 +194,16 @@ def train_words(command):
     return words[next((i + 1 for i, w in enumerate(words) if Path(w).name == "train.py"), len(words)):]
 
 
+def with_flag(words, flag, value):
+    """A command's words with flag's value set: replaced where the flag is given, else appended."""
+    words = list(words)
+    if flag in words:
+        words[words.index(flag) + 1] = str(value)
+    else:
+        words += [flag, str(value)]
+    return words
+
+
 def interpreter_of(command):
     """First word of trialCommand after VAR=value assignments, if it looks like python, else None."""
     words = [w for w in split(command) or [] if not ("=" in w and not w.startswith("-") and "/" not in w.split("=")[0])]

@@ -84,3 +84,9 @@ def test_ssh_logs_in_as_the_machine_list_says():
     base = nni_io.ssh_base(m, 5)
     assert base[:3] == ["ssh", "-p", "2222"] and "BatchMode=yes" in base and base[-1] == "u@gpu1"
     assert base[base.index("-i") + 1] == "/k"
+
+
+@pytest.mark.parametrize("words, expected", [(["--epochs", "10", "--lr", "0.1"], ["--epochs", "3", "--lr", "0.1"]),
+                                             (["--lr", "0.1"], ["--lr", "0.1", "--epochs", "3"])])
+def test_with_flag_replaces_a_given_flag_or_appends_it(words, expected):
+    assert nni_io.with_flag(words, "--epochs", 3) == expected and words[-1] != "3"  # a new list: the caller's is kept
