@@ -85,10 +85,10 @@ def test_command_line_flags_win_over_the_config_even_at_their_default(tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["--lr", "-1"], "--lr -1.0: must be positive"),
     (["--val_ratio", "1.5"], "--val_ratio 1.5: must be between 0 and 1"),
-    (["--resize", "0", "48"], "--resize 0 48: sizes must be positive"),
-    (["--age_bounds", "60", "30"], "--age_bounds 60 30: need 0 < LOW < HIGH"),
+    (["--resize", "0", "48"], "--resize 0 48: must be positive sizes"),
+    (["--age_bounds", "60", "30"], "--age_bounds 60 30: must be 0 < LOW < HIGH"),
     (["--kfold", "3", "--fold", "3"], "--kfold 3 --fold 3: need K >= 2"),
-    (["--milestones", "0"], "--milestones 0: epochs count from 1"),
+    (["--milestones", "0"], "--milestones 0: must be epochs, counted from 1"),
     (["--dropout", "1"], "--dropout 1.0: must be in [0, 1)"),
     (["--dataset", "ImageFolderDataset", "--classification", "multi_head"], "multi_head needs a mask-layout dataset"),
     (["--ema_warmup"], "--ema_warmup warms up --ema's moving average, which is off (--ema 0)"),  # config.json said both
@@ -146,9 +146,11 @@ def test_resume_refuses_what_it_cannot_change_and_takes_the_rest():
             flags.check_resume(saved, {key: "something else"})
 
 
-def test_a_flag_added_in_one_place_is_parsed_recorded_refused_on_resume_searched_and_owned_as_declared(monkeypatch):
+def test_a_flag_added_in_one_place_is_parsed_recorded_refused_on_resume_searched_and_owned_as_declared(monkeypatch, request):
     """Adding a flag once, with its roles, is the whole edit: every list of flags is asked of the parser."""
     stock = flags.add_run_flags
+    flags.declared.cache_clear()  # declared once per process: again here with the throwaway flag, and after without it
+    request.addfinalizer(flags.declared.cache_clear)
 
     def with_throwaway(g):
         stock(g)
@@ -168,3 +170,15 @@ def test_a_flag_added_in_one_place_is_parsed_recorded_refused_on_resume_searched
     with pytest.raises(ValueError, match="--zz_depth is set by kfold.py for every fold"):
         kfold.check_train_args(["--zz_depth", "2"])
     assert "zz_depth" not in flags.having("length") and "zz_depth" in flags.having("kfold")
+
+
+def test_the_flags_are_declared_once_per_process(monkeypatch):
+    """having() and limits() ask one parser, built once, however often a soup or a search asks."""
+    built = []
+    stock = flags.build_parser
+    monkeypatch.setattr(flags, "build_parser", lambda: built.append(1) or stock())
+    flags.declared.cache_clear()
+    for _ in range(5):
+        flags.having("shape"), flags.limits(), flags.having("resume")
+    flags.declared.cache_clear()
+    assert built == [1]

@@ -6,7 +6,7 @@ BOHB's TRIAL_BUDGET) on top. The tuner and preflight import it without starting 
     defaults(words)                             # {dest: value} of every flag as config.json spells them: the defaults, or a command's
 
 What a flag is, beyond its type and default, is declared where it is added (`flag(..., roles=..., limit=...)`),
-and every list of flags the code needs is asked of the parser (`having(role)`, `limits()`):
+and every list of flags the code needs is asked of the flags as declared, one parser per process (`having(role)`, `limits()`):
     started   how this run was started (--config, --resume): not in config.json, not a parameter
     resume    fixed on resume: changing it would change what last.pth means (the split, the shapes, the optimiser)
     length    how long or on which fold a run trains, or where its data lies: not part of a configuration
@@ -16,6 +16,7 @@ and every list of flags the code needs is asked of the parser (`having(role)`, `
 """
 import argparse
 import contextlib
+import functools
 import io
 import math
 import os
@@ -44,14 +45,20 @@ def flag(g, *names, roles=(), limit=None, **kwargs):
     return action
 
 
+@functools.cache
+def declared():
+    """The flags as declared, from one parser per process that nothing changes (parse_args builds its own)."""
+    return tuple(build_parser()._actions)
+
+
 def having(role):
     """The dest names of the flags declared with role, in the parser's order."""
-    return tuple(dict.fromkeys(a.dest for a in build_parser()._actions if role in getattr(a, "roles", ())))
+    return tuple(dict.fromkeys(a.dest for a in declared() if role in getattr(a, "roles", ())))
 
 
 def limits():
     """{dest: (test, what it must be)} of every flag declared with a limit."""
-    return {a.dest: a.limit for a in build_parser()._actions if getattr(a, "limit", None)}
+    return {a.dest: a.limit for a in declared() if getattr(a, "limit", None)}
 
 
 def settable(parser):
@@ -76,17 +83,20 @@ def add_data_flags(g):
     flag(g, "--eval_dir", roles=("length",), default=None,
          help="eval data to predict after training (unset with demo data = the demo eval split)")
     flag(g, "--dataset", roles=("resume",), default="MaskSplitByProfileDataset", choices=list(DATASETS), help="layout and split")
-    flag(g, "--age_bounds", roles=("resume",), nargs=2, type=int, default=list(DEFAULT_AGE_BOUNDS), metavar=("LOW", "HIGH"),
+    flag(g, "--age_bounds", roles=("resume",), limit=(lambda v: 0 < v[0] < v[1], "0 < LOW < HIGH"), nargs=2, type=int,
+         default=list(DEFAULT_AGE_BOUNDS), metavar=("LOW", "HIGH"),
          help="age band bounds the model trains on (mask layout); validation is always scored on the data's own "
               f"bands, {DEFAULT_AGE_BOUNDS[0]} and {DEFAULT_AGE_BOUNDS[1]}")
-    flag(g, "--val_ratio", roles=("resume",), type=float, default=0.2, help="validation share")
+    flag(g, "--val_ratio", roles=("resume",), limit=(lambda v: 0 < v < 1, "between 0 and 1"), type=float, default=0.2,
+         help="validation share")
     flag(g, "--kfold", roles=("resume", "length", "kfold"), type=int, default=0,
          help="K for stratified group k-fold (0 = off: use --val_ratio)")
     flag(g, "--reshuffle_val", action=argparse.BooleanOptionalAction, default=False,
          help="under NNI, every trial validates on its own people: the split is seeded by --seed + the trial's "
               "sequence number (Nagler et al. 2024); no effect standalone or with --kfold")
     flag(g, "--fold", roles=("resume", "length", "kfold"), type=int, default=0, help="which fold is validation, 0..K-1")
-    flag(g, "--resize", roles=("resume", "shape"), nargs=2, type=int, default=None, metavar=("H", "W"),
+    flag(g, "--resize", roles=("resume", "shape"), limit=(lambda v: v is None or min(v) > 0, "positive sizes"), nargs=2, type=int,
+         default=None, metavar=("H", "W"),
          help=f"input size after centre crop (unset: {DEFAULT_SIZE[0]} {DEFAULT_SIZE[1]}, or a --pretrained timm model's own "
               f"input size, e.g. 224 224)")
     flag(g, "--augmentation", default="flip_affine", choices=list(TRANSFORMS), help="training augmentation")
@@ -129,7 +139,8 @@ def add_optimisation_flags(g):
     flag(g, "--momentum", limit=NON_NEGATIVE, type=float, default=0.9, help="SGD momentum")
     flag(g, "--scheduler", roles=("resume",), default="cosine", choices=list(SCHEDULERS), help="LR schedule")
     flag(g, "--lr_decay_step", limit=POSITIVE, type=int, default=20, help="step: epochs per decay; plateau: patience")
-    flag(g, "--milestones", nargs="+", type=int, default=[10, 20, 25], help="multistep: epochs where LR is multiplied by --lr_gamma")
+    flag(g, "--milestones", limit=(lambda v: min(v) >= 1, "epochs, counted from 1"), nargs="+", type=int, default=[10, 20, 25],
+         help="multistep: epochs where LR is multiplied by --lr_gamma")
     flag(g, "--lr_gamma", limit=POSITIVE, type=float, default=0.1, help="LR decay factor (step, multistep, plateau)")
     flag(g, "--warmup_epochs", limit=NON_NEGATIVE, type=int, default=0, help="linear LR warmup over the first N epochs")
     flag(g, "--clip_grad", limit=NON_NEGATIVE, type=float, default=0.0, help="clip the gradient norm to this (0 = off)")
@@ -318,17 +329,10 @@ def parse_flags(parser, words, what):
 # ----------------------------------------------------------------------------- ranges
 def check_args(args):
     for key, (ok, must) in limits().items():
-        if not ok(getattr(args, key)):
-            raise UserError(f"--{key} {getattr(args, key)}: must be {must}")
+        value = getattr(args, key)
+        if not ok(value):
+            raise UserError(f"--{key} {' '.join(map(str, value)) if isinstance(value, list) else value}: must be {must}")
     check_model_name(args.model)
-    if args.resize is not None and min(args.resize) <= 0:
-        raise UserError(f"--resize {args.resize[0]} {args.resize[1]}: sizes must be positive")
-    if not 0 < args.val_ratio < 1:
-        raise UserError(f"--val_ratio {args.val_ratio}: must be between 0 and 1")
-    if not 0 < args.age_bounds[0] < args.age_bounds[1]:
-        raise UserError(f"--age_bounds {args.age_bounds[0]} {args.age_bounds[1]}: need 0 < LOW < HIGH")
-    if min(args.milestones) < 1:
-        raise UserError(f"--milestones {' '.join(map(str, args.milestones))}: epochs count from 1")
     if args.kfold and not (args.kfold >= 2 and 0 <= args.fold < args.kfold):
         raise UserError(f"--kfold {args.kfold} --fold {args.fold}: need K >= 2 and 0 <= fold < K")
     if args.weights:
