@@ -25,10 +25,9 @@ import torch
 
 from core.cli import Parser, UserError, run_main
 from core.files import check_output
-from core.runs import BEST, CONFIG, FINALIZE_REPORT
+from core.runs import BEST, CONFIG, FINALIZE_REPORT, read_report, voted_models
 from core.signals import STOP
 from search.finalists import differences, ran_configuration, without_length
-from search.vote import read_report, voted_models
 from training import checkpoint, onnxfile
 from training.engine import usable_cores
 

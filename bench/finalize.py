@@ -34,7 +34,7 @@ from bench.searches import (ROOT, SETS, SIZE, data_flags, data_of, finalist_eval
                             soft_f1, train_run)
 from core.cli import Parser, run_main
 from core.scoring import evaluate
-from core.runs import FINALIZE_REPORT, SUBMISSION, SUBMISSION_SOFT
+from core.runs import SUBMISSION, SUBMISSION_SOFT, read_report
 from search.finalists import configuration
 from search.trials import best_trial, from_id
 
@@ -76,7 +76,7 @@ def one(name, seed, work, cli):
                         str(work / f"search_{name}_{seed}.yml"), "--select", select, "--out", str(out),
                         "--fold_port", str(cli.port + 1)], check=True, cwd=ROOT)
         scores[f"finalize_{select}"] = evaluate(out / SUBMISSION, truth, "mask")["scores"]["f1"]
-        report = json.loads((out / FINALIZE_REPORT).read_text())
+        report = read_report(out)
     k = report["k"]
     finalists = report["finalists"]
     eval_f1 = {f["name"]: finalist_eval_f1(out, f["name"], k, truth) for f in finalists}

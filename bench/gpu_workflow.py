@@ -37,7 +37,7 @@ import yaml
 from bench.searches import DEADLINE_EXIT, ROOT, data_flags, finalist_eval_f1, run_experiment, soft_f1, train_run, trial_time
 from core import demo
 from core.cli import Parser, UserError, run_main
-from core.runs import FINALIZE_REPORT, SUBMISSION, SUBMISSION_SOFT
+from core.runs import SUBMISSION, SUBMISSION_SOFT, read_report
 from core.scoring import evaluate
 from search import nni_io
 from search.trials import best_trial
@@ -179,11 +179,11 @@ def workflow(cli, work, gpu, save):
         result["minutes"][f"finalize_{select}"] = finalize(exp.id, config_path, out, cli, select, left())
         result["eval_f1"][f"finalize_{select}"] = [evaluate(out / SUBMISSION, truth, "mask")["scores"]["f1"]]
         if select == "winner":
-            report = json.loads((out / FINALIZE_REPORT).read_text())
+            report = read_report(out)
             result["eval_f1"]["defaults_kfold"] = [finalist_eval_f1(out, "defaults", cli.k, truth)]
             result.update(finalists=report["finalists"], winner=report["winner"])
         elif select == "greedy":
-            result["greedy_weights"] = json.loads((out / FINALIZE_REPORT).read_text())["greedy_weights"]
+            result["greedy_weights"] = read_report(out)["greedy_weights"]
         step(f"finalize_{select}")
     return result
 

@@ -37,7 +37,7 @@ from nni.assessor import AssessResult
 from bench.searches import ROOT, SETS, SIZE, data_flags, data_of, finalist_eval_f1, local_config, run_experiment, soft_f1, train_run
 from core.cli import Parser, run_main
 from core.scoring import evaluate
-from core.runs import FINALIZE_REPORT, SUBMISSION, SUBMISSION_SOFT
+from core.runs import SUBMISSION, SUBMISSION_SOFT, read_report
 from search import nni_io
 from search.trials import best_trial, from_id
 from training import flags
@@ -159,7 +159,7 @@ def study(name, seed, work, port):
         subprocess.run([sys.executable, str(ROOT / "search" / "finalize.py"), "--id", exp.id, "--config", str(path),
                         "--top", str(TOP), "--k", str(K), "--select", select, "--out", str(out), "--fold_port", str(port + 1)],
                        check=True, cwd=ROOT)
-        report = json.loads((out / FINALIZE_REPORT).read_text())
+        report = read_report(out)
         result["finalize"][select] = dict(eval_f1=evaluate(out / SUBMISSION, truth, "mask")["scores"]["f1"],
                                           minutes=(time.time() - t0) / 60, report=report)
     result["finalist_eval_f1"] = {f["name"]: finalist_eval_f1(out, f["name"], K, truth) for f in report["finalists"]}

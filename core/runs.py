@@ -114,3 +114,40 @@ def write_val_soft(path, image_ids, labels, probs, classes):
     table.insert(0, "label", labels)
     table.insert(0, "ImageID", image_ids)
     table.to_csv(path, index=False, float_format="%.6f")
+
+
+# ----------------------------------------------------------------------------- a finalize run dir
+def read_report(run_dir):
+    """A finalize run dir's finalize.json -> the report dict; UserError when finalize has not finished a selection
+    there (its folds may be home, but nothing was voted yet)."""
+    path = run_dir / FINALIZE_REPORT
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no {FINALIZE_REPORT}, so finalize has not finished a selection there "
+                        f"(run imgcls-finalize to the end first)")
+    try:
+        report = json.loads(path.read_text())
+    except ValueError:  # JSON and UTF-8 errors
+        report = None
+    if not isinstance(report, dict) or any(key not in report for key in ("select", "k", "winner", "greedy_weights")):
+        raise UserError(f"{path}: damaged (not the report finalize wrote there): run imgcls-finalize again to rewrite it")
+    return report
+
+
+def voted_models(run_dir, report, select=None):
+    """What a finalize selection soft-votes, model by model -> [(checkpoint path, weight)], weights summing to 1: the
+    winner's K folds alike, the greedy ensemble's members' folds by their weights, or the K fold soups alike. select:
+    the report's own by default (what its submission_soft.csv holds)."""
+    select = select or report["select"]
+    k = report["k"]
+    if select == "soup":
+        soup = report.get("soup")
+        if soup is None:
+            raise UserError(f"{run_dir}: finalize ran --select {report['select']} there, so it made no soups "
+                            f"(run imgcls-finalize again with --select soup: it trains nothing new)")
+        if "checkpoints" not in soup:
+            raise UserError(f"{run_dir}: its soups were not saved (finalize from before export): run imgcls-finalize "
+                            f"again with --select soup (it trains nothing new)")
+        return [(run_dir / path, 1 / len(soup["checkpoints"])) for path in soup["checkpoints"]]
+    chosen = {report["winner"]: 1.0} if select == "winner" else report["greedy_weights"]
+    total = sum(chosen.values())
+    return [(run_dir / name / f"fold{i}" / BEST, weight / total / k) for name, weight in chosen.items() for i in range(k)]

@@ -10,7 +10,7 @@ from core.cli import UserError
 from core.files import replace_atomically
 from core.folds import join_folds
 from core.metrics import score
-from core.runs import BEST, CONFIG, FINALIZE_REPORT, REPORT, SUBMISSION_SOFT, SUMMARY, VAL_SOFT, read_summary, write_submission
+from core.runs import CONFIG, FINALIZE_REPORT, REPORT, SUBMISSION_SOFT, SUMMARY, VAL_SOFT, read_summary, write_submission
 from core.submissions import alignment, read_soft, read_val_soft
 from search.finalists import differences, ran_configuration
 from search.trials import flag_words
@@ -127,39 +127,3 @@ def write_report(run_dir, report):
     lines += ["", f"Voted (--select {report['select']}): {voted}; soft-voted on {report['eval_images']} eval images "
               f"-> submission.csv, submission_soft.csv."]
     replace_atomically(run_dir / REPORT, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
-
-
-def read_report(run_dir):
-    """A finalize run dir's finalize.json -> the report dict; UserError when finalize has not finished a selection
-    there (its folds may be home, but nothing was voted yet)."""
-    path = run_dir / FINALIZE_REPORT
-    if not path.is_file():
-        raise UserError(f"{run_dir}: no {FINALIZE_REPORT}, so finalize has not finished a selection there "
-                        f"(run imgcls-finalize to the end first)")
-    try:
-        report = json.loads(path.read_text())
-    except ValueError:  # JSON and UTF-8 errors
-        report = None
-    if not isinstance(report, dict) or any(key not in report for key in ("select", "k", "winner", "greedy_weights")):
-        raise UserError(f"{path}: damaged (not the report finalize wrote there): run imgcls-finalize again to rewrite it")
-    return report
-
-
-def voted_models(run_dir, report, select=None):
-    """What a finalize selection soft-votes, model by model -> [(checkpoint path, weight)], weights summing to 1: the
-    winner's K folds alike, the greedy ensemble's members' folds by their weights, or the K fold soups alike. select:
-    the report's own by default (what its submission_soft.csv holds)."""
-    select = select or report["select"]
-    k = report["k"]
-    if select == "soup":
-        soup = report.get("soup")
-        if soup is None:
-            raise UserError(f"{run_dir}: finalize ran --select {report['select']} there, so it made no soups "
-                            f"(run imgcls-finalize again with --select soup: it trains nothing new)")
-        if "checkpoints" not in soup:
-            raise UserError(f"{run_dir}: its soups were not saved (finalize from before export): run imgcls-finalize "
-                            f"again with --select soup (it trains nothing new)")
-        return [(run_dir / path, 1 / len(soup["checkpoints"])) for path in soup["checkpoints"]]
-    chosen = {report["winner"]: 1.0} if select == "winner" else report["greedy_weights"]
-    total = sum(chosen.values())
-    return [(run_dir / name / f"fold{i}" / BEST, weight / total / k) for name, weight in chosen.items() for i in range(k)]
