@@ -29,6 +29,7 @@ import torch
 
 from core import demo
 from core.cli import Parser, UserError, make_progress, run_main
+from core.files import ROOT
 from core.folds import join_folds
 from core.labels import TASKS, natural_key
 from core.metrics import score
@@ -39,7 +40,6 @@ from training import checkpoint, flags
 from training.engine import resolve_device, usable_cores
 from training.predict import fold_split, predict_checkpoints, predict_images, say
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 

@@ -39,6 +39,7 @@ import torch
 import dataset
 from core import demo
 from core.cli import Parser, run_main
+from core.files import ROOT
 from core.labels import DEFAULT_AGE_BOUNDS
 from core.runs import HISTORY, read_summary
 from imagedata.decode import load_images
@@ -46,7 +47,6 @@ from imagedata.layouts import read_mask_train
 from model import create_model
 from training.engine import train_one_epoch
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None):

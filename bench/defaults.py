@@ -25,10 +25,10 @@ from pathlib import Path
 
 from core import demo
 from core.cli import Parser, run_main
+from core.files import ROOT
 from core.runs import CONFIG, HISTORY, SUBMISSION, increment_path, read_summary
 from core.scoring import evaluate
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # (name, profiles, eval profiles, image size, seed): drawn unlike the demo (300 people, 128x96, seed 0)
 SETS = [("small", 100, 100, (144, 108), 11), ("large", 1000, 150, (112, 84), 12)]

@@ -14,12 +14,12 @@ import pandas as pd
 import yaml
 
 from core import demo
+from core.files import ROOT
 from core.metrics import score
 from core.runs import HISTORY, SUBMISSION_SOFT, increment_path, read_summary
 from search import nni_io
 from search.trials import from_rest
 
-ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DEADLINE_EXIT = 3  # a bench cut by its --deadline, what finished kept: gpu_session.py tells it from a failure
 SIZE = ["--resize", "64", "48"]  # a quarter of the default pixels: the studies fit in hours on 2 cores

@@ -23,8 +23,8 @@ import zipfile
 from pathlib import Path
 
 from core.cli import Parser, UserError, run_main
+from core.files import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 LIST = ROOT / "bench" / "wheelhouse.txt"
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64"]
 BUILT_HERE = ("efficientnet-pytorch",)  # published as a source archive only: built into a pure-Python wheel here

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from core.files import ROOT
 from core.labels import MASK_FILES, age_band, encode_class
 
-DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
+DEMO_DIR = ROOT / "data" / "demo"
 
 # The competition's training set: about 61% female; 47% under 30, 46% 30-59 and 7% 60 or over, where
 # ages stop at 60, so the old band holds only 60-year-olds.

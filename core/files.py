@@ -9,6 +9,8 @@ from pathlib import Path
 
 from core.cli import UserError
 
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: train.py's folder, where NNI starts trials and the configs lie
+
 
 def check_file(flag, path):
     """UserError naming the flag unless path is an existing file."""
