@@ -188,6 +188,17 @@ def test_every_tool_is_a_console_script():
     assert users - targets == set()
 
 
+def test_bench_is_run_from_the_checkout_not_installed():
+    """bench/ measures the project for its developers: `python -m bench.X` from the checkout, nothing of it in
+    site-packages or on a user's PATH."""
+    import tomllib
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "bench" not in setuptools["packages"] and not any(t.startswith("bench.") for t in console_scripts().values())
+    code = "import importlib.util; print(importlib.util.find_spec('bench'))"
+    out = subprocess.run([sys.executable, "-P", "-c", code], cwd="/", capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "None", out
+
+
 @pytest.mark.parametrize("script", ["imgcls-evaluation", "imgcls-finalize"])
 def test_a_console_script_runs_from_the_venv(script, tmp_path):
     """The project installs (requirements.txt's -e .): the entry point runs from the venv's bin, from any folder."""
