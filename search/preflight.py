@@ -319,7 +319,8 @@ def space_of(config, config_path):
         return None
 
 
-def preflight(config_path, port, timeout=10, out=sys.stdout):
+def preflight(config_path, port, timeout=10, out=None):
+    out = out or sys.stdout  # looked up when called: a caller that redirects stdout (a test's capture) gets the lines
     try:
         config = load_config(config_path)
         machines = machines_of(config)

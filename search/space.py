@@ -108,12 +108,12 @@ class SpaceCheck:
         from model import create_model, num_outputs
         from optim import create_optimizer, create_scheduler, param_groups
 
-        key = json.dumps([args.model, args.classification, args.head, args.dropout, args.init, args.freeze_backbone, args.resize])
+        # --dropout adds a layer without weights: one model stands for every value (a search draws a new one each trial)
+        key = json.dumps([args.model, args.classification, args.head, args.init, args.freeze_backbone, args.resize])
         if key not in self.models:
             with torch.device("meta"):  # the class count only sizes the last layer: the mask layout's stands for any
                 self.models[key] = create_model(args.model, num_outputs(args.classification, NUM_MASK_CLASSES), head=args.head,
-                                                dropout=args.dropout, init=args.init, freeze_backbone=args.freeze_backbone,
-                                                resize=args.resize)
+                                                init=args.init, freeze_backbone=args.freeze_backbone, resize=args.resize)
         optimizer = create_optimizer(args.optimizer, param_groups(self.models[key], args.lr, args.weight_decay, args.layer_decay),
                                      args.lr, args.weight_decay, args.momentum)
         # --epochs 0 trains as many as --steps takes on the data: any count stands for it here

@@ -219,17 +219,22 @@ def check_finalized(run_dir, k, demo_dir):
     return report
 
 
-@pytest.mark.slow
-def test_local_search_finalized_then_reused(tmp_path, demo_dir, cache_dir, nni_home):
+@pytest.fixture(scope="module")
+def local_search(tmp_path_factory, demo_dir, cache_dir, nni_home):
+    """One tiny finished search, finalized by the tests that only read it (each into its own --out)
+    -> (its id, its config, its trials by sequence)."""
     config = tiny_search(demo_dir, cache_dir)
     config["trialCommand"] += " --reshuffle_val"  # each search trial validates on its own people; the folds must not
     # as the README has it: `python3`, which on a PATH without the venv (below) is the machine's, without torch
     config["trialCommand"] = config["trialCommand"].replace(sys.executable, "python3", 1)
-    (tmp_path / "search.yml").write_text(yaml.safe_dump(config))
-    with nni_experiment(config, tmp_path / "search", nni_home) as run:
+    with nni_experiment(config, tmp_path_factory.mktemp("search"), nni_home) as run:
         run.wait_done(300)
-        exp_id = run.id
-        trials = sorted(from_rest(run.port).trials, key=lambda t: t.sequence)
+        return run.id, config, sorted(from_rest(run.port).trials, key=lambda t: t.sequence)
+
+
+def test_local_search_finalized_then_reused(tmp_path, demo_dir, local_search, nni_home):
+    exp_id, config, trials = local_search
+    (tmp_path / "search.yml").write_text(yaml.safe_dump(config))
     summaries = [json.loads((Path(t.log_path) / "summary.json").read_text()) for t in trials]
     assert [s["split_seed"] for s in summaries] == [42 + t.sequence for t in trials]
     held_out = [set(pd.read_csv(Path(t.log_path) / "val_soft.csv")["ImageID"]) for t in trials]
@@ -348,16 +353,13 @@ def test_a_second_finalize_on_one_out_is_refused(tmp_path):
         pass
 
 
-@pytest.mark.slow
-def test_interrupted_finalize_keeps_finished_folds_then_trains_only_the_rest(tmp_path, demo_dir, cache_dir, nni_home):
+def test_interrupted_finalize_keeps_finished_folds_then_trains_only_the_rest(tmp_path, demo_dir, local_search, nni_home):
     """SIGTERM ended finalize with no message and left its fold experiment running (the rerun: "Port ... is not
     idle"); Ctrl-C printed a traceback and the rerun retrained the folds that had finished. Two runs on one --out
     both trained every fold."""
-    config = tiny_search(demo_dir, cache_dir)
+    exp_id, config, _ = local_search
+    config = dict(config, trialCommand=config["trialCommand"].replace("python3", sys.executable, 1))
     (tmp_path / "search.yml").write_text(yaml.safe_dump(config))
-    with nni_experiment(config, tmp_path / "search", nni_home) as run:
-        run.wait_done(300)
-        exp_id = run.id
     port, out = free_port(), tmp_path / "final"
     cmd = [sys.executable, str(ROOT / "search" / "finalize.py"), "--id", exp_id, "--config", str(tmp_path / "search.yml"),
            "--top", "1", "--k", "2", "--out", str(out)]
@@ -457,13 +459,13 @@ def test_a_deadline_stops_the_folds_keeps_the_finished_ones_and_a_rerun_trains_t
            "--defaults_only", "--k", "2", "--out", str(out), "--fold_port", str(port)]
     try:
         t0 = time.monotonic()
-        proc = subprocess.run([*cmd, "--deadline", "1.5"], env=nni_env(nni_home), cwd=ROOT, capture_output=True, text=True, timeout=400)
+        proc = subprocess.run([*cmd, "--deadline", "1"], env=nni_env(nni_home), cwd=ROOT, capture_output=True, text=True, timeout=400)
         took = time.monotonic() - t0
         assert proc.returncode == 1 and proc.stderr.splitlines()[-1] == (
-            f"finalize.py: error: deadline 1.5 min reached: 1 of the 2 fold trainings came home to {out}, the fold experiment "
+            f"finalize.py: error: deadline 1 min reached: 1 of the 2 fold trainings came home to {out}, the fold experiment "
             f"is stopped; run finalize again to train only the other 1"), proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert took < 1.5 * 60 + 90, took  # the deadline, then the stop and one fold brought home
-        assert yaml.safe_load((out / "folds.yml").read_text())["maxExperimentDuration"] == "90s"
+        assert took < 60 + 90, took  # the deadline, then the stop and one fold brought home
+        assert yaml.safe_load((out / "folds.yml").read_text())["maxExperimentDuration"] == "60s"
         home = list(out.glob("defaults/fold*/summary.json"))
         assert len(home) == 1 and not list(out.glob(".fetch-*"))
         with socket.socket() as s:  # the fold experiment's manager is gone

@@ -18,7 +18,7 @@ from test_experiment_nni import nni_env
 def session(tmp_path, home, *args, timeout=900):
     port = free_port()
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_session", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
-                           "--port", str(port), *args], env=nni_env(home), cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+                           "--port", str(port), *args], env=nni_env(home), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     return proc, port, tmp_path / "out"
 
 

@@ -1,4 +1,5 @@
 """search/preflight.py against a real OpenSSH server on 127.0.0.1 (tests/sshd.py)."""
+import contextlib
 import io
 import json
 import os
@@ -59,10 +60,12 @@ def machine_line(proc):
 
 
 def preflight(config_path, port=None):
-    port = port or free_port()
-    proc = subprocess.run([sys.executable, str(ROOT / "search" / "preflight.py"), str(config_path), "--port", str(port),
-                           "--timeout", "5"], capture_output=True, text=True, timeout=300)
-    return proc
+    """preflight.py's cli in this process, as its console script calls it (its real process: tests/test_cli_errors.py,
+    and the probe it sends runs in one of its own) -> its exit code, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = pf.cli([str(config_path), "--port", str(port or free_port()), "--timeout", "5"])
+    return subprocess.CompletedProcess(["preflight.py"], code, out.getvalue(), err.getvalue())
 
 
 def test_all_checks_pass_against_loopback_sshd(tmp_path, sshd, data_dir):

@@ -86,7 +86,7 @@ def test_fine_tuning_from_imagenet_beats_random_weights(run_train, tmp_path):
     scores = {}
     for pretrained in (True, False):
         for seed in (1, 2, 3):
-            flags = ["--model", "timm/tf_efficientnet_lite0", "--resize", "96", "72", "--steps", "40", "--lr", "0.001",
+            flags = ["--model", "timm/tf_efficientnet_lite0", "--resize", "96", "72", "--steps", "20", "--lr", "0.001",
                      "--seed", seed, "--name", f"p{int(pretrained)}s{seed}", *(["--pretrained"] if pretrained else [])]
             run_train(*flags)
             summary = json.loads((tmp_path / "runs" / f"p{int(pretrained)}s{seed}" / "summary.json").read_text())
