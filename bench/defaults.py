@@ -15,7 +15,6 @@ Not a test: each figure is one run, on one machine.
 import argparse
 import csv
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -109,5 +108,4 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     sys.exit(cli())

@@ -19,7 +19,6 @@ trains no fold twice); the table is printed from all of them. Not a test.
 """
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -129,5 +128,4 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     sys.exit(cli())

@@ -34,7 +34,6 @@ Not a test: figures depend on the machine and its load.
 import argparse
 import csv
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -266,5 +265,4 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     sys.exit(cli())

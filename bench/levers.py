@@ -12,7 +12,6 @@ run's figures land in --work/results/ as JSON, so a rerun skips what is done. No
 """
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -98,5 +97,4 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     sys.exit(cli())

@@ -2,6 +2,7 @@
 
 torch is imported only inside load_untrusted, so the CSV-only tools that use the rest start without it.
 """
+import errno
 import os
 import pickle
 import tempfile
@@ -42,20 +43,64 @@ def load_untrusted(path, what, device="cpu", mmap=False):
         raise UserError(f"{what}: not a PyTorch file ({type(e).__name__})") from None
 
 
+class DiskFull(UserError):
+    """A write that failed for want of space: the message names the file and the disk; train.py's says what to resume."""
+    resume_said = False
+
+
+def megabytes(n):
+    return f"{n / 2**20:.1f} MB"
+
+
+def mount_of(path):
+    path = Path(path).resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def disk_space(path):
+    """(free, total) bytes of the disk holding path, as an unprivileged writer sees them."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+
 def replace_atomically(path, write):
     """write(tmp_path), then rename over path: a kill never leaves half a file, and a full disk
-    leaves the old file, no temp file, and a UserError naming the file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    leaves the old file, no temp file, and a UserError naming the file (a DiskFull naming the disk too)."""
+    replace_together({path: write})
+
+
+def replace_together(writes):
+    """{path: write}: every write(tmp_path) first, then the renames, so the files change together or none does
+    (a run's best.pth and last.pth, when the disk fills between them)."""
+    temps = {Path(path): Path(path).with_name(f".{Path(path).name}.tmp") for path in writes}
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
-        raise UserError(f"cannot write {path}: {reason}") from None
+        for path, write in writes.items():
+            path = Path(path)
+            try:
+                write(temps[path])
+            except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError, its errno lost
+                raise write_error(path, e) from None
+        for path, tmp in temps.items():
+            try:
+                os.replace(tmp, path)
+            except OSError as e:
+                raise write_error(path, e) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for tmp in temps.values():
+            if tmp.exists():
+                tmp.unlink()
+
+
+def write_error(path, e):
+    """A failed write of path -> the UserError to raise: a DiskFull when the disk holding it is full."""
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1]
+    free, total = disk_space(path.parent)  # the temp file still holds what it took: a full disk shows 0 here
+    if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (not isinstance(e, OSError) and free < 2**20):
+        return DiskFull(f"cannot write {path}: the disk is full ({mount_of(path.parent)}: {megabytes(free)} free of "
+                        f"{megabytes(total)}; {reason})")
+    return UserError(f"cannot write {path}: {reason}")
 
 
 def check_output(what, path, folder=False):

@@ -138,6 +138,9 @@ def test_threads_are_the_usable_cores_shared_among_the_experiments_trials_here(m
     trial takes a third of the cores it may use; standalone all of them; a number given wins."""
     cores = len(os.sched_getaffinity(0))
     monkeypatch.delenv("NNI_EXP_ID", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # set by the user (or a test worker): taken, as torch takes it
+    assert engine.cpu_threads() == 1 and engine.cpu_threads(3) == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
     assert engine.cpu_threads() == cores and engine.cpu_threads(3) == 3
     others = [subprocess.Popen(["sleep", "30"], env=dict(os.environ, NNI_EXP_ID=exp, NNI_TRIAL_JOB_ID=job))
               for exp, job in [("expA", "t1"), ("expA", "t2"), ("expB", "t3")]]

@@ -509,6 +509,33 @@ def test_full_disk_in_run_dir_is_one_line_without_orphans(demo_dir, cache_dir, t
 
 
 @pytest.mark.slow
+def test_a_disk_that_fills_mid_run_keeps_the_epoch_before_and_resume_continues_once_freed(demo_dir, cache_dir, tmp_path, full_disk):
+    """A disk that fills while a run trains (checkpoints beside a search's other trials): the write that fails names
+    the file and the disk, best.pth and last.pth stay the epoch before's and load, and once there is space again
+    --resume continues with the next epoch, the history unbroken."""
+    from core.files import disk_space
+    from training.checkpoint import load_model
+    runs, limit = full_disk("runs", 16 * 1024)
+    if limit is not None:
+        pytest.skip("a disk that fills needs a tmpfs (mounting as root)")
+    assert run_limited(demo_dir, cache_dir, tmp_path, None, "--epochs", "1").returncode == 0
+    run, filler = runs / "exp", runs / "filler"
+    filler.write_bytes(b"\0" * (disk_space(runs)[0] - 256 * 1024))  # room for a history line, not for a checkpoint
+    stamps = {name: (run / name).read_bytes() for name in ("best.pth", "last.pth")}
+    proc = run_limited(demo_dir, cache_dir, tmp_path, None, "--resume", run / "last.pth", "--epochs", "3")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert re.fullmatch(rf"train.py: error: cannot write {run}/(best|last)\.pth: the disk is full \({runs}: 0\.\d MB free of 16\.0 MB; "
+                        rf".*\); {run}/last\.pth holds epoch 1: continue with --resume {run}/last\.pth", lines[0]), lines[0]
+    assert {name: (run / name).read_bytes() for name in stamps} == stamps and not list(runs.rglob("*.tmp"))
+    assert all(load_model(run / name)[1]["epoch"] == 1 for name in stamps)
+    filler.unlink()
+    assert run_limited(demo_dir, cache_dir, tmp_path, None, "--resume", run / "last.pth", "--epochs", "3").returncode == 0
+    assert [int(r["epoch"]) for r in read_csv(run / "history.csv")] == [1, 2, 3]
+    assert load_model(run / "last.pth")[1]["epoch"] == 3 and (run / "summary.json").is_file()
+
+
+@pytest.mark.slow
 def test_full_disk_for_the_cache_is_one_line_without_orphans(demo_dir, tmp_path, full_disk):
     cache, limit = full_disk("cache", 256)  # the tiny demo decodes to 1.5 MiB
     proc = run_limited(demo_dir, cache, tmp_path, limit, "--epochs", "1")

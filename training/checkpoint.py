@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from core.cli import UserError, one_line_reason
-from core.files import load_untrusted, replace_atomically
+from core.files import DiskFull, load_untrusted, replace_atomically, replace_together
 from core.runs import BEST, LAST
 from model import create_model, num_outputs
 
@@ -50,9 +50,14 @@ def describe(config, data):
 
 def save(path, model, meta, **extra):
     """Written to a temp file and renamed, so a kill never leaves half a file."""
+    replace_atomically(path, writer(model, meta, **extra))
+
+
+def writer(model, meta, **extra):
+    """The checkpoint of model, hashed -> a function that writes it to a path."""
     ckpt = {"state_dict": model.state_dict(), **meta, **extra}
     ckpt[HASH_KEY] = content_hash(ckpt)
-    replace_atomically(path, lambda tmp: torch.save(ckpt, tmp))
+    return lambda tmp: torch.save(ckpt, tmp)
 
 
 def content_hash(ckpt):
@@ -141,11 +146,11 @@ def check_hash(path, ckpt):
 def save_epoch(run_dir, model, meta, *, improved, epoch, best, history, optimizer, scheduler, stale, generators, ema=None):
     """best.pth (when the epoch improved) and last.pth, with all that --resume needs. With --ema, best.pth holds the
     averaged weights (the ones validated), last.pth the trained ones and the average beside them."""
-    if improved:
-        save(run_dir / BEST, ema.module if ema is not None else model, meta, epoch=epoch, best_metric=best)
-    save(run_dir / LAST, model, meta, epoch=epoch, best_metric=best, history=history, optimizer=optimizer.state_dict(),
-         scheduler=scheduler.state_dict(), train_state=dict(stale=stale, rng=rng_state(generators)),
-         **({"ema": ema.module.state_dict()} if ema is not None else {}))
+    writes = {run_dir / BEST: writer(ema.module if ema is not None else model, meta, epoch=epoch, best_metric=best)} if improved else {}
+    writes[run_dir / LAST] = writer(model, meta, epoch=epoch, best_metric=best, history=history, optimizer=optimizer.state_dict(),
+                                    scheduler=scheduler.state_dict(), train_state=dict(stale=stale, rng=rng_state(generators)),
+                                    **({"ema": ema.module.state_dict()} if ema is not None else {}))
+    replace_together(writes)  # both files this epoch's, or both the epoch before's (a disk that fills between them)
 
 
 def read(path, device="cpu", mmap=False):
@@ -284,14 +289,20 @@ def set_rng_state(state, generators):
 
 @contextlib.contextmanager
 def interruption_says(run_dir, cut_short=None):
-    """A stop signal's last line says what is true of the run dir (resume_hint): the epoch to resume from,
-    or, once training is done, which stage after it was cut short; the innermost stage to say it wins."""
+    """A stop signal's or a full disk's last line says what is true of the run dir (resume_hint): the epoch to resume
+    from, or, once training is done, which stage after it was cut short; the innermost stage to say it wins."""
     try:
         yield
     except KeyboardInterrupt as e:
         if not getattr(e, "__notes__", None):
             e.add_note(resume_hint(run_dir, cut_short))
         raise
+    except DiskFull as e:
+        if e.resume_said:
+            raise
+        said = DiskFull(f"{e}; {resume_hint(run_dir, cut_short)}")
+        said.resume_said = True
+        raise said from None
 
 
 def resume_hint(run_dir, cut_short=None):

@@ -40,10 +40,13 @@ def trials_here():
 
 
 def cpu_threads(requested=0):
-    """Torch's intra-op threads: requested, or (0) the usable cores shared among the trials of this process's NNI
-    experiment that run beside it on this machine (all of them standalone)."""
+    """Torch's intra-op threads: requested, or (0) OMP_NUM_THREADS where it is set (as torch itself takes it), or
+    the usable cores shared among the trials of this process's NNI experiment that run beside it on this machine
+    (all of them standalone)."""
     if requested:
         return requested
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
     return max(usable_cores() // (trials_here() if "NNI_EXP_ID" in os.environ else 1), 1)
 
 

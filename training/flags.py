@@ -173,8 +173,8 @@ def add_run_flags(g):
     flag(g, "--channels_last", action=argparse.BooleanOptionalAction, default=False,
          help="channels-last memory format: faster convolutions on CUDA, often on a CPU too (docs/speed.md)")
     flag(g, "--threads", limit=NON_NEGATIVE, type=int, default=0,
-         help="torch's CPU threads (0 = the cores this process may use, shared among its NNI experiment's trials "
-              "running beside it on this machine)")
+         help="torch's CPU threads (0 = OMP_NUM_THREADS where set, else the cores this process may use, shared among "
+              "its NNI experiment's trials running beside it on this machine)")
     flag(g, "--cudnn_benchmark", action=argparse.BooleanOptionalAction, default=False,
          help="autotune every convolution shape on CUDA: faster steps after a much longer first one; "
               "pays in long runs (measured in docs/speed.md)")
