@@ -42,7 +42,7 @@ from model import WeightsError, create_model, input_config, num_outputs
 from optim import create_optimizer, create_scheduler, param_groups
 from training import checkpoint, flags
 from training.average import TopEpochs, greedy_soup, moving_average, recompute_batchnorm
-from training.engine import cpu_threads, evaluate, pad_length, resolve_device, seed_everything, since_start, train_one_epoch
+from training.engine import cpu_threads, evaluate, out_of_memory_says, pad_length, resolve_device, seed_everything, since_start, train_one_epoch
 from training.predict import predict_images
 
 # ----------------------------------------------------------------------------- the NNI contract
@@ -108,7 +108,7 @@ def main(args):
         model.compile(mode=args.compile)
     startup["model_s"] = since_start()
     run_dir, progress = open_run_dir(args, data, model, recipe, device)
-    with checkpoint.interruption_says(run_dir):
+    with checkpoint.interruption_says(run_dir), out_of_memory_says(args.batch_size):
         result = fit(args, data, model, recipe, run_dir, progress, device)
     with checkpoint.interruption_says(run_dir, "the eval prediction" if data.eval_ids is not None else "writing summary.json"):
         print(f"best val {args.metric} {result['best']['value']:.4f} -> {run_dir / BEST}", flush=True)

@@ -14,6 +14,12 @@ class UserError(ValueError):
     code catching ValueError around a check still catches it."""
 
 
+class Resumable(UserError):
+    """The machine stopped the run, not a mistake in what it was given (a full disk, the GPU's memory): train.py's line
+    adds what --resume continues from (training.checkpoint.interruption_says)."""
+    resume_said = False
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + line
         self.exit(2, f"{self.prog}: error: {message}\n")

@@ -8,7 +8,7 @@ import pickle
 import tempfile
 from pathlib import Path
 
-from core.cli import UserError
+from core.cli import Resumable, UserError
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: train.py's folder, where NNI starts trials and the configs lie
 
@@ -43,9 +43,8 @@ def load_untrusted(path, what, device="cpu", mmap=False):
         raise UserError(f"{what}: not a PyTorch file ({type(e).__name__})") from None
 
 
-class DiskFull(UserError):
-    """A write that failed for want of space: the message names the file and the disk; train.py's says what to resume."""
-    resume_said = False
+class DiskFull(Resumable):
+    """A write that failed for want of space: the message names the file and the disk."""
 
 
 def megabytes(n):

@@ -15,10 +15,13 @@ from core.labels import MASK_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Under pytest-xdist (.ci/run's slow step runs three workers on two cores: much of a slow test is waiting on an NNI
-# manager, sshd or a deadline) every process a worker starts runs torch on one thread (OMP_NUM_THREADS, which
-# train.py takes too), so the workers' processes share the cores without threads spinning against each other.
-if os.environ.get("PYTEST_XDIST_WORKER"):
+# Under pytest-xdist (.ci/run's slow step runs `-n 2`) each worker keeps to a core of its own, and every process it
+# starts inherits that and runs torch on one thread (OMP_NUM_THREADS, which train.py takes too): two workers never
+# put four spinning threads on two cores. (Three workers sharing the cores took longer: 792 s against 706 s.)
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER and hasattr(os, "sched_setaffinity"):
+    CORES = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {CORES[int(WORKER.removeprefix("gw")) % len(CORES)]})
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
@@ -147,16 +150,13 @@ def fold_runs(tmp_path_factory, demo_dir, cache_dir):
 SLOW_FIXTURES = {"run_train", "nni_home", "sshd", "runs", "trained", "fold_runs"}
 
 
-# pytest-xdist (--dist loadgroup) keeps a file's tests on one worker, with its module's fixtures; the files that
-# share the session's fold_runs go together. The longest files (.ci/run's --durations) start first.
-GROUPS = {"test_soup": "fold_runs", "test_export": "fold_runs"}
-LONGEST = ["test_finalize", "test_gpu_session", "test_experiment_nni", "test_wheelhouse", "test_weights", "test_train"]
+# pytest-xdist (--dist loadfile) hands out whole files in the order collected: the longest (.ci/run's --durations)
+# first, so that no long file starts last on one worker while the other has nothing left.
+LONGEST = ["test_finalize", "test_gpu_session", "test_wheelhouse", "test_weights", "test_experiment_nni", "test_train"]
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         if SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
-        module = item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(GROUPS.get(module, module)))
     items.sort(key=lambda item: LONGEST.index(item.module.__name__) if item.module.__name__ in LONGEST else len(LONGEST))

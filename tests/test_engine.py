@@ -153,3 +153,14 @@ def test_threads_are_the_usable_cores_shared_among_the_experiments_trials_here(m
         for p in others:
             p.kill()
             p.wait()
+
+
+def test_out_of_gpu_memory_standalone_is_one_line_naming_the_batch(monkeypatch):
+    """(Under NNI it also names the trials sharing the GPU: tests/test_experiment_nni.py, in a real experiment.)"""
+    from core.cli import Resumable
+    monkeypatch.delenv("NNI_EXP_ID", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(Resumable) as e, engine.out_of_memory_says(48):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 7.6 GiB")
+    assert str(e.value) == ("out of GPU memory at --batch_size 48 (the GPU, Tried to allocate 20.00 MiB): lower --batch_size, "
+                            "or end the other processes on that GPU")

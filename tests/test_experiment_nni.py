@@ -27,6 +27,7 @@ from search import nni_io
 from search.trials import ASSESSOR_STOP, best_trial, flatten, from_rest
 from sshd import free_port, start_sshd
 from test_configs import commented_hyperband, load_yaml
+from training.checkpoint import load_model
 from test_nni_tuner import are_train_defaults
 from training import flags
 
@@ -300,6 +301,55 @@ def test_remote_experiment_over_ssh(tmp_path, demo_dir, cache_dir, nni_home):
         finally:
             if exp_id:
                 shutil.rmtree(remote_home / "nni-experiments" / exp_id, ignore_errors=True)
+
+
+# train.py as a trial of a GPU machine meets it: every trial of the experiment reaches its second epoch, then the step
+# runs out of GPU memory (torch's own error; this machine has no GPU). What follows is the real path.
+OUT_OF_MEMORY = """import os, pathlib, runpy, sys, time
+import torch
+from training import engine
+met, real = pathlib.Path({met!r}), engine.train_one_epoch
+def train_one_epoch(*args, steps_before=0, **kwargs):
+    if steps_before:
+        (met / os.environ["NNI_TRIAL_JOB_ID"]).touch()
+        deadline = time.monotonic() + 120
+        while len(list(met.iterdir())) < {trials} and time.monotonic() < deadline:
+            time.sleep(0.2)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total capacity of 79.19 GiB "
+                                     "of which 1.02 GiB is free. Of the allocated memory 75.3 GiB is allocated by PyTorch")
+    return real(*args, steps_before=steps_before, **kwargs)
+engine.train_one_epoch = train_one_epoch
+sys.argv[0] = {train!r}
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+def test_a_trial_out_of_gpu_memory_fails_in_one_line_naming_its_batch_and_the_trials_beside_it(tmp_path, demo_dir, cache_dir, nni_home):
+    """Four trials sharing a GPU (config_gpu.yml) and too large a batch: torch's error said nothing of the trials
+    beside it or of maxTrialNumberPerGpu. Each trial is FAILED with one line, reports no final result, and keeps its
+    first epoch for --resume."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (tmp_path / "met").mkdir()
+    (code / "train.py").write_text(OUT_OF_MEMORY.format(met=str(tmp_path / "met"), trials=2, train=str(ROOT / "train.py")))
+    config = local_config(demo_dir, cache_dir, 2, 3)
+    config.pop("assessor")
+    # NNI's run.sh exports the GPU it gives a trial; on this machine without one the command says it
+    config.update(trialCodeDirectory=str(code), trialConcurrency=2, trialCommand="CUDA_VISIBLE_DEVICES=0 " + config["trialCommand"])
+    with nni_experiment(config, tmp_path / "oom", nni_home) as run:
+        run.wait_done(300)
+        exp = from_rest(run.port)
+    assert sorted(t.status for t in exp.trials) == ["FAILED", "FAILED"]
+    for t in exp.trials:
+        out = Path(t.log_path)
+        last = out / "last.pth"
+        lines = (out / "trial.stderr").read_text().strip().splitlines()
+        batch = json.loads((out / "config.json").read_text())["batch_size"]  # the command's, or the one the tuner drew
+        assert lines[-1] == (f"train.py: error: out of GPU memory at --batch_size {batch} (GPU 0, 2 trials of experiment {exp.id} on it, "
+                             f"Tried to allocate 1.50 GiB): lower --batch_size, or let fewer trials share a GPU (maxTrialNumberPerGpu "
+                             f"in the config); {last} holds epoch 1: continue with --resume {last}"), lines[-3:]
+        assert "Traceback" not in "\n".join(lines) and t.final is None and len(t.intermediates) == 1
+        assert load_model(last)[1]["epoch"] == 1
 
 
 def test_invalid_parameter_fails_its_trial_only(tmp_path, demo_dir, cache_dir, nni_home):

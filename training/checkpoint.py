@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.cli import UserError, one_line_reason
-from core.files import DiskFull, load_untrusted, replace_atomically, replace_together
+from core.cli import Resumable, UserError, one_line_reason
+from core.files import load_untrusted, replace_atomically, replace_together
 from core.runs import BEST, LAST
 from model import create_model, num_outputs
 
@@ -289,7 +289,7 @@ def set_rng_state(state, generators):
 
 @contextlib.contextmanager
 def interruption_says(run_dir, cut_short=None):
-    """A stop signal's or a full disk's last line says what is true of the run dir (resume_hint): the epoch to resume
+    """A stop signal's last line, or a full disk's or the GPU memory's (a Resumable), says what is true of the run dir (resume_hint): the epoch to resume
     from, or, once training is done, which stage after it was cut short; the innermost stage to say it wins."""
     try:
         yield
@@ -297,10 +297,10 @@ def interruption_says(run_dir, cut_short=None):
         if not getattr(e, "__notes__", None):
             e.add_note(resume_hint(run_dir, cut_short))
         raise
-    except DiskFull as e:
+    except Resumable as e:
         if e.resume_said:
             raise
-        said = DiskFull(f"{e}; {resume_hint(run_dir, cut_short)}")
+        said = type(e)(f"{e}; {resume_hint(run_dir, cut_short)}")
         said.resume_said = True
         raise said from None
 

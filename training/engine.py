@@ -1,4 +1,5 @@
 """The training loop's parts: train one epoch, evaluate, predict; the device and seeding rules."""
+import contextlib
 import os
 import random
 import time
@@ -7,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.cli import UserError
+from core.cli import Resumable, UserError
 from loss import finite_loss
 from model import class_log_probs
 
@@ -24,17 +25,20 @@ def usable_cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def trials_here():
-    """How many of this process's NNI experiment's trials run on this machine now, this one included: the processes whose
-    environment names the experiment, by trial id. NNI tells a trial nothing of the trials beside it (four share
-    a GPU box under config_gpu.yml), and each taking every core slows them all."""
+def trials_here(same_gpu=False):
+    """How many of this process's NNI experiment's trials run on this machine now (with same_gpu, on its GPUs: the
+    CUDA_VISIBLE_DEVICES NNI gave it), this one included: the processes whose environment names the experiment, by
+    trial id. NNI tells a trial nothing of the trials beside it (four share a GPU box under config_gpu.yml), and each
+    taking every core slows them all."""
     exp_id, jobs = os.environ["NNI_EXP_ID"].encode(), {os.environ.get("NNI_TRIAL_JOB_ID", "").encode()}  # this one too
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "").encode()
     for env in Path("/proc").glob("[0-9]*/environ"):
         try:
             pairs = dict(item.split(b"=", 1) for item in env.read_bytes().split(b"\0") if b"=" in item)
         except OSError:  # another user's process, or one that has just ended
             continue
-        if pairs.get(b"NNI_EXP_ID") == exp_id and b"NNI_TRIAL_JOB_ID" in pairs:  # not its manager or tuner
+        if (pairs.get(b"NNI_EXP_ID") == exp_id and b"NNI_TRIAL_JOB_ID" in pairs  # not its manager or tuner
+                and (not same_gpu or pairs.get(b"CUDA_VISIBLE_DEVICES", b"") == gpus)):
             jobs.add(pairs[b"NNI_TRIAL_JOB_ID"])
     return max(len(jobs), 1)
 
@@ -48,6 +52,25 @@ def cpu_threads(requested=0):
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         return int(os.environ["OMP_NUM_THREADS"])
     return max(usable_cores() // (trials_here() if "NNI_EXP_ID" in os.environ else 1), 1)
+
+
+@contextlib.contextmanager
+def out_of_memory_says(batch_size):
+    """torch's OutOfMemoryError while training -> one line (a Resumable) naming the batch size, the trials that share
+    the GPU and the settings that make room: four trials of config_gpu.yml share one."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
+        where = [f"GPU {gpu}" if gpu else "the GPU"]
+        if "NNI_EXP_ID" in os.environ:
+            n = trials_here(same_gpu=True)
+            where.append(f"{n} trial{'s' if n > 1 else ''} of experiment {os.environ['NNI_EXP_ID']} on it")
+            fix = "lower --batch_size, or let fewer trials share a GPU (maxTrialNumberPerGpu in the config)"
+        else:
+            fix = "lower --batch_size, or end the other processes on that GPU"
+        tried = [s for s in str(e).split(". ") if s.startswith("Tried to allocate")]
+        raise Resumable(f"out of GPU memory at --batch_size {batch_size} ({', '.join(where + tried)}): {fix}") from None
 
 
 def seed_everything(seed):
