@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import getpass
 import os
+import random
 import shutil
 import signal
 import socket
@@ -69,9 +70,25 @@ def find_sshd() -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free here, and the one after it (a search's finalize starts its folds' manager there), drawn below the
+    kernel's ephemeral range (32768 and up), where no outgoing connection takes it meanwhile, from a stretch of its
+    own for each pytest-xdist worker: a port the kernel handed out was taken by another worker's connection before
+    the NNI manager listened on it (EADDRINUSE)."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    low = 20000 + 3000 * (worker % 4)
+    while True:
+        port = random.randrange(low, low + 2999)
+        if all(can_bind(host, p) for p in (port, port + 1)):
+            return port
+
+
+def can_bind(host, port):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def keygen(path: Path, comment: str = "nni-test") -> Path:
