@@ -1,5 +1,6 @@
 """Shared fixtures and helpers: a tiny demo data set written once per session, a way to run train.py,
 CSV reading and calling a tool's cli() in-process."""
+import contextlib
 import csv
 import os
 import subprocess
@@ -43,15 +44,24 @@ def nni_home(tmp_path_factory):
     return home
 
 
+@contextlib.contextmanager
+def tmpfs(path, options):
+    """A tmpfs mounted (with mount's options) on path, made here, where mounting is allowed (root); else the test is
+    skipped. Unmounted at the end."""
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip(f"cannot mount a tmpfs ({options}) here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], capture_output=True)
+
+
 @pytest.fixture
 def read_only_dir(tmp_path):
-    """A folder on a read-only file system, where mounting is allowed (root: chmod stops no write); else skipped."""
-    path = tmp_path / "ro"
-    path.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)], capture_output=True).returncode:
-        pytest.skip("cannot mount a read-only tmpfs here")
-    yield path
-    subprocess.run(["umount", str(path)], capture_output=True)
+    """A folder on a read-only file system (root: chmod stops no write)."""
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as path:
+        yield path
 
 
 @pytest.fixture(scope="session")

@@ -1,21 +1,16 @@
 """core/files.py: writes that replace files together or not at all, and a full disk named as such, on a real small
 tmpfs (mounted as root, as tests/test_train.py's full-disk runs do)."""
-import subprocess
-
 import pytest
 
+from conftest import tmpfs
 from core.cli import UserError
 from core.files import DiskFull, disk_space, mount_of, replace_atomically, replace_together
 
 
 @pytest.fixture
 def tiny_disk(tmp_path):
-    path = tmp_path / "disk"
-    path.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(path)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    yield path
-    subprocess.run(["umount", str(path)], capture_output=True)
+    with tmpfs(tmp_path / "disk", "size=256k") as path:
+        yield path
 
 
 def test_files_replaced_together_or_not_at_all_when_the_disk_fills_between_them(tiny_disk):
