@@ -16,7 +16,7 @@ from core.labels import MASK_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Under pytest-xdist (.ci/run's slow step runs `-n 2`) each worker keeps to a core of its own, and every process it
+# Under pytest-xdist (`-n 2 --dist loadfile`: docs/design.md) each worker keeps to a core of its own, and every process it
 # starts inherits that and runs torch on one thread (OMP_NUM_THREADS, which train.py takes too): two workers never
 # put four spinning threads on two cores. (Three workers sharing the cores took longer: 792 s against 706 s.)
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")
