@@ -42,7 +42,8 @@ from model import WeightsError, create_model, input_config, num_outputs
 from optim import create_optimizer, create_scheduler, param_groups
 from training import checkpoint, flags
 from training.average import TopEpochs, greedy_soup, moving_average, recompute_batchnorm
-from training.engine import cpu_threads, evaluate, out_of_memory_says, pad_length, resolve_device, seed_everything, since_start, train_one_epoch
+from training.engine import (cpu_threads, evaluate, out_of_memory_says, pad_length, resolve_device, seed_everything, since_start,
+                             train_one_epoch)
 from training.predict import predict_images
 
 # ----------------------------------------------------------------------------- the NNI contract

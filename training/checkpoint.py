@@ -289,8 +289,9 @@ def set_rng_state(state, generators):
 
 @contextlib.contextmanager
 def interruption_says(run_dir, cut_short=None):
-    """A stop signal's last line, or a full disk's or the GPU memory's (a Resumable), says what is true of the run dir (resume_hint): the epoch to resume
-    from, or, once training is done, which stage after it was cut short; the innermost stage to say it wins."""
+    """A stop signal's last line, or a Resumable's (a full disk, the GPU's memory), says what is true of the run dir
+    (resume_hint): the epoch to resume from, or, once training is done, which stage after it was cut short; the
+    innermost stage to say it wins."""
     try:
         yield
     except KeyboardInterrupt as e:
