@@ -33,7 +33,7 @@ from core.cli import make_progress, run_main
 from core.files import check_output
 from core.figures import confusion_image, prediction_grid
 from core.metrics import confusion, score
-from core.runs import (BEST, CONFIG, EPOCHS, HISTORY, SUBMISSION, TENSORBOARD, VAL_SOFT, increment_path, write_config, write_history,
+from core.runs import (BEST, CONFIG, EPOCHS, HISTORY, RETRY_OF, SUBMISSION, TENSORBOARD, VAL_SOFT, increment_path, write_config, write_history,
                        write_submission, write_summary, write_val_soft)
 from core.signals import STOP
 from imagedata.layouts import DataError
@@ -53,7 +53,21 @@ UNDER_NNI = "NNI_PLATFORM" in os.environ  # set by NNI's trial keeper
 
 def nni_parameters():
     import nni
-    return nni.get_next_parameter() or {}
+    params = nni.get_next_parameter() or {}
+    retried = params.get(RETRY_OF) or {}
+    if retried.get("parameter_id") is not None:  # the tuner takes this result as the one the retried trial never sent
+        import nni.trial
+        nni.trial._params["parameter_id"] = retried["parameter_id"]
+    return params
+
+
+def trial_args(argv):
+    """A trial's flags: NNI's parameters over the command line, and --resume of the last.pth it continues, if any."""
+    params = nni_parameters()
+    args = flags.parse_args(argv, params)
+    last = None if args.resume else checkpoint.continued(Path(os.environ["NNI_OUTPUT_DIR"]), flags.run_config(args),
+                                                         params.get(RETRY_OF))
+    return flags.parse_args([*(sys.argv[1:] if argv is None else argv), "--resume", str(last)], params) if last else args
 
 
 def report_epoch(metric, row):
@@ -357,7 +371,7 @@ def log_figures(writer, preds, truth, val_set, classes, epoch, n=16):
 def cli(argv=None):
     STOP.install()
     try:
-        return run_main("train.py", lambda a: main(flags.parse_args(a, nni_parameters() if UNDER_NNI else None)), argv,
+        return run_main("train.py", lambda a: main(trial_args(a) if UNDER_NNI else flags.parse_args(a)), argv,
                         errors=(DataError, WeightsError, FloatingPointError, torch.OutOfMemoryError))
     except KeyboardInterrupt as e:
         notes = getattr(e, "__notes__", None) or ["stopped before training started"]

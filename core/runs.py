@@ -30,6 +30,10 @@ OOF_SOFT = "oof_soft.csv"                    # the out-of-fold probabilities: ev
 KFOLD_SCORES = "kfold_scores.json"           # out-of-fold and per-fold scores, and the eval dir voted on
 
 
+# An NNI trial's parameter that `imgcls-experiment --retry-failed` adds to a retry: {"trial": the id of the trial it retries,
+# "parameter_id": that trial's, where the tuner (SafeTPE) takes the retry's result as theirs}; not a flag
+RETRY_OF = "retry_of"
+
 def increment_path(path):
     """runs/exp -> runs/exp if free, else runs/exp2, runs/exp3, ... The name is literal: as a glob, 'exp[1]'
     would match exp1, never itself."""

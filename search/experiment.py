@@ -5,6 +5,7 @@
     python search/experiment.py --port 8080 --csv trials.csv
     python search/experiment.py --id EXP_ID --fetch TRIAL_ID   # that trial's output dir -> runs/<EXP_ID>_<TRIAL_ID>
     python search/experiment.py --id EXP_ID --fetch TRIAL_ID --partial   # also a trial that did not finish
+    python search/experiment.py --port 8080 --retry-failed   # each FAILED trial again, from its last.pth where found
 
 The table lists every trial with its status, final metric ("default"), best
 intermediate metric, epochs reported and parameters. The best trial's
@@ -31,6 +32,12 @@ summary.json: that run failed or was stopped before its end (by the assessor, or
 the refusal names the files it has. --partial copies such a run as it is, best.pth included
 when it got that far; it never takes a finished run whose copy lacks a listed file.
 
+--retry-failed resubmits the parameters of each FAILED (or SYS_CANCELED) trial of a running experiment once, as an
+NNI customized trial with RETRY_OF in its parameters, maxTrialNumber raised to make room: NNI 3.0 itself reruns one
+trial at a time, by hand in the web UI, and no tuner learns from that rerun. A retry on the machine that holds the
+retried trial's last.pth continues it (train.py checks its hash and its flags), elsewhere it starts over and says
+so; under SafeTPE it reports its result with the retried trial's parameter id, so TPE learns it.
+
 Every error is one line on stderr and exit 1 (2 for a usage error).
 """
 import argparse
@@ -47,7 +54,7 @@ import urllib.error
 from pathlib import Path
 
 from core.cli import Parser, UserError, run_main
-from core.runs import SUMMARY, incomplete, listed_files
+from core.runs import RETRY_OF, SUMMARY, incomplete, listed_files
 from search import nni_io
 from search.trials import best_command, best_trial, flatten, from_id, from_rest, is_number, ranked
 
@@ -65,7 +72,7 @@ def report(exp, out=None):
     rows = [("rank", "trial", "status", "metric", "best_int", "epochs", "parameters")]
     for i, t in enumerate(ranked(exp), 1):
         p = " ".join(f"{k}={v}" for k, v in sorted(flatten(t.params).items()))
-        rows.append((str(i), t.id, t.status, _num(t.metric), _num(t.best_intermediate_for(exp.maximize)),
+        rows.append((str(i), t.id + (f" (retries {t.retries})" if t.retries else ""), t.status, _num(t.metric), _num(t.best_intermediate_for(exp.maximize)),
                      str(len(t.intermediates)), p))
     widths = [max(len(r[c]) for r in rows) for c in range(6)]
     for r in rows:
@@ -91,6 +98,52 @@ def write_csv(exp, path):
                         t.best_intermediate_for(exp.maximize) or "", len(t.intermediates),
                         *(json.dumps(flat[k]) if isinstance(flat.get(k), (list, dict)) else flat.get(k, "") for k in keys),
                         t.log_path])
+
+
+# ----------------------------------------------------------------------------- retrying
+RETRIED = ("FAILED", "SYS_CANCELED")  # not USER_CANCELED: a person or the assessor stopped it on purpose
+
+
+def retry_failed(exp, port, host):
+    """Each trial in RETRIED status that no trial retries yet, resubmitted once to the experiment on host:port."""
+    if exp.status in ENDED:
+        raise UserError(f"experiment {exp.id} is {exp.status}: resume it first (imgcls-nnictl resume {exp.id})")
+    profile = nni_io.rest(port, "experiment", host)
+    taken = {t.retries for t in exp.trials} | queued_retries(profile)
+    todo = [t for t in exp.trials if t.status in RETRIED and t.id not in taken]
+    if not todo:
+        print(f"nothing to retry: no FAILED trial in {exp.id} that is not retried already")
+        return
+    tuner = (exp.params.get("tuner") or {}).get("className") or (exp.params.get("tuner") or {}).get("name", "?")
+    learns = tuner.endswith("SafeTPE")  # stock TPE drops a result for an ended id with a KeyError in its dispatcher
+    if profile["params"].get("maxTrialNumber"):
+        profile["params"]["maxTrialNumber"] += len(todo)
+        nni_io.rest(port, "experiment?update_type=MAX_TRIAL_NUM", host, body=profile, method="PUT")
+    for t in todo:
+        note = {"trial": t.id, **({"parameter_id": int(t.parameter_id)} if learns and (t.parameter_id or "").isdigit() else {})}
+        sequence = nni_io.rest(port, "trial-jobs", host, body={**t.params, RETRY_OF: note}, method="POST")["sequenceId"]
+        print(f"trial {t.id} ({t.status}) retries as trial #{sequence}: from its last.pth on the machine that holds it, "
+              f"else from the start")
+    if not learns:
+        print(f"the tuner ({tuner}) does not learn the retries' results: NNI hands a customized trial's result to no tuner "
+              f"but SafeTPE")
+    if profile["params"].get("maxTrialNumber"):
+        print(f"maxTrialNumber is now {profile['params']['maxTrialNumber']}")
+
+
+def queued_retries(profile):
+    """The trials retried already whose retry NNI has not started: its trial list shows no waiting customized trial,
+    its database (on this machine, with the manager) records each as ADD_CUSTOMIZED."""
+    db = Path(profile.get("logDir") or "") / "db" / "nni.sqlite"
+    if not profile.get("logDir") or not db.is_file():
+        return set()
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = con.execute("SELECT data FROM TrialJobEvent WHERE event = 'ADD_CUSTOMIZED'").fetchall()
+    finally:
+        con.close()
+    notes = [json.loads(data).get(RETRY_OF) for (data,) in rows]
+    return {note.get("trial") for note in notes if isinstance(note, dict)}
 
 
 # ----------------------------------------------------------------------------- a trial's files
@@ -186,6 +239,9 @@ def build_parser():
                                                         "instead of printing the table; only a finished trial, and only "
                                                         "all of it: every file its summary.json lists")
     p.add_argument("--out", type=Path, help="where --fetch puts it (default: runs/<EXP_ID>_<TRIAL_ID>)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="resubmit each FAILED trial of the running experiment once, continuing from its last.pth where "
+                        "the machine that runs the retry holds it; maxTrialNumber is raised to make room")
     p.add_argument("--partial", action="store_true",
                    help="with --fetch: also copy a trial that ended without summary.json (failed, or stopped before its "
                         "end, e.g. by the assessor) as it is: best.pth may be there, the rest of the run is not")
@@ -217,7 +273,13 @@ def main(argv=None):
         p.error("--fetch prints no table: leave out --csv and --json")
     if not a.fetch and (a.out or a.partial):
         p.error("--out and --partial go with --fetch")
+    if a.retry_failed and (a.fetch or a.csv or a.json):
+        p.error("--retry-failed prints no table and fetches nothing: give it alone")
     exp = load(a)
+    if a.retry_failed:
+        info = nni_io.registry().get(exp.id, {}) if a.port is None else {}
+        retry_failed(exp, a.port or info.get("port"), a.host)
+        return
     if a.fetch:
         fetch_trial(exp, a.fetch, a.out, a.partial)
         return

@@ -241,10 +241,14 @@ def exp_id_of(nnictl_output):
     return found.group(1) if found else None
 
 
-def rest(port, path, host="127.0.0.1", timeout=10):
-    """GET /api/v1/nni/<path> of the experiment on host:port, as JSON."""
-    with urllib.request.urlopen(f"http://{host}:{port}/api/v1/nni/{path}", timeout=timeout) as r:
-        return json.loads(r.read().decode())
+def rest(port, path, host="127.0.0.1", timeout=10, body=None, method=None):
+    """GET /api/v1/nni/<path> of the experiment on host:port (or `method` with `body` as JSON) -> the answer as JSON."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://{host}:{port}/api/v1/nni/{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"} if data else {})
+    with urllib.request.urlopen(request, timeout=timeout) as r:
+        answer = r.read().decode()
+    return json.loads(answer) if answer.strip() else None
 
 
 def registry_path(home=None):

@@ -47,6 +47,7 @@ with an int (``TypeError: '<=' not supported between instances of 'str' and
       className: search.nni_tuner.SafeHyperband
       classArgs: {optimize_mode: maximize, R: 20, eta: 3}
 """
+import logging
 import math
 
 from nni.algorithms.hpo.hyperband_advisor import Hyperband
@@ -106,6 +107,7 @@ class SafeTPE(TpeTuner):
         super().__init__(*args, **kwargs)
         self.start_from_defaults, self.trial_command = start_from_defaults, trial_command
         self._first = None  # the defaults' parameters until the first trial takes them
+        self._ended = set()  # parameter ids whose trial has ended
 
     def update_search_space(self, space):
         super().update_search_space(space)
@@ -124,7 +126,14 @@ class SafeTPE(TpeTuner):
     def receive_trial_result(self, parameter_id, parameters, value, **kwargs):
         if parameter_id not in self._running_params and parameter_id in self._params:
             self._running_params[parameter_id] = self._params[parameter_id]
+            if parameter_id in self._ended:  # a retry's (imgcls-experiment --retry-failed): its trial failed
+                logging.getLogger(__name__).info("SafeTPE: the result of parameter id %s, whose trial ended without one, "
+                                                 "from its retry: %s", parameter_id, value)
         super().receive_trial_result(parameter_id, parameters, value, **kwargs)
+
+    def trial_end(self, parameter_id, success, **kwargs):
+        self._ended.add(parameter_id)
+        super().trial_end(parameter_id, success, **kwargs)
 
 
 class StringIdsSafe:

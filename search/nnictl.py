@@ -4,12 +4,21 @@ NNI 3.0's `nnictl create` (and resume, view) starts its manager (a node process)
 check-status three times, a second apart; then it kills it and fails with "Create experiment failed:
 ... /api/v1/nni/check-status ... Connection refused". On a busy machine node can take longer than
 that (CI met it). This is nnictl itself with that wait made START_WAIT_S seconds, cut short when the
-manager has exited. Two more differences: a busy port is one line before anything starts (stock nnictl
-prints a traceback), and this interpreter's bin dir goes first on PATH, so that local trials' `python3` is the
-one that has torch, as `.venv/bin/imgcls-nnictl` runs without the venv activated. The rest is stock; the
-search tools start experiments through it.
+manager has exited. Three more differences: a busy port is one line before anything starts (stock nnictl
+prints a traceback); this interpreter's bin dir goes first on PATH, so that local trials' `python3` is the
+one that has torch, as `.venv/bin/imgcls-nnictl` runs without the venv activated; and `resume ID` first stops
+what a crashed manager of ID left running on this machine. Stock resume refuses an experiment whose manager
+was killed ("Only stopped experiments can be resumed", and a traceback: nnictl's registry still says RUNNING);
+past that (`nnictl experiment list` updates it), when the manager alone died (a crash, the OOM killer), its tuner
+and its local trials live on, it starts a new tuner, the old one reconnects to the new manager, and the experiment
+ends in ERROR ("Dispatcher stream error, tuner may have crashed": test_nnictl). Stopped first (SIGTERM: a trial
+saves its epoch and ends), the resumed manager reruns each trial that was RUNNING under its own id and directory,
+where train.py continues its last.pth. The rest is stock; the search tools start
+experiments through it.
 """
+import contextlib
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -55,12 +64,79 @@ def patch_launcher(wait_s=START_WAIT_S):
     launcher._start_rest_server, launcher._check_rest_server, launcher._ensure_port_idle = start, check, ensure_port_idle
 
 
+def processes():
+    """{pid: (parent pid, environ dict, cmdline bytes)} of this user's processes that can be read."""
+    found = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = dict(kv.split(b"=", 1) for kv in (proc / "environ").read_bytes().split(b"\0") if b"=" in kv)
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            found[int(proc.name)] = (parent, environ, (proc / "cmdline").read_bytes())
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or another user's
+            continue
+    return found
+
+
+def left_behind(exp_id, table):
+    """Pids of experiment exp_id's tuner and local trials that outlived its manager ([] while a manager of it runs):
+    a trial's processes carry NNI_EXP_ID, the tuner NNI_LOG_DIRECTORY .../<exp_id>/log. Forks that share their parent's
+    command line (data loader workers) are left to end with it."""
+    key = exp_id.encode()
+    if any(b"nni_node" in cmd and key in cmd.split(b"\0") for _, _, cmd in table.values()):
+        return []
+    ours = {pid for pid, (_, env, _) in table.items()
+            if env.get(b"NNI_EXP_ID") == key or (env.get(b"SDK_PROCESS") == b"dispatcher" and
+                                                 Path(env.get(b"NNI_LOG_DIRECTORY", b"").decode(errors="replace")).parent.name == exp_id)}
+    return sorted(pid for pid in ours if not (table[pid][0] in ours and table[table[pid][0]][2] == table[pid][2]))
+
+
+def alive(pid):
+    """Running: not gone, and not a zombie that nobody reaps (an orphan's parent in a container may never)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def stop_left_behind(exp_id, wait_s=60):
+    """SIGTERM what experiment exp_id's crashed manager left running, SIGKILL what has not ended after wait_s; one line."""
+    table = processes()
+    pids = left_behind(exp_id, table)
+    if not pids:
+        return
+    trials = sorted({table[p][1].get(b"NNI_TRIAL_JOB_ID", b"").decode() for p in pids} - {""})
+    print(f"imgcls-nnictl: stopping what the crashed manager of {exp_id} left running: its tuner and trials "
+          f"{', '.join(trials) or 'none'} ({len(pids)} processes); each trial keeps its last finished epoch", flush=True)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and any(map(alive, pids)):
+        time.sleep(0.2)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def mark_stopped(exp_id):
+    """nnictl's registry still says RUNNING for an experiment whose manager was killed (a clean stop alone updates it),
+    and stock resume refuses that with a traceback ("Only stopped experiments can be resumed or viewed!")."""
+    from nni.tools.nnictl.config_utils import Experiments
+    experiments = Experiments()
+    info = experiments.get_all_experiments().get(exp_id)
+    if isinstance(info, dict) and info.get("status") != "STOPPED" and not alive(info.get("pid")):
+        experiments.update_experiment(exp_id, "status", "STOPPED")
+
+
 def cli(argv=None):
     # not resolved: a venv's bin/python is a link out of it, and its own dir is what puts the venv first
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     patch_launcher()
     from nni.tools.nnictl.nnictl import parse_args
     sys.argv = ["nnictl", *(sys.argv[1:] if argv is None else argv)]
+    if sys.argv[1:2] == ["resume"] and len(sys.argv) > 2 and not sys.argv[2].startswith("-"):
+        mark_stopped(sys.argv[2])
+        stop_left_behind(sys.argv[2])
     sys.exit(parse_args())
 
 

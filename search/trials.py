@@ -15,6 +15,7 @@ import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.runs import RETRY_OF
 from search import nni_io
 
 STATUS_ORDER = {"SUCCEEDED": 0, "EARLY_STOPPED": 1, "USER_CANCELED": 2, "RUNNING": 3, "WAITING": 4,
@@ -35,6 +36,12 @@ class Trial:
     intermediates: list[dict] = field(default_factory=list)   # in the order reported
     final: dict | None = None
     log_path: str = ""
+
+    @property
+    def retries(self):
+        """The id of the trial this one retries (`imgcls-experiment --retry-failed`), or None."""
+        note = self.params.get(RETRY_OF)
+        return note.get("trial") if isinstance(note, dict) else None
 
     @property
     def metric(self):
@@ -127,10 +134,12 @@ def assemble(exp_id, status, params, trial_rows, metric_rows, source, manager_lo
         if tstatus == "USER_CANCELED" and tid in assessor_stopped:
             tstatus = "EARLY_STOPPED"
         t = Trial(tid, tstatus or "UNKNOWN", seq if seq is not None else -1, log_path=log_path or "")
-        for h in hypers:
-            by_param[str(h["parameter_id"])] = h["parameters"]
-            if t.parameter_id is None:
-                t.parameter_id, t.params = str(h["parameter_id"]), h["parameters"]
+        for i, h in enumerate(hypers):
+            pid = None if h["parameter_id"] is None else str(h["parameter_id"])  # None: a customized trial (a retry)
+            if pid is not None:
+                by_param[pid] = h["parameters"]
+            if i == 0:
+                t.parameter_id, t.params = pid, h["parameters"]
         trials[tid] = t
     reported = {}
     for tid, pid, mtype, data in metric_rows:
@@ -144,14 +153,20 @@ def assemble(exp_id, status, params, trial_rows, metric_rows, source, manager_lo
     # What each trial really ran (see module doc): the parameter set sent to it, else the
     # parameter id it reported with its metrics, else (a trial that reported nothing)
     # the one set no other trial ran if it is the only such trial, else its own listing.
-    known = {}
+    known, settled = {}, set()
     for tid, h in sent.items():
-        if tid in trials:
+        if tid not in trials:
+            continue
+        if h["parameter_id"] is None:  # customized: no id to look up (a retry reports the retried trial's), the set is its own
+            trials[tid].parameter_id, trials[tid].params = None, h["parameters"]
+            settled.add(tid)
+        else:
             by_param.setdefault(str(h["parameter_id"]), h["parameters"])
             known[tid] = str(h["parameter_id"])
     for tid, pid in reported.items():
-        known.setdefault(tid, pid)
-    unknown = [t for t in trials.values() if t.id not in known]
+        if tid not in settled:
+            known.setdefault(tid, pid)
+    unknown = [t for t in trials.values() if t.id not in known and t.id not in settled]
     free = set(by_param) - set(known.values())
     if len(unknown) == 1 and len(free) == 1:
         known[unknown[0].id] = free.pop()
@@ -223,11 +238,11 @@ def from_id(exp_id, timeout=10):
 # ----------------------------------------------------------------------------- parameters as flags, ranking
 def flatten(params):
     """{"criterion": {"_name": "focal", "focal_gamma": 2}} -> {"criterion": "focal", "focal_gamma": 2};
-    Hyperband's {"TRIAL_BUDGET": 9} -> {"epochs": 9}, as train.py reads it."""
-    from training.flags import trial_budget  # lazy: the flag module imports torch, which listing trials does not need
+    Hyperband's {"TRIAL_BUDGET": 9} -> {"epochs": 9}, as train.py reads it (a retry's RETRY_OF is no flag)."""
+    from training.flags import trial_flags  # lazy: the flag module imports torch, which listing trials does not need
 
     flat = {}
-    for k, v in trial_budget(params).items():
+    for k, v in trial_flags(params).items():
         if isinstance(v, dict) and "_name" in v:
             flat[k] = v["_name"]
             flat.update(flatten({kk: vv for kk, vv in v.items() if kk != "_name"}))

@@ -283,3 +283,32 @@ def test_an_interruption_after_training_says_what_is_done_and_how_to_finish(tmp_
             with checkpoint.interruption_says(tmp_path, "writing summary.json"):
                 raise KeyboardInterrupt(2)
     assert e.value.__notes__ == [checkpoint.resume_hint(tmp_path, "writing summary.json")]  # the innermost stage's
+
+
+def test_an_nni_trial_continues_its_own_last_pth_or_its_retried_trials_and_otherwise_says_why_not(tmp_path, capsys):
+    trials = tmp_path / "trials"
+    failed, retry, fresh = trials / "AAAAA", trials / "BBBBB", trials / "CCCCC"
+    for d in (failed, retry, fresh):
+        d.mkdir(parents=True)
+    _, config = saved_epoch(failed)
+    (failed / "history.csv").write_text("epoch\n1\n2\n3\n")
+    assert checkpoint.continued(fresh, config) is None and capsys.readouterr().out == ""  # nothing to continue: silent
+    assert checkpoint.continued(failed, config) == failed / "last.pth"  # NNI reran it under its own id
+    assert capsys.readouterr().out == f"continuing {failed / 'last.pth'}\n"
+
+    assert checkpoint.continued(retry, config, {"trial": "AAAAA"}) == retry / "last.pth"
+    assert capsys.readouterr().out == f"continuing {failed / 'last.pth'} (trial AAAAA, which this one retries)\n"
+    assert sorted(p.name for p in retry.iterdir()) == ["best.pth", "history.csv", "last.pth"]
+    assert checkpoint.read(retry / "last.pth")["epoch"] == 3
+
+    refusals = [(dict(config, lr=config["lr"] * 2), {"trial": "AAAAA"}, f"it was trained with --lr {config['lr']}, this run has "
+                                                                        f"{config['lr'] * 2}"),
+                (dict(config, reshuffle_val=True), {"trial": "AAAAA"}, "--reshuffle_val gives every trial its own validation people"),
+                (config, {"trial": "ZZZZZ"}, "not on this machine")]
+    for given, note, why in refusals:
+        assert checkpoint.continued(fresh, given, note) is None and not any(fresh.iterdir())
+        source = trials / note["trial"] / "last.pth"
+        assert capsys.readouterr().out == f"not continuing {source} (trial {note['trial']}, which this one retries): {why}; starting over\n"
+    damage_largest_tensor(failed / "last.pth")
+    assert checkpoint.continued(fresh, config, {"trial": "AAAAA"}) is None
+    assert "damaged" in capsys.readouterr().out and not any(fresh.iterdir())

@@ -310,8 +310,9 @@ import torch
 from training import engine
 met, real = pathlib.Path({met!r}), engine.train_one_epoch
 def train_one_epoch(*args, steps_before=0, **kwargs):
-    if steps_before:
-        (met / os.environ["NNI_TRIAL_JOB_ID"]).touch()
+    mark = met / os.environ["NNI_TRIAL_JOB_ID"]
+    if steps_before and (mark.exists() or len(list(met.iterdir())) < {trials}):  # the search's own trials, not retries
+        mark.touch()
         deadline = time.monotonic() + 120
         while len(list(met.iterdir())) < {trials} and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -324,10 +325,11 @@ runpy.run_path({train!r}, run_name="__main__")
 """
 
 
-def test_a_trial_out_of_gpu_memory_fails_in_one_line_naming_its_batch_and_the_trials_beside_it(tmp_path, demo_dir, cache_dir, nni_home):
+def test_a_trial_out_of_gpu_memory_fails_in_one_line_and_its_retry_continues_it(tmp_path, demo_dir, cache_dir, nni_home):
     """Four trials sharing a GPU (config_gpu.yml) and too large a batch: torch's error said nothing of the trials
     beside it or of maxTrialNumberPerGpu. Each trial is FAILED with one line, reports no final result, and keeps its
-    first epoch for --resume."""
+    first epoch. `imgcls-experiment --retry-failed` resubmits each once; a retry continues its trial's last.pth,
+    and SafeTPE gets its result as the failed trial's."""
     code = tmp_path / "code"
     code.mkdir()
     (tmp_path / "met").mkdir()
@@ -338,9 +340,18 @@ def test_a_trial_out_of_gpu_memory_fails_in_one_line_naming_its_batch_and_the_tr
     config.update(trialCodeDirectory=str(code), trialConcurrency=2, trialCommand="CUDA_VISIBLE_DEVICES=0 " + config["trialCommand"])
     with nni_experiment(config, tmp_path / "oom", nni_home) as run:
         run.wait_done(300)
-        exp = from_rest(run.port)
-    assert sorted(t.status for t in exp.trials) == ["FAILED", "FAILED"]
-    for t in exp.trials:
+        failed = from_rest(run.port).trials
+        retry = [sys.executable, "-m", "search.experiment", "--port", str(run.port), "--retry-failed"]
+        said = subprocess.run(retry, env=run.env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        again = subprocess.run(retry, env=run.env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        deadline = time.monotonic() + 300  # DONE already: wait for the retries to appear and end
+        while not ((exp := from_rest(run.port)).status == "DONE" and len(exp.trials) == 4 and
+                   all(t.status in FINISHED for t in exp.trials)) and time.monotonic() < deadline:
+            time.sleep(1)
+        reported_as = {m["trialJobId"]: str(m["parameterId"]) for m in nni_io.rest(run.port, "metric-data") if m["type"] == "FINAL"}
+        dispatcher = (run.log_dir / "dispatcher.log").read_text()
+    assert sorted(t.status for t in failed) == ["FAILED", "FAILED"]
+    for t in failed:
         out = Path(t.log_path)
         last = out / "last.pth"
         lines = (out / "trial.stderr").read_text().strip().splitlines()
@@ -350,6 +361,27 @@ def test_a_trial_out_of_gpu_memory_fails_in_one_line_naming_its_batch_and_the_tr
                              f"in the config); {last} holds epoch 1: continue with --resume {last}"), lines[-3:]
         assert "Traceback" not in "\n".join(lines) and t.final is None and len(t.intermediates) == 1
         assert load_model(last)[1]["epoch"] == 1
+
+    assert said.returncode == 0 and sorted(re.sub(r"#\d+", "#N", line) for line in said.stdout.splitlines()) == sorted(
+        [f"trial {t.id} (FAILED) retries as trial #N: from its last.pth on the machine that holds it, else from the start"
+         for t in failed] + ["maxTrialNumber is now 4"]), said.stdout + said.stderr
+    assert sorted(re.findall(r"#(\d+)", said.stdout)) == ["2", "3"]
+    assert again.stdout.strip() == f"nothing to retry: no FAILED trial in {exp.id} that is not retried already", again.stdout
+    retries = {t.retries: t for t in exp.trials if t.retries}
+    assert sorted(retries) == sorted(t.id for t in failed) and len(exp.trials) == 4
+    for t in failed:
+        was, out = Path(t.log_path), Path(retries[t.id].log_path)
+        assert retries[t.id].status == "SUCCEEDED" and len(retries[t.id].intermediates) == 2  # epochs 2 and 3
+        history = (out / "history.csv").read_text().splitlines()
+        assert [row.split(",")[0] for row in history[1:]] == ["1", "2", "3"]
+        assert history[:2] == (was / "history.csv").read_text().splitlines()[:2]  # its predecessor's epoch, not trained again
+        said_there = (out / "trial.log").read_text()  # NNI writes a trial's printed lines there
+        assert f"continuing {was / 'last.pth'} (trial {t.id}, which this one retries)" in said_there
+        assert f"resuming {out} at epoch 2" in said_there
+        # reported as the retried parameters' result, which SafeTPE took (else the dispatcher logs it as unknown)
+        assert retries[t.id].parameter_id is None and reported_as[retries[t.id].id] == t.parameter_id
+        assert f"SafeTPE: the result of parameter id {t.parameter_id}, whose trial ended without one, from its retry" in dispatcher
+    assert "unknown job parameter id" not in dispatcher and "Traceback" not in dispatcher, dispatcher[-3000:]
 
 
 def test_invalid_parameter_fails_its_trial_only(tmp_path, demo_dir, cache_dir, nni_home):

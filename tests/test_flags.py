@@ -50,14 +50,14 @@ def test_trial_budget_sets_the_epochs(parser_args, budget, epochs):
     """Hyperband's (int) and BOHB's (float) TRIAL_BUDGET: epochs, rounded up, over the trial command's --epochs."""
     parser, args = parser_args
     args.epochs = 13
-    flags.apply_params(parser, args, flags.trial_budget({"TRIAL_BUDGET": budget, "lr": 0.01}), "NNI parameters")
+    flags.apply_params(parser, args, flags.trial_flags({"TRIAL_BUDGET": budget, "lr": 0.01}), "NNI parameters")
     assert (args.epochs, args.lr) == (epochs, 0.01)
 
 
 @pytest.mark.parametrize("budget", [0, -2, "9", True, None, float("nan")])
 def test_trial_budget_refuses_what_is_not_a_length(budget):
     with pytest.raises(ValueError, match="TRIAL_BUDGET must be a positive number of epochs"):
-        flags.trial_budget({"TRIAL_BUDGET": budget})
+        flags.trial_flags({"TRIAL_BUDGET": budget})
 
 
 def test_nni_parameters_go_over_the_command_line_and_the_budget_over_both():

@@ -2,12 +2,15 @@
 import contextlib
 import http.server
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -15,8 +18,11 @@ import yaml
 from nni.experiment import launcher
 
 from conftest import ROOT
-from search import nnictl
+from search import nni_io, nnictl
+from search.trials import from_rest
 from sshd import free_port
+from test_experiment_nni import local_config, nni_experiment
+from training.checkpoint import load_model
 
 LATE_S = 5   # later than stock nnictl's three tries a second apart
 
@@ -85,6 +91,24 @@ def test_it_is_nnictl():
     assert out.returncode == 0 and out.stdout.strip() == "3.0", out.stderr
 
 
+def test_what_a_crashed_manager_left_is_its_tuner_and_its_trials_not_their_forks_nor_another_experiment():
+    env = lambda **kw: {k.encode(): v.encode() for k, v in kw.items()}  # noqa: E731
+    train = b"python\0train.py\0"
+    table = {
+        10: (1, env(SDK_PROCESS="dispatcher", NNI_LOG_DIRECTORY="/h/nni-experiments/abc/log"), b"python3\0-m\0nni\0"),
+        11: (1, env(NNI_EXP_ID="abc", NNI_TRIAL_JOB_ID="T1"), b"/bin/sh\0-c\0python train.py\0"),
+        12: (11, env(NNI_EXP_ID="abc", NNI_TRIAL_JOB_ID="T1"), train),
+        13: (12, env(NNI_EXP_ID="abc", NNI_TRIAL_JOB_ID="T1"), train),     # a data loader worker: ends with 12
+        20: (1, env(SDK_PROCESS="dispatcher", NNI_LOG_DIRECTORY="/h/nni-experiments/xyz/log"), b"python3\0-m\0nni\0"),
+        21: (1, env(NNI_EXP_ID="xyz", NNI_TRIAL_JOB_ID="T9"), train),
+        30: (1, env(HOME="/h"), b"bash\0"),
+    }
+    assert nnictl.left_behind("abc", table) == [10, 11, 12]
+    manager = {40: (1, {}, b"node\0/x/nni_node/main.js\0--port\0" b"8080\0--experiment-id\0abc\0")}
+    assert nnictl.left_behind("abc", {**table, **manager}) == []   # its manager runs: nothing is left behind
+    assert nnictl.left_behind("xyz", {**table, **manager}) == [20, 21]
+
+
 def nnictl_run(module, *args, home, timeout=120):
     """nnictl (stock: nni.tools.nnictl.nnictl, or ours: search.nnictl) as a user without the venv on PATH runs it."""
     env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "MPLCONFIGDIR": str(home / "mpl")}
@@ -132,3 +156,90 @@ def test_local_trials_take_python3_from_the_interpreter_that_runs_it(tmp_path, n
         assert (tmp_path / "which").read_text() == sys.prefix
     finally:
         nnictl_run("search.nnictl", "stop", "--port", port, home=nni_home)
+
+
+# The second trial of a search stops in its second epoch (its last.pth holds the first) until the test has crashed
+# the manager; rerun under the same id after the resume, it goes on.
+BLOCKS = """import os, pathlib, runpy, sys, time
+from training import engine
+met, real = pathlib.Path({met!r}), engine.train_one_epoch
+def train_one_epoch(*args, steps_before=0, **kwargs):
+    mark = met / os.environ["NNI_TRIAL_JOB_ID"]
+    if steps_before and os.environ["NNI_TRIAL_SEQ_ID"] == "1" and not mark.exists():
+        mark.touch()
+        time.sleep(600)
+    return real(*args, steps_before=steps_before, **kwargs)
+engine.train_one_epoch = train_one_epoch
+sys.argv[0] = {train!r}
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+def manager_of(exp_id):
+    return next((pid for pid, (_, _, cmd) in nnictl.processes().items()
+                 if b"nni_node" in cmd and exp_id.encode() in cmd.split(b"\0")), None)
+
+
+def wait_for(what, timeout, every=0.2):
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, f"not in {timeout} s"
+        time.sleep(every)
+
+
+@contextlib.contextmanager
+def stopping_what_is_left(run):
+    """A failed test leaves no trial behind (the blocked one sleeps for minutes)."""
+    try:
+        yield
+    finally:
+        for pid in nnictl.left_behind(run.id, nnictl.processes()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("crash", ["manager", "machine"])
+def test_a_crashed_search_resumes_to_its_trial_count_and_its_running_trial_continues(tmp_path, demo_dir, cache_dir, nni_home, crash):
+    """The NNI manager killed alone (its tuner and its running trial live on: stock resume then ends in ERROR), or with
+    everything it started, as a reboot kills them. `imgcls-nnictl resume` finishes the search: the finished trial is
+    not trained again, the trial that was running continues its last.pth, the tuner is given every result."""
+    code, met = tmp_path / "code", tmp_path / "met"
+    code.mkdir()
+    met.mkdir()
+    (code / "train.py").write_text(BLOCKS.format(met=str(met), train=str(ROOT / "train.py")))
+    config = local_config(demo_dir, cache_dir, 3, 3)
+    config.pop("assessor")
+    config.update(trialCodeDirectory=str(code))
+    with nni_experiment(config, tmp_path / crash, nni_home) as run, stopping_what_is_left(run):
+        wait_for(lambda: any(met.iterdir()), 240)
+        before = {t.status: t for t in from_rest(run.port).trials}
+        first, blocked = Path(before["SUCCEEDED"].log_path), Path(before["RUNNING"].log_path)
+        kept = {name: (first / name).stat().st_mtime_ns for name in ("best.pth", "last.pth", "summary.json")}
+        assert load_model(blocked / "last.pth")[1]["epoch"] == 1
+        os.kill(manager_of(run.id), signal.SIGKILL)
+        wait_for(lambda: manager_of(run.id) is None, 30)
+        left = nnictl.left_behind(run.id, nnictl.processes())
+        assert len(left) >= 2  # the tuner, the trial
+        stock = nnictl_run("nni.tools.nnictl.nnictl", "resume", run.id, "--port", free_port(), home=nni_home)
+        assert stock.returncode == 1 and "Only stopped experiments can be resumed" in stock.stdout + stock.stderr
+        assert "Traceback" in stock.stderr
+        if crash == "machine":
+            for pid in left:
+                os.kill(pid, signal.SIGKILL)
+        exit_code, out = nni_io.nnictl("resume", run.id, "--port", str(run.port), env=run.env)
+        assert exit_code == 0, out
+        assert (f"stopping what the crashed manager of {run.id} left running: its tuner and trials {blocked.name}" in out) == \
+            (crash == "manager"), out
+        run.wait_done(300)
+        trials = from_rest(run.port).trials
+        dispatcher = (run.log_dir / "dispatcher.log").read_text()
+    assert sorted(t.status for t in trials) == ["SUCCEEDED"] * 3 and len({t.id for t in trials}) == 3
+    assert {name: (first / name).stat().st_mtime_ns for name in kept} == kept  # not trained again
+    history = [row.split(",")[0] for row in (blocked / "history.csv").read_text().splitlines()[1:]]
+    assert history == ["1", "2", "3"]
+    said = (blocked / "trial.log").read_text()  # NNI writes a trial's printed lines there
+    assert f"continuing {blocked / 'last.pth'}" in said and f"resuming {blocked} at epoch 2" in said, said[-2000:]
+    # the new tuner was given the result from before the crash (NNI 3.0 imports finished trials on resume), then the
+    # continued trial's, which NNI hands it the same way: it was created by the tuner before
+    assert dispatcher.count("Replayed 1 FINISHED trials") == 2, dispatcher[-3000:]

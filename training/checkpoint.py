@@ -1,6 +1,6 @@
 """The checkpoint format (best.pth, last.pth), whole: what it holds, saving an epoch, reading and
-checking a file, loading its model, what --resume restores and refuses, and what a stopped run's
-last line says.
+checking a file, loading its model, what --resume restores and refuses, which last.pth an NNI trial continues,
+and what a stopped run's last line says.
 
 A checkpoint is a dict of plain types and tensors, so that it loads with
 torch.load(weights_only=True): a .pth file someone hands you never runs code.
@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import math
 import random
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 
 from core.cli import Resumable, UserError, one_line_reason
 from core.files import load_untrusted, replace_atomically, replace_together
-from core.runs import BEST, LAST
+from core.runs import BEST, EPOCHS, HISTORY, LAST, TENSORBOARD
 from model import create_model, num_outputs
 
 FORMAT_VERSION = 3  # 2: content_hash of the tensors; 3: of every key
@@ -172,6 +173,45 @@ def read_meta(path):
     """A checkpoint's description without its weights (memory-mapped, so cheap even for big
     backbones): lets every checkpoint be checked before any prediction starts."""
     return {k: v for k, v in read(path, mmap=True).items() if k not in TRAINING_STATE}
+
+
+def continued(own, config, retried=None):
+    """The last.pth in NNI trial directory `own` that the trial (flags `config`, config.json's) continues, or None: it
+    starts over, and one line says why where there was one. Its own: NNI 3.0 reruns a trial that its crashed manager
+    left RUNNING under the same id, in the same directory (`imgcls-nnictl resume`). A retry's (`imgcls-experiment
+    --retry-failed`, `retried` its RETRY_OF note): the retried trial's, from its directory beside this one on this
+    machine, copied in. Either way a trial loses at most the epoch it was in."""
+    source = own if (own / LAST).is_file() else own.parent / retried["trial"] if retried else None
+    if source is None:
+        return None
+    what = f"{source / LAST}" + (f" (trial {retried['trial']}, which this one retries)" if source != own else "")
+    if source != own and config["reshuffle_val"]:
+        why = "--reshuffle_val gives every trial its own validation people"
+    else:
+        why = "not on this machine" if not (source / LAST).is_file() else cannot_continue(source / LAST, config)
+    if why:
+        print(f"not continuing {what}: {why}; starting over", flush=True)
+        return None
+    if source != own:
+        for name in (BEST, LAST, HISTORY, TENSORBOARD, EPOCHS):
+            if (source / name).is_dir():
+                shutil.copytree(source / name, own / name, dirs_exist_ok=True)
+            elif (source / name).is_file():
+                shutil.copy2(source / name, own / name)
+    print(f"continuing {what}", flush=True)
+    return own / LAST
+
+
+def cannot_continue(path, config):
+    """Why last.pth at `path` cannot continue a run whose flags are `config`, or None: it does not read (missing,
+    damaged, edited: its hash is checked), or it was trained with other flags. An unset --epochs (the --steps budget,
+    made epochs once the data is read) is no difference."""
+    try:
+        saved = read_meta(path).get("args", {})
+    except UserError as e:
+        return str(e)
+    differ = [k for k in config if k in saved and saved[k] != config[k] and not (k == "epochs" and not config[k])]
+    return f"it was trained with --{differ[0]} {saved[differ[0]]}, this run has {config[differ[0]]}" if differ else None
 
 
 def check_compatible(paths, metas):

@@ -24,6 +24,7 @@ import os
 from core.cli import Parser, UserError
 from core.files import check_file, read_mapping
 from core.labels import DEFAULT_AGE_BOUNDS
+from core.runs import RETRY_OF
 from dataset import DATASETS, TRANSFORMS
 from imagedata.constants import DEFAULT_CACHE_DIR, FEEDS, NO_CACHE_FOR_DEVICE
 from loss import LOSSES
@@ -249,13 +250,13 @@ def apply_params(parser, args, params, source):
     return args
 
 
-def trial_budget(params):
-    """NNI's Hyperband and BOHB add TRIAL_BUDGET to each trial's parameters (R / max_budget in their
-    classArgs is the longest trial). Here a budget is epochs, rounded up (BOHB's are floats):
-    -> the parameters with TRIAL_BUDGET replaced by epochs."""
+def trial_flags(params):
+    """A trial's parameters as train.py's flags. RETRY_OF goes: it says what the trial continues, not how it trains.
+    NNI's Hyperband and BOHB add TRIAL_BUDGET to each trial's parameters (R / max_budget in their classArgs is the
+    longest trial): here a budget is epochs, rounded up (BOHB's are floats)."""
+    params = {k: v for k, v in params.items() if k != RETRY_OF}
     if "TRIAL_BUDGET" not in params:
         return params
-    params = dict(params)
     budget = params.pop("TRIAL_BUDGET")
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < 1e6:
         raise UserError(f"TRIAL_BUDGET must be a positive number of epochs, got {budget!r}")
@@ -279,7 +280,7 @@ def parse_args(argv=None, nni_params=None):
         args = apply_params(parser, argparse.Namespace(**base), read_mapping(args.config, "--config"), f"--config {args.config}")
     vars(args).update(explicit)
     if nni_params is not None:
-        apply_params(parser, args, trial_budget(nni_params), "NNI parameters")
+        apply_params(parser, args, trial_flags(nni_params), "NNI parameters")
     check_args(args)
     return resolve(args)
 
