@@ -43,6 +43,7 @@ CUTS = ((3, 8, 2, 5), (2, 8, 2, 3), (2, 4, 1, 3), (2, 4, 1, 2))  # each stage is
 PARALLEL = 4  # config_gpu.yml's trialConcurrency: trials (and folds) share the GPU four at a time
 SHARED = 1.5  # a wave of PARALLEL trials on one GPU against one trial alone (most of a short trial is start-up): a guess
 FIXED_S = 90  # a workflow's cost beside its trainings: the drawn set, two NNI managers' starts, three finalize runs
+WORKFLOW_FLOOR_S = 30  # the least time a workflow is given
 TINY = dict(deadline=15.0, bench_models=[("BaseModel", (64, 48))], startup_args=["--people", "14", "--repeats", "1", "--resize", "64", "48"])
 
 
@@ -194,7 +195,7 @@ def workflow(session, cli, trial_s):
         if cut is None:
             raise RuntimeError(f"{session.left():.0f} s left: even the smallest cut needs {workflow_minutes(CUTS[-1], trial_s):.1f} min")
         cmd = ["--seeds", str(cut[0]), "--trials", str(cut[1]), "--top", str(cut[2]), "--k", str(cut[3])]
-    deadline = max(session.left() - 45, 30) / 60  # the workflow stops its own experiments before this session must
+    deadline = max(session.left() - 45, WORKFLOW_FLOOR_S) / 60  # it stops its own experiments before this session must
     argv = [sys.executable, "-m", "bench.gpu_workflow", *cmd, "--work", str(session.work / "workflow"), "--results", str(results),
             "--port", str(cli.port), "--deadline", f"{deadline:.2f}"]
     session.log(f"workflow: {shlex.join(argv[1:])}" + (f" (expected {workflow_minutes(cut, trial_s):.1f} min)" if cut else ""))
@@ -263,8 +264,8 @@ def main(argv=None):
                                                         ("BaseModel", (128, 96))]
         figures = session.phase("bench", lambda: bench(session, models, cli.tiny), needs_s=60)
         trial_s = next((r["trial_wall_s"] for r in (figures or {}).get("rows", []) if "lite0" in r["model"]), trial_s)
-        session.phase("workflow", lambda: workflow(session, cli, trial_s),
-                      needs_s=60 if cli.tiny else workflow_minutes(CUTS[-1], trial_s) * 60 + 60)
+        session.phase("workflow", lambda: workflow(session, cli, trial_s),  # --tiny: the floor of the deadline it is given
+                      needs_s=WORKFLOW_FLOOR_S if cli.tiny else workflow_minutes(CUTS[-1], trial_s) * 60 + 60)
         session.phase("startup", lambda: startup(session, cli.tiny), needs_s=60 if cli.tiny else 150)
     except KeyboardInterrupt:
         session.log("interrupted")

@@ -162,7 +162,8 @@ SLOW_FIXTURES = {"run_train", "nni_home", "sshd", "runs", "trained", "fold_runs"
 
 # pytest-xdist (--dist loadfile) hands out whole files in the order collected: the longest (.ci/run's --durations)
 # first, so that no long file starts last on one worker while the other has nothing left.
-LONGEST = ["test_finalize", "test_gpu_session", "test_wheelhouse", "test_weights", "test_experiment_nni", "test_train"]
+LONGEST = ["test_finalize", "test_train", "test_experiment_nni", "test_gpu_session", "test_wheelhouse", "test_preflight", "test_weights",
+           "test_nnictl", "test_export"]
 
 
 def pytest_collection_modifyitems(items):
