@@ -3,6 +3,7 @@
     python baseline/kfold.py --k 5                                        # demo data -> runs/kfold
     python baseline/kfold.py --k 5 --name effb0 --eval_dir DATA/eval --tta -- --data_dir DATA/train --model efficientnet_b0
     python baseline/kfold.py --reuse runs/kfold --tta                     # re-score trained folds, no training
+    python baseline/kfold.py --resume runs/kfold                          # after a full disk or a failed fold: the rest
 
 Everything after `--` goes to every train.py run unchanged; kfold.py sets --kfold,
 --fold, --name and --model_dir itself. The folds land side by side in
@@ -18,7 +19,7 @@ when training on the demo data.
 The out-of-fold score is slightly optimistic: each fold's validation part also picked its best epoch.
 """
 import argparse
-import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,11 +30,12 @@ import torch
 
 from core import demo
 from core.cli import Parser, UserError, make_progress, run_main
-from core.files import ROOT
+from core.files import ROOT, read_mapping, replace_atomically
 from core.folds import join_folds
 from core.labels import TASKS, natural_key
 from core.metrics import score
-from core.runs import BEST, KFOLD, KFOLD_SCORES, OOF_SOFT, SUBMISSION, increment_path, read_summary, write_submission
+from core.runs import (BEST, KFOLD, KFOLD_SCORES, LAST, OOF_SOFT, SUBMISSION, SUMMARY, increment_path, read_summary, write_config,
+                       write_submission)
 from imagedata.decode import load_images
 from imagedata.layouts import DataError, check_dir
 from training import checkpoint, flags
@@ -61,15 +63,26 @@ def check_train_args(train_args):
 
 
 def train_folds(run_dir, k, train_args):
-    """One train.py subprocess per fold; its log goes straight to this terminal."""
+    """One train.py subprocess per fold; its log goes straight to this terminal. A fold that finished (summary.json) is
+    kept, one with last.pth continues from it (--resume), one without is trained from the start."""
     for fold in range(k):
-        print(f"=== fold {fold}/{k - 1}: train.py --kfold {k} --fold {fold} {' '.join(train_args)}", flush=True)
-        cmd = [sys.executable, str(ROOT / "train.py"), *train_args,
-               "--kfold", str(k), "--fold", str(fold), "--model_dir", str(run_dir), "--name", f"fold{fold}"]
+        fold_dir = run_dir / f"fold{fold}"
+        if (fold_dir / SUMMARY).is_file():
+            print(f"=== fold {fold}/{k - 1}: finished, kept ({fold_dir})", flush=True)
+            continue
+        if (fold_dir / LAST).is_file():
+            print(f"=== fold {fold}/{k - 1}: continuing {fold_dir / LAST}", flush=True)
+            cmd = [sys.executable, str(ROOT / "train.py"), "--resume", str(fold_dir / LAST)]
+        else:
+            print(f"=== fold {fold}/{k - 1}: train.py --kfold {k} --fold {fold} {' '.join(train_args)}", flush=True)
+            shutil.rmtree(fold_dir, ignore_errors=True)  # no epoch of it was saved: nothing to keep, and its name stays free
+            cmd = [sys.executable, str(ROOT / "train.py"), *train_args,
+                   "--kfold", str(k), "--fold", str(fold), "--model_dir", str(run_dir), "--name", f"fold{fold}"]
         code = subprocess.call(cmd)
         if code != 0:
-            raise UserError(f"fold {fold}: train.py exited with code {code} (its message is above); "
-                            f"the folds trained so far are in {run_dir}")
+            raise UserError(f"fold {fold}: train.py exited with code {code} (its message is above); the folds trained so far "
+                            f"are in {run_dir}: `kfold.py --resume {run_dir}` trains the rest"
+                            + (f", fold {fold} from its last.pth" if (fold_dir / LAST).is_file() else ""))
 
 
 def fold_checkpoints(run_dir):
@@ -119,7 +132,7 @@ def write_oof(path, result):
     table.insert(0, "label", result["labels"])
     table.insert(0, "fold", result["fold"])
     table.insert(0, "path", result["paths"])
-    table.to_csv(path, index=False, float_format="%.6f")
+    replace_atomically(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6f"))
 
 
 def resolve_eval_dir(eval_dir, fold_checkpoint):
@@ -136,6 +149,10 @@ def build_parser():
     p.add_argument("--name", default="kfold", help="runs/<name> (incremented: kfold2, ...) holds fold0..fold{K-1}")
     p.add_argument("--model_dir", default="runs", help="where the k-fold directory goes")
     p.add_argument("--reuse", default=None, help="a k-fold directory already trained: score and ensemble it, train nothing")
+    p.add_argument("--resume", default=None, metavar="KFOLD_DIR",
+                   help="a k-fold directory whose training stopped (a full disk, a failed fold, Ctrl-C): its finished folds "
+                        "are kept, a fold with last.pth continues from it, the rest train (K and the train.py flags: its "
+                        "kfold.json); then scored and voted")
     p.add_argument("--eval_dir", default=None, help="eval dir for the ensemble submission; unset = the one given to train.py, or the demo eval split")
     p.add_argument("--tta", action="store_true", help="average the flipped view (out of fold and on the eval dir)")
     p.add_argument("--batch_size", type=int, default=256, help="prediction batch size")
@@ -150,10 +167,16 @@ def main(argv=None):
     device = resolve_device(args.device)
     if args.reuse:
         run_dir = Path(args.reuse)
+    elif args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / KFOLD).is_file():
+            raise UserError(f"--resume {run_dir}: no {KFOLD} there, so not a kfold.py directory")
+        saved = read_mapping(run_dir / KFOLD, f"--resume {run_dir}")
+        train_folds(run_dir, saved["k"], saved["train_args"])
     else:
         run_dir = increment_path(Path(args.model_dir) / args.name)
         run_dir.mkdir(parents=True)
-        (run_dir / KFOLD).write_text(json.dumps({"k": args.k, "train_args": train_args}, indent=2))
+        write_config(run_dir / KFOLD, {"k": args.k, "train_args": train_args})
         train_folds(run_dir, args.k, train_args)
     checkpoints = fold_checkpoints(run_dir)
 
@@ -177,7 +200,7 @@ def main(argv=None):
         write_submission(run_dir, ids, probs, classes)
         summary["eval_dir"] = str(eval_dir)
         print(f"wrote {run_dir / SUBMISSION} and submission_soft.csv ({len(ids)} images)", flush=True)
-    (run_dir / KFOLD_SCORES).write_text(json.dumps(summary, indent=2))
+    write_config(run_dir / KFOLD_SCORES, summary)
     return run_dir, summary
 
 
@@ -197,6 +220,10 @@ def parse_args(argv):
         check_dir(args.eval_dir, "eval dir")  # fail now, not after hours of training
     if args.reuse and train_args:
         raise UserError("--reuse trains nothing: drop the train.py flags after --")
+    if args.resume and train_args:
+        raise UserError(f"--resume takes the train.py flags from {Path(args.resume) / KFOLD}: drop those after --")
+    if args.resume and args.reuse:
+        raise UserError("--resume trains what is missing, --reuse trains nothing: give one")
     return args, train_args
 
 

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from core.cli import UserError
-from core.files import replace_atomically
+from core.files import replace_atomically, replace_together
 from core.labels import is_mask_scheme
 
 # A train.py run directory's files, by the only names they have
@@ -104,10 +104,10 @@ def write_submission(out_dir, image_ids, probs, classes):
     out_dir = Path(out_dir)
     preds = probs.argmax(1)
     answers = preds if is_mask_scheme(classes) else [classes[i] for i in preds]
-    pd.DataFrame({"ImageID": image_ids, "ans": answers}).to_csv(out_dir / SUBMISSION, index=False)
     soft = pd.DataFrame(probs, columns=classes)
     soft.insert(0, "ImageID", image_ids)
-    soft.to_csv(out_dir / SUBMISSION_SOFT, index=False, float_format="%.6f")
+    replace_together({out_dir / SUBMISSION: lambda tmp: pd.DataFrame({"ImageID": image_ids, "ans": answers}).to_csv(tmp, index=False),
+                      out_dir / SUBMISSION_SOFT: lambda tmp: soft.to_csv(tmp, index=False, float_format="%.6f")})
 
 
 def write_val_soft(path, image_ids, labels, probs, classes):

@@ -115,7 +115,10 @@ def retry_failed(exp, port, host):
         print(f"nothing to retry: no FAILED trial in {exp.id} that is not retried already")
         return
     tuner = (exp.params.get("tuner") or {}).get("className") or (exp.params.get("tuner") or {}).get("name", "?")
-    learns = tuner.endswith("SafeTPE")  # stock TPE drops a result for an ended id with a KeyError in its dispatcher
+    # Stock TPE fails on the result of an id whose trial ended (KeyError), Hyperband's brackets count their own; and
+    # after a resume no dispatcher knows the ids from before: NNI 3.0's would fail on one below those it recovered
+    resumed = was_resumed(profile)
+    learns = tuner.endswith("SafeTPE") and not resumed
     if profile["params"].get("maxTrialNumber"):
         profile["params"]["maxTrialNumber"] += len(todo)
         nni_io.rest(port, "experiment?update_type=MAX_TRIAL_NUM", host, body=profile, method="PUT")
@@ -125,10 +128,17 @@ def retry_failed(exp, port, host):
         print(f"trial {t.id} ({t.status}) retries as trial #{sequence}: from its last.pth on the machine that holds it, "
               f"else from the start")
     if not learns:
-        print(f"the tuner ({tuner}) does not learn the retries' results: NNI hands a customized trial's result to no tuner "
-              f"but SafeTPE")
+        print(f"the tuner ({tuner}) does not learn the retries' results: " +
+              ("this experiment was resumed, and its tuner never issued the failed trials' parameters (it is given them at "
+               "the next resume)" if resumed else "NNI hands a customized trial's result to no tuner but SafeTPE"))
     if profile["params"].get("maxTrialNumber"):
         print(f"maxTrialNumber is now {profile['params']['maxTrialNumber']}")
+
+
+def was_resumed(profile):
+    """Whether the experiment's manager log (on this machine) says it was resumed."""
+    log = Path(profile.get("logDir") or "") / "log" / "nnimanager.log"
+    return bool(profile.get("logDir")) and log.is_file() and "Resuming experiment:" in log.read_text(errors="replace")
 
 
 def queued_retries(profile):

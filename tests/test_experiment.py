@@ -233,3 +233,15 @@ def test_the_table_and_its_csv(home, tmp_path, capsys):
     code, out, err = run_cli(expmod.cli, capsys, "--id", EXP, "--csv", tmp_path / "trials.csv")
     assert code == 0 and "best trial tgone" in out and err == f"wrote {tmp_path / 'trials.csv'}\n"
     assert len((tmp_path / "trials.csv").read_text().splitlines()) == 5
+
+
+def test_a_resumed_experiment_is_told_by_its_manager_log(tmp_path):
+    """--retry-failed gives no parameter id to a retry in a resumed experiment: NNI 3.0's resumed dispatcher never
+    issued the failed trial's, and fails (KeyError) on one below the ids it recovered."""
+    (tmp_path / "log").mkdir()
+    log = tmp_path / "log" / "nnimanager.log"
+    log.write_text("[2026-12-07 18:06:24] INFO (NNIManager) Starting experiment: abc\n")
+    assert not expmod.was_resumed({"logDir": str(tmp_path)})
+    log.write_text(log.read_text() + "[2026-12-07 18:06:35] INFO (NNIManager) Resuming experiment: abc\n")
+    assert expmod.was_resumed({"logDir": str(tmp_path)})
+    assert not expmod.was_resumed({}) and not expmod.was_resumed({"logDir": str(tmp_path / "elsewhere")})

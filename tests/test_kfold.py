@@ -1,8 +1,10 @@
 """baseline/kfold.py: K real train.py runs on the tiny demo data, out-of-fold scores, the fold ensemble."""
 import json
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +12,10 @@ import pytest
 import torch
 
 from baseline import ensemble, evaluation, kfold
-from conftest import ROOT, TINY, read_csv, run_cli, train_env
+from conftest import ROOT, TINY, read_csv, run_cli, tmpfs, train_env
+from core.files import disk_space
 from core.metrics import score
+from training.checkpoint import load_model
 
 
 
@@ -110,8 +114,45 @@ def test_failed_fold_stops_with_its_name(tmp_path, demo_dir, cache_dir, capfd):
     assert code == 1
     assert capfd.readouterr().err.strip().splitlines() == [
         "train.py: error: --lr -1.0: must be positive",
-        f"kfold.py: error: fold 0: train.py exited with code 1 (its message is above); "
-        f"the folds trained so far are in {tmp_path / 'runs' / 'kfold'}"]
+        f"kfold.py: error: fold 0: train.py exited with code 1 (its message is above); the folds trained so far are in "
+        f"{tmp_path / 'runs' / 'kfold'}: `kfold.py --resume {tmp_path / 'runs' / 'kfold'}` trains the rest"]
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_in_a_fold_is_one_line_and_resume_keeps_the_finished_fold_and_continues_the_other(tmp_path, demo_dir,
+                                                                                                             cache_dir):
+    """kfold.py on a 16 MB disk that fills while fold 1 trains (its first epoch saved): the write that fails names the disk
+    and the file, kfold.py says how to go on, and once space is freed --resume keeps fold 0 as it is, continues fold 1
+    from its epoch, then scores and votes."""
+    with tmpfs(tmp_path / "disk", "size=16m") as disk:
+        run, filler = disk / "cv", disk / "filler"
+        cmd = [sys.executable, str(ROOT / "baseline" / "kfold.py"), "--k", "2", "--model_dir", str(disk), "--name", "cv",
+               "--num_workers", "0", "--", "--data_dir", str(demo_dir / "train"), "--eval_dir", str(demo_dir / "eval"),
+               "--cache_dir", str(cache_dir), *TINY, "--epochs", "3"]
+        proc = subprocess.Popen(cmd, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 240
+        while not (run / "fold1" / "last.pth").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.02)
+        filler.write_bytes(b"\0" * (disk_space(disk)[0] - 256 * 1024))  # room for a history line, not for a checkpoint
+        _, err = proc.communicate(timeout=300)
+        lines = err.strip().splitlines()
+        assert proc.returncode == 1 and re.fullmatch(
+            rf"train.py: error: cannot write {run}/fold1/(best|last)\.pth: the disk is full \({disk}: 0\.\d MB free of 16\.0 MB; .*\); "
+            rf"{run}/fold1/last\.pth holds epoch 1: continue with --resume {run}/fold1/last\.pth", lines[-2]), err
+        assert lines[-1] == (f"kfold.py: error: fold 1: train.py exited with code 1 (its message is above); the folds trained so "
+                             f"far are in {run}: `kfold.py --resume {run}` trains the rest, fold 1 from its last.pth")
+        assert load_model(run / "fold1" / "last.pth")[1]["epoch"] == 1 and not list(disk.rglob("*.tmp"))
+        kept = {p: p.read_bytes() for p in (run / "fold0").glob("*.*")}
+        filler.unlink()
+        proc = subprocess.run([sys.executable, str(ROOT / "baseline" / "kfold.py"), "--resume", str(run), "--num_workers", "0"],
+                              env=train_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert f"=== fold 0/1: finished, kept ({run / 'fold0'})" in proc.stdout
+        assert f"=== fold 1/1: continuing {run / 'fold1' / 'last.pth'}" in proc.stdout
+        assert {p: p.read_bytes() for p in kept} == kept
+        assert [int(r["epoch"]) for r in read_csv(run / "fold1" / "history.csv")] == [1, 2, 3]
+        assert json.loads((run / "kfold_scores.json").read_text())["k"] == 2 and (run / "submission.csv").is_file()
 
 
 @pytest.mark.slow
