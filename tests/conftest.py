@@ -160,10 +160,25 @@ def fold_runs(tmp_path_factory, demo_dir, cache_dir):
 SLOW_FIXTURES = {"run_train", "nni_home", "sshd", "runs", "trained", "fold_runs"}
 
 
-# pytest-xdist (--dist loadfile) hands out whole files in the order collected: the longest (.ci/run's --durations)
-# first, so that no long file starts last on one worker while the other has nothing left.
+# pytest-xdist (--dist loadfile) hands out whole files in the order collected, and test_soup's with test_export's as one
+# (they share fold_runs, a session fixture of 20 s: made once); the longest (.ci/run's --durations) first, so that no
+# long one starts last on one worker while the other has nothing left. (--dist loadgroup with xdist_group marks put
+# every test anywhere under pytest 9.2 and xdist 3.8, marks in the files too.)
+TOGETHER = {"tests/test_soup.py": "tests/test_export.py"}
 LONGEST = ["test_finalize", "test_train", "test_experiment_nni", "test_gpu_session", "test_wheelhouse", "test_preflight", "test_weights",
-           "test_nnictl", "test_export"]
+           "test_nnictl", "test_export", "test_soup", "test_kfold"]
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class Together(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            scope = super()._split_scope(nodeid)
+            return TOGETHER.get(scope, scope)
+    return Together(config, log)
 
 
 def pytest_collection_modifyitems(items):
