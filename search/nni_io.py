@@ -242,13 +242,15 @@ def exp_id_of(nnictl_output):
 
 
 def rest(port, path, host="127.0.0.1", timeout=10, body=None, method=None):
-    """GET /api/v1/nni/<path> of the experiment on host:port (or `method` with `body` as JSON) -> the answer as JSON."""
+    """GET /api/v1/nni/<path> of the experiment on host:port (or `method` with `body` as JSON) -> the answer as JSON.
+    A GET answered with nothing (a manager still starting) raises ValueError, as any answer that is not JSON; a PUT's
+    empty answer is None."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(f"http://{host}:{port}/api/v1/nni/{path}", data=data, method=method,
                                      headers={"Content-Type": "application/json"} if data else {})
     with urllib.request.urlopen(request, timeout=timeout) as r:
         answer = r.read().decode()
-    return json.loads(answer) if answer.strip() else None
+    return None if body is not None and not answer.strip() else json.loads(answer)
 
 
 def registry_path(home=None):
