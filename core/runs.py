@@ -34,6 +34,7 @@ KFOLD_SCORES = "kfold_scores.json"           # out-of-fold and per-fold scores, 
 # "parameter_id": that trial's, where the tuner (SafeTPE) takes the retry's result as theirs}; not a flag
 RETRY_OF = "retry_of"
 
+
 def increment_path(path):
     """runs/exp -> runs/exp if free, else runs/exp2, runs/exp3, ... The name is literal: as a glob, 'exp[1]'
     would match exp1, never itself."""

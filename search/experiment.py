@@ -72,8 +72,8 @@ def report(exp, out=None):
     rows = [("rank", "trial", "status", "metric", "best_int", "epochs", "parameters")]
     for i, t in enumerate(ranked(exp), 1):
         p = " ".join(f"{k}={v}" for k, v in sorted(flatten(t.params).items()))
-        rows.append((str(i), t.id + (f" (retries {t.retries})" if t.retries else ""), t.status, _num(t.metric), _num(t.best_intermediate_for(exp.maximize)),
-                     str(len(t.intermediates)), p))
+        trial = t.id + (f" (retries {t.retries})" if t.retries else "")
+        rows.append((str(i), trial, t.status, _num(t.metric), _num(t.best_intermediate_for(exp.maximize)), str(len(t.intermediates)), p))
     widths = [max(len(r[c]) for r in rows) for c in range(6)]
     for r in rows:
         print("  ".join(r[c].ljust(widths[c]) for c in range(6)) + "  " + r[6], file=out)

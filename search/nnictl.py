@@ -10,11 +10,11 @@ one that has torch, as `.venv/bin/imgcls-nnictl` runs without the venv activated
 what a crashed manager of ID left running on this machine. Stock resume refuses an experiment whose manager
 was killed ("Only stopped experiments can be resumed", and a traceback: nnictl's registry still says RUNNING);
 past that (`nnictl experiment list` updates it), when the manager alone died (a crash, the OOM killer), its tuner
-and its local trials live on, it starts a new tuner, the old one reconnects to the new manager, and the experiment
-ends in ERROR ("Dispatcher stream error, tuner may have crashed": test_nnictl). Stopped first (SIGTERM: a trial
-saves its epoch and ends), the resumed manager reruns each trial that was RUNNING under its own id and directory,
-where train.py continues its last.pth. The rest is stock; the search tools start
-experiments through it.
+and its local trials live on: resumed on the same port, the old tuner and the new one take turns on the manager's
+channel ("Channel __default__ reconnecting"; it ended in ERROR in issue 47's runs), and the old trial trains on
+beside its rerun, in the same directory. Stopped first (SIGTERM: a trial saves its epoch and ends), the resumed
+manager reruns each trial that was RUNNING under its own id and directory, where train.py continues its last.pth.
+The rest is stock; the search tools start experiments through it.
 """
 import contextlib
 import os

@@ -160,12 +160,16 @@ def fold_runs(tmp_path_factory, demo_dir, cache_dir):
 SLOW_FIXTURES = {"run_train", "nni_home", "sshd", "runs", "trained", "fold_runs"}
 
 
-# pytest-xdist (--dist loadfile) hands out whole files in the order collected, and test_soup's with test_export's as one
-# (they share fold_runs, a session fixture of 20 s: made once); the longest (.ci/run's --durations) first, so that no
-# long one starts last on one worker while the other has nothing left. (--dist loadgroup with xdist_group marks put
-# every test anywhere under pytest 9.2 and xdist 3.8, marks in the files too.)
+# pytest-xdist (--dist loadfile) hands out whole files in the order collected, the longest first (.ci/run's
+# --durations), so that no long one starts last on one worker while the other has nothing left. Two changes to its
+# scopes: test_soup's and test_export's go together (they share fold_runs, a session fixture of 20 s: made once), and
+# the long tests of files where they share no fixture go one by one, so the two workers' loads even out. (--dist
+# loadgroup with xdist_group marks put every test anywhere under pytest 9.2 and xdist 3.8, marks in the files too.)
 TOGETHER = {"tests/test_soup.py": "tests/test_export.py"}
-LONGEST = ["test_finalize", "test_train", "test_experiment_nni", "test_gpu_session", "test_wheelhouse", "test_preflight", "test_weights",
+APART = {"tests/test_gpu_session.py", "tests/test_experiment_nni.py", "tests/test_nnictl.py",
+         "tests/test_finalize.py::test_remote_search_finalized_over_ssh",
+         "tests/test_finalize.py::test_a_deadline_stops_the_folds_keeps_the_finished_ones_and_a_rerun_trains_the_rest"}
+LONGEST = ["test_finalize", "test_gpu_session", "test_experiment_nni", "test_train", "test_wheelhouse", "test_preflight", "test_weights",
            "test_nnictl", "test_export", "test_soup", "test_kfold"]
 
 
@@ -174,11 +178,11 @@ def pytest_xdist_make_scheduler(config, log):
         return None
     from xdist.scheduler import LoadFileScheduling
 
-    class Together(LoadFileScheduling):
+    class Balanced(LoadFileScheduling):
         def _split_scope(self, nodeid):
-            scope = super()._split_scope(nodeid)
-            return TOGETHER.get(scope, scope)
-    return Together(config, log)
+            file, test = nodeid.split("::", 1)[0], nodeid.split("[", 1)[0]
+            return test if file in APART or test in APART else TOGETHER.get(file, file)
+    return Balanced(config, log)
 
 
 def pytest_collection_modifyitems(items):
