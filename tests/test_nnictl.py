@@ -208,7 +208,7 @@ def test_a_crashed_search_resumes_to_its_trial_count_and_its_running_trial_conti
     code.mkdir()
     met.mkdir()
     (code / "train.py").write_text(BLOCKS.format(met=str(met), train=str(ROOT / "train.py")))
-    config = local_config(demo_dir, cache_dir, 3, 3)
+    config = local_config(demo_dir, cache_dir, 3, 2)
     config.pop("assessor")
     config.update(trialCodeDirectory=str(code))
     with nni_experiment(config, tmp_path / crash, nni_home) as run, stopping_what_is_left(run):
@@ -237,7 +237,7 @@ def test_a_crashed_search_resumes_to_its_trial_count_and_its_running_trial_conti
     assert sorted(t.status for t in trials) == ["SUCCEEDED"] * 3 and len({t.id for t in trials}) == 3
     assert {name: (first / name).stat().st_mtime_ns for name in kept} == kept  # not trained again
     history = [row.split(",")[0] for row in (blocked / "history.csv").read_text().splitlines()[1:]]
-    assert history == ["1", "2", "3"]
+    assert history == ["1", "2"]
     said = (blocked / "trial.log").read_text()  # NNI writes a trial's printed lines there
     assert f"continuing {blocked / 'last.pth'}" in said and f"resuming {blocked} at epoch 2" in said, said[-2000:]
     # the new tuner was given the result from before the crash (NNI 3.0 imports finished trials on resume), then the
