@@ -160,17 +160,40 @@ def fold_runs(tmp_path_factory, demo_dir, cache_dir):
 SLOW_FIXTURES = {"run_train", "nni_home", "sshd", "runs", "trained", "fold_runs"}
 
 
-# pytest-xdist (--dist loadfile) hands out whole files in the order collected, the longest first (.ci/run's
-# --durations), so that no long one starts last on one worker while the other has nothing left. Two changes to its
-# scopes: test_soup's and test_export's go together (they share fold_runs, a session fixture of 20 s: made once), and
-# the long tests of files where they share no fixture go one by one, so the two workers' loads even out. (--dist
-# loadgroup with xdist_group marks put every test anywhere under pytest 9.2 and xdist 3.8, marks in the files too.)
+# pytest-xdist (--dist loadfile) hands out scopes, each to one worker, in the order the workers collected them: here a
+# scope is a file (its module fixtures made once), test_soup's and test_export's together (fold_runs, a session fixture
+# of 20 s: made once), and a single test (its parametrisations together) of the files and tests in APART, which share no
+# costly fixture. The scopes go longest first (LONGEST: measured, .ci/run's --durations), so that no long one starts
+# last on one worker while the other has nothing left; xdist's own reordering (by number of tests, which put the long
+# single tests last) is off. (--dist loadgroup with xdist_group marks put every test anywhere under pytest 9.2 and
+# xdist 3.8, marks in the files too.)
 TOGETHER = {"tests/test_soup.py": "tests/test_export.py"}
-APART = {"tests/test_gpu_session.py", "tests/test_experiment_nni.py", "tests/test_nnictl.py",
+APART = {"tests/test_train.py", "tests/test_gpu_session.py", "tests/test_experiment_nni.py", "tests/test_nnictl.py",
          "tests/test_finalize.py::test_remote_search_finalized_over_ssh",
          "tests/test_finalize.py::test_a_deadline_stops_the_folds_keeps_the_finished_ones_and_a_rerun_trains_the_rest"}
-LONGEST = ["test_finalize", "test_gpu_session", "test_experiment_nni", "test_train", "test_wheelhouse", "test_preflight", "test_weights",
-           "test_nnictl", "test_export", "test_soup", "test_kfold"]
+LONGEST = ["tests/test_finalize.py",                                                               # about 120 s
+           "tests/test_gpu_session.py::test_tiny_session_brings_home_every_phase",                  # 100
+           "tests/test_wheelhouse.py",                                                              # 70
+           "tests/test_finalize.py::test_a_deadline_stops_the_folds_keeps_the_finished_ones_and_a_rerun_trains_the_rest",
+           "tests/test_preflight.py",                                                               # 65
+           "tests/test_nnictl.py::test_a_crashed_search_resumes_to_its_trial_count_and_its_running_trial_continues",
+           "tests/test_finalize.py::test_remote_search_finalized_over_ssh",                         # 60
+           "tests/test_gpu_session.py::test_a_deadline_too_short_brings_home_what_finished_and_leaves_no_manager",
+           "tests/test_weights.py",                                                                 # 50
+           "tests/test_experiment_nni.py::test_budgets_and_the_best_trial_reruns_alike",           # 43
+           "tests/test_export.py",                                                                  # 35
+           "tests/test_kfold.py",
+           "tests/test_experiment_nni.py::test_remote_experiment_over_ssh",                         # 30
+           "tests/test_experiment_nni.py::test_local_experiment",
+           "tests/test_experiment_nni.py::test_a_trial_out_of_gpu_memory_fails_in_one_line_and_its_retry_continues_it",
+           "tests/test_experiment_nni.py::test_finetune_experiment_starts_from_its_command_on_installed_weights",
+           "tests/test_train.py::test_compiled_model_trains_and_saves_plain_weights",              # 20
+           "tests/test_experiment_nni.py::test_invalid_parameter_fails_its_trial_only"]
+
+
+def scope_of(nodeid):
+    file, test = nodeid.split("::", 1)[0], nodeid.split("[", 1)[0]
+    return test if file in APART or test in APART else TOGETHER.get(file, file)
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -178,11 +201,11 @@ def pytest_xdist_make_scheduler(config, log):
         return None
     from xdist.scheduler import LoadFileScheduling
 
-    class Balanced(LoadFileScheduling):
+    class Longest(LoadFileScheduling):
         def _split_scope(self, nodeid):
-            file, test = nodeid.split("::", 1)[0], nodeid.split("[", 1)[0]
-            return test if file in APART or test in APART else TOGETHER.get(file, file)
-    return Balanced(config, log)
+            return scope_of(nodeid)
+    config.option.loadscopereorder = False
+    return Longest(config, log)
 
 
 def pytest_collection_modifyitems(items):
@@ -190,4 +213,5 @@ def pytest_collection_modifyitems(items):
         if SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
     if WORKER:
-        items.sort(key=lambda item: LONGEST.index(item.module.__name__) if item.module.__name__ in LONGEST else len(LONGEST))
+        rank = {scope: i for i, scope in enumerate(LONGEST)}
+        items.sort(key=lambda item: rank.get(scope_of(item.nodeid), len(LONGEST)))
