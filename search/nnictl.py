@@ -21,10 +21,12 @@ import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from nni.experiment import launcher
 
+from search import nni_io
 from search.nni_io import port_problem
 
 START_WAIT_S = 60
@@ -128,13 +130,23 @@ def mark_stopped(exp_id):
         experiments.update_experiment(exp_id, "status", "STOPPED")
 
 
+def known(exp_id):
+    """Stock resume answers an id it does not know with an ERROR line, then an AttributeError's traceback."""
+    registry = nni_io.registry()
+    if exp_id not in registry:
+        raise SystemExit(f"imgcls-nnictl: error: no experiment {exp_id} in nnictl's registry ({nni_io.registry_path()}; "
+                         f"known: {', '.join(sorted(registry)) or 'none'})")
+
+
 def cli(argv=None):
     # not resolved: a venv's bin/python is a link out of it, and its own dir is what puts the venv first
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     patch_launcher()
+    warnings.filterwarnings("ignore", "pkg_resources is deprecated")  # nnictl's own import, a line before every answer
     from nni.tools.nnictl.nnictl import parse_args
     sys.argv = ["nnictl", *(sys.argv[1:] if argv is None else argv)]
     if sys.argv[1:2] == ["resume"] and len(sys.argv) > 2 and not sys.argv[2].startswith("-"):
+        known(sys.argv[2])
         mark_stopped(sys.argv[2])
         stop_left_behind(sys.argv[2])
     sys.exit(parse_args())

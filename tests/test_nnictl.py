@@ -109,6 +109,16 @@ def test_what_a_crashed_manager_left_is_its_tuner_and_its_trials_not_their_forks
     assert nnictl.left_behind("xyz", {**table, **manager}) == [20, 21]
 
 
+def test_resuming_an_unknown_id_is_a_traceback_from_stock_nnictl_and_one_line_from_ours(tmp_path, monkeypatch):
+    stock = nnictl_run("nni.tools.nnictl.nnictl", "resume", "nosuchid", home=tmp_path)
+    assert "Id nosuchid not exist" in stock.stdout + stock.stderr and "Traceback" in stock.stderr
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        nnictl.known("nosuchid")
+    assert str(e.value) == (f"imgcls-nnictl: error: no experiment nosuchid in nnictl's registry "
+                            f"({tmp_path / 'nni-experiments' / '.experiment'}; known: none)")
+
+
 def nnictl_run(module, *args, home, timeout=120):
     """nnictl (stock: nni.tools.nnictl.nnictl, or ours: search.nnictl) as a user without the venv on PATH runs it."""
     env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "MPLCONFIGDIR": str(home / "mpl")}
