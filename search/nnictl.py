@@ -66,13 +66,18 @@ def patch_launcher(wait_s=START_WAIT_S):
     launcher._start_rest_server, launcher._check_rest_server, launcher._ensure_port_idle = start, check, ensure_port_idle
 
 
+def stat_fields(pid):
+    """/proc/PID/stat after the command's name: state, parent pid, ... (the name may hold spaces and parentheses)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def processes():
     """{pid: (parent pid, environ dict, cmdline bytes)} of this user's processes that can be read."""
     found = {}
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             environ = dict(kv.split(b"=", 1) for kv in (proc / "environ").read_bytes().split(b"\0") if b"=" in kv)
-            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            parent = int(stat_fields(proc.name)[1])
             found[int(proc.name)] = (parent, environ, (proc / "cmdline").read_bytes())
         except (OSError, ValueError, IndexError):  # gone meanwhile, or another user's
             continue
@@ -95,7 +100,7 @@ def left_behind(exp_id, table):
 def alive(pid):
     """Running: not gone, and not a zombie that nobody reaps (an orphan's parent in a container may never)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return stat_fields(pid)[0] != "Z"
     except (OSError, IndexError):
         return False
 
