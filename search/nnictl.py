@@ -4,10 +4,12 @@ NNI 3.0's `nnictl create` (and resume, view) starts its manager (a node process)
 check-status three times, a second apart; then it kills it and fails with "Create experiment failed:
 ... /api/v1/nni/check-status ... Connection refused". On a busy machine node can take longer than
 that (CI met it). This is nnictl itself with that wait made START_WAIT_S seconds, cut short when the
-manager has exited. Three more differences: a busy port is one line before anything starts (stock nnictl
+manager has exited. Four more differences: a busy port is one line before anything starts (stock nnictl
 prints a traceback); this interpreter's bin dir goes first on PATH, so that local trials' `python3` is the
-one that has torch, as `.venv/bin/imgcls-nnictl` runs without the venv activated; and `resume ID` first stops
-what a crashed manager of ID left running on this machine. Stock resume refuses an experiment whose manager
+one that has torch, as `.venv/bin/imgcls-nnictl` runs without the venv activated; the manager loads
+search/nni_manager_fixes.js, so that a remote server lost mid-search fails its trials instead of keeping them RUNNING
+for good (that file says how); and `resume ID` first stops what a crashed manager of ID left running on this machine.
+Stock resume refuses an experiment whose manager
 was killed ("Only stopped experiments can be resumed", and a traceback: nnictl's registry still says RUNNING);
 past that (`nnictl experiment list` updates it), when the manager alone died (a crash, the OOM killer), its tuner
 and its local trials live on: resumed on the same port, the old tuner and the new one take turns on the manager's
@@ -30,6 +32,7 @@ from search import nni_io
 from search.nni_io import port_problem
 
 START_WAIT_S = 60
+MANAGER_FIXES = Path(__file__).with_name("nni_manager_fixes.js")  # a lost server's trials FAILED, not RUNNING for good
 
 
 def wait_for_manager(port, url_prefix=None, proc=None, wait_s=START_WAIT_S):
@@ -52,7 +55,12 @@ def patch_launcher(wait_s=START_WAIT_S):
     stock_start = launcher._start_rest_server
 
     def start(*args, **kwargs):
-        started.append(stock_start(*args, **kwargs))
+        before = os.environ.get("NODE_OPTIONS")
+        os.environ["NODE_OPTIONS"] = f'{before or ""} --require "{MANAGER_FIXES}"'.strip()  # the file takes it out again
+        try:
+            started.append(stock_start(*args, **kwargs))
+        finally:
+            os.environ.pop("NODE_OPTIONS") if before is None else os.environ.update(NODE_OPTIONS=before)
         return started[-1]
 
     def check(port, retry=3, url_prefix=None):

@@ -183,7 +183,7 @@ LONGEST = ["tests/test_finalize.py",                                            
            "tests/test_experiment_nni.py::test_budgets_and_the_best_trial_reruns_alike",           # 43
            "tests/test_export.py",                                                                  # 35
            "tests/test_kfold.py",
-           "tests/test_experiment_nni.py::test_remote_experiment_over_ssh",                         # 30
+           "tests/test_experiment_nni.py::test_remote_experiment_over_ssh_survives_a_lost_server",  # 70
            "tests/test_experiment_nni.py::test_local_experiment",
            "tests/test_experiment_nni.py::test_a_trial_out_of_gpu_memory_fails_in_one_line_and_its_retry_continues_it",
            "tests/test_experiment_nni.py::test_finetune_experiment_starts_from_its_command_on_installed_weights",

@@ -6,6 +6,7 @@ Every experiment gets its own port, working directory and HOME (so nnictl's regi
 stays out of the real ~/nni-experiments) and is stopped in a finally block.
 """
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import pwd
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -23,7 +25,7 @@ import torch
 import yaml
 
 from conftest import ROOT, TINY
-from search import nni_io
+from search import nni_io, nnictl, preflight
 from search.trials import ASSESSOR_STOP, best_trial, flatten, from_rest
 from sshd import free_port, start_sshd
 from test_configs import commented_hyperband, load_yaml
@@ -268,37 +270,109 @@ def check_fetch(exp, exp_id, nni_home, tmp_path, out_dir_of):
         assert fetch(t, out, "--partial").returncode == 0 and (out / "history.csv").is_file()
 
 
-def test_remote_experiment_over_ssh(tmp_path, demo_dir, cache_dir, nni_home):
-    epochs, trials = 2, 4
+# train.py as a trial of the second server meets it: that server goes silent (hung, cut off the network) in the
+# trial's second epoch; the test freezes it there. Elsewhere the trial is train.py as it is.
+HELD_ON_SERVER_2 = """import os, pathlib, runpy, sys, time
+sys.path.insert(0, os.getcwd())  # the uploaded code, NNI's working directory for the trial
+from training import engine
+real = engine.train_one_epoch
+def train_one_epoch(*args, steps_before=0, **kwargs):
+    if steps_before and "remote-worker2" in os.environ["NNI_OUTPUT_DIR"]:
+        pathlib.Path({held!r}, os.environ["NNI_TRIAL_JOB_ID"]).touch()
+        time.sleep(600)
+    return real(*args, steps_before=steps_before, **kwargs)
+engine.train_one_epoch = train_one_epoch
+sys.argv[0] = "train.py"
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def processes_of(server):
+    """Pids of a test sshd and of all it started (its sessions, NNI's trial keeper and trials: they carry the
+    server's port in SSH_CONNECTION), as a machine that goes silent stops them all."""
+    port = str(server.port).encode()
+    return [server.proc.pid] + [pid for pid, (_, env, _) in nnictl.processes().items()
+                                if env.get(b"SSH_CONNECTION", b"").split(b" ")[-1:] == [port]]
+
+
+def test_remote_experiment_over_ssh_survives_a_lost_server(tmp_path, demo_dir, cache_dir, nni_home):
+    """Two servers (sshd on 127.0.0.1, twice), two trials at once; the second server goes silent in its trial's second
+    epoch (all its processes frozen). Stock NNI 3.0 kept that trial RUNNING for good (test_nni_manager_fixes.py). Here
+    it is FAILED once its server has not answered for IMGCLS_LOST_AFTER_S and the reconnect window, the search ends
+    with its trial count on the server left, `--retry-failed` sends the lost trial there (starting over: its files
+    are on the lost server), and preflight names the dead server."""
+    epochs, trials = 2, 3
+    (tmp_path / "held").mkdir()
+    shim = tmp_path / "held_on_server_2.py"
+    shim.write_text(HELD_ON_SERVER_2.format(held=str(tmp_path / "held")))
     config = local_config(demo_dir, cache_dir, trials, epochs)
+    config.pop("assessor")  # no trial stopped before the server is lost
     # as config_remote.yml: two trials at once, with its tuner (SafeTPE: see search/nni_tuner.py)
-    config.update(trialConcurrency=2, tuner=repo_tuner(load_yaml("config_remote.yml")))
-    with start_sshd(tmp_path / "sshd") as sshd:
-        config["nniManagerIp"] = "127.0.0.1"
+    config.update(trialConcurrency=2, tuner=repo_tuner(load_yaml("config_remote.yml")), nniManagerIp="127.0.0.1",
+                  trialCommand=config["trialCommand"].replace(" train.py ", f" {shim} ", 1))
+    with start_sshd(tmp_path / "sshd1") as one, start_sshd(tmp_path / "sshd2") as two:
         config["trainingService"] = {"platform": "remote", "machineList": [{
-            "host": sshd.host, "port": sshd.port, "user": sshd.user, "sshKeyFile": str(sshd.key_file),
-            "pythonPath": str(BIN)}]}
-        remote_home = Path(pwd.getpwnam(sshd.user).pw_dir)
-        exp_id = None
+            "host": s.host, "port": s.port, "user": s.user, "sshKeyFile": str(s.key_file), "pythonPath": str(BIN)}
+            for s in (one, two)]}
+        remote_home = Path(pwd.getpwnam(one.user).pw_dir)
+        exp_id, frozen = None, []
+        os.environ["IMGCLS_LOST_AFTER_S"] = "10"  # nni_env passes it to the manager; default 60
         try:
             with nni_experiment(config, tmp_path / "remote", nni_home) as run:
                 exp_id = run.id
-                run.wait_done(420)
+                deadline = time.monotonic() + 180
+                while not any((tmp_path / "held").iterdir()) and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                lost_id = next((tmp_path / "held").iterdir()).name
+                frozen = processes_of(two)
+                for pid in frozen:
+                    os.kill(pid, signal.SIGSTOP)
+                run.wait_done(300)
                 exp = from_rest(run.port)
-                assert len(exp.trials) == trials
-                # logPath is "host:~/nni-experiments/<exp>/environments/<env>/trials/<id>" on the server
-                for t in exp.trials:
-                    assert t.log_path.startswith(f"{sshd.host}:~/nni-experiments/{run.id}/"), t.log_path
+                by_id = {t.id: t for t in exp.trials}
+                lost = by_id[lost_id]
+                assert lost.status == "FAILED" and len(exp.trials) == trials, (exp.trials, run.diagnose())
+                assert len(lost.intermediates) == 1 and lost.final is None  # its first epoch, then silence
+                log = run.manager_log()
+                assert "No pong for 1" in log and f"Trial {lost_id} FAILED: its worker 127.0.0.1 is lost (imgcls fix)" in log
 
+                # logPath is "host:~/nni-experiments/<exp>/environments/<env>/trials/<id>" on the server
                 def out_dir(t):
+                    assert t.log_path.startswith(f"127.0.0.1:~/nni-experiments/{run.id}/"), t.log_path
                     return remote_home / t.log_path.split(":~/", 1)[1]
-                check_trials(run, exp, out_dir, epochs, config["searchSpace"])
-                assert "Installed nni v3.0" in run.manager_log()  # the remote `pip install nni --upgrade` kept 3.0
+                rest = [t for t in exp.trials if t.id != lost_id]
+                assert all("/remote-worker1/" in t.log_path for t in rest), [t.log_path for t in exp.trials]
+                check_trials(run, dataclasses.replace(exp, trials=rest), out_dir, epochs, config["searchSpace"])
+                assert "Installed nni v3.0" in log  # the remote `pip install nni --upgrade` kept 3.0
                 # the code went up as a tarball without what .nniignore excludes
                 code = remote_home / "nni-experiments" / run.id / "environments" / "remote-worker1" / "upload" / "trial_code"
                 assert (code / "train.py").is_file() and not (code / ".git").exists() and not (code / ".venv").exists()
+
+                retry = subprocess.run([sys.executable, "-m", "search.experiment", "--port", str(run.port), "--retry-failed"],
+                                       env=run.env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+                assert retry.returncode == 0 and f"trial {lost_id} (FAILED) retries as trial #3" in retry.stdout, retry
+                deadline = time.monotonic() + 180
+                while not ((exp := from_rest(run.port)).status == "DONE" and len(exp.trials) == trials + 1 and
+                           all(t.status in FINISHED for t in exp.trials)) and time.monotonic() < deadline:
+                    time.sleep(1)
+                again = next(t for t in exp.trials if t.retries == lost_id)
+                assert again.status == "SUCCEEDED" and "/remote-worker1/" in again.log_path, (again, run.diagnose())
+                said = (out_dir(again) / "trial.stdout").read_text()  # the trial keeper writes its printed lines there
+                assert f"(trial {lost_id}, which this one retries): not on this machine; starting over" in said, said
+                history = (out_dir(again) / "history.csv").read_text().splitlines()
+                assert [row.split(",")[0] for row in history[1:]] == ["1", "2"]
+
+            # preflight names the silent server in one line (it stops at the login, which every other check needs)
+            silent = nni_io.machines_of(config)[1]
+            lines = preflight.check_machine(silent, config, {}, run.port, True, "3.0", timeout=3).lines()
+            assert lines == [f"FAIL {silent.name} ssh: login failed (ssh exit 255): Connection timed out during banner "
+                             f"exchange"], lines
             check_fetch(exp, exp_id, nni_home, tmp_path, out_dir)  # stopped: from its nni.sqlite, over SSH
         finally:
+            os.environ.pop("IMGCLS_LOST_AFTER_S", None)
+            for pid in frozen:  # ended here: a frozen process never sees sshd's SIGTERM
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             if exp_id:
                 shutil.rmtree(remote_home / "nni-experiments" / exp_id, ignore_errors=True)
 
