@@ -44,7 +44,7 @@ import pandas as pd
 import yaml
 
 from core.cli import Parser, UserError, run_main
-from core.files import replace_atomically
+from core.files import DiskFull, replace_atomically
 from core.runs import BEST, CONFIG, FOLDS_CONFIG, HISTORY, REPORT, SUBMISSION_SOFT, SUMMARY, VAL_SOFT, read_summary
 from core.signals import STOP
 from search import nni_io
@@ -170,6 +170,19 @@ def bring_home(trial, finalists, trial_command, run_dir, machines):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def bring_all_home(trials, finalists, trial_command, run_dir, machines):
+    """Every SUCCEEDED fold trial's files home, one line each; a trial whose server cannot be reached (or whose files
+    do not check out) is one line naming it, and the others still come home: that fold is then missing, and trains
+    again at the next run of finalize."""
+    for trial in (t for t in trials if t.status == "SUCCEEDED"):
+        try:
+            print(f"home: {bring_home(trial, finalists, trial_command, run_dir, machines)} from {trial.log_path}", flush=True)
+        except DiskFull:  # every next one would fail alike: one line for all
+            raise
+        except UserError as e:
+            print(f"not home: trial {trial.id}: {e}", file=sys.stderr, flush=True)
+
+
 def folds_home(run_dir, finalists, k):
     """(finalist, fold) pairs whose files are home (their folder exists only once every file checked out)."""
     return {(f.name, fold) for f in finalists for fold in range(k) if (run_dir / f.name / f"fold{fold}" / SUMMARY).is_file()}
@@ -261,8 +274,7 @@ def train_missing(args, config, run_dir, finalists, exp_id):
     fold_config = fold_experiment_config(args.config, exp_id, jobs, args.deadline)
     trials, status = run_fold_experiment(fold_config, run_dir, args.fold_port, deadline_s=args.deadline and args.deadline * 60)
     with STOP.deferred():  # each fold comes home whole or not at all
-        for trial in (t for t in trials if t.status == "SUCCEEDED"):
-            print(f"home: {bring_home(trial, finalists, nni_io.trial_command(config), run_dir, machines)} from {trial.log_path}", flush=True)
+        bring_all_home(trials, finalists, nni_io.trial_command(config), run_dir, machines)
     missing = fold_jobs(finalists, args.k, folds_home(run_dir, finalists, args.k))
     came_home = (f"{len(jobs) - len(missing)} of the {len(jobs)} fold trainings came home to {run_dir}, the fold experiment "
                  f"is stopped; run finalize again to train only the other {len(missing)}")

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from core.cli import UserError
+from core.files import write_error
 
 
 # ----------------------------------------------------------------------------- the config
@@ -278,15 +279,19 @@ def log_dir_of(db):
 def fetch(source, target, machines=(), names=None):
     """A trial's output dir -> target (an existing, empty dir): every file, or only those named.
     source: a local dir, or NNI's remote "host:~/path" (copied with tar over SSH as machines[host] logs in).
-    UserError naming what could not be copied; what was copied so far is left for the caller to remove."""
+    UserError naming what could not be copied (a DiskFull naming the disk when it is this one that is full); what was
+    copied so far is left for the caller to remove."""
     target = Path(target)
     if ":" not in source or Path(source).is_dir():
         src = Path(source)
         for name in names or [p.relative_to(src) for p in sorted(src.rglob("*")) if p.is_file()]:
             if not (src / name).is_file():
                 raise UserError(f"{src / name}: missing")
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src / name, target / name)
+            try:
+                (target / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src / name, target / name)
+            except OSError as e:
+                raise write_error(target / name, e) from None
         return
     host, path = source.split(":", 1)
     candidates = [m for m in machines if m.host == host]
@@ -308,5 +313,7 @@ def fetch(source, target, machines=(), names=None):
         try:
             with tarfile.open(fileobj=archive) as tar:
                 tar.extractall(target, filter="data")  # "data": no absolute paths, links out or devices
-        except (tarfile.TarError, OSError) as e:
+        except tarfile.TarError as e:
             raise UserError(f"{host}:{path}: the copy is damaged ({e})") from None
+        except OSError as e:  # writing it here: a full disk, named as such
+            raise write_error(Path(e.filename) if e.filename else target, e) from None

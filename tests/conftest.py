@@ -174,6 +174,7 @@ APART = {"tests/test_train.py", "tests/test_gpu_session.py", "tests/test_experim
 LONGEST = ["tests/test_finalize.py",                                                               # about 120 s
            "tests/test_gpu_session.py::test_tiny_session_brings_home_every_phase",                  # 100
            "tests/test_wheelhouse.py",                                                              # 70
+           "tests/test_experiment_nni.py::test_remote_experiment_over_ssh_survives_a_lost_server",  # 70
            "tests/test_finalize.py::test_a_deadline_stops_the_folds_keeps_the_finished_ones_and_a_rerun_trains_the_rest",
            "tests/test_preflight.py",                                                               # 65
            "tests/test_nnictl.py::test_a_crashed_search_resumes_to_its_trial_count_and_its_running_trial_continues",
@@ -183,7 +184,6 @@ LONGEST = ["tests/test_finalize.py",                                            
            "tests/test_experiment_nni.py::test_budgets_and_the_best_trial_reruns_alike",           # 43
            "tests/test_export.py",                                                                  # 35
            "tests/test_kfold.py",
-           "tests/test_experiment_nni.py::test_remote_experiment_over_ssh_survives_a_lost_server",  # 70
            "tests/test_experiment_nni.py::test_local_experiment",
            "tests/test_experiment_nni.py::test_a_trial_out_of_gpu_memory_fails_in_one_line_and_its_retry_continues_it",
            "tests/test_experiment_nni.py::test_finetune_experiment_starts_from_its_command_on_installed_weights",

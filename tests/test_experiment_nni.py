@@ -97,6 +97,14 @@ class Running:
         assert status and status["status"] == "DONE", f"experiment not DONE in {timeout} s: {status}\n{self.diagnose()}"
         return status
 
+    def wait_trials(self, count, timeout):
+        """The experiment once it is DONE with `count` trials, all ended (one DONE already, waiting for its retries)."""
+        deadline = time.monotonic() + timeout
+        while not ((exp := from_rest(self.port)).status == "DONE" and len(exp.trials) == count and
+                   all(t.status in FINISHED for t in exp.trials)) and time.monotonic() < deadline:
+            time.sleep(1)
+        return exp
+
 
 @contextlib.contextmanager
 def nni_experiment(config, workdir, home):
@@ -273,7 +281,6 @@ def check_fetch(exp, exp_id, nni_home, tmp_path, out_dir_of):
 # train.py as a trial of the second server meets it: that server goes silent (hung, cut off the network) in the
 # trial's second epoch; the test freezes it there. Elsewhere the trial is train.py as it is.
 HELD_ON_SERVER_2 = """import os, pathlib, runpy, sys, time
-sys.path.insert(0, os.getcwd())  # the uploaded code, NNI's working directory for the trial
 from training import engine
 real = engine.train_one_epoch
 def train_one_epoch(*args, steps_before=0, **kwargs):
@@ -295,6 +302,32 @@ def processes_of(server):
                                 if env.get(b"SSH_CONNECTION", b"").split(b" ")[-1:] == [port]]
 
 
+def freeze_when_held(server, held, frozen):
+    """Once a trial is held on `server`, stop every process of it (listed in `frozen`) -> that trial's id."""
+    deadline = time.monotonic() + 180
+    while not any(held.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    frozen += processes_of(server)
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    return next(held.iterdir()).name
+
+
+def check_retry_elsewhere(run, lost_id, count, out_dir):
+    """--retry-failed sends the lost trial to the server left, where it starts over and finishes."""
+    retry = subprocess.run([sys.executable, "-m", "search.experiment", "--port", str(run.port), "--retry-failed"],
+                           env=run.env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert retry.returncode == 0 and f"trial {lost_id} (FAILED) retries as trial #{count - 1}" in retry.stdout, retry
+    exp = run.wait_trials(count, 180)
+    again = next(t for t in exp.trials if t.retries == lost_id)
+    assert again.status == "SUCCEEDED" and "/remote-worker1/" in again.log_path, (again, run.diagnose())
+    said = (out_dir(again) / "trial.stdout").read_text()  # the trial keeper writes a trial's printed lines there
+    assert f"(trial {lost_id}, which this one retries): not on this machine; starting over" in said, said
+    history = (out_dir(again) / "history.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in history[1:]] == ["1", "2"]
+    return exp
+
+
 def test_remote_experiment_over_ssh_survives_a_lost_server(tmp_path, demo_dir, cache_dir, nni_home):
     """Two servers (sshd on 127.0.0.1, twice), two trials at once; the second server goes silent in its trial's second
     epoch (all its processes frozen). Stock NNI 3.0 kept that trial RUNNING for good (test_nni_manager_fixes.py). Here
@@ -302,44 +335,36 @@ def test_remote_experiment_over_ssh_survives_a_lost_server(tmp_path, demo_dir, c
     with its trial count on the server left, `--retry-failed` sends the lost trial there (starting over: its files
     are on the lost server), and preflight names the dead server."""
     epochs, trials = 2, 3
-    (tmp_path / "held").mkdir()
-    shim = tmp_path / "held_on_server_2.py"
-    shim.write_text(HELD_ON_SERVER_2.format(held=str(tmp_path / "held")))
+    (held := tmp_path / "held").mkdir()
+    (shim := tmp_path / "held_on_server_2.py").write_text(HELD_ON_SERVER_2.format(held=str(held)))
     config = local_config(demo_dir, cache_dir, trials, epochs)
     config.pop("assessor")  # no trial stopped before the server is lost
-    # as config_remote.yml: two trials at once, with its tuner (SafeTPE: see search/nni_tuner.py)
+    # as config_remote.yml: two trials at once, with its tuner (SafeTPE: see search/nni_tuner.py); the shim imports
+    # the uploaded code, NNI's working directory for a trial
     config.update(trialConcurrency=2, tuner=repo_tuner(load_yaml("config_remote.yml")), nniManagerIp="127.0.0.1",
-                  trialCommand=config["trialCommand"].replace(" train.py ", f" {shim} ", 1))
+                  trialCommand="PYTHONPATH=. " + config["trialCommand"].replace(" train.py ", f" {shim} ", 1))
     with start_sshd(tmp_path / "sshd1") as one, start_sshd(tmp_path / "sshd2") as two:
         config["trainingService"] = {"platform": "remote", "machineList": [{
             "host": s.host, "port": s.port, "user": s.user, "sshKeyFile": str(s.key_file), "pythonPath": str(BIN)}
             for s in (one, two)]}
         remote_home = Path(pwd.getpwnam(one.user).pw_dir)
         exp_id, frozen = None, []
+
+        def out_dir(t):  # logPath is "host:~/nni-experiments/<exp>/environments/<env>/trials/<id>" on the server
+            assert t.log_path.startswith(f"127.0.0.1:~/nni-experiments/{exp_id}/"), t.log_path
+            return remote_home / t.log_path.split(":~/", 1)[1]
         os.environ["IMGCLS_LOST_AFTER_S"] = "10"  # nni_env passes it to the manager; default 60
         try:
             with nni_experiment(config, tmp_path / "remote", nni_home) as run:
                 exp_id = run.id
-                deadline = time.monotonic() + 180
-                while not any((tmp_path / "held").iterdir()) and time.monotonic() < deadline:
-                    time.sleep(0.5)
-                lost_id = next((tmp_path / "held").iterdir()).name
-                frozen = processes_of(two)
-                for pid in frozen:
-                    os.kill(pid, signal.SIGSTOP)
+                lost_id = freeze_when_held(two, held, frozen)
                 run.wait_done(300)
                 exp = from_rest(run.port)
-                by_id = {t.id: t for t in exp.trials}
-                lost = by_id[lost_id]
+                lost = next(t for t in exp.trials if t.id == lost_id)
                 assert lost.status == "FAILED" and len(exp.trials) == trials, (exp.trials, run.diagnose())
                 assert len(lost.intermediates) == 1 and lost.final is None  # its first epoch, then silence
                 log = run.manager_log()
                 assert "No pong for 1" in log and f"Trial {lost_id} FAILED: its worker 127.0.0.1 is lost (imgcls fix)" in log
-
-                # logPath is "host:~/nni-experiments/<exp>/environments/<env>/trials/<id>" on the server
-                def out_dir(t):
-                    assert t.log_path.startswith(f"127.0.0.1:~/nni-experiments/{run.id}/"), t.log_path
-                    return remote_home / t.log_path.split(":~/", 1)[1]
                 rest = [t for t in exp.trials if t.id != lost_id]
                 assert all("/remote-worker1/" in t.log_path for t in rest), [t.log_path for t in exp.trials]
                 check_trials(run, dataclasses.replace(exp, trials=rest), out_dir, epochs, config["searchSpace"])
@@ -347,20 +372,7 @@ def test_remote_experiment_over_ssh_survives_a_lost_server(tmp_path, demo_dir, c
                 # the code went up as a tarball without what .nniignore excludes
                 code = remote_home / "nni-experiments" / run.id / "environments" / "remote-worker1" / "upload" / "trial_code"
                 assert (code / "train.py").is_file() and not (code / ".git").exists() and not (code / ".venv").exists()
-
-                retry = subprocess.run([sys.executable, "-m", "search.experiment", "--port", str(run.port), "--retry-failed"],
-                                       env=run.env, cwd=ROOT, capture_output=True, text=True, timeout=60)
-                assert retry.returncode == 0 and f"trial {lost_id} (FAILED) retries as trial #3" in retry.stdout, retry
-                deadline = time.monotonic() + 180
-                while not ((exp := from_rest(run.port)).status == "DONE" and len(exp.trials) == trials + 1 and
-                           all(t.status in FINISHED for t in exp.trials)) and time.monotonic() < deadline:
-                    time.sleep(1)
-                again = next(t for t in exp.trials if t.retries == lost_id)
-                assert again.status == "SUCCEEDED" and "/remote-worker1/" in again.log_path, (again, run.diagnose())
-                said = (out_dir(again) / "trial.stdout").read_text()  # the trial keeper writes its printed lines there
-                assert f"(trial {lost_id}, which this one retries): not on this machine; starting over" in said, said
-                history = (out_dir(again) / "history.csv").read_text().splitlines()
-                assert [row.split(",")[0] for row in history[1:]] == ["1", "2"]
+                exp = check_retry_elsewhere(run, lost_id, trials + 1, out_dir)
 
             # preflight names the silent server in one line (it stops at the login, which every other check needs)
             silent = nni_io.machines_of(config)[1]
@@ -418,10 +430,7 @@ def test_a_trial_out_of_gpu_memory_fails_in_one_line_and_its_retry_continues_it(
         retry = [sys.executable, "-m", "search.experiment", "--port", str(run.port), "--retry-failed"]
         said = subprocess.run(retry, env=run.env, cwd=ROOT, capture_output=True, text=True, timeout=60)
         again = subprocess.run(retry, env=run.env, cwd=ROOT, capture_output=True, text=True, timeout=60)
-        deadline = time.monotonic() + 300  # DONE already: wait for the retries to appear and end
-        while not ((exp := from_rest(run.port)).status == "DONE" and len(exp.trials) == 4 and
-                   all(t.status in FINISHED for t in exp.trials)) and time.monotonic() < deadline:
-            time.sleep(1)
+        exp = run.wait_trials(4, 300)
         reported_as = {m["trialJobId"]: str(m["parameterId"]) for m in nni_io.rest(run.port, "metric-data") if m["type"] == "FINAL"}
         dispatcher = (run.log_dir / "dispatcher.log").read_text()
     assert sorted(t.status for t in failed) == ["FAILED", "FAILED"]

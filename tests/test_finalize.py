@@ -21,7 +21,8 @@ import yaml
 from nni.experiment.config import ExperimentConfig
 
 from bench.searches import run_experiment
-from conftest import ROOT, read_csv, run_cli
+from conftest import ROOT, read_csv, run_cli, tmpfs
+from core.files import DiskFull
 from search import finalize
 from search.finalists import Finalist, select_finalists
 from search.nni_io import Machine
@@ -153,7 +154,19 @@ def test_local_fetch_checks_every_file_and_leaves_nothing_half_written(damage, f
 
 
 @pytest.mark.slow
-def test_remote_fetch_over_ssh_with_a_missing_file(fold_run, tmp_path):
+def test_a_fetch_onto_a_full_disk_is_one_line_naming_it_and_leaves_nothing(fold_run, tmp_path):
+    """Not "the copy is damaged", not a traceback: the disk that is full, and no half fold or temp folder on it."""
+    t = Trial("abcde", "SUCCEEDED", log_path=str(fake_trial_dir(tmp_path / "trial", fold_run)))
+    with tmpfs(tmp_path / "disk", "size=64k") as run_dir:
+        with pytest.raises(DiskFull) as e:
+            finalize.bring_all_home([t], FINALISTS, command_of(fold_run), run_dir, [])
+        assert re.fullmatch(rf"cannot write {run_dir}/\.fetch-abcde/\S+: the disk is full \({run_dir}: 0\.0 MB free of 0\.1 MB; "
+                            r"No space left on device\)", str(e.value)), e.value
+        assert list(run_dir.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_remote_fetch_over_ssh_with_a_missing_file_or_the_server_down(fold_run, tmp_path, capsys):
     with start_sshd(tmp_path / "sshd") as sshd:
         home = Path(pwd.getpwnam(sshd.user).pw_dir)
         remote = home / "nni-experiments" / f"finalize-test-{tmp_path.name}" / "trials" / "xyz12"
@@ -172,6 +185,17 @@ def test_remote_fetch_over_ssh_with_a_missing_file(fold_run, tmp_path):
             with pytest.raises(ValueError, match=r"could not copy \(tar: val_soft.csv: .*No such file"):
                 finalize.bring_home(t, FINALISTS, command_of(fold_run), run_dir, machines)
             assert list(run_dir.iterdir()) == []
+
+            # the server down once the fold experiment has ended: a fold on another server still comes home, this one
+            # is named in one line (and trains again at finalize's next run: it is not home)
+            os.killpg(sshd.proc.pid, signal.SIGTERM)
+            sshd.proc.wait()
+            here = Trial("here1", "SUCCEEDED", log_path=str(fake_trial_dir(tmp_path / "here", fold_run)))
+            finalize.bring_all_home([t, here], FINALISTS, command_of(fold_run), run_dir, machines)
+            assert capsys.readouterr().err.splitlines() == [
+                f"not home: trial xyz12: {log_path.split(':~/')[0]}:{remote.relative_to(home)}: could not copy "
+                f"(ssh: connect to host {sshd.host} port {sshd.port}: Connection refused)"]
+            assert finalize.folds_home(run_dir, FINALISTS, 2) == {("defaults", 1)}  # here1's
         finally:
             shutil.rmtree(remote.parents[1], ignore_errors=True)
 
