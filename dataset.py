@@ -1,5 +1,6 @@
 """The data registries a user edits, and what training reads:
-  DATASETS    name -> (layout, reader, split); create_dataset, and read_split, the one train/validation split
+  DATASETS    name -> (layout, reader, split); create_dataset, and read_split, the one train/validation split;
+              CSV_FLAGS, the flags a CsvDataset reads its CSV with
   TRANSFORMS  name -> training augmentations; create_transform
   load_training_data  read, split, decode, choose the feed -> TrainingData (the loaders and the facts a run records)
 
@@ -24,30 +25,38 @@ from core.labels import DEFAULT_AGE_BOUNDS
 from imagedata.augment import ColorJitter, GaussianNoise, Normalize, RandomAffine, RandomFlip
 from imagedata.decode import decode_all, load_images, mean_std
 from imagedata.feed import ImageDataset, choose_feed, make_loaders
-from imagedata.layouts import DataError, read_eval, read_folder_train, read_mask_train
-from imagedata.split import split_by_profile, split_random
+from imagedata.layouts import DataError, read_csv_train, read_eval, read_folder_train, read_mask_train
+from imagedata.split import split_by_columns, split_by_profile, split_random
 
 # name -> (layout, reader, splitter): the --dataset choices
 DATASETS = {
     "MaskSplitByProfileDataset": ("mask", read_mask_train, split_by_profile),
     "MaskBaseDataset": ("mask", read_mask_train, split_random),
     "ImageFolderDataset": ("folder", read_folder_train, split_random),
+    "CsvDataset": ("folder", read_csv_train, split_by_columns),  # a model of class names, as a folder data set's
 }
+# The flags that say where a CsvDataset's CSV and columns are (train.py's --labels_csv ...): its reader's arguments
+CSV_FLAGS = ("labels_csv", "image_column", "label_column", "group_column", "fold_column")
 
 
-def create_dataset(name, data_dir, age_bounds=DEFAULT_AGE_BOUNDS):
-    """-> (layout, data dict, splitter)."""
+def csv_options(flags):
+    """The CSV flags set in a run's flags (a dict: vars(args), or a checkpoint's saved ones)."""
+    return {k: flags[k] for k in CSV_FLAGS if flags.get(k)}
+
+
+def create_dataset(name, data_dir, age_bounds=DEFAULT_AGE_BOUNDS, options=None):
+    """-> (layout, data dict, splitter). options: a CsvDataset's csv_options."""
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
     layout, reader, splitter = DATASETS[name]
-    return layout, reader(data_dir, age_bounds), splitter
+    return layout, reader(data_dir, age_bounds, **(options or {})), splitter
 
 
-def read_split(name, data_dir, age_bounds, val_ratio, seed, kfold=0, fold=0):
+def read_split(name, data_dir, age_bounds, val_ratio, seed, kfold=0, fold=0, options=None):
     """The one train/validation split: train.py trains on it, and kfold.py scores each fold's model on
     its held-out part by calling it with the flags the checkpoint saved.
     -> (layout, data dict, train indices, validation indices)."""
-    layout, data, splitter = create_dataset(name, data_dir, tuple(age_bounds))
+    layout, data, splitter = create_dataset(name, data_dir, tuple(age_bounds), options)
     train_idx, val_idx = splitter(data, val_ratio, seed, kfold, fold)
     for side, indices in (("validation", val_idx), ("training", train_idx)):
         if not len(indices):  # a few people per stratum round to none at a small --val_ratio
@@ -80,7 +89,7 @@ def create_transform(name):
 @dataclass
 class TrainingData:
     """What training reads: the split's loaders, and the facts the checkpoint and the run record."""
-    layout: str                  # "mask" or "folder"
+    layout: str                  # "mask", or "folder": class names (a folder or a CSV data set)
     classes: list                # class names, index order
     class_counts: np.ndarray     # training images per class
     drawn_counts: np.ndarray     # what an epoch draws of each class in expectation: class_counts, or equal shares of the
@@ -106,16 +115,16 @@ class TrainingData:
 
 def load_training_data(*, dataset, data_dir, eval_dir, age_bounds, val_ratio, seed, kfold, fold, resize, augmentation,
                        sampler, batch_size, valid_batch_size, num_workers, cache_dir, use_cache, device, split_seed=None,
-                       feed="auto", stats=None):
+                       feed="auto", stats=None, options=None):
     """Read, split and decode the data (the demo data when no data_dir) -> TrainingData. Every check that
     can fail on the inputs (layout, images, the eval dir and its images) runs here, before a run dir exists.
     split_seed: seeds the train/validation split instead of seed (None: seed). feed: see choose_feed. stats: the
-    (mean, std) to normalise with (model.input_config's, for ImageNet weights), else the data's own."""
+    (mean, std) to normalise with (model.input_config's, for ImageNet weights), else the data's own. options: see read_split."""
     if data_dir is None and DATASETS[dataset][0] != "mask":
         raise UserError(f"--dataset {dataset} needs --data_dir (the demo data is in the mask layout)")
     data_dir, eval_dir = demo.data_dirs(data_dir, eval_dir)
     layout, data, train_idx, val_idx = read_split(dataset, data_dir, age_bounds, val_ratio, seed if split_seed is None else split_seed,
-                                                  kfold, fold)
+                                                  kfold, fold, options)
     size = tuple(resize)
     eval_ids, eval_paths = read_eval(eval_dir, layout, f"--dataset {dataset}") if eval_dir else (None, None)
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None

@@ -108,7 +108,8 @@ def main(args):
         dataset=args.dataset, data_dir=args.data_dir, eval_dir=args.eval_dir, age_bounds=args.age_bounds, val_ratio=args.val_ratio,
         seed=args.seed, kfold=args.kfold, fold=args.fold, resize=args.resize, stats=stats, augmentation=args.augmentation,
         sampler=args.sampler, batch_size=args.batch_size, valid_batch_size=args.valid_batch_size, num_workers=args.num_workers,
-        cache_dir=args.cache_dir, use_cache=not args.no_cache, device=device, split_seed=split, feed=args.feed)
+        cache_dir=args.cache_dir, use_cache=not args.no_cache, device=device, split_seed=split, feed=args.feed,
+        options=dataset.csv_options(vars(args)))
     print(data.feed_note, flush=True)
     startup["data_s"] = since_start()
     if not args.epochs:  # the step budget, in whole epochs; config.json then records the epochs it became

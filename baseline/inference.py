@@ -34,7 +34,9 @@ def build_parser():
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", nargs="+", required=True,
                    help="best.pth / last.pth files, or .onnx files imgcls-export wrote (run by onnxruntime); several are soft-voted")
-    p.add_argument("--eval_dir", required=True, help="mask layout: DATA/eval (info.csv + images/); folder layout: a folder of images")
+    p.add_argument("--eval_dir", required=True,
+                   help="mask layout: DATA/eval (info.csv + images/); folder or CSV data set: a folder of images, or a CSV of "
+                        "image ids (the images under its folder)")
     p.add_argument("--out", default="runs/inference", help="where submission.csv and submission_soft.csv go")
     p.add_argument("--tta", action="store_true", help="also average the horizontally flipped view")
     p.add_argument("--batch_size", type=int, default=256, help="images per forward pass")

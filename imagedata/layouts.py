@@ -1,16 +1,18 @@
-"""The two layouts a data dir is read in, and the eval dir:
+"""The layouts a data dir is read in, and the eval dir:
   mask   DATA/train/images/{id}_{gender}_{race}_{age}/{mask1..5,incorrect_mask,normal}.jpg
          (+ DATA/train/train.csv) and DATA/eval/info.csv + DATA/eval/images/
-  folder DATA/<class>/<image>, eval = every image under a folder (nested allowed)
+  folder DATA/<class>/<image>, eval = every image under a folder (nested allowed), or the images a CSV lists
+  csv    DATA/train.csv (image,label[,group][,fold]) + the images under DATA; a model of class names, as a folder one
 Each reader returns dict(paths, labels, truth, groups, strata, classes); DataError on bad input.
 """
 import csv
 import os
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from core.files import check_file
 from core.labels import (DEFAULT_AGE_BOUNDS, GENDERS, MASK_FILES, age_band, encode_class, formula_like, mask_class_names,
                          natural_key)
 from imagedata.constants import IMAGE_EXTENSIONS
@@ -179,9 +181,158 @@ def read_folder_train(data_dir, age_bounds=None):
     return dict(paths=paths, labels=labels, truth=labels, groups=np.arange(len(paths)), strata=labels, classes=classes)
 
 
+# The columns a CSV data set's images and labels are found in when no flag names them (case aside), first match wins
+IMAGE_COLUMNS = ("image", "image_id", "id", "path", "file", "filename", "image_path")
+LABEL_COLUMNS = ("label", "class", "target")
+
+
+def column(header, given, usual, what, path, flag):
+    """The header's column for `what`: the one `flag` names, else the first of the usual names; DataError otherwise."""
+    if given:
+        if given not in header:
+            raise DataError(f"{path}: no {given} column ({flag}; its header: {','.join(header) or 'none'})")
+        return given
+    lower = {h.strip().lower(): h for h in header}
+    found = next((lower[u] for u in usual if u in lower), None)
+    if found is None:
+        raise DataError(f"{path}: no {what} column among the usual names ({', '.join(usual)}; its header: "
+                        f"{','.join(header) or 'none'}): name it with {flag}")
+    return found
+
+
+def find_labels_csv(root, labels_csv):
+    """--labels_csv as given (or under the data dir), else the one .csv file at the top of the data dir."""
+    if labels_csv:
+        for path in (Path(labels_csv), root / labels_csv):
+            if path.is_file():
+                return path
+        raise DataError(f"--labels_csv {labels_csv}: no such file (here or under {root})")
+    found = sorted(root.glob("*.csv"))
+    if len(found) != 1:
+        names = f" ({', '.join(p.name for p in found[:4])})" if found else ""
+        raise DataError(f"{root} holds {len(found)} CSV files{names}: name the one with the labels with --labels_csv")
+    return found[0]
+
+
+class ImageIndex:
+    """The images under a folder by their path relative to it, with or without the extension, also below images/:
+    a CSV's `a1`, `a1.png`, `images/a1.png` and `train/a1.png` are all found."""
+
+    def __init__(self, root):
+        self.root, self.by_path, self.by_stem = root, {}, {}
+        for file in image_files(root):
+            rel = file.relative_to(root).as_posix()
+            self.by_path[rel] = str(file)
+            self.by_stem.setdefault(rel.rsplit(".", 1)[0], []).append(str(file))
+
+    def find(self, value, where):
+        """The file a CSV cell names, or None; DataError for a path out of the folder or an id two images share."""
+        rel = PurePosixPath(value.strip().replace("\\", "/"))
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise DataError(f"{where}: {value!r} is not a path under {self.root}")
+        for key in (rel.as_posix(), f"images/{rel.as_posix()}"):
+            if key in self.by_path:
+                return self.by_path[key]
+            hits = self.by_stem.get(key, [])
+            if len(hits) > 1:
+                raise DataError(f"{where}: {value!r} names {len(hits)} images ({', '.join(Path(h).name for h in hits[:3])}): "
+                                f"give the extension")
+            if hits:
+                return hits[0]
+        return None
+
+    def resolve(self, values, where):
+        """CSV cells -> their files; DataError naming the first missing one, with how many more, and a file listed twice."""
+        paths, missing, row_of = [], [], {}
+        for row, value in enumerate(values, start=2):  # the header is line 1
+            path = self.find(value, f"{where} line {row}")
+            if path is None:
+                missing.append((row, value))
+            elif path in row_of:
+                raise DataError(f"{where}: {value!r} is listed twice (lines {row_of[path]} and {row}): one image, one row")
+            else:
+                row_of[path] = row
+                paths.append(path)
+        if missing:
+            more = f" ({len(missing) - 1} more are missing too)" if len(missing) > 1 else ""
+            raise DataError(f"{where} line {missing[0][0]}: image {missing[0][1]!r} is not under {self.root}{more}")
+        return paths
+
+
+def read_csv_train(data_dir, age_bounds=None, labels_csv=None, image_column=None, label_column=None, group_column=None,
+                   fold_column=None):
+    """A CSV of images and labels (the data dir's one .csv, or --labels_csv) and the images under the data dir. Classes
+    are the labels, in natural order; a group column keeps each group (a patient, a person, a scene) on one side of
+    the split, a fold column gives --kfold's folds."""
+    root = check_dir(data_dir, "data dir")
+    path = find_labels_csv(root, labels_csv)
+    header = csv_header(path)
+    image_col = column(header, image_column, IMAGE_COLUMNS, "image", path, "--image_column")
+    label_col = column(header, label_column, LABEL_COLUMNS, "label", path, "--label_column")
+    needed = [c for c in (image_col, label_col, group_column, fold_column) if c]
+    rows = read_csv_rows(path, needed)
+    if not rows:
+        raise DataError(f"{path}: no rows under its header")
+    for col, flag in ((label_col, "label"), (group_column, "--group_column"), (fold_column, "--fold_column")):
+        empty = [i for i, row in enumerate(rows, start=2) if col and not (row[col] or "").strip()]
+        if empty:
+            more = f" ({len(empty) - 1} more rows too)" if len(empty) > 1 else ""
+            raise DataError(f"{path} line {empty[0]}: its {col} is empty{more}; every row needs a {flag.lstrip('-')}")
+    paths = ImageIndex(root).resolve([row[image_col] or "" for row in rows], str(path))
+    names = [row[label_col].strip() for row in rows]
+    classes = sorted(set(names), key=natural_key)
+    formula = [name for name in classes if formula_like(name)]
+    if formula:  # as a class name it becomes submission.csv's answers, which a spreadsheet would run
+        raise DataError(f"{path}: label {formula[0]!r} starts as a spreadsheet formula; rename it")
+    if len(classes) < 2:
+        raise DataError(f"{path}: every row has the label {classes[0]!r}: a classifier needs at least 2 classes")
+    check_one_label(paths, root, "rows")
+    labels = codes(names, classes)
+    data = dict(paths=paths, labels=labels, truth=labels, groups=np.arange(len(paths)), strata=labels, classes=classes)
+    if group_column:
+        data["groups"] = np.unique([row[group_column].strip() for row in rows], return_inverse=True)[1]
+        data["grouped"] = group_column
+        check_groups(data, path, group_column)
+    if fold_column:
+        values = [row[fold_column].strip() for row in rows]
+        data["fold_names"] = sorted(set(values), key=natural_key)
+        data["folds"] = codes(values, data["fold_names"])
+        data["fold_column"] = fold_column
+    return data
+
+
+def codes(values, names):
+    """Each value's index in names, as an array."""
+    index = {name: i for i, name in enumerate(names)}
+    return np.array([index[v] for v in values])
+
+
+def csv_header(path):
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return next(csv.reader(f), [])
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: not a UTF-8 CSV ({type(e).__name__})") from None
+
+
+def check_groups(data, path, group_column):
+    """A grouped split puts whole groups on either side: a class all of whose images are in one group could only be
+    on one side, so training or validation would never see it."""
+    for index, name in enumerate(data["classes"]):
+        groups = np.unique(data["groups"][data["labels"] == index])
+        if len(groups) < 2:
+            raise DataError(f"{path}: every image of class {name!r} is in one {group_column} group, so no split by "
+                            f"{group_column} can put it on both sides; add images of it from other groups, or leave "
+                            f"out --group_column")
+
+
 def read_eval(eval_dir, layout, model="the model"):
     """-> (image_ids, paths). Mask layout keeps info.csv order; folder layout ids are relative paths.
-    model: what reads the eval dir, for the line that refuses a dir of the other layout."""
+    model: what reads the eval dir, for the line that refuses a dir of the other layout. A model of class names also
+    takes a CSV file as the eval dir: the images it lists (under its folder), their ids as written there."""
+    if layout != "mask" and Path(eval_dir).suffix.lower() == ".csv":
+        check_file("eval CSV", eval_dir)
+        return read_eval_csv(Path(eval_dir))
     root = check_dir(eval_dir, "eval dir")
     is_mask_dir = (root / "info.csv").is_file() and (root / "images").is_dir()
     if layout == "mask":
@@ -205,6 +356,15 @@ def read_eval(eval_dir, layout, model="the model"):
     if not ids:
         raise DataError(f"eval dir {root} holds no images")
     return ids, paths
+
+
+def read_eval_csv(path):
+    """An eval CSV -> (the ids in its image column as written, their files under its folder)."""
+    image_col = column(csv_header(path), None, IMAGE_COLUMNS, "image", path, "one of those names")
+    ids = [(row[image_col] or "").strip() for row in read_csv_rows(path, [image_col])]
+    if not ids:
+        raise DataError(f"eval CSV {path} lists no images")
+    return ids, ImageIndex(path.parent).resolve(ids, str(path))
 
 
 def read_csv_rows(path, columns):

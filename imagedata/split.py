@@ -1,4 +1,5 @@
-"""The train/validation splits: by image (random), by person (profile), and their k-fold versions."""
+"""The train/validation splits: by image (random), by person (profile) or group, by a CSV's own folds, and their k-fold
+versions."""
 import math
 
 import numpy as np
@@ -55,3 +56,20 @@ def split_by_profile(data, val_ratio, seed, kfold=0, fold=0):
         val_profiles += list(rng.choice(members, size=take, replace=False))
     is_val = np.isin(groups, val_profiles)
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def split_by_columns(data, val_ratio, seed, kfold=0, fold=0):
+    """A CSV data set's split: its fold column's folds (with --kfold), else whole groups of its group column (as
+    people are kept whole), else by image."""
+    if "folds" in data:
+        names = data["fold_names"]
+        if kfold != len(names):
+            raise DataError(f"--fold_column {data['fold_column']} holds {len(names)} folds ({', '.join(names[:5])}"
+                            f"{', ...' if len(names) > 5 else ''}): use --kfold {len(names)} --fold 0..{len(names) - 1}")
+        return np.flatnonzero(data["folds"] != fold), np.flatnonzero(data["folds"] == fold)
+    if "grouped" in data:
+        groups = len(np.unique(data["groups"]))
+        if kfold > groups:
+            raise DataError(f"--kfold {kfold}: --group_column {data['grouped']} has {groups} groups, fewer than the folds")
+        return split_by_profile(data, val_ratio, seed, kfold, fold)
+    return split_random(data, val_ratio, seed, kfold, fold)

@@ -5,8 +5,8 @@
 //    "Missing pong", and after 4 of them sends a no-op and, once the send succeeds, counts from 0 again: a send
 //    succeeds whenever the kernel takes the bytes, so a server that went silent (hung, cut off the network, powered
 //    off) is never found lost. Here a connection with no pong for IMGCLS_LOST_AFTER_S seconds (default 60) is
-//    dropped, which NNI then handles as it handles a closed socket: 30 s for the keeper to reconnect, then the
-//    worker is restarted over SSH.
+//    dropped, which NNI then handles as it handles a closed socket: time for the keeper to reconnect (NNI's 30 s,
+//    or IMGCLS_LOST_AFTER_S where that is shorter), then the worker is restarted over SSH.
 // 2. That restart ends the lost worker's trials with no exit code, which NNI lists as USER_CANCELED, as if a person
 //    had stopped them: here they end with exit code 255 (ssh's own for a lost connection), so they are FAILED and
 //    `imgcls-experiment --retry-failed` takes them.
@@ -45,6 +45,15 @@ function fixConnection({ WsConnection }) {
     };
 }
 
+function fixChannel({ WsChannel, UnitTestHelper }) {
+    const grace = Math.min(30000, LOST_AFTER_MS);
+    UnitTestHelper.setTerminateTimeout(grace);  // NNI's own setter of its 30 s
+    const { terminate } = WsChannel.prototype;
+    WsChannel.prototype.terminate = function (reason) {  // its log line says 30 s whatever the time
+        return terminate.call(this, String(reason).replace('in 30s', `in ${grace / 1000}s`));
+    };
+}
+
 function fixRemote({ RemoteTrainingServiceV3 }) {
     const proto = RemoteTrainingServiceV3.prototype;
     const { stopWorker, launchWorker } = proto;
@@ -76,6 +85,7 @@ function fixRemote({ RemoteTrainingServiceV3 }) {
 
 const FIXES = {
     [path.join('common', 'command_channel', 'websocket', 'connection.js')]: fixConnection,
+    [path.join('common', 'command_channel', 'websocket', 'channel.js')]: fixChannel,
     [path.join('training_service', 'remote_v3', 'remote.js')]: fixRemote,
 };
 const load = Module._load;

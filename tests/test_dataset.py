@@ -1,12 +1,19 @@
 """dataset.py: the DATASETS and TRANSFORMS registries, read_split, and load_training_data's assembly."""
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 import dataset
-from conftest import make_profiles
+from baseline import inference
+from conftest import ROOT, make_profiles, run_cli, train_env
+from core import demo
+from training.checkpoint import load_model
 from imagedata.decode import cache_key
 from imagedata.layouts import DataError
 
@@ -95,3 +102,44 @@ def test_eval_images_are_cached_for_the_prediction_after_training(tmp_path, demo
     data = load(demo_dir / "train", demo_dir / "eval", tmp_path / "cache")
     (cached,) = [p for p in (tmp_path / "cache").glob("*.npy") if cache_key(data.eval_paths, data.resize) in p.name]
     assert np.load(cached).shape == (len(data.eval_paths), 32, 24, 3)
+
+
+@pytest.fixture(scope="module")
+def digits_csv(tmp_path_factory):
+    """scikit-learn's digits as a Kaggle-style CSV data set (core/demo.py): drawn unlike the mask demo."""
+    return demo.make_digits_csv(tmp_path_factory.mktemp("digits"), per_class=24, eval_per_class=4, writers=12, size=32)
+
+
+@pytest.mark.slow
+def test_a_csv_data_set_trains_on_whole_writers_predicts_its_eval_csv_and_the_model_predicts_it_again(
+        digits_csv, tmp_path, cache_dir, capsys):
+    """train.py on labels in a CSV (ids without extension, words as labels, a writer column for the split), its eval
+    a CSV of ids; then imgcls-inference on the checkpoint; then a fold of the CSV's own fold column."""
+    common = ["--dataset", "CsvDataset", "--data_dir", digits_csv / "train", "--resize", "32", "32", "--batch_size", "32",
+              "--num_workers", "0", "--cache_dir", cache_dir, "--model_dir", tmp_path, "--epochs", "2"]
+    proc = subprocess.run([sys.executable, ROOT / "train.py", *map(str, common), "--eval_dir", str(digits_csv / "eval" / "test.csv"),
+                           "--group_column", "writer", "--name", "grouped"], env=train_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "grouped"
+    classes = load_model(run / "best.pth")[1]["classes"]
+    assert classes == sorted(demo.DIGITS)  # the labels, in natural order, in the checkpoint
+    rows = pd.read_csv(digits_csv / "train" / "train.csv", dtype=str).set_index("image_id")
+    val = pd.read_csv(run / "val_soft.csv", dtype=str)
+    val_writers = set(rows.loc[[Path(i).stem for i in val["ImageID"]], "writer"])
+    train_writers = set(rows.loc[~rows.index.isin([Path(i).stem for i in val["ImageID"]]), "writer"])
+    assert val_writers and train_writers and not val_writers & train_writers  # each writer whole on one side
+    test_ids = pd.read_csv(digits_csv / "eval" / "test.csv", dtype=str)["image_id"].tolist()
+    submission = pd.read_csv(run / "submission.csv", dtype=str)
+    assert submission["ImageID"].tolist() == test_ids and set(submission["ans"]) <= set(demo.DIGITS)
+
+    code, out, err = run_cli(inference.cli, capsys, "--checkpoint", run / "best.pth", "--eval_dir", digits_csv / "eval" / "test.csv",
+                             "--out", tmp_path / "again", "--num_workers", "0", "--cache_dir", cache_dir)
+    assert code == 0, err
+    assert pd.read_csv(tmp_path / "again" / "submission.csv", dtype=str).equals(submission)
+
+    proc = subprocess.run([sys.executable, ROOT / "train.py", *map(str, common), "--fold_column", "fold", "--kfold", "5",
+                           "--fold", "2", "--name", "fold2"], env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    held_out = {Path(i).stem for i in pd.read_csv(tmp_path / "fold2" / "val_soft.csv", dtype=str)["ImageID"]}
+    assert held_out == set(rows.index[rows["fold"] == "2"])

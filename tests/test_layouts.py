@@ -1,4 +1,4 @@
-"""imagedata/layouts.py: the mask and folder layouts, the eval dir, train.csv and info.csv, the image files."""
+"""imagedata/layouts.py: the mask, folder and CSV layouts, the eval dir, train.csv and info.csv, the image files."""
 import os
 import re
 from pathlib import Path
@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from conftest import make_profiles, write_image
-from imagedata.layouts import DataError, read_eval, read_folder_train, read_mask_train
+from imagedata.layouts import DataError, read_csv_train, read_eval, read_folder_train, read_mask_train
+from imagedata.split import split_by_columns
 
 
 def test_labels_cover_all_18_classes(tmp_path):
@@ -240,3 +241,97 @@ def test_a_class_folder_named_as_a_spreadsheet_formula_is_refused(tmp_path):
         read_folder_train(tmp_path)
     os.rename(tmp_path / "=HYPERLINK(evil)", tmp_path / "cat")
     assert read_folder_train(tmp_path)["classes"] == ["-1", "cat"]
+
+
+# ----------------------------------------------------------------------------- a CSV of images and labels
+def csv_set(root, rows, header="image_id,label", name="train.csv", images="images", ext=".png"):
+    """A Kaggle-style data set: name (header, then rows as written) beside images/<id><ext> for each row's first cell
+    (none for an id starting "gone")."""
+    for row in rows:
+        image = row.split(",")[0]
+        if image and not Path(image).suffix and not image.startswith(("gone", "/", ".")):
+            write_image(root / images / f"{image}{ext}")
+    (root / name).write_text("\n".join([header, *rows]) + "\n")
+    return root
+
+
+def test_a_csv_data_set_finds_its_columns_and_images_with_or_without_extensions(tmp_path):
+    csv_set(tmp_path, ["a1,cat", "a2,dog", "a3,10", "a4,2"], header="Image_ID,Label")
+    write_image(tmp_path / "extra" / "b1.jpg")
+    (tmp_path / "train.csv").write_text((tmp_path / "train.csv").read_text() + "extra/b1.jpg,cat\n")
+    data = read_csv_train(tmp_path)
+    assert data["classes"] == ["2", "10", "cat", "dog"]  # natural order, as class folders
+    assert [Path(p).relative_to(tmp_path).as_posix() for p in data["paths"]] == [
+        "images/a1.png", "images/a2.png", "images/a3.png", "images/a4.png", "extra/b1.jpg"]
+    assert data["labels"].tolist() == [2, 3, 1, 0, 2] and (data["truth"] == data["labels"]).all()
+    # named by flags, the CSV elsewhere
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "labels.csv").write_text("file,kind,species\nimages/a1.png,x,cat\nimages/a2.png,y,dog\n")
+    named = read_csv_train(tmp_path, labels_csv="meta/labels.csv", image_column="file", label_column="species")
+    assert named["classes"] == ["cat", "dog"] and len(named["paths"]) == 2
+
+
+@pytest.mark.parametrize("rows,extra,message", [
+    (["a1,cat", "a2,dog", "gone1,cat", "gone2,dog"], None,
+     r"train.csv line 4: image 'gone1' is not under .* \(1 more are missing too\)$"),
+    (["a1,cat", "a2, "], None, r"train.csv line 3: its label is empty; every row needs a label$"),
+    (["a1,cat", "a2,dog", "a1.png,dog"], None, r"train.csv: 'a1.png' is listed twice \(lines 2 and 4\): one image, one row$"),
+    (["a1,cat", "../outside,dog"], None, r"train.csv line 3: '../outside' is not a path under "),
+    (["a1,cat", "/etc/hostname,dog"], None, r"train.csv line 3: '/etc/hostname' is not a path under "),
+    (["a1,cat", "a2,cat"], None, r"train.csv: every row has the label 'cat': a classifier needs at least 2 classes$"),
+    (["a1,cat", "a2,=1+2"], None, r"train.csv: label '=1\+2' starts as a spreadsheet formula; rename it$"),
+    (["a1,cat", "a2,dog"], "two.csv", r"holds 2 CSV files \(train.csv, two.csv\): name the one with the labels with --labels_csv$"),
+    (["a1,cat", "a2,dog"], "twin", r"train.csv line 2: 'a1' names 2 images \(a1.jpg, a1.png\): give the extension$"),
+])
+def test_a_bad_csv_data_set_is_one_line_naming_the_row(tmp_path, rows, extra, message):
+    csv_set(tmp_path, rows)
+    if extra == "two.csv":
+        (tmp_path / "two.csv").write_text("x\n")
+    elif extra == "twin":
+        write_image(tmp_path / "images" / "a1.jpg")
+    with pytest.raises(DataError) as e:
+        read_csv_train(tmp_path)
+    assert len(str(e.value).splitlines()) == 1 and re.search(message, str(e.value)), e.value
+
+
+def test_a_csv_without_the_usual_columns_names_them_and_the_flag(tmp_path):
+    csv_set(tmp_path, ["a1,cat", "a2,dog"], header="picture,animal")
+    with pytest.raises(DataError, match=r"no image column among the usual names \(image, image_id, id, path, file, "
+                                        r"filename, image_path; its header: picture,animal\): name it with --image_column"):
+        read_csv_train(tmp_path)
+    with pytest.raises(DataError, match=r"no label column among .*: name it with --label_column"):
+        read_csv_train(tmp_path, image_column="picture")
+    with pytest.raises(DataError, match=r"no species column \(--label_column; its header: picture,animal\)"):
+        read_csv_train(tmp_path, image_column="picture", label_column="species")
+    assert read_csv_train(tmp_path, image_column="picture", label_column="animal")["classes"] == ["cat", "dog"]
+
+
+def test_a_group_column_keeps_each_group_on_one_side_and_a_fold_column_gives_the_folds(tmp_path):
+    rows = [f"p{i},{'cat' if i % 2 else 'dog'},patient{i // 4},{i % 3}" for i in range(40)]
+    csv_set(tmp_path, rows, header="id,label,patient,fold")
+    data = read_csv_train(tmp_path, group_column="patient")
+    for seed in range(3):
+        train, val = split_by_columns(data, 0.3, seed)
+        assert not set(data["groups"][train]) & set(data["groups"][val]) and len(val)
+    folds = read_csv_train(tmp_path, fold_column="fold")
+    for fold in range(3):
+        train, val = split_by_columns(folds, 0.2, 0, kfold=3, fold=fold)
+        assert sorted(Path(folds["paths"][i]).stem for i in val) == sorted(f"p{i}" for i in range(40) if i % 3 == fold)
+    with pytest.raises(DataError, match=r"--fold_column fold holds 3 folds \(0, 1, 2\): use --kfold 3 --fold 0..2$"):
+        split_by_columns(folds, 0.2, 0, kfold=5, fold=0)
+    (tmp_path / "train.csv").write_text("id,label,patient\n" + "\n".join(f"p{i},{'cat' if i < 4 else 'dog'},patient{i // 4}"
+                                                                          for i in range(40)) + "\n")
+    with pytest.raises(DataError, match=r"every image of class 'cat' is in one patient group, so no split by patient can "
+                                        r"put it on both sides"):
+        read_csv_train(tmp_path, group_column="patient")
+
+
+def test_an_eval_csv_lists_its_images_by_id(tmp_path):
+    csv_set(tmp_path, ["t2", "t10", "t1"], header="id", name="test.csv")
+    ids, paths = read_eval(tmp_path / "test.csv", "folder")
+    assert ids == ["t2", "t10", "t1"] and [Path(p).name for p in paths] == ["t2.png", "t10.png", "t1.png"]  # the CSV's order
+    (tmp_path / "test.csv").write_text("id\nt2\nt3\n")
+    with pytest.raises(DataError, match=r"test.csv line 3: image 't3' is not under"):
+        read_eval(tmp_path / "test.csv", "folder")
+    with pytest.raises(DataError, match="does not exist or is not a directory"):
+        read_eval(tmp_path / "test.csv", "mask")  # a mask model's eval dir holds info.csv and images/

@@ -25,8 +25,9 @@ from core.cli import Parser, UserError
 from core.files import check_file, read_mapping
 from core.labels import DEFAULT_AGE_BOUNDS
 from core.runs import RETRY_OF
-from dataset import DATASETS, TRANSFORMS
+from dataset import CSV_FLAGS, DATASETS, TRANSFORMS
 from imagedata.constants import DEFAULT_CACHE_DIR, FEEDS, NO_CACHE_FOR_DEVICE
+from imagedata.layouts import IMAGE_COLUMNS, LABEL_COLUMNS
 from loss import LOSSES
 from model import CLASSIFICATIONS, DEFAULT_SIZE, INITS, TIMM_PREFIX, check_model_name, input_config
 from optim import OPTIMIZERS, SCHEDULERS
@@ -82,8 +83,19 @@ def add_data_flags(g):
          help="training data (mask layout: DATA/train; folder layout: DATA/<class>/); "
               "unset = demo data in data/demo, made on first use")
     flag(g, "--eval_dir", roles=("length",), default=None,
-         help="eval data to predict after training (unset with demo data = the demo eval split)")
+         help="eval data to predict after training: mask layout DATA/eval; else a folder of images or a CSV of image "
+              "ids (unset with demo data = the demo eval split)")
     flag(g, "--dataset", roles=("resume",), default="MaskSplitByProfileDataset", choices=list(DATASETS), help="layout and split")
+    # where a CsvDataset's labels are: data, so fixed on resume and no part of a configuration
+    flag(g, "--labels_csv", roles=("resume", "length"), default=None,
+         help="CsvDataset: the CSV of images and labels, a file under the data dir or a path (unset: the data dir's one .csv)")
+    for name, usual in (("image", IMAGE_COLUMNS), ("label", LABEL_COLUMNS)):
+        flag(g, f"--{name}_column", roles=("resume", "length"), default=None,
+             help=f"CsvDataset: the {name} column (unset: the first of {', '.join(usual)}, case aside)")
+    flag(g, "--group_column", roles=("resume", "length"), default=None,
+         help="CsvDataset: keep each group (a patient, a person, a scene) on one side of the split")
+    flag(g, "--fold_column", roles=("resume", "length"), default=None,
+         help="CsvDataset: the CSV's own folds, for --kfold K --fold i (K = the number of its fold values)")
     flag(g, "--age_bounds", roles=("resume",), limit=(lambda v: 0 < v[0] < v[1], "0 < LOW < HIGH"), nargs=2, type=int,
          default=list(DEFAULT_AGE_BOUNDS), metavar=("LOW", "HIGH"),
          help="age band bounds the model trains on (mask layout); validation is always scored on the data's own "
@@ -343,6 +355,9 @@ def check_args(args):
     if args.ema_warmup and not args.ema:  # else config.json would record a warmup of nothing
         raise UserError("--ema_warmup warms up --ema's moving average, which is off (--ema 0): give --ema DECAY too, "
                         "or drop --ema_warmup")
+    given = [k for k in CSV_FLAGS if getattr(args, k)]
+    if given and args.dataset != "CsvDataset":
+        raise UserError(f"--{given[0]} reads a CSV data set: give --dataset CsvDataset too, or drop it")
     if args.classification == "multi_head" and DATASETS[args.dataset][0] != "mask":
         raise UserError(f"--classification multi_head needs a mask-layout dataset, not {args.dataset}")
 

@@ -53,7 +53,7 @@ def fold_split(meta, fold_dirs):
         raise UserError(f"{fold_dirs[0]}: not trained with --kfold, so it has no out-of-fold part")
     data_dir, _ = demo.data_dirs(a["data_dir"], None, make=False)
     layout, data, train_idx, val_idx = dataset.read_split(a["dataset"], data_dir, a["age_bounds"], a["val_ratio"], a["seed"],
-                                                          a["kfold"], a["fold"])
+                                                          a["kfold"], a["fold"], dataset.csv_options(a))
     ids = [Path(data["paths"][i]).relative_to(data_dir).as_posix() for i in val_idx]
     for folder in fold_dirs:
         check_held_out(Path(folder) / VAL_SOFT, ids, data["truth"][val_idx], str(folder))
