@@ -37,6 +37,12 @@ def demo_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def digits_csv(tmp_path_factory):
+    """scikit-learn's digits as a Kaggle-style CSV data set (core/demo.py): drawn unlike the mask demo."""
+    return demo.make_digits_csv(tmp_path_factory.mktemp("digits"), per_class=24, eval_per_class=4, writers=12, size=32)
+
+
+@pytest.fixture(scope="session")
 def nni_home(tmp_path_factory):
     """HOME for nnictl: its experiment registry lands here, not in the real ~/nni-experiments."""
     home = tmp_path_factory.mktemp("home")

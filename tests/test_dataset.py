@@ -104,12 +104,6 @@ def test_eval_images_are_cached_for_the_prediction_after_training(tmp_path, demo
     assert np.load(cached).shape == (len(data.eval_paths), 32, 24, 3)
 
 
-@pytest.fixture(scope="module")
-def digits_csv(tmp_path_factory):
-    """scikit-learn's digits as a Kaggle-style CSV data set (core/demo.py): drawn unlike the mask demo."""
-    return demo.make_digits_csv(tmp_path_factory.mktemp("digits"), per_class=24, eval_per_class=4, writers=12, size=32)
-
-
 @pytest.mark.slow
 def test_a_csv_data_set_trains_on_whole_writers_predicts_its_eval_csv_and_the_model_predicts_it_again(
         digits_csv, tmp_path, cache_dir, capsys):

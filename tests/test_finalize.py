@@ -229,25 +229,43 @@ def fetch_with_experiment_py(nni_home, exp_id, out):
     return best, proc.stdout
 
 
-def check_finalized(run_dir, k, demo_dir):
+def demo_finalized(demo_dir):
+    """What a finalize of a demo search holds out (every training image once) and predicts: check_finalized's expected."""
+    return 24 * 7, [r["ImageID"] for r in read_csv(demo_dir / "eval" / "info.csv")]
+
+
+def digits_finalized(digits):
+    return len(read_csv(digits / "train" / "train.csv")), [r["image_id"] for r in read_csv(digits / "eval" / "test.csv")]
+
+
+def check_finalized(run_dir, k, expected):
+    oof_images, eval_ids = expected
     report = json.loads((run_dir / "finalize.json").read_text())
     names = [f["name"] for f in report["finalists"]]
     assert "defaults" in names and report["k"] == k and report["winner"] in names
     for name in names:
         for fold in range(k):
             assert sorted(p.name for p in (run_dir / name / f"fold{fold}").iterdir()) == sorted(finalize.FETCHED)
-    assert report["oof_images"] == 24 * 7 and report["winner_oof_f1"] == max(f["oof_f1"] for f in report["finalists"])
-    submission = read_csv(run_dir / "submission.csv")
-    assert [r["ImageID"] for r in submission] == [r["ImageID"] for r in read_csv(demo_dir / "eval" / "info.csv")]
+    assert report["oof_images"] == oof_images and report["winner_oof_f1"] == max(f["oof_f1"] for f in report["finalists"])
+    assert [r["ImageID"] for r in read_csv(run_dir / "submission.csv")] == eval_ids
     assert "out-of-fold macro F1" in (run_dir / "report.md").read_text()
     return report
 
 
+def on_digits(config, digits):
+    """A search config's trial command on the digits CSV set, each writer kept whole (the folds too)."""
+    words = shlex.split(config["trialCommand"])
+    for flag, value in (("--data_dir", digits / "train"), ("--eval_dir", digits / "eval" / "test.csv")):
+        words[words.index(flag) + 1] = str(value)
+    return dict(config, trialCommand=shlex.join(words + ["--dataset", "CsvDataset", "--group_column", "writer"]))
+
+
 @pytest.fixture(scope="module")
-def local_search(tmp_path_factory, demo_dir, cache_dir, nni_home):
-    """One tiny finished search, finalized by the tests that only read it (each into its own --out)
-    -> (its id, its config, its trials by sequence)."""
-    config = tiny_search(demo_dir, cache_dir)
+def local_search(tmp_path_factory, digits_csv, cache_dir, nni_home):
+    """One tiny finished search on a CSV data set drawn unlike the demo (labels in a CSV, a writer column for the
+    split), finalized by the tests that only read it (each into its own --out) -> (its id, its config, its trials
+    by sequence)."""
+    config = on_digits(tiny_search(digits_csv, cache_dir), digits_csv)
     config["trialCommand"] += " --reshuffle_val"  # each search trial validates on its own people; the folds must not
     # as the README has it: `python3`, which on a PATH without the venv (below) is the machine's, without torch
     config["trialCommand"] = config["trialCommand"].replace(sys.executable, "python3", 1)
@@ -256,13 +274,13 @@ def local_search(tmp_path_factory, demo_dir, cache_dir, nni_home):
         return run.id, config, sorted(from_rest(run.port).trials, key=lambda t: t.sequence)
 
 
-def test_local_search_finalized_then_reused(tmp_path, demo_dir, local_search, nni_home):
+def test_local_search_finalized_then_reused(tmp_path, digits_csv, local_search, nni_home):
     exp_id, config, trials = local_search
     (tmp_path / "search.yml").write_text(yaml.safe_dump(config))
     summaries = [json.loads((Path(t.log_path) / "summary.json").read_text()) for t in trials]
     assert [s["split_seed"] for s in summaries] == [42 + t.sequence for t in trials]
     held_out = [set(pd.read_csv(Path(t.log_path) / "val_soft.csv")["ImageID"]) for t in trials]
-    assert held_out[0] != held_out[1] and len(held_out[0]) == len(held_out[1])
+    assert held_out[0] != held_out[1]
     best, out = fetch_with_experiment_py(nni_home, exp_id, tmp_path / "fetched")
     source = Path(best["output"])
     assert (tmp_path / "fetched" / "best.pth").read_bytes() == (source / "best.pth").read_bytes()
@@ -271,7 +289,7 @@ def test_local_search_finalized_then_reused(tmp_path, demo_dir, local_search, nn
     bare = dict(nni_env(nni_home), PATH="/usr/bin:/bin")  # the README's finalize line: the venv not activated
     out = run_finalize(nni_home, "--id", exp_id, "--config", tmp_path / "search.yml", "--top", 1, "--k", 2,
                        "--out", tmp_path / "final", "--fold_port", free_port(), env=bare)
-    report = check_finalized(tmp_path / "final", 2, demo_dir)
+    report = check_finalized(tmp_path / "final", 2, digits_finalized(digits_csv))
     assert "fold experiment" in out and len(report["finalists"]) in (1, 2)
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "final").rglob("best.pth")}
     out = run_finalize(nni_home, "--id", exp_id, "--config", tmp_path / "search.yml", "--top", 1, "--k", 2,
@@ -312,7 +330,7 @@ def test_remote_search_finalized_over_ssh(tmp_path, demo_dir, cache_dir, nni_hom
             assert (tmp_path / "fetched" / "best.pth").read_bytes() == (source / "best.pth").read_bytes()
             out = run_finalize(nni_home, "--id", run.id, "--config", tmp_path / "search.yml", "--top", 1, "--k", 2,
                                "--out", tmp_path / "final", "--fold_port", free_port())
-            report = check_finalized(tmp_path / "final", 2, demo_dir)
+            report = check_finalized(tmp_path / "final", 2, demo_finalized(demo_dir))
             assert all(f"from {sshd.host}:~/nni-experiments/" in line for line in out.splitlines() if line.startswith("home:"))
             out = run_finalize(nni_home, "--id", run.id, "--config", tmp_path / "search.yml", "--top", 1, "--k", 2,
                                "--out", tmp_path / "final")
@@ -377,7 +395,7 @@ def test_a_second_finalize_on_one_out_is_refused(tmp_path):
         pass
 
 
-def test_interrupted_finalize_keeps_finished_folds_then_trains_only_the_rest(tmp_path, demo_dir, local_search, nni_home):
+def test_interrupted_finalize_keeps_finished_folds_then_trains_only_the_rest(tmp_path, digits_csv, local_search, nni_home):
     """SIGTERM ended finalize with no message and left its fold experiment running (the rerun: "Port ... is not
     idle"); Ctrl-C printed a traceback and the rerun retrained the folds that had finished. Two runs on one --out
     both trained every fold."""
@@ -419,7 +437,7 @@ def test_interrupted_finalize_keeps_finished_folds_then_trains_only_the_rest(tmp
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/fold*/best.pth")}
     rerun = run_finalize(nni_home, *cmd[2:], "--fold_port", port)
     assert f"{jobs - len(home)} trials" in rerun and {p: p.stat().st_mtime_ns for p in stamps} == stamps
-    check_finalized(out, 2, demo_dir)
+    check_finalized(out, 2, digits_finalized(digits_csv))
     # the search's trial command changed since the plan: refused before anything trains, nothing else written
     changed = dict(config, trialCommand=config["trialCommand"].replace("--steps 8", "--steps 4"))
     (tmp_path / "search.yml").write_text(yaml.safe_dump(changed))
@@ -505,7 +523,7 @@ def test_a_deadline_stops_the_folds_keeps_the_finished_ones_and_a_rerun_trains_t
     rerun = run_finalize(nni_home, *cmd[2:])
     assert "fold experiment on port" in rerun and ": 1 trials" in rerun
     assert home[0].parent.joinpath("best.pth").stat().st_mtime_ns == stamp
-    check_finalized(out, 2, demo_dir)
+    check_finalized(out, 2, demo_finalized(demo_dir))
 
 
 @pytest.mark.parametrize("damage", [b'{"experiment": "exp12345", "finalists": [', b"\xff\xfe", b"[]", b'{"finalists": [{"nom": 1}]}'])
