@@ -22,6 +22,7 @@ EPOCHS = "epochs"                            # --average_epochs: the best epochs
 FINALIZE_REPORT = "finalize.json"            # what was ranked, picked and voted: what export and the benchmarks read
 REPORT = "report.md"                         # the same in words: finalists, selections, the vote (finalize prints it)
 FOLDS_CONFIG = "folds.yml"                   # the NNI experiment that trains the finalists' folds
+FOLD_EXPERIMENTS = "fold_experiments.txt"    # the ids of every fold experiment of that run dir: a rerun continues their folds
 SOUP = "soup.pth"                            # --select soup: fold<i>/soup.pth, that fold's averaged model
 
 # A kfold.py run directory's own files (beside its fold<i> runs)

@@ -45,7 +45,8 @@ import yaml
 
 from core.cli import Parser, UserError, run_main
 from core.files import DiskFull, replace_atomically
-from core.runs import BEST, CONFIG, FOLDS_CONFIG, HISTORY, REPORT, SUBMISSION_SOFT, SUMMARY, VAL_SOFT, read_summary
+from core.runs import (BEST, CONFIG, FOLD_EXPERIMENTS, FOLDS_CONFIG, HISTORY, REPORT, RETRY_OF, SUBMISSION_SOFT, SUMMARY, VAL_SOFT,
+                       read_summary)
 from core.signals import STOP
 from search import nni_io
 from search.finalists import Finalist, configuration, differences, finished, fold_jobs, ran_configuration, select_finalists
@@ -98,6 +99,9 @@ def run_fold_experiment(config, run_dir, port, log=print, deadline_s=None):
             if code:
                 raise UserError(f"nnictl create --config {path} failed: {' '.join(out.split())[-300:]}")
             created, exp_id = True, nni_io.exp_id_of(out)
+            if exp_id:  # a rerun continues the folds it does not finish
+                with open(run_dir / FOLD_EXPERIMENTS, "a") as f:
+                    f.write(f"{exp_id}\n")
         log(f"fold experiment on port {port} (web UI http://127.0.0.1:{port}): {config['maxTrialNumber']} trials")
         try:
             status = wait_until_ended(port, until)
@@ -168,6 +172,22 @@ def bring_home(trial, finalists, trial_command, run_dir, machines):
         return finalist.name, config["fold"]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def unfinished_folds(run_dir):
+    """The output dirs (as paths on the machines that ran them) of the earlier fold experiments' trials that did not
+    finish: stopped by a deadline or Ctrl-C, failed on a full disk or a lost server. An experiment gone from nnictl's
+    registry is passed over."""
+    path = run_dir / FOLD_EXPERIMENTS
+    ids = path.read_text().split() if path.is_file() else []
+    dirs = []
+    for exp_id in ids:
+        try:
+            trials = from_id(exp_id).trials
+        except LookupError:  # gone from the registry, or its database
+            continue
+        dirs += [t.log_path.split(":", 1)[1] if ":" in t.log_path else t.log_path for t in trials if t.status != "SUCCEEDED"]
+    return dirs
 
 
 def bring_all_home(trials, finalists, trial_command, run_dir, machines):
@@ -270,6 +290,9 @@ def train_missing(args, config, run_dir, finalists, exp_id):
     if problem:
         raise UserError(problem)
     jobs = fold_jobs(finalists, args.k, folds_home(run_dir, finalists, args.k))
+    unfinished = unfinished_folds(run_dir)
+    if unfinished:  # each fold trial takes the last.pth of its own flags among them, where it runs (train.py)
+        jobs = [dict(job, **{RETRY_OF: {"dirs": unfinished}}) for job in jobs]
     machines = nni_io.machines_of(config)
     fold_config = fold_experiment_config(args.config, exp_id, jobs, args.deadline)
     trials, status = run_fold_experiment(fold_config, run_dir, args.fold_port, deadline_s=args.deadline and args.deadline * 60)

@@ -16,13 +16,13 @@ from training import checkpoint, flags
 DATA = SimpleNamespace(classes=[f"c{i}" for i in range(18)], layout="mask", resize=(64, 48), mean=[0.5] * 3, std=[0.25] * 3)
 
 
-def saved_epoch(run_dir, epoch=3, improved=True):
+def saved_epoch(run_dir, epoch=3, improved=True, **given):
     torch.manual_seed(0)
     model = create_model("BaseModel", 18, head="32", dropout=0.1)
     optimizer = create_optimizer("AdamW", model.parameters(), lr=0.01)
     scheduler = create_scheduler("cosine", optimizer, epochs=10)
     generators = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
-    config = dict(flags.defaults(), head="32", dropout=0.1)
+    config = dict(flags.defaults(), head="32", dropout=0.1, **given)
     meta = checkpoint.describe(config, DATA)
     checkpoint.save_epoch(run_dir, model, meta, improved=improved, epoch=epoch, best=0.7, history=[{"epoch": e} for e in range(1, epoch + 1)],
                           optimizer=optimizer, scheduler=scheduler, stale=1, generators=generators)
@@ -312,3 +312,23 @@ def test_an_nni_trial_continues_its_own_last_pth_or_its_retried_trials_and_other
     damage_largest_tensor(failed / "last.pth")
     assert checkpoint.continued(fresh, config, {"trial": "AAAAA"}) is None
     assert "damaged" in capsys.readouterr().out and not any(fresh.iterdir())
+
+
+def test_a_fold_that_finalize_trains_again_continues_the_unfinished_one_of_its_own_flags(tmp_path, capsys):
+    """finalize's rerun hands every fold trial the dirs of the earlier folds that did not finish, of every finalist and
+    fold, some on other machines: each takes the one whose last.pth has its very flags, and says so."""
+    earlier = tmp_path / "old_experiment" / "trials"
+    for name in ("FOLD0", "FOLD1"):
+        (earlier / name).mkdir(parents=True)
+    saved_epoch(earlier / "FOLD0", kfold=2, fold=0)
+    _, config = saved_epoch(earlier / "FOLD1", kfold=2, fold=1)
+    dirs = [str(earlier / "GONE1"), str(earlier / "FOLD0"), str(earlier / "FOLD1")]  # another machine's, another fold's, its own
+    own = tmp_path / "new_experiment" / "trials" / "NEW01"
+    own.mkdir(parents=True)
+    assert checkpoint.continued(own, dict(config, lr=config["lr"] * 2), {"dirs": dirs}) is None and not any(own.iterdir())
+    assert capsys.readouterr().out == ("not continuing an earlier fold: none of the 3 folds that did not finish left a last.pth "
+                                       "of these flags here; starting over\n")
+    assert checkpoint.continued(own, config, {"dirs": dirs}) == own / "last.pth"
+    assert capsys.readouterr().out == (f"continuing {earlier / 'FOLD1' / 'last.pth'} (this fold's, which an earlier fold "
+                                       f"experiment did not finish)\n")
+    assert checkpoint.read(own / "last.pth")["epoch"] == 3

@@ -26,7 +26,7 @@ from core.files import DiskFull
 from search import finalize
 from search.finalists import Finalist, select_finalists
 from search.nni_io import Machine
-from search.trials import Trial, flag_words, from_rest
+from search.trials import Trial, flag_words, from_id, from_rest
 from sshd import free_port, start_sshd
 from test_experiment_nni import BIN, local_config, nni_env, nni_experiment
 from test_finalists import CMD4, search, trial
@@ -448,14 +448,23 @@ def test_interrupted_finalize_keeps_finished_folds_then_trains_only_the_rest(tmp
 
 # A train.py that trains the first fold it is given and keeps every later one running until it is killed, so that
 # a deadline finds one fold home and one still training, however fast the machine.
+# Every fold but the first to get there is held in its second epoch (its first saved), until `hang` is removed
 FIRST_ONLY = """import os, runpy, sys, time
-if os.path.exists({hang!r}):
-    try:
-        os.close(os.open({first!r}, os.O_CREAT | os.O_EXCL))
-    except FileExistsError:
-        with open({pids!r}, "a") as f:
-            f.write(f"{{os.getpid()}}\\n")
-        time.sleep(3600)
+from training import engine
+real = engine.train_one_epoch
+def train_one_epoch(*args, steps_before=0, **kwargs):
+    if steps_before and os.path.exists({hang!r}):
+        try:
+            with open({first!r}, "x") as f:
+                f.write(str(os.getpid()))
+        except FileExistsError:
+            if open({first!r}).read() == str(os.getpid()):
+                return real(*args, steps_before=steps_before, **kwargs)
+            with open({pids!r}, "a") as f:
+                f.write(f"{{os.getpid()}}\\n")
+            time.sleep(3600)
+    return real(*args, steps_before=steps_before, **kwargs)
+engine.train_one_epoch = train_one_epoch
 sys.argv[0] = {train!r}
 runpy.run_path({train!r}, run_name="__main__")
 """
@@ -474,7 +483,8 @@ def gone(pid, within=60):
 def test_a_deadline_stops_the_folds_keeps_the_finished_ones_and_a_rerun_trains_the_rest(tmp_path, demo_dir, cache_dir, nni_home,
                                                                                        monkeypatch, capsys):
     """The fold experiment had no deadline: finalize waited on a fold that would not end for as long as it ran,
-    past a GPU session's 10 minutes per command. Its search is bench.searches.run_experiment's, stopped by a deadline."""
+    past a GPU session's 10 minutes per command. Its search is bench.searches.run_experiment's, stopped by a deadline.
+    The rerun's fold continues the stopped one's first epoch (it trained everything again)."""
     monkeypatch.setenv("HOME", str(nni_home))  # nnictl's registry, where finalize --id looks
     sleeper = dict(experimentName="sleeper", searchSpace={"x": {"_type": "choice", "_value": [1]}}, trialConcurrency=1,
                    trialCommand=shlex.join([sys.executable, "-c", "import time; time.sleep(600)"]), trialCodeDirectory=str(tmp_path),
@@ -524,6 +534,16 @@ def test_a_deadline_stops_the_folds_keeps_the_finished_ones_and_a_rerun_trains_t
     assert "fold experiment on port" in rerun and ": 1 trials" in rerun
     assert home[0].parent.joinpath("best.pth").stat().st_mtime_ns == stamp
     check_finalized(out, 2, demo_finalized(demo_dir))
+    # the fold the deadline stopped in its second epoch went on from its first (finalize lost only the epoch it was in)
+    first_id, second_id = (out / "fold_experiments.txt").read_text().split()
+    stopped = [Path(t.log_path) for t in from_id(first_id).trials if t.status != "SUCCEEDED"]
+    again = Path(from_id(second_id).trials[0].log_path)
+    said = (again / "trial.log").read_text()
+    assert len(stopped) == 1 and f"continuing {stopped[0] / 'last.pth'} (this fold's, which an earlier fold experiment did not " \
+        f"finish)" in said and f"resuming {again} at epoch 2" in said, said
+    history = (again / "history.csv").read_text().splitlines()
+    assert [int(row.split(",")[0]) for row in history[1:]] == list(range(1, len(history)))
+    assert history[1] == (stopped[0] / "history.csv").read_text().splitlines()[1]  # its epoch 1, not trained again
 
 
 @pytest.mark.parametrize("damage", [b'{"experiment": "exp12345", "finalists": [', b"\xff\xfe", b"[]", b'{"finalists": [{"nom": 1}]}'])

@@ -179,16 +179,25 @@ def continued(own, config, retried=None):
     """The last.pth in NNI trial directory `own` that the trial (flags `config`, config.json's) continues, or None: it
     starts over, and one line says why where there was one. Its own: NNI 3.0 reruns a trial that its crashed manager
     left RUNNING under the same id, in the same directory (`imgcls-nnictl resume`). A retry's (`imgcls-experiment
-    --retry-failed`, `retried` its RETRY_OF note): the retried trial's, from its directory beside this one on this
-    machine, copied in. Either way a trial loses at most the epoch it was in."""
-    source = own if (own / LAST).is_file() else own.parent / retried["trial"] if retried else None
-    if source is None:
-        return None
-    what = f"{source / LAST}" + (f" (trial {retried['trial']}, which this one retries)" if source != own else "")
-    if source != own and config["reshuffle_val"]:
-        why = "--reshuffle_val gives every trial its own validation people"
+    --retry-failed`, `retried` its RETRY_OF note {trial, parameter_id}): the retried trial's, from its directory beside
+    this one on this machine. A fold's that finalize trains again (RETRY_OF {dirs}: the directories of its earlier fold
+    experiments' folds that did not finish): the one trained with these very flags, found on this machine. Copied in;
+    either way a trial loses at most the epoch it was in."""
+    retried = retried or {}
+    if (own / LAST).is_file() or "trial" in retried:
+        source = own if (own / LAST).is_file() else own.parent / retried["trial"]
+        what = f"{source / LAST}" + (f" (trial {retried['trial']}, which this one retries)" if source != own else "")
+        if source != own and config["reshuffle_val"]:
+            why = "--reshuffle_val gives every trial its own validation people"
+        else:
+            why = "not on this machine" if not (source / LAST).is_file() else cannot_continue(source / LAST, config)
+    elif retried.get("dirs"):
+        dirs = [Path(d).expanduser() for d in retried["dirs"]]
+        source = next((d for d in dirs if (d / LAST).is_file() and not cannot_continue(d / LAST, config)), None)
+        what = f"{source / LAST} (this fold's, which an earlier fold experiment did not finish)" if source else "an earlier fold"
+        why = None if source else f"none of the {len(dirs)} folds that did not finish left a last.pth of these flags here"
     else:
-        why = "not on this machine" if not (source / LAST).is_file() else cannot_continue(source / LAST, config)
+        return None
     if why:
         print(f"not continuing {what}: {why}; starting over", flush=True)
         return None
