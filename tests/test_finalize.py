@@ -534,7 +534,11 @@ def test_a_deadline_stops_the_folds_keeps_the_finished_ones_and_a_rerun_trains_t
     assert "fold experiment on port" in rerun and ": 1 trials" in rerun
     assert home[0].parent.joinpath("best.pth").stat().st_mtime_ns == stamp
     check_finalized(out, 2, demo_finalized(demo_dir))
-    # the fold the deadline stopped in its second epoch went on from its first (finalize lost only the epoch it was in)
+    check_stopped_fold_continued(out)
+
+
+def check_stopped_fold_continued(out):
+    """The fold the deadline stopped in its second epoch went on from its first: finalize lost only the epoch it was in."""
     first_id, second_id = (out / "fold_experiments.txt").read_text().split()
     stopped = [Path(t.log_path) for t in from_id(first_id).trials if t.status != "SUCCEEDED"]
     again = Path(from_id(second_id).trials[0].log_path)
