@@ -169,6 +169,16 @@ def ssh_base(m, timeout):
     return cmd + [f"{m.user}@{m.host}" if m.user else m.host]
 
 
+def python_on(m, arguments):
+    """The shell command that runs machine m's python as NNI does (python, else python3, in its pythonPath; else
+    python3 on PATH) with `arguments` (shell words, quoted by the caller)."""
+    if not m.python_path:
+        return f"exec python3 {arguments}"
+    pp = shlex.quote(m.python_path.rstrip("/"))
+    return (f'for p in {pp}/python {pp}/python3; do [ -x "$p" ] && exec "$p" {arguments}; done; '
+            f'echo "no python or python3 in {m.python_path}" >&2; exit 127')
+
+
 # ----------------------------------------------------------------------------- the trial command
 def split(command):
     try:

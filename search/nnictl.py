@@ -8,7 +8,8 @@ manager has exited. Four more differences: a busy port is one line before anythi
 prints a traceback); this interpreter's bin dir goes first on PATH, so that local trials' `python3` is the
 one that has torch, as `.venv/bin/imgcls-nnictl` runs without the venv activated; the manager loads
 search/nni_manager_fixes.js, so that a remote server lost mid-search fails its trials instead of keeping them RUNNING
-for good (that file says how); and `resume ID` first stops what a crashed manager of ID left running on this machine.
+for good (that file says how); and `resume ID` first stops what a crashed manager of ID left running, on each server
+and on this machine (search/leftovers.py).
 Stock resume refuses an experiment whose manager
 was killed ("Only stopped experiments can be resumed", and a traceback: nnictl's registry still says RUNNING);
 past that (`nnictl experiment list` updates it), when the manager alone died (a crash, the OOM killer), its tuner
@@ -18,9 +19,8 @@ beside its rerun, in the same directory. Stopped first (SIGTERM: a trial saves i
 manager reruns each trial that was RUNNING under its own id and directory, where train.py continues its last.pth.
 The rest is stock; the search tools start experiments through it.
 """
-import contextlib
 import os
-import signal
+import subprocess
 import sys
 import time
 import warnings
@@ -28,11 +28,13 @@ from pathlib import Path
 
 from nni.experiment import launcher
 
-from search import nni_io
+from search import leftovers, nni_io
 from search.nni_io import port_problem
+from search.trials import from_id
 
 START_WAIT_S = 60
 MANAGER_FIXES = Path(__file__).with_name("nni_manager_fixes.js")  # a lost server's trials FAILED, not RUNNING for good
+LEFTOVERS = Path(leftovers.__file__)
 
 
 def wait_for_manager(port, url_prefix=None, proc=None, wait_s=START_WAIT_S):
@@ -74,63 +76,25 @@ def patch_launcher(wait_s=START_WAIT_S):
     launcher._start_rest_server, launcher._check_rest_server, launcher._ensure_port_idle = start, check, ensure_port_idle
 
 
-def stat_fields(pid):
-    """/proc/PID/stat after the command's name: state, parent pid, ... (the name may hold spaces and parentheses)."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
-def processes():
-    """{pid: (parent pid, environ dict, cmdline bytes)} of this user's processes that can be read."""
-    found = {}
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            environ = dict(kv.split(b"=", 1) for kv in (proc / "environ").read_bytes().split(b"\0") if b"=" in kv)
-            parent = int(stat_fields(proc.name)[1])
-            found[int(proc.name)] = (parent, environ, (proc / "cmdline").read_bytes())
-        except (OSError, ValueError, IndexError):  # gone meanwhile, or another user's
-            continue
-    return found
-
-
-def left_behind(exp_id, table):
-    """Pids of experiment exp_id's tuner and local trials that outlived its manager ([] while a manager of it runs):
-    a trial's processes carry NNI_EXP_ID, the tuner NNI_LOG_DIRECTORY .../<exp_id>/log. Forks that share their parent's
-    command line (data loader workers) are left to end with it."""
-    key = exp_id.encode()
-    if any(b"nni_node" in cmd and key in cmd.split(b"\0") for _, _, cmd in table.values()):
-        return []
-    ours = {pid for pid, (_, env, _) in table.items()
-            if env.get(b"NNI_EXP_ID") == key or (env.get(b"SDK_PROCESS") == b"dispatcher" and
-                                                 Path(env.get(b"NNI_LOG_DIRECTORY", b"").decode(errors="replace")).parent.name == exp_id)}
-    return sorted(pid for pid in ours if not (table[pid][0] in ours and table[table[pid][0]][2] == table[pid][2]))
-
-
-def alive(pid):
-    """Running: not gone, and not a zombie that nobody reaps (an orphan's parent in a container may never)."""
+def stop_left_on_servers(exp_id):
+    """leftovers.py on each server of experiment exp_id, over SSH with its pythonPath's interpreter: the trial keepers
+    and trials its dead manager left there (they would train beside the trials NNI reruns, and the keepers reconnect to
+    the resumed manager). A server that cannot be reached is one line; resume goes on."""
     try:
-        return stat_fields(pid)[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def stop_left_behind(exp_id, wait_s=60):
-    """SIGTERM what experiment exp_id's crashed manager left running, SIGKILL what has not ended after wait_s; one line."""
-    table = processes()
-    pids = left_behind(exp_id, table)
-    if not pids:
+        config = from_id(exp_id).params
+    except LookupError:
         return
-    trials = sorted({table[p][1].get(b"NNI_TRIAL_JOB_ID", b"").decode() for p in pids} - {""})
-    print(f"imgcls-nnictl: stopping what the crashed manager of {exp_id} left running: its tuner and trials "
-          f"{', '.join(trials) or 'none'} ({len(pids)} processes); each trial keeps its last finished epoch", flush=True)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline and any(map(alive, pids)):
-        time.sleep(0.2)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    for m in nni_io.machines_of(config):
+        script = f"{LEFTOVERS.read_text()}\nstop({exp_id!r}, {' on ' + m.name!r}, tuner=False)  # no tuner runs there\n"
+        try:
+            r = subprocess.run([*nni_io.ssh_base(m, 10), nni_io.python_on(m, "-")], input=script, capture_output=True, text=True,
+                               timeout=120)
+        except subprocess.TimeoutExpired:
+            r = subprocess.CompletedProcess([], 255, "", "no answer in 120 s")
+        print(r.stdout, end="", flush=True)
+        if r.returncode:
+            reason = next(iter(r.stderr.strip().splitlines()[-1:]), f"exit {r.returncode}")
+            print(f"imgcls-nnictl: could not stop what the crashed manager of {exp_id} left on {m.name}: {reason}", flush=True)
 
 
 def mark_stopped(exp_id):
@@ -139,7 +103,7 @@ def mark_stopped(exp_id):
     from nni.tools.nnictl.config_utils import Experiments
     experiments = Experiments()
     info = experiments.get_all_experiments().get(exp_id)
-    if isinstance(info, dict) and info.get("status") != "STOPPED" and not alive(info.get("pid")):
+    if isinstance(info, dict) and info.get("status") != "STOPPED" and not leftovers.alive(info.get("pid")):
         experiments.update_experiment(exp_id, "status", "STOPPED")
 
 
@@ -161,7 +125,8 @@ def cli(argv=None):
     if sys.argv[1:2] == ["resume"] and len(sys.argv) > 2 and not sys.argv[2].startswith("-"):
         known(sys.argv[2])
         mark_stopped(sys.argv[2])
-        stop_left_behind(sys.argv[2])
+        stop_left_on_servers(sys.argv[2])
+        leftovers.stop(sys.argv[2])
     sys.exit(parse_args())
 
 

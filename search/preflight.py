@@ -50,7 +50,7 @@ from pathlib import Path
 
 from core.cli import Parser, run_main
 from search.nni_io import (Machine, flag_value, interpreter_of, load_config, local_machine, machines_of, search_space, setting,
-                           ssh_base, trial_command)
+                           python_on, ssh_base, trial_command)
 from search.space import defaults_problem, pretrained_models, space_problems
 
 # Runs on each machine, sent over SSH to `python -` (its text on stdin); prints one JSON line.
@@ -187,12 +187,7 @@ def weights_packages(models):
 
 def _run_probe(m, base, args, res, timeout, cwd=None):
     """One probe run with the interpreter NNI uses; its answer as a dict, or None when it failed (recorded in res)."""
-    if m.python_path:
-        pp = shlex.quote(m.python_path.rstrip("/"))
-        launcher = (f'for p in {pp}/python {pp}/python3; do [ -x "$p" ] && exec "$p" - {shlex.quote(json.dumps(args))}; '
-                    f'done; echo "no python or python3 in {m.python_path}" >&2; exit 127')
-    else:
-        launcher = f"exec python3 - {shlex.quote(json.dumps(args))}"
+    launcher = python_on(m, f"- {shlex.quote(json.dumps(args))}")
     try:
         r = subprocess.run(base + [launcher], input=PROBE.read_text(), capture_output=True, text=True, timeout=timeout + 300,
                            cwd=cwd)

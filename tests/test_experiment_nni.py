@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from conftest import ROOT, TINY
-from search import nni_io, nnictl, preflight
+from search import leftovers, nni_io, preflight
 from search.trials import ASSESSOR_STOP, best_trial, flatten, from_rest
 from sshd import free_port, start_sshd
 from test_configs import commented_hyperband, load_yaml
@@ -298,7 +298,7 @@ def processes_of(server):
     """Pids of a test sshd and of all it started (its sessions, NNI's trial keeper and trials: they carry the
     server's port in SSH_CONNECTION), as a machine that goes silent stops them all."""
     port = str(server.port).encode()
-    return [server.proc.pid] + [pid for pid, (_, env, _) in nnictl.processes().items()
+    return [server.proc.pid] + [pid for pid, (_, env, _) in leftovers.processes().items()
                                 if env.get(b"SSH_CONNECTION", b"").split(b" ")[-1:] == [port]]
 
 

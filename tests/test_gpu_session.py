@@ -5,12 +5,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from bench import gpu_session
 from conftest import ROOT
+from search import leftovers
 from sshd import free_port
 from test_experiment_nni import nni_env
 
@@ -28,15 +28,8 @@ def read(out, name):
 
 def managers_on(*ports):
     """NNI managers (node .../nni_node/main.js --port P) still running on these ports."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            words = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(b"nni_node" in w for w in words) and any(str(p).encode() in words for p in ports):
-            found.append(cmdline.parent.name)
-    return found
+    return [pid for pid, (_, _, cmd) in leftovers.processes().items()
+            if b"nni_node" in cmd and any(str(p).encode() in cmd.split(b"\0") for p in ports)]
 
 
 @pytest.mark.slow

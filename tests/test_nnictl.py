@@ -3,6 +3,8 @@ import contextlib
 import http.server
 import json
 import os
+import pwd
+import re
 import shutil
 import signal
 import socket
@@ -18,10 +20,10 @@ import yaml
 from nni.experiment import launcher
 
 from conftest import ROOT
-from search import nni_io, nnictl
+from search import leftovers, nni_io, nnictl
 from search.trials import from_rest
-from sshd import free_port
-from test_experiment_nni import local_config, nni_experiment
+from sshd import free_port, start_sshd
+from test_experiment_nni import BIN, local_config, nni_experiment
 from training.checkpoint import load_model
 
 LATE_S = 5   # later than stock nnictl's three tries a second apart
@@ -91,22 +93,25 @@ def test_it_is_nnictl():
     assert out.returncode == 0 and out.stdout.strip() == "3.0", out.stderr
 
 
-def test_what_a_crashed_manager_left_is_its_tuner_and_its_trials_not_their_forks_nor_another_experiment():
+def test_what_a_crashed_manager_left_is_its_tuner_keepers_and_trials_not_their_forks_nor_another_experiment():
     env = lambda **kw: {k.encode(): v.encode() for k, v in kw.items()}  # noqa: E731
     train = b"python\0train.py\0"
+    keeper = b"/v/nni_node/node\0--max-old-space-size=4096\0/v/nni_node/common/trial_keeper/main.js\0"
     table = {
         10: (1, env(SDK_PROCESS="dispatcher", NNI_LOG_DIRECTORY="/h/nni-experiments/abc/log"), b"python3\0-m\0nni\0"),
         11: (1, env(NNI_EXP_ID="abc", NNI_TRIAL_JOB_ID="T1"), b"/bin/sh\0-c\0python train.py\0"),
         12: (11, env(NNI_EXP_ID="abc", NNI_TRIAL_JOB_ID="T1"), train),
         13: (12, env(NNI_EXP_ID="abc", NNI_TRIAL_JOB_ID="T1"), train),     # a data loader worker: ends with 12
+        14: (1, env(HOME="/h"), keeper + b"/h/nni-experiments/abc/environments/remote-worker1/trial_keeper\0"),
         20: (1, env(SDK_PROCESS="dispatcher", NNI_LOG_DIRECTORY="/h/nni-experiments/xyz/log"), b"python3\0-m\0nni\0"),
         21: (1, env(NNI_EXP_ID="xyz", NNI_TRIAL_JOB_ID="T9"), train),
         30: (1, env(HOME="/h"), b"bash\0"),
     }
-    assert nnictl.left_behind("abc", table) == [10, 11, 12]
+    assert leftovers.left_behind("abc", table) == [10, 11, 12, 14]
+    assert leftovers.left_behind("abc", table, tuner=False) == [11, 12, 14]  # on a server
     manager = {40: (1, {}, b"node\0/x/nni_node/main.js\0--port\0" b"8080\0--experiment-id\0abc\0")}
-    assert nnictl.left_behind("abc", {**table, **manager}) == []   # its manager runs: nothing is left behind
-    assert nnictl.left_behind("xyz", {**table, **manager}) == [20, 21]
+    assert leftovers.left_behind("abc", {**table, **manager}) == []   # its manager runs: nothing is left behind
+    assert leftovers.left_behind("xyz", {**table, **manager}) == [20, 21]
 
 
 def test_resuming_an_unknown_id_is_a_traceback_from_stock_nnictl_and_one_line_from_ours(tmp_path, monkeypatch):
@@ -186,7 +191,7 @@ runpy.run_path({train!r}, run_name="__main__")
 
 
 def manager_of(exp_id):
-    return next((pid for pid, (_, _, cmd) in nnictl.processes().items()
+    return next((pid for pid, (_, _, cmd) in leftovers.processes().items()
                  if b"nni_node" in cmd and exp_id.encode() in cmd.split(b"\0")), None)
 
 
@@ -203,17 +208,30 @@ def stopping_what_is_left(run):
     try:
         yield
     finally:
-        for pid in nnictl.left_behind(run.id, nnictl.processes()):
+        for pid in leftovers.left_behind(run.id, leftovers.processes()):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def on_a_server(config, stack, tmp_path, ids):
+    """config as a remote search on a throwaway sshd (stack closes it, and removes the server's share of the
+    experiments in ids) -> (a trial's output dir, the file NNI's trial keeper writes a trial's printed lines to, the
+    server's name)."""
+    sshd = stack.enter_context(start_sshd(tmp_path / "sshd"))
+    config.update(nniManagerIp="127.0.0.1", trainingService={"platform": "remote", "machineList": [{
+        "host": sshd.host, "port": sshd.port, "user": sshd.user, "sshKeyFile": str(sshd.key_file), "pythonPath": str(BIN)}]})
+    home = Path(pwd.getpwnam(sshd.user).pw_dir)
+    stack.callback(lambda: [shutil.rmtree(home / "nni-experiments" / i, ignore_errors=True) for i in ids])
+    return (lambda t: home / t.log_path.split(":~/", 1)[1]), "trial.stdout", nni_io.machines_of(config)[0].name
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("crash", ["manager", "machine"])
 def test_a_crashed_search_resumes_to_its_trial_count_and_its_running_trial_continues(tmp_path, demo_dir, cache_dir, nni_home, crash):
-    """The NNI manager killed alone (its tuner and its running trial live on: stock resume then ends in ERROR), or with
-    everything it started, as a reboot kills them. `imgcls-nnictl resume` finishes the search: the finished trial is
-    not trained again, the trial that was running continues its last.pth, the tuner is given every result."""
+    """The NNI manager killed alone, on a remote search (its tuner here and the trial keeper and running trial on the
+    server live on: stock resume then ends in ERROR), or with everything it started, as a reboot kills them.
+    `imgcls-nnictl resume` finishes the search: the finished trial is not trained again, the trial that was running
+    continues its last.pth, the tuner is given every result."""
     code, met = tmp_path / "code", tmp_path / "met"
     code.mkdir()
     met.mkdir()
@@ -221,16 +239,22 @@ def test_a_crashed_search_resumes_to_its_trial_count_and_its_running_trial_conti
     config = local_config(demo_dir, cache_dir, 3, 2)
     config.pop("assessor")
     config.update(trialCodeDirectory=str(code))
-    with nni_experiment(config, tmp_path / crash, nni_home) as run, stopping_what_is_left(run):
+    with contextlib.ExitStack() as stack:
+        ids = []
+        out_dir, printed, server = on_a_server(config, stack, tmp_path, ids) if crash == "manager" else (
+            lambda t: Path(t.log_path), "trial.log", None)
+        run = stack.enter_context(nni_experiment(config, tmp_path / crash, nni_home))
+        ids.append(run.id)
+        stack.enter_context(stopping_what_is_left(run))
         wait_for(lambda: any(met.iterdir()), 240)
         before = {t.status: t for t in from_rest(run.port).trials}
-        first, blocked = Path(before["SUCCEEDED"].log_path), Path(before["RUNNING"].log_path)
+        first, blocked = out_dir(before["SUCCEEDED"]), out_dir(before["RUNNING"])
         kept = {name: (first / name).stat().st_mtime_ns for name in ("best.pth", "last.pth", "summary.json")}
         assert load_model(blocked / "last.pth")[1]["epoch"] == 1
         os.kill(manager_of(run.id), signal.SIGKILL)
         wait_for(lambda: manager_of(run.id) is None, 30)
-        left = nnictl.left_behind(run.id, nnictl.processes())
-        assert len(left) >= 2  # the tuner, the trial
+        left = leftovers.left_behind(run.id, leftovers.processes())
+        assert len(left) >= 2  # the tuner, the trial (and on a server, its keeper)
         stock = nnictl_run("nni.tools.nnictl.nnictl", "resume", run.id, "--port", free_port(), home=nni_home)
         assert stock.returncode == 1 and "Only stopped experiments can be resumed" in stock.stdout + stock.stderr
         assert "Traceback" in stock.stderr
@@ -239,17 +263,22 @@ def test_a_crashed_search_resumes_to_its_trial_count_and_its_running_trial_conti
                 os.kill(pid, signal.SIGKILL)
         exit_code, out = nni_io.nnictl("resume", run.id, "--port", str(run.port), env=run.env)
         assert exit_code == 0, out
-        assert (f"stopping what the crashed manager of {run.id} left running: its tuner and trials {blocked.name}" in out) == \
-            (crash == "manager"), out
+        stopped = [re.sub(r"\(\d+ process(es)?\)", "(N processes)", line) for line in out.splitlines()
+                   if line.startswith("imgcls-nnictl: stopping")]
+        assert stopped == ([] if crash == "machine" else [  # the server's share first (here the server is this machine)
+            f"imgcls-nnictl: stopping what the crashed manager of {run.id} left running on {server}: its trial keeper and trials "
+            f"{blocked.name} (N processes); each trial keeps its last finished epoch",
+            f"imgcls-nnictl: stopping what the crashed manager of {run.id} left running: its tuner (N processes); each trial "
+            f"keeps its last finished epoch"]), out
         run.wait_done(300)
         trials = from_rest(run.port).trials
         dispatcher = (run.log_dir / "dispatcher.log").read_text()
-    assert sorted(t.status for t in trials) == ["SUCCEEDED"] * 3 and len({t.id for t in trials}) == 3
-    assert {name: (first / name).stat().st_mtime_ns for name in kept} == kept  # not trained again
-    history = [row.split(",")[0] for row in (blocked / "history.csv").read_text().splitlines()[1:]]
-    assert history == ["1", "2"]
-    said = (blocked / "trial.log").read_text()  # NNI writes a trial's printed lines there
-    assert f"continuing {blocked / 'last.pth'}" in said and f"resuming {blocked} at epoch 2" in said, said[-2000:]
+        assert sorted(t.status for t in trials) == ["SUCCEEDED"] * 3 and len({t.id for t in trials}) == 3
+        assert {name: (first / name).stat().st_mtime_ns for name in kept} == kept  # not trained again
+        history = [row.split(",")[0] for row in (blocked / "history.csv").read_text().splitlines()[1:]]
+        assert history == ["1", "2"]
+        said = (blocked / printed).read_text()
+        assert f"continuing {blocked / 'last.pth'}" in said and f"resuming {blocked} at epoch 2" in said, said[-2000:]
     # the new tuner was given the result from before the crash (NNI 3.0 imports finished trials on resume), then the
     # continued trial's, which NNI hands it the same way: it was created by the tuner before
     assert dispatcher.count("Replayed 1 FINISHED trials") == 2, dispatcher[-3000:]
