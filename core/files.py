@@ -2,6 +2,7 @@
 
 torch is imported only inside load_untrusted, so the CSV-only tools that use the rest start without it.
 """
+import contextlib
 import errno
 import os
 import pickle
@@ -89,6 +90,10 @@ def replace_together(writes):
     finally:
         for tmp in temps.values():
             if tmp.exists():
+                # emptied first: that frees its space now, also while a writer still holds it open (torch.save's does
+                # until its traceback is gone), so that the error line fits on a full disk (an NNI trial's stderr is there)
+                with contextlib.suppress(OSError):
+                    os.truncate(tmp, 0)
                 tmp.unlink()
 
 

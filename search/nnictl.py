@@ -9,11 +9,10 @@ prints a traceback); this interpreter's bin dir goes first on PATH, so that loca
 one that has torch, as `.venv/bin/imgcls-nnictl` runs without the venv activated; the manager loads
 search/nni_manager_fixes.js, so that a remote server lost mid-search fails its trials instead of keeping them RUNNING
 for good (that file says how); and `resume ID` first stops what a crashed manager of ID left running, on each server
-and on this machine (search/leftovers.py).
-Stock resume refuses an experiment whose manager
-was killed ("Only stopped experiments can be resumed", and a traceback: nnictl's registry still says RUNNING);
-past that (`nnictl experiment list` updates it), when the manager alone died (a crash, the OOM killer), its tuner
-and its local trials live on: resumed on the same port, the old tuner and the new one take turns on the manager's
+and on this machine (search/leftovers.py). Stock resume refuses an experiment whose manager was killed ("Only
+stopped experiments can be resumed", and a traceback: nnictl's registry still says RUNNING); past that (`nnictl
+experiment list` updates it), when the manager alone died (a crash, the OOM killer), its tuner, its trials and a
+remote server's trial keeper live on: resumed on the same port, the old tuner and the new one take turns on the manager's
 channel ("Channel __default__ reconnecting"; it ended in ERROR in issue 47's runs), and the old trial trains on
 beside its rerun, in the same directory. Stopped first (SIGTERM: a trial saves its epoch and ends), the resumed
 manager reruns each trial that was RUNNING under its own id and directory, where train.py continues its last.pth.

@@ -22,7 +22,7 @@ from nni.experiment.config import ExperimentConfig
 
 from bench.searches import run_experiment
 from conftest import ROOT, read_csv, run_cli, tmpfs
-from core.files import DiskFull
+from core.files import DiskFull, disk_space
 from search import finalize
 from search.finalists import Finalist, select_finalists
 from search.nni_io import Machine
@@ -448,6 +448,73 @@ def test_interrupted_finalize_keeps_finished_folds_then_trains_only_the_rest(tmp
 
 # A train.py that trains the first fold it is given and keeps every later one running until it is killed, so that
 # a deadline finds one fold home and one still training, however fast the machine.
+# Each fold waits before its second epoch until `filled` is there: the test fills the disk meanwhile
+HELD_FOR_THE_DISK = """import os, pathlib, runpy, sys, time
+from training import engine
+real = engine.train_one_epoch
+def train_one_epoch(*args, steps_before=0, **kwargs):
+    deadline = time.monotonic() + 120
+    if steps_before:
+        pathlib.Path({ready!r}).touch()
+    while steps_before and not os.path.exists({filled!r}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return real(*args, steps_before=steps_before, **kwargs)
+engine.train_one_epoch = train_one_epoch
+sys.argv[0] = {train!r}
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_fold_on_a_disk_that_fills_fails_in_one_line_and_the_rerun_continues_it(tmp_path, digits_csv, local_search, nni_home,
+                                                                                   monkeypatch):
+    """finalize's fold experiment on a small disk that fills once the first fold has saved its first epoch: each fold's
+    write fails with train.py's one line naming the disk and the file (the fold FAILED, nothing reported), finalize
+    names them; once space is freed, its rerun continues the first fold from its epoch and trains the other."""
+    exp_id, config, _ = local_search
+    monkeypatch.setenv("HOME", str(nni_home))  # nnictl's registry, where from_id looks
+    code = tmp_path / "code"
+    code.mkdir()
+    ready, filled = tmp_path / "ready", tmp_path / "filled"
+    (code / "train.py").write_text(HELD_FOR_THE_DISK.format(ready=str(ready), filled=str(filled), train=str(ROOT / "train.py")))
+    with tmpfs(tmp_path / "disk", "size=32m") as disk:  # room for the folds of both runs once freed
+        config = dict(config, trialCommand=config["trialCommand"].replace("python3", sys.executable, 1), trialCodeDirectory=str(code),
+                      experimentWorkingDirectory=str(disk / "nni"))
+        (tmp_path / "search.yml").write_text(yaml.safe_dump(config))
+        out = tmp_path / "final"
+        cmd = [sys.executable, str(ROOT / "search" / "finalize.py"), "--id", exp_id, "--config", str(tmp_path / "search.yml"),
+               "--defaults_only", "--k", "2", "--out", str(out), "--fold_port", str(free_port())]
+        first = subprocess.Popen(cmd, env=nni_env(nni_home), cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 240
+            while not ready.exists():
+                assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+                time.sleep(0.1)
+            # room for the logs and the error line (the trial's stderr is a file on this disk), not for a checkpoint
+            checkpoint = next(disk.glob("nni/*/environments/*/trials/*/last.pth")).stat().st_size
+            (disk / "filler").write_bytes(b"\0" * (disk_space(disk)[0] - checkpoint // 2))
+            filled.touch()
+            _, err = first.communicate(timeout=300)
+        finally:
+            if first.poll() is None:
+                first.kill()
+        trials = from_id((out / "fold_experiments.txt").read_text().split()[0]).trials
+        assert first.returncode == 1 and "2 fold trainings did not come home (the fold experiment ended DONE; why: " in err, err
+        assert sorted(t.status for t in trials) == ["FAILED", "FAILED"] and not any(t.final for t in trials)
+        for t in trials:
+            line = (Path(t.log_path) / "trial.stderr").read_text().strip().splitlines()[-1]
+            assert re.match(rf"train.py: error: cannot write {t.log_path}/(best|last)\.pth: the disk is full \({disk}: ", line), line
+        (disk / "filler").unlink()
+        rerun = run_finalize(nni_home, *cmd[2:])
+        assert "fold experiment on port" in rerun and ": 2 trials" in rerun
+        check_finalized(out, 2, digits_finalized(digits_csv))
+        again = from_id((out / "fold_experiments.txt").read_text().split()[1]).trials
+        said = "".join((Path(t.log_path) / "trial.log").read_text() for t in again)
+        held = [t for t in trials if (Path(t.log_path) / "last.pth").is_file()]  # the first fold's epoch 1
+        assert len(held) == 1 and f"continuing {Path(held[0].log_path) / 'last.pth'} (this fold's" in said, said
+        assert "not continuing an earlier fold: none of the 2 folds that did not finish left a last.pth of these flags here" in said
+
+
 # Every fold but the first to get there is held in its second epoch (its first saved), until `hang` is removed
 FIRST_ONLY = """import os, runpy, sys, time
 from training import engine
