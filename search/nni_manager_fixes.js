@@ -23,18 +23,15 @@ process.env.NODE_OPTIONS = (process.env.NODE_OPTIONS || '').replace(`--require "
 
 function fixConnection({ WsConnection }) {
     const proto = WsConnection.prototype;
-    const { setHeartbeatInterval, handlePong, heartbeat } = proto;
-    proto.setHeartbeatInterval = function (interval) {
-        this.lastPong = Date.now();
-        return setHeartbeatInterval.call(this, interval);
-    };
+    const { handlePong, heartbeat } = proto;
     proto.handlePong = function () {
-        this.lastPong = Date.now();
+        this.unansweredSince = undefined;
         return handlePong.call(this);
     };
-    proto.heartbeat = function () {
-        const silent = Date.now() - this.lastPong;
+    proto.heartbeat = function () {  // a ping each beat: lost when the first one not answered is LOST_AFTER_MS old
+        const silent = this.unansweredSince === undefined ? 0 : Date.now() - this.unansweredSince;
         if (silent < LOST_AFTER_MS) {
+            this.unansweredSince ??= Date.now();
             return heartbeat.call(this);
         }
         this.log.error(`No pong for ${Math.round(silent / 1000)} s: the peer is lost, dropping the connection ` +

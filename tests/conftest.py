@@ -180,7 +180,7 @@ APART = {"tests/test_train.py", "tests/test_gpu_session.py", "tests/test_experim
 LONGEST = ["tests/test_finalize.py",                                                               # about 120 s
            "tests/test_gpu_session.py::test_tiny_session_brings_home_every_phase",                  # 100
            "tests/test_wheelhouse.py",                                                              # 70
-           "tests/test_experiment_nni.py::test_remote_experiment_over_ssh_survives_a_lost_server",  # 70
+           "tests/test_experiment_nni.py::test_remote_experiment_over_ssh_survives_a_lost_server",  # 45
            "tests/test_finalize.py::test_a_deadline_stops_the_folds_keeps_the_finished_ones_and_a_rerun_trains_the_rest",
            "tests/test_preflight.py",                                                               # 65
            "tests/test_nnictl.py::test_a_crashed_search_resumes_to_its_trial_count_and_its_running_trial_continues",
