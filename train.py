@@ -40,7 +40,7 @@ from imagedata.layouts import DataError
 from loss import create_criterion
 from model import WeightsError, create_model, input_config, num_outputs
 from optim import create_optimizer, create_scheduler, param_groups
-from training import checkpoint, flags
+from training import checkpoint, flags, tracking
 from training.average import TopEpochs, greedy_soup, moving_average, recompute_batchnorm
 from training.engine import (cpu_threads, evaluate, out_of_memory_says, pad_length, resolve_device, seed_everything, since_start,
                              train_one_epoch)
@@ -124,18 +124,19 @@ def main(args):
         model.compile(mode=args.compile)
     startup["model_s"] = since_start()
     run_dir, progress = open_run_dir(args, data, model, recipe, device)
-    with checkpoint.interruption_says(run_dir), out_of_memory_says(args.batch_size):
-        result = fit(args, data, model, recipe, run_dir, progress, device)
-    with checkpoint.interruption_says(run_dir, "the eval prediction" if data.eval_ids is not None else "writing summary.json"):
-        print(f"best val {args.metric} {result['best']['value']:.4f} -> {run_dir / BEST}", flush=True)
-        if data.eval_ids is not None:
-            predict_eval(args, data, model, recipe, run_dir, device)
-    with checkpoint.interruption_says(run_dir, "writing summary.json"):
-        write_summary(run_dir, dict(result, format=1, run_dir=str(run_dir.resolve()), model=args.model, classes=len(data.classes),
-                                    train_images=len(data.train_loader.dataset), val_images=len(data.val_set),
-                                    eval_images=len(data.eval_ids or ()), under_nni=UNDER_NNI, split_seed=split, feed=data.feed,
-                                    startup=dict(startup, first_step_s=result["first_step_s"]), wall_s=since_start(),
-                                    files=sorted(p.name for p in run_dir.iterdir())))
+    with tracking.open_trackers(args, run_dir, flags.run_config(args)) as trackers:  # summary.json sent to them at the end
+        with checkpoint.interruption_says(run_dir), out_of_memory_says(args.batch_size):
+            result = fit(args, data, model, recipe, run_dir, progress, device, trackers)
+        with checkpoint.interruption_says(run_dir, "the eval prediction" if data.eval_ids is not None else "writing summary.json"):
+            print(f"best val {args.metric} {result['best']['value']:.4f} -> {run_dir / BEST}", flush=True)
+            if data.eval_ids is not None:
+                predict_eval(args, data, model, recipe, run_dir, device)
+        with checkpoint.interruption_says(run_dir, "writing summary.json"):
+            write_summary(run_dir, dict(
+                result, format=1, run_dir=str(run_dir.resolve()), model=args.model, classes=len(data.classes), under_nni=UNDER_NNI,
+                train_images=len(data.train_loader.dataset), val_images=len(data.val_set), eval_images=len(data.eval_ids or ()),
+                split_seed=split, feed=data.feed, startup=dict(startup, first_step_s=result["first_step_s"]), wall_s=since_start(),
+                files=sorted(p.name for p in run_dir.iterdir())))
     return result["best"]["value"], run_dir
 
 
@@ -189,7 +190,7 @@ def open_run_dir(args, data, model, recipe, device):
 
 
 # ----------------------------------------------------------------------------- fit
-def fit(args, data, model, recipe, run_dir, progress, device):
+def fit(args, data, model, recipe, run_dir, progress, device, trackers):
     """Train from progress.epoch to --epochs (or early stopping); checkpoints, history, TensorBoard and NNI
     reports every epoch. -> the summary's training part: best metric and epoch, epochs, first-step time."""
     from torch.utils.tensorboard import SummaryWriter
@@ -213,7 +214,7 @@ def fit(args, data, model, recipe, run_dir, progress, device):
                                       stale=progress.stale, generators=data.generators, ema=recipe.ema)
                 top.offer(epoch, metric, scored(model, recipe))
                 write_history(run_dir / HISTORY, progress.history)
-            log_row(writer, row)
+            log_row(writer, trackers, row)
             writer.flush()  # a stopped trial keeps its curves: dying by the signal skips writer.close()
             if UNDER_NNI:
                 report_epoch(metric, row)
@@ -235,7 +236,7 @@ def fit(args, data, model, recipe, run_dir, progress, device):
     with checkpoint.interruption_says(run_dir, "writing val_soft.csv and the figures"):
         averaged = held_best(args, data, model, recipe, run_dir, progress, device)
         val = progress.best_outputs
-        log_figures(writer, val["preds"], data.val_truth, data.val_set, data.classes, progress.best_epoch)
+        log_figures(writer, trackers, val["preds"], data.val_truth, data.val_set, data.classes, progress.best_epoch)
         write_val_soft(run_dir / VAL_SOFT, data.val_ids, data.val_truth, val["probs"], data.classes)
         writer.close()
     rising = warn_if_still_rising(args, [row[f"val_{args.metric}"] for row in progress.history])
@@ -351,21 +352,23 @@ def predict_eval(args, data, model, recipe, run_dir, device):
 
 
 # ----------------------------------------------------------------------------- logging
-def log_row(writer, row):
+def log_row(writer, trackers, row):
     for key, value in row.items():
         if key != "epoch":
             writer.add_scalar(key.replace("_", "/", 1), value, row["epoch"])
+    trackers.epoch(row)
     print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
 
 
-def log_figures(writer, preds, truth, val_set, classes, epoch, n=16):
+def log_figures(writer, trackers, preds, truth, val_set, classes, epoch, n=16):
     """The best epoch's confusion matrix, and a grid of validation images titled prediction / truth."""
-    matrix = confusion(truth, preds, len(classes))
-    writer.add_image("val/confusion_matrix", np.asarray(confusion_image(matrix, classes)), epoch, dataformats="HWC")
     picks = np.linspace(0, len(val_set) - 1, min(n, len(val_set))).astype(int)
     grid = prediction_grid([val_set[i][0].permute(1, 2, 0).numpy() for i in picks], [int(preds[i]) for i in picks],
                            [int(truth[i]) for i in picks], classes)
-    writer.add_image("val/predictions", np.asarray(grid), epoch, dataformats="HWC")
+    figures = {"confusion_matrix": confusion_image(confusion(truth, preds, len(classes)), classes), "predictions": grid}
+    for key, image in figures.items():
+        writer.add_image(f"val/{key}", np.asarray(image), epoch, dataformats="HWC")
+    trackers.images(figures, epoch)
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -228,11 +228,14 @@ def repo_tuner(config):
 def test_local_experiment(tmp_path, demo_dir, cache_dir, nni_home):
     epochs, trials = 2, 4
     config = local_config(demo_dir, cache_dir, trials, epochs)
+    tracked = f"sqlite:///{tmp_path}/mlflow.db"  # one trial at a time: a database file serves as a server would
+    config["trialCommand"] += f" --tracker mlflow --tracker_uri {tracked}"
     with nni_experiment(config, tmp_path / "local", nni_home) as run:
         run.wait_done(300)
         exp = from_rest(run.port)
         assert len(exp.trials) == trials
         check_trials(run, exp, lambda t: Path(t.log_path), epochs, config["searchSpace"])
+        check_tracked(exp, run.id, tracked)
         assert any(t.status == "SUCCEEDED" for t in exp.trials)
         assert are_train_defaults(min(exp.trials, key=lambda t: t.sequence).params)  # start_from_defaults
 
@@ -255,6 +258,21 @@ def test_local_experiment(tmp_path, demo_dir, cache_dir, nni_home):
     assert out.returncode == 0, out.stderr
     assert "nni.sqlite" in out.stdout and f"best trial {best.id}" in out.stdout
     check_fetch(exp, run.id, nni_home, tmp_path, lambda t: Path(t.log_path))
+
+
+def check_tracked(exp, exp_id, uri):
+    """--tracker mlflow in a search: each trial a run of the MLflow experiment nni-<id>, named by its trial id, grouped by the
+    experiment, its epochs' accuracy as NNI got them, ended as NNI ended it (an assessor's stop: KILLED)."""
+    import mlflow
+    client = mlflow.MlflowClient(uri)
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name(f"nni-{exp_id}").experiment_id])}
+    assert sorted(runs) == sorted(t.id for t in exp.trials)
+    for t in exp.trials:
+        run = runs[t.id]
+        assert (run.data.tags["group"], run.data.tags["nni_trial"]) == (exp_id, t.id)
+        logged = client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert [m.value for m in logged] == pytest.approx([m["accuracy"] for m in t.intermediates])
+        assert run.info.status == ("FINISHED" if t.status == "SUCCEEDED" else "KILLED"), (t.id, t.status, run.info.status)
 
 
 def check_fetch(exp, exp_id, nni_home, tmp_path, out_dir_of):

@@ -32,6 +32,7 @@ from loss import LOSSES
 from model import CLASSIFICATIONS, DEFAULT_SIZE, INITS, TIMM_PREFIX, check_model_name, input_config
 from optim import OPTIMIZERS, SCHEDULERS
 from training import checkpoint
+from training.tracking import TRACKERS
 
 NAMES = {"model": check_model_name}  # names checked beyond a choices list (timm's models are too many to list)
 DATA_PLACES = ("data_dir", "eval_dir")  # where the data lies on the machine that trains: made absolute
@@ -195,6 +196,13 @@ def add_run_flags(g):
          help="torch.compile the model in this mode (reduce-overhead adds CUDA graphs on a GPU): its first steps "
               "wait for the compile, train and eval each, then steps run faster; whether it pays within a run "
               "is measured by bench/benchmark.py --compile (docs/speed.md)")
+    flag(g, "--tracker", nargs="+", default=[], choices=list(TRACKERS),
+         help="also log the run to these (flags, epochs, figures, summary): W&B offline into the run dir without an API key")
+    flag(g, "--tracker_uri", default=None, help="MLflow's tracking server or store (default: sqlite:///MODEL_DIR/mlflow.db, its files in MODEL_DIR/mlruns)")
+    flag(g, "--tracker_project", default="imgcls",
+         help="the W&B project (WANDB_PROJECT wins) or MLflow experiment of a standalone run; an NNI trial's is its experiment")
+    flag(g, "--tracker_checkpoint", action=argparse.BooleanOptionalAction, default=False,
+         help="upload best.pth to the trackers at the end (off: a checkpoint per run adds up)")
     flag(g, "--seed", roles=("resume",), type=int, default=42, help="random seed")
     flag(g, "--config", roles=("started",), default=None, help="JSON/YAML file of flag values (keys = dest names); flags override it")
     flag(g, "--resume", roles=("started", "kfold"), default=None, help="last.pth of a run to continue in its directory")
