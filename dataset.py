@@ -22,7 +22,8 @@ from torch.utils.data import WeightedRandomSampler
 from core import demo
 from core.cli import UserError, make_progress
 from core.labels import DEFAULT_AGE_BOUNDS
-from imagedata.augment import ColorJitter, GaussianNoise, Normalize, RandomAffine, RandomFlip
+from imagedata.augment import (ColorJitter, GaussianNoise, Normalize, RandomAffine, RandomFlip, create_mix, rand_augment,
+                               trivial_augment)
 from imagedata.decode import decode_all, load_images, mean_std
 from imagedata.feed import ImageDataset, choose_feed, make_loaders
 from imagedata.layouts import DataError, read_csv_train, read_eval, read_folder_train, read_mask_train
@@ -67,21 +68,24 @@ def read_split(name, data_dir, age_bounds, val_ratio, seed, kfold=0, fold=0, opt
 
 # Every name includes the base transform: centre crop + resize happen at decode time
 # (so the cache holds them), normalisation with the data's mean/std on the device. The --augmentation choices.
+# randaugment and trivialaugment are torchvision's, drawn per image (PerImage): a loop over the batch, not one call.
 TRANSFORMS = {
-    "base": lambda: [],
-    "flip": lambda: [RandomFlip()],
-    "flip_affine": lambda: [RandomAffine(flip=True)],
-    "color_jitter": lambda: [RandomFlip(), ColorJitter()],
-    "gaussian_noise": lambda: [RandomFlip(), GaussianNoise()],
-    "strong": lambda: [RandomAffine(flip=True), ColorJitter(), GaussianNoise()],
+    "base": lambda **_: [],
+    "flip": lambda **_: [RandomFlip()],
+    "flip_affine": lambda **_: [RandomAffine(flip=True)],
+    "color_jitter": lambda **_: [RandomFlip(), ColorJitter()],
+    "gaussian_noise": lambda **_: [RandomFlip(), GaussianNoise()],
+    "strong": lambda **_: [RandomAffine(flip=True), ColorJitter(), GaussianNoise()],
+    "randaugment": lambda magnitude, **_: [RandomFlip(), rand_augment(magnitude)],
+    "trivialaugment": lambda **_: [RandomFlip(), trivial_augment()],
 }
 
 
-def create_transform(name):
-    """-> a module on float NCHW batches in [0, 255], or None for no augmentation."""
+def create_transform(name, magnitude=9):
+    """-> a module on float NCHW batches in [0, 255], or None for no augmentation. magnitude: RandAugment's, 0..30."""
     if name not in TRANSFORMS:
         raise UserError(f"unknown augmentation {name!r}; valid: {', '.join(TRANSFORMS)}")
-    steps = TRANSFORMS[name]()
+    steps = TRANSFORMS[name](magnitude=magnitude)
     return torch.nn.Sequential(*steps) if steps else None
 
 
@@ -103,6 +107,7 @@ class TrainingData:
     generators: list             # loader order, weighted draws: their state goes into last.pth
     normalize: torch.nn.Module   # on the device
     augment: torch.nn.Module     # on the device; None for no augmentation
+    mix: object                  # --mixup / --cutmix: (batch, labels) -> (mixed batch, soft targets), else None
     train_loader: object         # a DataLoader, or DeviceBatches / Prefetched over one
     val_set: "ImageDataset"
     val_loader: object
@@ -115,11 +120,12 @@ class TrainingData:
 
 def load_training_data(*, dataset, data_dir, eval_dir, age_bounds, val_ratio, seed, kfold, fold, resize, augmentation,
                        sampler, batch_size, valid_batch_size, num_workers, cache_dir, use_cache, device, split_seed=None,
-                       feed="auto", stats=None, options=None):
+                       feed="auto", stats=None, options=None, magnitude=9, mixup=0.0, cutmix=0.0):
     """Read, split and decode the data (the demo data when no data_dir) -> TrainingData. Every check that
     can fail on the inputs (layout, images, the eval dir and its images) runs here, before a run dir exists.
     split_seed: seeds the train/validation split instead of seed (None: seed). feed: see choose_feed. stats: the
-    (mean, std) to normalise with (model.input_config's, for ImageNet weights), else the data's own. options: see read_split."""
+    (mean, std) to normalise with (model.input_config's, for ImageNet weights), else the data's own. options: see read_split.
+    magnitude: --randaugment_magnitude; mixup, cutmix: their alphas (0: off)."""
     if data_dir is None and DATASETS[dataset][0] != "mask":
         raise UserError(f"--dataset {dataset} needs --data_dir (the demo data is in the mask layout)")
     data_dir, eval_dir = demo.data_dirs(data_dir, eval_dir)
@@ -146,7 +152,8 @@ def load_training_data(*, dataset, data_dir, eval_dir, age_bounds, val_ratio, se
         valid_batch_size=valid_batch_size, num_workers=num_workers, feed=feed, device=device)
     return TrainingData(layout=layout, classes=data["classes"], class_counts=counts, drawn_counts=drawn, resize=size, mean=mean, std=std,
                         workers=workers, feed=feed, feed_note=feed_note, generators=generators,
-                        normalize=Normalize(mean, std).to(device), augment=create_transform(augmentation),
+                        normalize=Normalize(mean, std).to(device), augment=create_transform(augmentation, magnitude),
+                        mix=create_mix(mixup, cutmix, len(data["classes"])),
                         train_loader=train_loader, val_set=val_set, val_loader=val_loader, eval_ids=eval_ids, eval_paths=eval_paths,
                         val_ids=[Path(data["paths"][i]).relative_to(data_dir).as_posix() for i in val_idx],
                         val_truth=data["truth"][val_idx], infer_batch=min(valid_batch_size, max(len(val_idx), len(eval_paths or ()))))

@@ -52,6 +52,8 @@ LOSSES = {
     "f1": lambda **_: F1Loss(),
 }
 
+SOFT_TARGETS = ("cross_entropy", "weighted_cross_entropy", "label_smoothing")  # torch's cross entropy takes (N, C) probabilities too
+
 
 def balanced_weights(counts):
     """Class weights n / (K * count): every class weighs the same in the loss as a whole. An absent

@@ -109,7 +109,7 @@ def main(args):
         seed=args.seed, kfold=args.kfold, fold=args.fold, resize=args.resize, stats=stats, augmentation=args.augmentation,
         sampler=args.sampler, batch_size=args.batch_size, valid_batch_size=args.valid_batch_size, num_workers=args.num_workers,
         cache_dir=args.cache_dir, use_cache=not args.no_cache, device=device, split_seed=split, feed=args.feed,
-        options=dataset.csv_options(vars(args)))
+        options=dataset.csv_options(vars(args)), magnitude=args.randaugment_magnitude, mixup=args.mixup, cutmix=args.cutmix)
     print(data.feed_note, flush=True)
     startup["data_s"] = since_start()
     if not args.epochs:  # the step budget, in whole epochs; config.json then records the epochs it became
@@ -308,7 +308,7 @@ def run_epoch(args, data, model, recipe, epoch, device, first):
                                   criterion=recipe.criterion, optimizer=recipe.optimizer, scaler=recipe.scaler,
                                   classification=args.classification, amp_dtype=recipe.amp_dtype, channels_last=args.channels_last,
                                   clip_grad=args.clip_grad, progress=make_progress(f"epoch {epoch}/{args.epochs}"), log_first_step=first,
-                                  ema=recipe.ema, steps_before=(epoch - 1) * len(data.train_loader))
+                                  ema=recipe.ema, mix=data.mix, steps_before=(epoch - 1) * len(data.train_loader))
     val = validate(args, data, scored(model, recipe), recipe, device)
     if not math.isfinite(val["loss"]) or not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
         raise FloatingPointError(f"epoch {epoch}: validation loss is {val['loss']:.4g} and the weights are not all finite: "

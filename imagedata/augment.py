@@ -1,7 +1,7 @@
 """Training augmentations and normalisation, on whole batches on the training device, after the loader:
 the loader then only gathers uint8 images from the cache, and no CPU worker stands between the data
 and a GPU. Each augmentation takes and returns a float NCHW batch in [0, 255], with its own random
-draw per image; dataset.py's TRANSFORMS names their combinations.
+draw per image; dataset.py's TRANSFORMS names their combinations. MixUp and CutMix mix the labels too: the recipe's.
 """
 import torch
 
@@ -62,6 +62,36 @@ class GaussianNoise(torch.nn.Module):
     def forward(self, x):
         return (x + torch.randn_like(x) * self.sigma).clamp(0, 255)
 
+
+
+class PerImage(torch.nn.Module):
+    """A torchvision v2 transform drawn for each image on its own, on the device: on a batch, v2 draws one operation and
+    magnitude per call, which every image would share. uint8 in, as they expect."""
+
+    def __init__(self, transform):
+        super().__init__()
+        self.transform = transform
+
+    def forward(self, x):
+        return torch.stack([self.transform(image) for image in x.round().clamp(0, 255).to(torch.uint8)]).float()
+
+
+def rand_augment(magnitude):
+    from torchvision.transforms import v2  # here, not at the top: seconds of imports a run without it never pays
+    return PerImage(v2.RandAugment(num_ops=2, magnitude=magnitude))
+
+
+def trivial_augment():
+    from torchvision.transforms import v2
+    return PerImage(v2.TrivialAugmentWide())
+
+
+def create_mix(mixup, cutmix, num_classes):
+    """--mixup / --cutmix ALPHA (0: off): torchvision's v2 MixUp and CutMix, one of them per batch when both are on ->
+    a callable (float batch, labels) -> (mixed batch, soft targets (N, C)), or None."""
+    from torchvision.transforms import v2
+    mixes = [mix(alpha=alpha, num_classes=num_classes) for mix, alpha in ((v2.MixUp, mixup), (v2.CutMix, cutmix)) if alpha]
+    return None if not mixes else mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
 
 class Normalize(torch.nn.Module):

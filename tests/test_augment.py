@@ -1,7 +1,8 @@
 """imagedata/augment.py: the batched augmentations and Normalize."""
+import pytest
 import torch
 
-from imagedata.augment import Normalize, RandomAffine, RandomFlip
+from imagedata.augment import Normalize, RandomAffine, RandomFlip, create_mix, rand_augment, trivial_augment
 
 
 def test_flip_mirrors_about_half_the_batch():
@@ -23,3 +24,30 @@ def test_normalize_uses_mean_std():
     norm = Normalize([0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
     x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
     assert torch.allclose(norm(x), torch.full((1, 3, 2, 2), 2.0))
+
+
+@pytest.mark.parametrize("mixup, cutmix", [(0.2, 0.0), (0.0, 1.0), (0.2, 1.0)])
+def test_mixup_and_cutmix_mix_pairs_of_images_and_their_labels(mixup, cutmix):
+    """--mixup / --cutmix: torchvision's v2 MixUp and CutMix on the float batch; each target is a distribution over
+    the classes made of at most two labels, the image's own among them, in the shares the images were mixed."""
+    torch.manual_seed(0)
+    x, y = torch.rand(32, 3, 16, 12) * 255, torch.randint(0, 18, (32,))
+    mixed, target = create_mix(mixup, cutmix, 18)(x, y)
+    assert mixed.shape == x.shape and target.shape == (32, 18) and torch.allclose(target.sum(1), torch.ones(32))
+    assert ((target > 0).sum(1) <= 2).all() and (target[torch.arange(32), y] > 0).all()
+    assert not torch.equal(mixed, x)
+
+
+def test_no_mix_without_an_alpha():
+    assert create_mix(0.0, 0.0, 18) is None
+
+
+@pytest.mark.parametrize("transform", [lambda: rand_augment(9), trivial_augment])
+def test_library_augmentations_draw_an_operation_per_image(transform):
+    """v2's RandAugment on a batch gives every image the same draw; PerImage draws one for each image."""
+    torch.manual_seed(0)
+    x = torch.full((24, 3, 16, 12), 128.0)
+    x[:, :, :8] = 30.0  # two flat halves: most operations change them, each in its own way
+    y = transform()(x)
+    assert y.shape == x.shape and y.dtype == torch.float32 and 0 <= y.min() and y.max() <= 255
+    assert len({tuple(image.flatten().tolist()) for image in y}) > 3

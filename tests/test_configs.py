@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from loss import SOFT_TARGETS
 from search.preflight import gpu_problem
 from training import flags
 
@@ -33,7 +34,10 @@ def _values_to_try(spec):
 SEARCHED = {"search_space.json": {"lr", "batch_size", "optimizer", "weight_decay", "augmentation", "head", "criterion", "ema", "average_epochs"},
             "config_local.yml": {"lr", "batch_size", "optimizer", "weight_decay", "augmentation", "head", "criterion"},
             "config_finetune.yml": {"model", "resize", "lr", "warmup_epochs", "weight_decay", "augmentation", "age_bounds"},
-            "config_gpu.yml": {"model", "lr", "warmup_epochs", "weight_decay", "augmentation", "age_bounds", "ema", "layer_decay", "average_epochs"}}
+            "config_gpu.yml": {"model", "lr", "warmup_epochs", "weight_decay", "augmentation", "age_bounds", "ema", "layer_decay", "average_epochs",
+                               "mixup", "cutmix"}}
+# the libraries' augmentations, levers of the GPU searches (MixUp and CutMix nested under the criteria that take soft targets)
+LIBRARY_LEVERS = {"search_space.json", "config_gpu.yml"}
 
 
 @pytest.mark.parametrize("where", list(SEARCHED))
@@ -56,6 +60,11 @@ def test_search_space_keys_and_values_are_train_flags(where):
                 flags.apply_params(parser, base, {key: value}, where)  # raises on unknown key / bad value
     if where == "search_space.json":
         assert len(space["model"]["_value"]) >= 3
+    if where in LIBRARY_LEVERS:
+        assert {"randaugment", "trivialaugment"} <= set(space["augmentation"]["_value"])
+        criteria = [c if isinstance(c, dict) else {"_name": c} for c in space["criterion"]["_value"]]
+        mixed = [c["_name"] for c in criteria if "mixup" in c or "mixup" in space]
+        assert mixed and set(mixed) <= set(SOFT_TARGETS)  # MixUp never drawn with a loss that cannot take soft targets
 
 
 def test_config_remote_is_valid_and_schedules_on_one_gpu_hosts(tmp_path):

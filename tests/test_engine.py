@@ -1,6 +1,7 @@
 """training/engine.py: one training epoch on real tensors, with gradient clipping, the weights' moving average and
 the first-step time; validation and prediction with short batches padded; the CPU threads a trial takes."""
 import copy
+import math
 import os
 import subprocess
 
@@ -9,9 +10,28 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from imagedata.augment import create_mix
+from loss import create_criterion
 from training import engine
 from training.engine import train_one_epoch
-from loss import create_criterion
+
+
+def test_mixed_batches_train_on_soft_targets_and_count_the_larger_share():
+    """--mixup: the loss is cross entropy against the mixed targets, what torch's takes as probabilities."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 18))
+    x, y = torch.rand(32, 3, 2, 2), torch.randint(0, 18, (32,))
+    seen = []
+
+    def mix(batch, labels):
+        mixed, target = create_mix(0.4, 0.0, 18)(batch, labels)
+        seen.append(target)
+        return mixed, target
+    stats = train_one_epoch(model, DataLoader(TensorDataset(x, y), batch_size=16), device=torch.device("cpu"), augment=None,
+                            normalize=torch.nn.Identity(), criterion=create_criterion("label_smoothing", smoothing=0.1),
+                            optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scaler=torch.amp.GradScaler("cpu", enabled=False),
+                            classification="single", mix=mix)
+    assert len(seen) == 2 and all(t.shape == (16, 18) for t in seen) and math.isfinite(stats["loss"]) and stats["loss"] > 0
 
 
 def one_epoch(clip_grad):

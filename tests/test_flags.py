@@ -92,6 +92,10 @@ def test_command_line_flags_win_over_the_config_even_at_their_default(tmp_path):
     (["--dropout", "1"], "--dropout 1.0: must be in [0, 1)"),
     (["--dataset", "ImageFolderDataset", "--classification", "multi_head"], "multi_head needs a mask-layout dataset"),
     (["--ema_warmup"], "--ema_warmup warms up --ema's moving average, which is off (--ema 0)"),  # config.json said both
+    (["--mixup", "0.2", "--criterion", "focal"], "--mixup and --cutmix train on soft targets: they need --classification "
+     "single and a criterion of cross_entropy, weighted_cross_entropy, label_smoothing, not single with focal"),
+    (["--cutmix", "1", "--classification", "multi_head"], "not multi_head with cross_entropy"),
+    (["--randaugment_magnitude", "31"], "--randaugment_magnitude 31: must be 0..30"),
 ])
 def test_ranges_refused_with_the_flag_named(argv, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):

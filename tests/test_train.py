@@ -607,6 +607,21 @@ def test_compiled_model_trains_and_saves_plain_weights(run_train, tmp_path):
     assert (tmp_path / "runs" / "exp" / "submission.csv").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("augmentation", ["randaugment", "trivialaugment"])
+def test_the_libraries_augmentations_and_mixing_train_a_run(run_train, tmp_path, augmentation):
+    """torchvision's RandAugment or TrivialAugmentWide per image, MixUp and CutMix, label smoothing: a whole run trains on
+    the mixed soft targets, validates and predicts on plain images, and records the levers in config.json."""
+    run_train("--epochs", "2", "--augmentation", augmentation, "--randaugment_magnitude", "15", "--mixup", "0.2", "--cutmix", "1.0",
+              "--criterion", "label_smoothing")
+    run_dir = tmp_path / "runs" / "exp"
+    history = read_csv(run_dir / "history.csv")
+    assert len(history) == 2 and all(0 < float(row["train_loss"]) < 10 and float(row["val_loss"]) < 10 for row in history)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["augmentation"], config["randaugment_magnitude"], config["mixup"], config["cutmix"]) == (augmentation, 15, 0.2, 1.0)
+    assert (run_dir / "submission.csv").is_file()
+
+
 @pytest.mark.parametrize("sampler, equal", [("none", False), ("weighted", True)])
 def test_weighted_loss_weighs_the_classes_as_the_sampler_draws_them(demo_dir, cache_dir, sampler, equal, capsys):
     """--sampler weighted with weighted_cross_entropy balanced the rare classes twice (runs collapsed to F1 0.1-0.3):

@@ -92,8 +92,9 @@ def since_start():
 
 
 def train_one_epoch(model, loader, *, device, augment, normalize, criterion, optimizer, scaler, classification,
-                    amp_dtype=None, channels_last=False, clip_grad=0.0, progress=None, log_first_step=False, ema=None, steps_before=0):
-    """One pass over the loader; batches are augmented and normalised on the device; ema (timm's ModelEmaV3), when
+                    amp_dtype=None, channels_last=False, clip_grad=0.0, progress=None, log_first_step=False, ema=None, mix=None,
+                    steps_before=0):
+    """One pass over the loader; batches are augmented (mixed, with mix) and normalised on the device; ema (timm's ModelEmaV3), when
     given, is updated after every optimiser step with the run's step count (steps_before this epoch, plus this one's),
     as timm's train loop does: its warmup and its first update (a copy) go by that count.
     -> dict(loss, accuracy, images_per_s), and first_step_s (seconds from process start) with log_first_step.
@@ -108,11 +109,14 @@ def train_one_epoch(model, loader, *, device, augment, normalize, criterion, opt
         x = x.to(device, non_blocking=True).float()
         if augment is not None:
             x = augment(x)
+        y = target = y.to(device, non_blocking=True)
+        if mix is not None:  # the loss learns the soft targets; accuracy counts the larger share as the label
+            x, target = mix(x, y)
+            y = target.argmax(1)
         x = normalize(x).contiguous(memory_format=memory_format)
-        y = y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
-            loss = criterion(logits.float(), y)
+            loss = criterion(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if clip_grad:

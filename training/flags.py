@@ -28,7 +28,7 @@ from core.runs import RETRY_OF
 from dataset import CSV_FLAGS, DATASETS, TRANSFORMS
 from imagedata.constants import DEFAULT_CACHE_DIR, FEEDS, NO_CACHE_FOR_DEVICE
 from imagedata.layouts import IMAGE_COLUMNS, LABEL_COLUMNS
-from loss import LOSSES
+from loss import LOSSES, SOFT_TARGETS
 from model import CLASSIFICATIONS, DEFAULT_SIZE, INITS, TIMM_PREFIX, check_model_name, input_config
 from optim import OPTIMIZERS, SCHEDULERS
 from training import checkpoint
@@ -113,7 +113,15 @@ def add_data_flags(g):
          default=None, metavar=("H", "W"),
          help=f"input size after centre crop (unset: {DEFAULT_SIZE[0]} {DEFAULT_SIZE[1]}, or a --pretrained timm model's own "
               f"input size, e.g. 224 224)")
-    flag(g, "--augmentation", default="flip_affine", choices=list(TRANSFORMS), help="training augmentation")
+    flag(g, "--augmentation", default="flip_affine", choices=list(TRANSFORMS),
+         help="training augmentation, on the device batch (randaugment, trivialaugment: torchvision's, drawn per image)")
+    flag(g, "--randaugment_magnitude", limit=(lambda v: 0 <= v <= 30, "0..30"), type=int, default=9,
+         help="--augmentation randaugment's strength (torchvision's magnitude; 2 operations per image)")
+    flag(g, "--mixup", limit=NON_NEGATIVE, type=float, default=0.0,
+         help="MixUp's alpha (0 = off; 0.2 to 0.8 is usual): pairs of images blended, their labels as soft targets")
+    flag(g, "--cutmix", limit=NON_NEGATIVE, type=float, default=0.0,
+         help="CutMix's alpha (0 = off; 1.0 is usual): a patch of one image pasted into another; with --mixup, one or the "
+              "other per batch")
     flag(g, "--sampler", default="none", choices=["none", "weighted"], help="weighted = inverse class frequency")
     flag(g, "--feed", default="auto", choices=list(FEEDS),
          help="how batches reach the model: device = the decoded images on the training device, each batch one "
@@ -198,7 +206,8 @@ def add_run_flags(g):
               "is measured by bench/benchmark.py --compile (docs/speed.md)")
     flag(g, "--tracker", nargs="+", default=[], choices=list(TRACKERS),
          help="also log the run to these (flags, epochs, figures, summary): W&B offline into the run dir without an API key")
-    flag(g, "--tracker_uri", default=None, help="MLflow's tracking server or store (default: sqlite:///MODEL_DIR/mlflow.db, its files in MODEL_DIR/mlruns)")
+    flag(g, "--tracker_uri", default=None,
+         help="MLflow's tracking server or store (default: sqlite:///MODEL_DIR/mlflow.db, its files in MODEL_DIR/mlruns)")
     flag(g, "--tracker_project", default="imgcls",
          help="the W&B project (WANDB_PROJECT wins) or MLflow experiment of a standalone run; an NNI trial's is its experiment")
     flag(g, "--tracker_checkpoint", action=argparse.BooleanOptionalAction, default=False,
@@ -366,6 +375,9 @@ def check_args(args):
     given = [k for k in CSV_FLAGS if getattr(args, k)]
     if given and args.dataset != "CsvDataset":
         raise UserError(f"--{given[0]} reads a CSV data set: give --dataset CsvDataset too, or drop it")
+    if (args.mixup or args.cutmix) and (args.criterion not in SOFT_TARGETS or args.classification != "single"):
+        raise UserError(f"--mixup and --cutmix train on soft targets: they need --classification single and a criterion of "
+                        f"{', '.join(SOFT_TARGETS)}, not {args.classification} with {args.criterion}")
     if args.classification == "multi_head" and DATASETS[args.dataset][0] != "mask":
         raise UserError(f"--classification multi_head needs a mask-layout dataset, not {args.dataset}")
 
