@@ -1,12 +1,14 @@
 """Does a lever steady a fine-tune? The seed spread of one fine-tune (config_finetune.yml's command: lite0 from the
 installed ImageNet weights) with each lever off and on, on the demo and two sets drawn unlike it.
 
-    python -m bench.levers                                   # 5 seeds, 3 sets, 5 levers (over an hour on 2 cores)
+    python -m bench.levers --levers none ema ema_warmup average_epochs layer_decay   # 5 seeds, 3 sets (over an hour on 2 cores)
+    python -m bench.levers --levers none randaugment trivialaugment mixup cutmix     # the libraries' augmentations
     python -m bench.levers --seeds 1 2 --sets small --work /tmp/levers
     python -m bench.levers --epochs 10 --sets demo mid --levers none ema_warmup average_epochs   # a longer fine-tune
     python -m bench.levers --config config_gpu.yml --sets mid small     # on a GPU: lite0 at 224x224, 15 epochs
 
-Levers: none (the command as is), --ema 0.99, --ema 0.999 --ema_warmup, --average_epochs 3, --layer_decay 0.85.
+Levers: none (the command as is), --ema 0.99, --ema 0.999 --ema_warmup, --average_epochs 3, --layer_decay 0.85,
+--augmentation randaugment or trivialaugment, --mixup 0.2, --cutmix 1.0.
 Eval macro F1 of each run's own eval prediction; the table gives mean ± sd over seeds and minutes per run. Each
 run's figures land in --work/results/ as JSON, so a rerun skips what is done. Not a test.
 """
@@ -25,7 +27,10 @@ from core.scoring import evaluate
 from search import nni_io
 
 LEVERS = {"none": [], "ema": ["--ema", "0.99"], "ema_warmup": ["--ema", "0.999", "--ema_warmup"],
-          "average_epochs": ["--average_epochs", "3"], "layer_decay": ["--layer_decay", "0.85"]}
+          "average_epochs": ["--average_epochs", "3"], "layer_decay": ["--layer_decay", "0.85"],
+          # the libraries' augmentations (torchvision's), each at its usual strength
+          "randaugment": ["--augmentation", "randaugment"], "trivialaugment": ["--augmentation", "trivialaugment"],
+          "mixup": ["--mixup", "0.2"], "cutmix": ["--cutmix", "1.0"]}
 
 
 def positive(text):
