@@ -22,10 +22,10 @@ from torch.utils.data import WeightedRandomSampler
 from core import demo
 from core.cli import UserError, make_progress
 from core.labels import DEFAULT_AGE_BOUNDS
-from imagedata.augment import (ColorJitter, GaussianNoise, Normalize, RandomAffine, RandomFlip, create_mix, rand_augment,
-                               trivial_augment)
+from imagedata.augment import (ColorJitter, GaussianNoise, Normalize, RandomAffine, RandomFlip, create_mix, load_pipeline,
+                               rand_augment, trivial_augment)
 from imagedata.decode import decode_all, load_images, mean_std
-from imagedata.feed import ImageDataset, choose_feed, make_loaders
+from imagedata.feed import PER_IMAGE, ImageDataset, choose_feed, make_loaders
 from imagedata.layouts import DataError, read_csv_train, read_eval, read_folder_train, read_mask_train
 from imagedata.split import split_by_columns, split_by_profile, split_random
 
@@ -120,26 +120,29 @@ class TrainingData:
 
 def load_training_data(*, dataset, data_dir, eval_dir, age_bounds, val_ratio, seed, kfold, fold, resize, augmentation,
                        sampler, batch_size, valid_batch_size, num_workers, cache_dir, use_cache, device, split_seed=None,
-                       feed="auto", stats=None, options=None, magnitude=9, mixup=0.0, cutmix=0.0):
+                       feed="auto", stats=None, options=None, magnitude=9, mixup=0.0, cutmix=0.0, albumentations=None):
     """Read, split and decode the data (the demo data when no data_dir) -> TrainingData. Every check that
     can fail on the inputs (layout, images, the eval dir and its images) runs here, before a run dir exists.
     split_seed: seeds the train/validation split instead of seed (None: seed). feed: see choose_feed. stats: the
     (mean, std) to normalise with (model.input_config's, for ImageNet weights), else the data's own. options: see read_split.
-    magnitude: --randaugment_magnitude; mixup, cutmix: their alphas (0: off)."""
+    magnitude: --randaugment_magnitude; mixup, cutmix: their alphas (0: off); albumentations: a pipeline file, run per
+    image in the loader (the device feed off)."""
     if data_dir is None and DATASETS[dataset][0] != "mask":
         raise UserError(f"--dataset {dataset} needs --data_dir (the demo data is in the mask layout)")
     data_dir, eval_dir = demo.data_dirs(data_dir, eval_dir)
     layout, data, train_idx, val_idx = read_split(dataset, data_dir, age_bounds, val_ratio, seed if split_seed is None else split_seed,
                                                   kfold, fold, options)
     size = tuple(resize)
+    pipeline = load_pipeline(albumentations, size, seed) if albumentations else None
     eval_ids, eval_paths = read_eval(eval_dir, layout, f"--dataset {dataset}") if eval_dir else (None, None)
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    feed, feed_note = choose_feed(feed, None if not use_cache else len(data["paths"]) * size[0] * size[1] * 3, device, free)
+    feed, feed_note = choose_feed(PER_IMAGE if pipeline and feed == "auto" else feed,
+                                  None if not use_cache else len(data["paths"]) * size[0] * size[1] * 3, device, free)
     images = load_images(data["paths"], size, cache_dir, use_cache, make_progress("decoding images"))
     if eval_dir:  # predicting them comes after training: an unreadable one must stop the run now, not then
         decode_all(eval_paths, size, cache_dir, use_cache, "decoding eval images")
     mean, std = (list(stats[0]), list(stats[1])) if stats else mean_std(images, data["paths"], size)
-    train_set = ImageDataset(data["paths"], size, images, data["labels"], train_idx)
+    train_set = ImageDataset(data["paths"], size, images, data["labels"], train_idx, transform=pipeline)
     val_set = ImageDataset(data["paths"], size, images, data["labels"], val_idx)
     generators = [torch.Generator().manual_seed(seed) for _ in range(2)]
     counts = np.bincount(data["labels"][train_idx], minlength=len(data["classes"]))

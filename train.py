@@ -32,7 +32,7 @@ import dataset
 from core.cli import make_progress, run_main
 from core.files import check_output
 from core.figures import confusion_image, prediction_grid
-from core.metrics import confusion, score
+from core.metrics import confusion, score, still_rising
 from core.runs import (BEST, CONFIG, EPOCHS, HISTORY, RETRY_OF, SUBMISSION, TENSORBOARD, VAL_SOFT, increment_path, write_config, write_history,
                        write_submission, write_summary, write_val_soft)
 from core.signals import STOP
@@ -109,7 +109,8 @@ def main(args):
         seed=args.seed, kfold=args.kfold, fold=args.fold, resize=args.resize, stats=stats, augmentation=args.augmentation,
         sampler=args.sampler, batch_size=args.batch_size, valid_batch_size=args.valid_batch_size, num_workers=args.num_workers,
         cache_dir=args.cache_dir, use_cache=not args.no_cache, device=device, split_seed=split, feed=args.feed,
-        options=dataset.csv_options(vars(args)), magnitude=args.randaugment_magnitude, mixup=args.mixup, cutmix=args.cutmix)
+        options=dataset.csv_options(vars(args)), magnitude=args.randaugment_magnitude, mixup=args.mixup, cutmix=args.cutmix,
+        albumentations=args.albumentations)
     print(data.feed_note, flush=True)
     startup["data_s"] = since_start()
     if not args.epochs:  # the step budget, in whole epochs; config.json then records the epochs it became
@@ -304,11 +305,11 @@ def run_epoch(args, data, model, recipe, epoch, device, first):
     """Train one epoch, validate, step the schedule -> (history row, validation outputs, training stats).
     A diverged model (non-finite validation loss or weights) stops the run before anything is saved."""
     t0, lr = time.time(), recipe.optimizer.param_groups[-1]["lr"]  # the LR this epoch trains at (the head's, at scale 1)
-    train_stats = train_one_epoch(model, data.train_loader, device=device, augment=data.augment, normalize=data.normalize,
-                                  criterion=recipe.criterion, optimizer=recipe.optimizer, scaler=recipe.scaler,
-                                  classification=args.classification, amp_dtype=recipe.amp_dtype, channels_last=args.channels_last,
-                                  clip_grad=args.clip_grad, progress=make_progress(f"epoch {epoch}/{args.epochs}"), log_first_step=first,
-                                  ema=recipe.ema, mix=data.mix, steps_before=(epoch - 1) * len(data.train_loader))
+    train_stats = train_one_epoch(
+        model, data.train_loader, device=device, augment=data.augment, normalize=data.normalize, criterion=recipe.criterion,
+        optimizer=recipe.optimizer, scaler=recipe.scaler, classification=args.classification, amp_dtype=recipe.amp_dtype,
+        channels_last=args.channels_last, clip_grad=args.clip_grad, progress=make_progress(f"epoch {epoch}/{args.epochs}"),
+        log_first_step=first, ema=recipe.ema, mix=data.mix, steps_before=(epoch - 1) * len(data.train_loader))
     val = validate(args, data, scored(model, recipe), recipe, device)
     if not math.isfinite(val["loss"]) or not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
         raise FloatingPointError(f"epoch {epoch}: validation loss is {val['loss']:.4g} and the weights are not all finite: "
@@ -319,13 +320,6 @@ def run_epoch(args, data, model, recipe, epoch, device, first):
                train_images_per_s=train_stats["images_per_s"], val_loss=val["loss"], **{f"val_{k}": v for k, v in scores.items()},
                lr=lr, seconds=time.time() - t0)
     return row, val, train_stats
-
-
-def still_rising(values, window=3, min_rise=0.01):
-    """(window, from, to) when the last value is the best and beats the one `window` epochs before by min_rise or more."""
-    if len(values) <= window or values[-1] < max(values) or values[-1] - values[-1 - window] < min_rise:
-        return None
-    return window, values[-1 - window], values[-1]
 
 
 def warn_if_still_rising(args, values):

@@ -1,5 +1,5 @@
 """Scores shared by train.py and baseline/evaluation.py: accuracy, macro F1, per-task scores,
-the confusion matrix (numpy only: sklearn would add a second to every trial's start-up).
+the confusion matrix (numpy only: sklearn would add a second to every trial's start-up), a curve still rising.
 Its picture is in core/figures.py."""
 import numpy as np
 
@@ -29,3 +29,11 @@ def score(labels, preds, num_classes, per_task=False):
             out[f"{task}_accuracy"] = float(np.mean(t_true == t_pred))
             out[f"{task}_f1"] = macro_f1(confusion(t_true, t_pred, size))
     return out
+
+
+def still_rising(values, window=3, min_rise=0.01):
+    """(window, from, to) when the last value is the best and beats the one `window` epochs before by min_rise or more:
+    a run that should have trained longer."""
+    if len(values) <= window or values[-1] < max(values) or values[-1] - values[-1 - window] < min_rise:
+        return None
+    return window, values[-1 - window], values[-1]

@@ -3,7 +3,13 @@ the loader then only gathers uint8 images from the cache, and no CPU worker stan
 and a GPU. Each augmentation takes and returns a float NCHW batch in [0, 255], with its own random
 draw per image; dataset.py's TRANSFORMS names their combinations. MixUp and CutMix mix the labels too: the recipe's.
 """
+from pathlib import Path
+
+import numpy as np
 import torch
+
+from core.cli import UserError, one_line
+from core.files import check_file
 
 
 class RandomFlip(torch.nn.Module):
@@ -92,6 +98,30 @@ def create_mix(mixup, cutmix, num_classes):
     from torchvision.transforms import v2
     mixes = [mix(alpha=alpha, num_classes=num_classes) for mix, alpha in ((v2.MixUp, mixup), (v2.CutMix, cutmix)) if alpha]
     return None if not mixes else mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+
+def load_pipeline(path, size, seed):
+    """--albumentations FILE: a pipeline albumentations saved (A.save: .json, or .yaml / .yml) -> the pipeline, seeded,
+    checked on a blank image of the run's size: it must keep the size and give uint8 HWC, as the images it feeds stay
+    batched and are normalised on the device. Per image in the loader's workers (ImageDataset), not on the device."""
+    check_file("--albumentations", path)
+    try:
+        import albumentations
+    except ImportError:
+        raise UserError("--albumentations needs the albumentations package: pip install albumentations") from None
+    try:
+        pipeline = albumentations.load(str(path), data_format="yaml" if Path(path).suffix in (".yaml", ".yml") else "json")
+        out = pipeline(image=np.zeros((*size, 3), np.uint8))["image"]
+    except Exception as e:  # noqa: BLE001 - whatever the file holds, one line naming it
+        raise UserError(f"--albumentations {path}: not a pipeline albumentations loads and runs ({type(e).__name__}: "
+                        f"{one_line(e)})") from None
+    if not (isinstance(out, np.ndarray) and out.shape == (*size, 3) and out.dtype == np.uint8):
+        got = f"{type(out).__name__} {getattr(out, 'dtype', '')} {tuple(getattr(out, 'shape', ()))}"
+        raise UserError(f"--albumentations {path}: gives {got} for a {size[0]}x{size[1]} image; it must give the image as it "
+                        f"came, uint8 {size[0]}x{size[1]}x3 (end with A.Resize({size[0]}, {size[1]}); no Normalize or ToTensorV2: "
+                        f"the device normalises)")
+    pipeline.set_random_seed(seed)
+    return pipeline
 
 
 class Normalize(torch.nn.Module):

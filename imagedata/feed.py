@@ -14,10 +14,11 @@ from imagedata.decode import decode_image
 
 class ImageDataset(Dataset):
     """uint8 CHW tensors (+ label). Reads from the decoded array when there is one, else decodes
-    the file. Augmentation happens later, on whole batches on the device (imagedata/augment.py)."""
+    the file. Augmentation happens later, on whole batches on the device (imagedata/augment.py); a
+    transform (--albumentations' pipeline) runs here, per image, in the loader's workers."""
 
-    def __init__(self, paths, size, images=None, labels=None, indices=None):
-        self.paths, self.size, self.images, self.labels = paths, size, images, labels
+    def __init__(self, paths, size, images=None, labels=None, indices=None, transform=None):
+        self.paths, self.size, self.images, self.labels, self.transform = paths, size, images, labels, transform
         self.indices = np.arange(len(paths)) if indices is None else np.asarray(indices)
 
     def __len__(self):
@@ -26,10 +27,13 @@ class ImageDataset(Dataset):
     def __getitem__(self, i):
         j = int(self.indices[i])
         image = self.images[j] if self.images is not None else decode_image(self.paths[j], self.size)
+        if self.transform is not None:
+            image = self.transform(image=np.asarray(image))["image"]
         x = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a copy: the cache is read-only
         return (x, int(self.labels[j])) if self.labels is not None else x
 
 
+PER_IMAGE = "per_image"  # what choose_feed is asked for when --albumentations transforms each image in the loader
 DEVICE_SHARE = 0.5  # of the device's free memory the decoded images may take; the rest is the model's
 
 
@@ -53,6 +57,8 @@ def choose_feed(requested, image_bytes, device, free_bytes=None):
         raise UserError(NO_CACHE_FOR_DEVICE)
     if requested == "loader" or image_bytes is None:
         return "loader", "data feed: loader (" + ("--feed loader)" if requested == "loader" else "no cache: the loader decodes the images)")
+    if requested == PER_IMAGE:
+        return "loader", "data feed: loader, not device (--albumentations runs per image in the loader's workers)"
     if device.type == "cpu":
         return "device", f"data feed: device (the {size} cache, memory-mapped, indexed in place)"
     room = f"{free_bytes / 2**30:.1f} GiB free on {device}, up to {DEVICE_SHARE:.0%} of it for images, the rest for the model"
@@ -70,6 +76,9 @@ def worker_init(worker_id):
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
+    transform = getattr(torch.utils.data.get_worker_info().dataset, "transform", None)
+    if transform is not None:  # albumentations draws from its own generator, which every forked worker would share
+        transform.set_random_seed(seed)
 
 
 def device_images(images, device):
@@ -136,7 +145,7 @@ class Prefetched:
 def make_loaders(train_set, val_set, *, images, labels, sampler, generators, batch_size, valid_batch_size, num_workers, feed,
                  device):
     """The training and validation loaders for the chosen feed -> (train, val, loader workers used)."""
-    workers = 0 if feed == "device" else loader_workers(num_workers, images is not None)
+    workers = 0 if feed == "device" else loader_workers(num_workers, images is not None and train_set.transform is None)
     loader_kw = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                      worker_init_fn=worker_init)
     train = DataLoader(train_set, batch_size, shuffle=sampler is None, sampler=sampler,

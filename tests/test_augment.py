@@ -1,8 +1,14 @@
-"""imagedata/augment.py: the batched augmentations and Normalize."""
+"""imagedata/augment.py: the batched augmentations and Normalize, MixUp and CutMix, torchvision's per image, and a
+user's albumentations pipeline from its file."""
+import re
+
+import numpy as np
 import pytest
 import torch
 
-from imagedata.augment import Normalize, RandomAffine, RandomFlip, create_mix, rand_augment, trivial_augment
+from core.cli import UserError
+from imagedata.augment import Normalize, RandomAffine, RandomFlip, create_mix, load_pipeline, rand_augment, trivial_augment
+from imagedata.feed import ImageDataset
 
 
 def test_flip_mirrors_about_half_the_batch():
@@ -51,3 +57,42 @@ def test_library_augmentations_draw_an_operation_per_image(transform):
     y = transform()(x)
     assert y.shape == x.shape and y.dtype == torch.float32 and 0 <= y.min() and y.max() <= 255
     assert len({tuple(image.flatten().tolist()) for image in y}) > 3
+
+
+def saved_pipeline(path, *transforms):
+    """A pipeline as a user brings one: albumentations' own A.save of an A.Compose."""
+    import albumentations as A
+    A.save(A.Compose(list(transforms)), str(path), data_format="yaml" if path.suffix == ".yaml" else "json")
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_a_saved_albumentations_pipeline_runs_per_image_in_the_dataset(tmp_path, suffix):
+    import albumentations as A
+    path = saved_pipeline(tmp_path / f"aug{suffix}", A.HorizontalFlip(p=1.0), A.RandomBrightnessContrast(p=0.0))
+    pipeline = load_pipeline(path, (8, 6), seed=0)
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 6, 3), dtype=np.uint8)
+    data = ImageDataset([f"{i}.png" for i in range(4)], (8, 6), images, np.arange(4), transform=pipeline)
+    x, label = data[2]
+    assert label == 2 and torch.equal(x, torch.from_numpy(images[2][:, ::-1].copy()).permute(2, 0, 1))
+
+
+@pytest.mark.parametrize("transform, says", [
+    ("Normalize", "gives ndarray float32 (8, 6, 3) for a 8x6 image; it must give the image as it came, uint8 8x6x3"),
+    ("RandomCrop", "gives ndarray uint8 (4, 4, 3) for a 8x6 image; it must give the image as it came, uint8 8x6x3 "
+                   "(end with A.Resize(8, 6)"),
+])
+def test_a_pipeline_that_changes_the_image_is_refused_in_one_line(tmp_path, transform, says):
+    import albumentations as A
+    made = {"Normalize": lambda: A.Normalize(), "RandomCrop": lambda: A.RandomCrop(4, 4)}[transform]()
+    path = saved_pipeline(tmp_path / "aug.json", made)
+    with pytest.raises(UserError, match=re.escape(f"--albumentations {path}: {says}")):
+        load_pipeline(path, (8, 6), seed=0)
+
+
+def test_a_file_that_is_no_pipeline_is_refused_in_one_line(tmp_path):
+    (tmp_path / "aug.json").write_text('{"transform": {"__class_fullname__": "NoSuchTransform"}}')
+    with pytest.raises(UserError, match=r"--albumentations .*aug.json: not a pipeline albumentations loads and runs \("):
+        load_pipeline(tmp_path / "aug.json", (8, 6), seed=0)
+    with pytest.raises(UserError, match=r"--albumentations .*missing.json: no such file"):
+        load_pipeline(tmp_path / "missing.json", (8, 6), seed=0)

@@ -24,3 +24,13 @@ def test_class_never_seen_counts_zero():
 def test_confusion_rows_are_truth():
     m = metrics.confusion([0, 1, 1, 2], [0, 2, 1, 2], 3)
     assert m.tolist() == [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
+
+
+@pytest.mark.parametrize("values,warns", [
+    ([0.2, 0.4, 0.5, 0.6, 0.7], True),       # best at the end, up 0.3 over the last 3 epochs
+    ([0.2, 0.8, 0.80, 0.805, 0.806], False),  # best at the end, but flat: converged
+    ([0.2, 0.5, 0.9, 0.7, 0.8], False),       # best earlier: the last epoch is not the best
+    ([0.2, 0.5, 0.9], False),                 # too short to tell
+])
+def test_still_rising_rule(values, warns):
+    assert bool(metrics.still_rising(values)) == warns

@@ -307,16 +307,6 @@ def test_step_budget_sets_the_epochs_from_the_data_size(run_train, tmp_path):
     assert len(read_csv(tmp_path / "runs" / "exp2" / "history.csv")) == 1
 
 
-@pytest.mark.parametrize("values,warns", [
-    ([0.2, 0.4, 0.5, 0.6, 0.7], True),       # best at the end, up 0.3 over the last 3 epochs
-    ([0.2, 0.8, 0.80, 0.805, 0.806], False),  # best at the end, but flat: converged
-    ([0.2, 0.5, 0.9, 0.7, 0.8], False),       # best earlier: the last epoch is not the best
-    ([0.2, 0.5, 0.9], False),                 # too short to tell
-])
-def test_still_rising_rule(values, warns):
-    assert bool(train.still_rising(values)) == warns
-
-
 @pytest.mark.slow
 def test_run_that_ends_still_rising_says_so_in_one_line(run_train):
     proc = run_train("--epochs", "4", "--lr", "3e-4")
@@ -620,6 +610,23 @@ def test_the_libraries_augmentations_and_mixing_train_a_run(run_train, tmp_path,
     config = json.loads((run_dir / "config.json").read_text())
     assert (config["augmentation"], config["randaugment_magnitude"], config["mixup"], config["cutmix"]) == (augmentation, 15, 0.2, 1.0)
     assert (run_dir / "submission.csv").is_file()
+
+
+@pytest.mark.slow
+def test_a_users_albumentations_pipeline_trains_in_the_loader(run_train, tmp_path):
+    """--albumentations FILE (albumentations' own A.save): run per image in the loader's workers, so the device feed is
+    off and one line says so; the run records the file; --feed device with it is refused in one line."""
+    import albumentations as A
+    path = tmp_path / "pipeline.yaml"
+    A.save(A.Compose([A.HorizontalFlip(), A.Affine(rotate=(-10, 10), p=0.5), A.CLAHE(p=0.3)]), str(path), data_format="yaml")
+    proc = run_train("--epochs", "2", "--albumentations", path, "--augmentation", "base", "--num_workers", "2")
+    assert "data feed: loader, not device (--albumentations runs per image in the loader's workers)" in proc.stdout
+    run_dir = tmp_path / "runs" / "exp"
+    assert len(read_csv(run_dir / "history.csv")) == 2 and (run_dir / "submission.csv").is_file()
+    assert json.loads((run_dir / "config.json").read_text())["albumentations"] == str(path)
+    refused = run_train("--albumentations", path, "--feed", "device", check=False)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
+        "train.py: error: --albumentations runs per image in the loader's workers: give --feed auto or loader, not device"]
 
 
 @pytest.mark.parametrize("sampler, equal", [("none", False), ("weighted", True)])

@@ -35,7 +35,7 @@ from training import checkpoint
 from training.tracking import TRACKERS
 
 NAMES = {"model": check_model_name}  # names checked beyond a choices list (timm's models are too many to list)
-DATA_PLACES = ("data_dir", "eval_dir")  # where the data lies on the machine that trains: made absolute
+DATA_PLACES = ("data_dir", "eval_dir", "albumentations")  # files on the machine that trains: made absolute
 # What a number must be; NaN fails every test. Values outside would train on silently.
 POSITIVE, NON_NEGATIVE = (lambda v: 0 < v < math.inf, "positive"), (lambda v: v >= 0, "0 or more")
 FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
@@ -115,13 +115,15 @@ def add_data_flags(g):
               f"input size, e.g. 224 224)")
     flag(g, "--augmentation", default="flip_affine", choices=list(TRANSFORMS),
          help="training augmentation, on the device batch (randaugment, trivialaugment: torchvision's, drawn per image)")
+    flag(g, "--albumentations", default=None, metavar="FILE",
+         help="a pipeline albumentations saved (A.save: .json or .yaml), run per image in the loader's workers before "
+              "--augmentation (base: it alone); it must keep the image's size and type")
     flag(g, "--randaugment_magnitude", limit=(lambda v: 0 <= v <= 30, "0..30"), type=int, default=9,
          help="--augmentation randaugment's strength (torchvision's magnitude; 2 operations per image)")
     flag(g, "--mixup", limit=NON_NEGATIVE, type=float, default=0.0,
          help="MixUp's alpha (0 = off; 0.2 to 0.8 is usual): pairs of images blended, their labels as soft targets")
     flag(g, "--cutmix", limit=NON_NEGATIVE, type=float, default=0.0,
-         help="CutMix's alpha (0 = off; 1.0 is usual): a patch of one image pasted into another; with --mixup, one or the "
-              "other per batch")
+         help="CutMix's alpha (0 = off; 1.0 is usual): a patch of one image pasted into another; with --mixup, either per batch")
     flag(g, "--sampler", default="none", choices=["none", "weighted"], help="weighted = inverse class frequency")
     flag(g, "--feed", default="auto", choices=list(FEEDS),
          help="how batches reach the model: device = the decoded images on the training device, each batch one "
@@ -210,8 +212,7 @@ def add_run_flags(g):
          help="MLflow's tracking server or store (default: sqlite:///MODEL_DIR/mlflow.db, its files in MODEL_DIR/mlruns)")
     flag(g, "--tracker_project", default="imgcls",
          help="the W&B project (WANDB_PROJECT wins) or MLflow experiment of a standalone run; an NNI trial's is its experiment")
-    flag(g, "--tracker_checkpoint", action=argparse.BooleanOptionalAction, default=False,
-         help="upload best.pth to the trackers at the end (off: a checkpoint per run adds up)")
+    flag(g, "--tracker_checkpoint", action=argparse.BooleanOptionalAction, default=False, help="upload best.pth to the trackers too")
     flag(g, "--seed", roles=("resume",), type=int, default=42, help="random seed")
     flag(g, "--config", roles=("started",), default=None, help="JSON/YAML file of flag values (keys = dest names); flags override it")
     flag(g, "--resume", roles=("started", "kfold"), default=None, help="last.pth of a run to continue in its directory")
@@ -369,6 +370,8 @@ def check_args(args):
         check_file("--weights", args.weights)
     if args.feed == "device" and args.no_cache:  # here too, not only when the data is read: preflight runs this
         raise UserError(NO_CACHE_FOR_DEVICE)
+    if args.feed == "device" and args.albumentations:
+        raise UserError("--albumentations runs per image in the loader's workers: give --feed auto or loader, not device")
     if args.ema_warmup and not args.ema:  # else config.json would record a warmup of nothing
         raise UserError("--ema_warmup warms up --ema's moving average, which is off (--ema 0): give --ema DECAY too, "
                         "or drop --ema_warmup")
