@@ -189,6 +189,7 @@ LONGEST = ["tests/test_finalize.py",                                            
            "tests/test_weights.py",                                                                 # 50
            "tests/test_experiment_nni.py::test_budgets_and_the_best_trial_reruns_alike",           # 43
            "tests/test_export.py",                                                                  # 35
+           "tests/test_tracking.py",                                                                # 30: two mlflow servers
            "tests/test_kfold.py",
            "tests/test_experiment_nni.py::test_local_experiment",
            "tests/test_experiment_nni.py::test_a_trial_out_of_gpu_memory_fails_in_one_line_and_its_retry_continues_it",
