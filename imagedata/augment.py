@@ -1,7 +1,9 @@
 """Training augmentations and normalisation, on whole batches on the training device, after the loader:
 the loader then only gathers uint8 images from the cache, and no CPU worker stands between the data
 and a GPU. Each augmentation takes and returns a float NCHW batch in [0, 255], with its own random
-draw per image; dataset.py's TRANSFORMS names their combinations. MixUp and CutMix mix the labels too: the recipe's.
+draw per image; dataset.py's TRANSFORMS names their combinations. MixUp and CutMix (create_mix) mix the labels
+too: train_one_epoch applies them after the augmentation. A user's albumentations pipeline (load_pipeline) runs per image
+in the loader, before them.
 """
 from pathlib import Path
 
