@@ -45,3 +45,10 @@ def test_assessor_stop_is_listed_as_early_stopped(tmp_path):
     exp = trials.assemble("x", "DONE", {}, rows, [], "test", trials.read_manager_log(tmp_path))
     assert {t.id: t.status for t in exp.trials} == {"tl7g8": "EARLY_STOPPED", "Ab3dE": "USER_CANCELED"}
     assert exp.trials[0].params == {"lr": 0.01}
+
+
+def test_every_flag_of_a_config_json_as_words_parses_back_to_it():
+    """finalize reads a fold's config.json back as train.py words (flag_words): each value must parse to itself, an
+    empty list (--tracker's default) too, which nargs="+" refused."""
+    config = flags.defaults()
+    assert flags.run_config(flags.resolve(flags.build_parser().parse_args(trials.flag_words(config)))) == config

@@ -206,7 +206,7 @@ def add_run_flags(g):
          help="torch.compile the model in this mode (reduce-overhead adds CUDA graphs on a GPU): its first steps "
               "wait for the compile, train and eval each, then steps run faster; whether it pays within a run "
               "is measured by bench/benchmark.py --compile (docs/speed.md)")
-    flag(g, "--tracker", nargs="+", default=[], choices=list(TRACKERS),
+    flag(g, "--tracker", nargs="*", default=[], choices=list(TRACKERS),  # "*": config.json's [] read back as words parses
          help="also log the run to these (flags, epochs, figures, summary): W&B offline into the run dir without an API key")
     flag(g, "--tracker_uri", default=None,
          help="MLflow's tracking server or store (default: sqlite:///MODEL_DIR/mlflow.db, its files in MODEL_DIR/mlruns)")
