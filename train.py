@@ -192,7 +192,7 @@ def open_run_dir(args, data, model, recipe, device):
 
 # ----------------------------------------------------------------------------- fit
 def fit(args, data, model, recipe, run_dir, progress, device, trackers):
-    """Train from progress.epoch to --epochs (or early stopping); checkpoints, history, TensorBoard and NNI
+    """Train from progress.epoch to --epochs (or early stopping); checkpoints, history, TensorBoard, the trackers and NNI
     reports every epoch. -> the summary's training part: best metric and epoch, epochs, first-step time."""
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(run_dir / TENSORBOARD, purge_step=progress.epoch if args.resume else None)

@@ -255,9 +255,9 @@ def test_a_crashed_search_resumes_to_its_trial_count_and_its_running_trial_conti
         wait_for(lambda: manager_of(run.id) is None, 30)
         left = leftovers.left_behind(run.id, leftovers.processes())
         assert len(left) >= 2  # the tuner, the trial (and on a server, its keeper)
-        stock = nnictl_run("nni.tools.nnictl.nnictl", "resume", run.id, "--port", free_port(), home=nni_home)
-        assert stock.returncode == 1 and "Only stopped experiments can be resumed" in stock.stdout + stock.stderr
-        assert "Traceback" in stock.stderr
+        # Stock `nnictl resume` is not run here: it refuses while the dead manager's pid stands as a zombie, and starts a
+        # second manager beside what the first left running once this container's PID 1 has reaped it, whenever that is
+        # (CI saw both, in one test, minutes apart: docs/faults.md).
         if crash == "machine":
             for pid in left:
                 os.kill(pid, signal.SIGKILL)
