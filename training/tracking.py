@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import sys
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def run_identity(args, run_dir, config):
         return dict(project=args.tracker_project, group=None, name=Path(run_dir).name, tags={})
     group, name, tags = exp, trial, {"nni_experiment": exp, "nni_trial": trial}
     if args.kfold:  # one finalist's folds differ only in these: the rest is its configuration
-        same = {k: v for k, v in config.items() if k not in ("fold", "epochs", "name", "model_dir", "resume")}
+        same = {k: v for k, v in config.items() if k not in ("fold", "epochs", "name", "model_dir")}
         finalist = hashlib.sha1(json.dumps(same, sort_keys=True).encode()).hexdigest()[:8]
         group, name, tags = f"{exp}-{finalist}", f"{trial}-fold{args.fold}", dict(tags, finalist=finalist, fold=str(args.fold))
     return dict(project=args.tracker_project, group=group, name=name, tags=tags)
@@ -123,7 +124,6 @@ class MlflowRun:
 
     def epoch(self, row):
         from mlflow.entities import Metric
-        import time
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, row["epoch"]) for k, v in row.items() if k != "epoch"])
 
